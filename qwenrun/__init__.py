@@ -1,0 +1,40 @@
+"""qwenrun: a declarative, YAML-configured agent runner for Qwen models on vLLM.
+
+Importing this package is cheap: vLLM and torch load only when an engine starts.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from qwenrun.config import AgentSpec
+from qwenrun.errors import ConfigError, EngineError, PluginError, QwenrunError, ToolError
+
+try:
+    __version__ = version("qwenrun")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+if TYPE_CHECKING:
+    from qwenrun.agent import Agent, Session
+
+__all__ = [
+    "Agent",
+    "AgentSpec",
+    "ConfigError",
+    "EngineError",
+    "PluginError",
+    "QwenrunError",
+    "Session",
+    "ToolError",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Agent", "Session"):
+        from qwenrun import agent
+
+        return getattr(agent, name)
+    raise AttributeError(f"module 'qwenrun' has no attribute {name!r}")

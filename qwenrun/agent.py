@@ -1,0 +1,282 @@
+"""The agent loop: model call -> Hermes tool calls -> tools -> tool messages -> ... -> answer.
+
+One bounded async loop per user turn (``max_iterations`` model calls), yielding the typed events of
+:mod:`qwenrun.events`. Tool calls of one model answer run in parallel, each under its time limit;
+every tool failure becomes an ``Error: ...`` tool result the model can read. ``tool_choice``
+``required`` / a tool name is enforced with structured outputs on the first model call of a turn
+(then it falls back to ``auto`` so the model can answer), and a malformed call is retried once with
+a grammar-forced call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from qwenrun import hermes
+from qwenrun.config import AgentSpec
+from qwenrun.engine import Constraint, Engine
+from qwenrun.errors import ToolError
+from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.tools import Tool, format_result
+
+__all__ = ["Agent", "Session", "forced_call"]
+
+FORCED_PREFILL = "<tool_call>\n"
+
+
+class Agent:
+    """An agent spec bound to an engine and its tools. Cheap to share between sessions."""
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        engine: Engine | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] | None = None,
+        *,
+        strict_plugins: bool = True,
+    ) -> None:
+        self.spec = spec
+        if engine is None:
+            from qwenrun.engine import VLLMEngine
+
+            engine = VLLMEngine(spec)
+        self.engine: Engine = engine
+        if tools is None:
+            from qwenrun.plugins import load_tools
+
+            tools = load_tools(spec, strict=strict_plugins)
+        self.tools: dict[str, Tool] = {}
+        for tool in tools:
+            built = tool if isinstance(tool, Tool) else Tool.from_function(tool)
+            self.tools[built.name] = built
+        self.system_prompt = spec.system_prompt()
+
+    @classmethod
+    def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
+        return cls(AgentSpec.from_file(path, overrides), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.spec.agent.name
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        return [tool.openai_schema() for tool in self.tools.values()]
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    def session(self, session_id: str | None = None) -> Session:
+        return Session(self, session_id)
+
+    async def ask(self, prompt: str) -> Final:
+        """Answer one question in a fresh session."""
+        return await self.session().ask(prompt)
+
+
+class Session:
+    """One conversation: its history (without the system prompt) and its turns."""
+
+    def __init__(self, agent: Agent, session_id: str | None = None) -> None:
+        self.agent = agent
+        self.id = session_id or uuid.uuid4().hex
+        self.messages: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    async def ask(self, prompt: str, **kwargs: Any) -> Final:
+        final: Final | None = None
+        async for event in self.stream(prompt, **kwargs):
+            if isinstance(event, Final):
+                final = event
+        assert final is not None  # stream() always ends with Final unless an exception escapes
+        return final
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        tool_choice: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run one user turn, yielding events; the last one is :class:`Final`.
+
+        Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
+        and keeps the session usable: the partial answer is kept in the history.
+        """
+        spec = self.agent.spec.agent
+        self.messages.append({"role": "user", "content": prompt})
+        choice = tool_choice or spec.tool_choice
+        total = Usage()
+        tool_calls = 0
+        iteration = 0
+        while iteration < spec.max_iterations:
+            iteration += 1
+            step = _Step()
+            try:
+                async for event in self._model_call(choice, overrides, step):
+                    yield event
+            finally:
+                if not step.done and step.text:  # interrupted: keep what the user saw
+                    self.messages.append({"role": "assistant", "content": step.text})
+            total += step.usage
+            calls = [call for call in step.result.tool_calls if call.ok]
+            if not calls or choice == "none":
+                content = step.result.content
+                self.messages.append({"role": "assistant", "content": content})
+                stop = "length" if step.finish_reason == "length" else "answer"
+                yield Final(content, stop, iteration, tool_calls, total)
+                return
+            if not spec.parallel_tool_calls:
+                calls = calls[:1]
+            self.messages.append(_assistant_message(step.result.content, calls))
+            for call in calls:
+                yield ToolCall(call.id, call.name, call.arguments)
+            results = await asyncio.gather(*(self._run_tool(call) for call in calls))
+            for result in results:
+                self.messages.append(
+                    {"role": "tool", "tool_call_id": result.id, "name": result.name, "content": result.content}
+                )
+                yield result
+            tool_calls += len(calls)
+            choice = "auto"  # a forced tool_choice applies to the first call of a turn only
+        note = f"(stopped after {spec.max_iterations} model calls without a final answer)"
+        self.messages.append({"role": "assistant", "content": note})
+        yield Final(note, "max_iterations", iteration, tool_calls, total)
+
+    async def _model_call(
+        self, choice: str, overrides: dict[str, Any] | None, step: _Step
+    ) -> AsyncIterator[Event]:
+        """One model call (plus at most one repair), streaming its visible text."""
+        agent = self.agent
+        constraint, prefill = forced_call(agent.tools.values(), choice)
+        repaired = False
+        while True:
+            parser = hermes.StreamParser()
+            parser.feed(prefill)
+            started = time.perf_counter()
+            last_prompt = last_completion = 0
+            tools = agent.tool_schemas() if choice != "none" and agent.tools else None
+            async for delta in agent.engine.generate(
+                [{"role": "system", "content": agent.system_prompt}, *self.messages],
+                tools=tools,
+                sampling=agent.spec.sampling,
+                overrides=overrides,
+                constraint=constraint,
+                prefill=prefill,
+            ):
+                last_prompt, last_completion = delta.prompt_tokens, delta.completion_tokens
+                step.finish_reason = delta.finish_reason or step.finish_reason
+                for item in parser.feed(delta.text):
+                    if isinstance(item, str):
+                        step.text += item
+                        yield TextDelta(item)
+            for item in parser.finish():
+                if isinstance(item, str):
+                    step.text += item
+                    yield TextDelta(item)
+            usage = Usage(last_prompt, last_completion, time.perf_counter() - started, 1)
+            step.usage += usage
+            yield usage
+            result = parser.result()
+            bad = result.malformed
+            if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
+                step.result = result
+                step.done = True
+                return
+            repaired = True
+            target = bad[0].name if bad[0].name in agent.tools else "required"
+            yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {target} call")
+            constraint, prefill = forced_call(agent.tools.values(), target)
+
+    async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
+        agent = self.agent
+        tool = agent.tools.get(call.name)
+        started = time.perf_counter()
+        limit = agent.spec.agent.max_tool_output_chars
+        if tool is None:
+            known = ", ".join(agent.tools) or "none"
+            return ToolResult(call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True)
+        timeout = tool.timeout_s or agent.spec.agent.timeout_s
+        try:
+            value = await asyncio.wait_for(tool.call(call.arguments), timeout)
+            content, is_error = format_result(value, limit), False
+        except TimeoutError:
+            content, is_error = f"Error: {tool.name} timed out after {timeout:g} s", True
+        except ToolError as exc:
+            content, is_error = f"Error: {exc}", True
+        except Exception as exc:  # a tool's own failure is data for the model, not a crash
+            content, is_error = format_result(f"Error: {type(exc).__name__}: {exc}", limit), True
+        return ToolResult(call.id, call.name, content, is_error, time.perf_counter() - started)
+
+
+class _Step:
+    """What one model call produced (filled in while streaming)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.result = hermes.ParseResult("", [])
+
+
+def forced_call(tools: Any, choice: str) -> tuple[Constraint | None, str]:
+    """The structured-output constraint and prompt prefill that force a Hermes tool call.
+
+    The prompt ends with ``<tool_call>\\n`` and the model must continue with one JSON object
+    ``{"name": <a tool>, "arguments": <its schema>}``; ``auto`` and ``none`` force nothing.
+    """
+    tools = list(tools)
+    if choice in ("auto", "none") or not tools:
+        return None, ""
+    chosen = [tool for tool in tools if choice == "required" or tool.name == choice]
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"enum": [tool.name]}, "arguments": _arguments_schema(tool)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for tool in chosen
+    ]
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return Constraint(json=schema), FORCED_PREFILL
+
+
+def _arguments_schema(tool: Tool) -> dict[str, Any]:
+    schema = copy.deepcopy(tool.parameters)
+    if "$defs" in json.dumps(schema):  # references cannot be nested under anyOf; accept any object
+        return {"type": "object"}
+    return schema
+
+
+def _assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json()},
+            }
+            for call in calls
+        ],
+    }

@@ -1,0 +1,388 @@
+"""The agent spec: pydantic models of the whole YAML file, and the one ladder that loads it.
+
+``AgentSpec.from_file -> from_text -> from_dict``. Every error is a :class:`ConfigError` whose
+message names the file, the path in the document and the problem, e.g.
+``agents/weather.yaml: engine.max_num_seqs: Input should be greater than 0``.
+This module must not import vLLM or torch: ``qwenrun validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from qwenrun.errors import ConfigError
+
+__all__ = [
+    "AgentSettings",
+    "AgentSpec",
+    "ChainlitFrontend",
+    "CliFrontend",
+    "EngineSpec",
+    "ModelSpec",
+    "OpenAIFrontend",
+    "SamplingSpec",
+    "ToolSpec",
+    "apply_overrides",
+    "format_validation_error",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """Which weights to load."""
+
+    path: str = Field(description="Hugging Face name or local directory of the model.")
+    tokenizer: str | None = Field(None, description="Tokenizer name or path (default: the model's).")
+    revision: str | None = Field(None, description="Model revision (branch, tag or commit).")
+    served_model_name: str | None = Field(None, description="Model name reported by the OpenAI server.")
+    trust_remote_code: bool = False
+
+
+class EngineSpec(_Strict):
+    """vLLM engine parameters; passed to ``vllm.AsyncEngineArgs`` unchanged."""
+
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    data_parallel_size: PositiveInt = 1
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: PositiveInt = 256
+    max_model_len: PositiveInt | None = None
+    enforce_eager: bool = False
+    swap_space: float = Field(16, ge=0, description="GiB of CPU swap (ignored by vLLM versions without it).")
+    seed: int | None = 0
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
+    load_format: str = Field("auto", description="'auto', 'safetensors', 'dummy' (random weights) ...")
+    available_devices: PositiveInt | None = Field(
+        None, description="GPUs this deployment may use; checked against TP x PP x DP when given."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set before vLLM is imported."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM EngineArgs field, passed as is (false booleans included).",
+    )
+
+
+class SamplingSpec(_Strict):
+    """vLLM ``SamplingParams`` of every model call."""
+
+    temperature: float = Field(0.45, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, description="-1 or None disables top-k.")
+    max_tokens: PositiveInt = 8192
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Other SamplingParams fields.")
+
+
+ToolChoice = Annotated[
+    str,
+    Field(description="'auto', 'none', 'required', or the name of one tool the model must call."),
+]
+
+
+class AgentSettings(_Strict):
+    """The agent loop and its system prompt."""
+
+    name: str = Field("qwenrun-agent", pattern=r"^[A-Za-z0-9_.:\-]+$")
+    description: str = ""
+    system_prompt: str = Field(
+        "You are a helpful assistant.", description="jinja2 template, rendered with `variables`."
+    )
+    variables: dict[str, Any] = Field(default_factory=dict)
+    max_iterations: PositiveInt = Field(8, description="Model calls per user turn, at most.")
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    timeout_s: float = Field(30, gt=0, description="Default time limit of one tool call.")
+    max_tool_output_chars: PositiveInt = Field(16_000, description="Longer tool results are truncated.")
+    repair_malformed_calls: bool = Field(True, description="Retry once with a grammar-forced call.")
+
+
+class ToolSpec(_Strict):
+    """One tool: the name of an entry point in group ``qwenrun.tools``, and its settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+    settings: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class CliFrontend(_Strict):
+    kind: Literal["cli"] = "cli"
+    show_tool_calls: bool = True
+
+
+class OpenAIFrontend(_Strict):
+    kind: Literal["openai"]
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
+    max_request_bytes: PositiveInt = 1_000_000
+    max_tokens_cap: PositiveInt | None = Field(None, description="Upper bound on a request's max_tokens.")
+
+
+class Starter(_Strict):
+    label: str
+    message: str
+
+
+class ChainlitFrontend(_Strict):
+    kind: Literal["chainlit"]
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    title: str | None = None
+    watch: bool = False
+    welcome: str | None = None
+    starters: list[Starter] = Field(default_factory=list)
+    password_env: str | None = Field(None, description="Env variable with the password; enables login.")
+    username: str = "admin"
+
+
+Frontend = Annotated[CliFrontend | OpenAIFrontend | ChainlitFrontend, Field(discriminator="kind")]
+
+
+class AgentSpec(_Strict):
+    """The whole agent file."""
+
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=lambda: EngineSpec())
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec())
+    agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
+    tools: list[ToolSpec] = Field(default_factory=list)
+    frontend: Frontend = Field(default_factory=lambda: CliFrontend())
+
+    source: str = Field("<dict>", exclude=True, description="Where the spec came from (not in YAML).")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _names_as_tools(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    # -- the loading ladder ------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> AgentSpec:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read file: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        return cls.from_text(text, source=source, overrides=overrides)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> AgentSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: {_describe_yaml_error(exc)}") from None
+        if data is None:
+            raise ConfigError(f"{source}: the file is empty")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data, source=source, overrides=overrides)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "<dict>", overrides: Sequence[str] = ()
+    ) -> AgentSpec:
+        data = apply_overrides(dict(data), overrides, source)
+        data = _interpolate(data, (), source)
+        try:
+            spec = cls.model_validate({**data, "source": source})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source, cls)) from None
+        spec._check()
+        return spec
+
+    # -- cross-field checks ------------------------------------------------------------------
+
+    def _check(self) -> None:
+        choice = self.agent.tool_choice
+        names = [tool.name for tool in self.tools]
+        if choice not in ("auto", "none", "required") and choice not in names:
+            raise ConfigError(
+                f"{self.source}: agent.tool_choice: {choice!r} is not 'auto', 'none', 'required' "
+                f"or a tool of this agent ({', '.join(names) or 'none declared'})"
+            )
+        if choice == "required" and not names:
+            raise ConfigError(f"{self.source}: agent.tool_choice: 'required' but the agent has no tools")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")
+        engine = self.engine
+        needed = engine.tensor_parallel_size * engine.pipeline_parallel_size * engine.data_parallel_size
+        if engine.available_devices is not None and needed > engine.available_devices:
+            raise ConfigError(
+                f"{self.source}: engine: tensor_parallel_size x pipeline_parallel_size x "
+                f"data_parallel_size = {engine.tensor_parallel_size} x {engine.pipeline_parallel_size} "
+                f"x {engine.data_parallel_size} = {needed} GPUs, but available_devices is "
+                f"{engine.available_devices}"
+            )
+        self.system_prompt()  # a bad template fails validation, not the first turn
+
+    def system_prompt(self, **extra: Any) -> str:
+        """Render ``agent.system_prompt`` in a jinja2 sandbox with ``agent.variables``."""
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+        context = {**self.agent.variables, "agent": self.agent.name, "tools": [t.name for t in self.tools]}
+        try:
+            return env.from_string(self.agent.system_prompt).render(**context, **extra)
+        except TemplateError as exc:
+            line = getattr(exc, "lineno", None)
+            where = f" (template line {line})" if line else ""
+            raise ConfigError(f"{self.source}: agent.system_prompt: {exc.message or exc}{where}") from None
+        except Exception as exc:  # sandbox SecurityError and errors raised inside the template
+            raise ConfigError(f"{self.source}: agent.system_prompt: {type(exc).__name__}: {exc}") from None
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_model_name or self.model.path
+
+    def tool(self, name: str) -> ToolSpec | None:
+        return next((tool for tool in self.tools if tool.name == name), None)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ESCAPED = "$${"
+
+
+def _interpolate(value: Any, path: tuple[str | int, ...], source: str) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$${`` is a literal ``${``."""
+    if isinstance(value, dict):
+        return {key: _interpolate(item, (*path, key), source) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, (*path, index), source) for index, item in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    parts = value.split(_ESCAPED)
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is not None and (found or default is None):
+            return found
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{source}: {_dotted(path)}: environment variable {name} is not set "
+            f"(write ${{{name}:-default}} to give a default)"
+        )
+
+    return "${".join(_ENV_PATTERN.sub(substitute, part) for part in parts)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """Apply ``--set key.path=value`` overrides; values are parsed as YAML (``8`` is an int)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {override!r}: {_describe_yaml_error(exc)}") from None
+        node: Any = data
+        parts = key.strip().split(".")
+        for index, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: index + 1])
+                raise ConfigError(f"{source}: --set {key}: {where} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"YAML syntax error: {problem}"
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (for 'did you mean' suggestions)."""
+    options: list[Any] = [model]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in options if part in _UNION_TAGS and _kind_of(m) == part]
+        if tagged:
+            options = tagged
+            continue
+        owner = next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        field = owner.model_fields.get(part) if owner else None
+        if field is None:
+            return None
+        options = _models_in(field.annotation)
+    return next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
+
+
+def _models_in(annotation: Any) -> list[Any]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
+
+
+def _kind_of(model: Any) -> str | None:
+    field = (
+        model.model_fields.get("kind") if isinstance(model, type) and issubclass(model, BaseModel) else None
+    )
+    args = getattr(field.annotation, "__args__", ()) if field else ()
+    return str(args[0]) if args else None
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """One line per problem: ``file: path.in.document: message``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        full_loc = list(error["loc"])
+        loc = [part for part in full_loc if not (isinstance(part, str) and part in _UNION_TAGS)]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            owner = _model_at(model, full_loc)
+            known = [name for name in owner.model_fields if name != "source"] if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            message = f"unknown key {str(loc[-1])!r}"
+            message += f"; did you mean {close[0]!r}?" if close else ""
+            if known:
+                message += f" (valid keys: {', '.join(known)})"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{source}: {_dotted(loc)}: {message}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"cli", "openai", "chainlit"}

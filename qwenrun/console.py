@@ -1,0 +1,162 @@
+"""The terminal front end: a REPL (``qwenrun up`` with ``frontend.kind: cli``) and one-shot runs.
+
+Thin: it turns agent events into terminal output. ``/reset`` clears the conversation, ``/exit``
+(or end of input) leaves; Ctrl-C stops the current answer and keeps the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from typing import TextIO
+
+import click
+
+from qwenrun.agent import Agent, Session
+from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
+
+__all__ = ["EventPrinter", "repl", "run_once"]
+
+PROMPT = ">>> "
+
+
+class EventPrinter:
+    """Prints events compactly: the answer streams, tool steps get one dim line each."""
+
+    def __init__(self, out: TextIO | None = None, *, show_tools: bool = True, as_json: bool = False) -> None:
+        self.out = out
+        self.show_tools = show_tools
+        self.as_json = as_json
+        self._open_line = False
+
+    def _write(self, text: str) -> None:
+        click.echo(text, file=self.out, nl=False)
+
+    def __call__(self, event: Event) -> None:
+        if self.as_json:
+            click.echo(json.dumps(to_dict(event), ensure_ascii=False), file=self.out)
+            return
+        if isinstance(event, TextDelta):
+            self._write(event.text)
+            self._open_line = not event.text.endswith("\n")
+            return
+        if isinstance(event, Usage | Final) or not self.show_tools and not isinstance(event, Repair):
+            if isinstance(event, Final) and self._open_line:
+                self._write("\n")
+                self._open_line = False
+            return
+        if self._open_line:
+            self._write("\n")
+            self._open_line = False
+        if isinstance(event, ToolCall):
+            args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.arguments.items())
+            self._write(click.style(f"  → {event.name}({args})\n", dim=True))
+        elif isinstance(event, ToolResult):
+            text = " ".join(event.content.split())
+            text = text if len(text) <= 160 else text[:157] + "..."
+            colour = "red" if event.is_error else None
+            self._write(click.style(f"  ← {text}\n", dim=not event.is_error, fg=colour))
+        elif isinstance(event, Repair):
+            self._write(click.style(f"  ! {event.reason}\n", fg="yellow"))
+
+
+async def start_with_status(agent: Agent, out: TextIO | None = None) -> None:
+    """Start the engine with a status line on stderr."""
+    click.echo(f"Loading {agent.spec.model.path} (vLLM) ...", err=True)
+    started = time.perf_counter()
+    await agent.start()
+    click.echo(f"Ready in {time.perf_counter() - started:.1f} s: agent {agent.name!r}, "
+               f"tools: {', '.join(agent.tools) or 'none'}.", err=True)
+
+
+async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final:
+    """Answer one prompt, printing events as they come."""
+    printer = EventPrinter(as_json=as_json, show_tools=agent.spec.frontend.kind != "cli"
+                           or getattr(agent.spec.frontend, "show_tool_calls", True))
+    final: Final | None = None
+    async for event in agent.session().stream(prompt):
+        printer(event)
+        if isinstance(event, Final):
+            final = event
+    assert final is not None
+    return final
+
+
+async def repl(agent: Agent, stdin: TextIO | None = None) -> None:
+    """Read questions until ``/exit`` or end of input; stream each answer."""
+    show = getattr(agent.spec.frontend, "show_tool_calls", True)
+    printer = EventPrinter(show_tools=show)
+    session = agent.session()
+    lines = _LineReader(stdin or sys.stdin)
+    loop = asyncio.get_running_loop()
+    click.echo("Type a question; /reset clears the conversation, /exit leaves. "
+               "Ctrl-C stops an answer.", err=True)
+    while True:
+        click.echo(PROMPT, nl=False, err=True)
+        line = await lines.next()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        turn = asyncio.ensure_future(_turn(session, text, printer))
+        installed = _on_sigint(loop, turn.cancel)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if not turn.cancelled():
+                raise
+            click.echo("\n(stopped)", err=True)
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGINT)
+    click.echo("", err=True)
+
+
+async def _turn(session: Session, text: str, printer: EventPrinter) -> None:
+    async for event in session.stream(text):
+        printer(event)
+
+
+def _on_sigint(loop: asyncio.AbstractEventLoop, callback: object) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        loop.add_signal_handler(signal.SIGINT, callback)  # type: ignore[arg-type]
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+class _LineReader:
+    """Reads lines in a daemon thread so a blocked ``input`` never holds the event loop."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._wanted = threading.Semaphore(0)
+        threading.Thread(target=self._read, daemon=True, name="qwenrun-stdin").start()
+
+    def _read(self) -> None:
+        while True:
+            self._wanted.acquire()
+            try:
+                line = self._stream.readline()
+            except (OSError, ValueError):
+                line = ""
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, line or None)
+            if not line:
+                return
+
+    async def next(self) -> str | None:
+        self._wanted.release()
+        return await self._queue.get()

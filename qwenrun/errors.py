@@ -1,0 +1,37 @@
+"""The exception tree of qwenrun.
+
+Library code raises these; only the CLI turns them into ``click.ClickException``.
+"""
+
+from __future__ import annotations
+
+
+class QwenrunError(Exception):
+    """Base class of every error qwenrun raises on purpose."""
+
+
+class ConfigError(QwenrunError):
+    """An agent file is unreadable, malformed or invalid. The message names file, path and problem."""
+
+
+class PluginError(QwenrunError):
+    """A tool plugin is missing, fails to import or has an unusable signature."""
+
+
+class ToolError(QwenrunError):
+    """A tool call failed: bad arguments, an exception in the tool, a timeout."""
+
+
+class EngineError(QwenrunError):
+    """The inference engine failed to start, died, or rejected a request."""
+
+
+class MissingExtraError(QwenrunError):
+    """An optional dependency (a front end's extra) is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'qwenrun[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,86 @@
+"""The typed events of one agent turn. Every front end consumes exactly these."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Event", "Final", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage", "to_dict"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the model's visible answer, in order."""
+
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The model asked for a tool; the call is about to run."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    type: Literal["tool_call"] = "tool_call"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What a tool returned (``is_error``: the model reads ``Error: ...``)."""
+
+    id: str
+    name: str
+    content: str
+    is_error: bool = False
+    duration_s: float = 0.0
+    type: Literal["tool_result"] = "tool_result"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts and wall time of one model call (or, inside ``Final``, of the whole turn)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    duration_s: float = 0.0
+    model_calls: int = 0
+    type: Literal["usage"] = "usage"
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.duration_s + other.duration_s,
+            self.model_calls + other.model_calls,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """The model wrote a malformed tool call; it is asked again with a grammar-forced call."""
+
+    reason: str
+    type: Literal["repair"] = "repair"
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The end of a turn: the answer text, why the turn stopped, and the turn's total usage."""
+
+    text: str
+    stop_reason: Literal["answer", "max_iterations", "length"] = "answer"
+    iterations: int = 0
+    tool_calls: int = 0
+    usage: Usage = field(default_factory=Usage)
+    type: Literal["final"] = "final"
+
+
+Event = TextDelta | ToolCall | ToolResult | Usage | Repair | Final
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict with a ``type`` key (``qwenrun run --json`` prints one per line)."""
+    return dataclasses.asdict(event)

@@ -1,0 +1,252 @@
+"""Hermes-format tool-call parser for Qwen2.5 output: model text -> plain text + tool calls.
+
+Pure and stdlib-only (no vLLM import); used by the agent loop and the OpenAI-compatible server.
+``parse`` is the one-shot form, ``StreamParser`` the incremental one; both run the same state
+machine, so for any chunking ``StreamParser.result()`` equals ``parse(full_text)``. Nothing here
+raises on any input string: a block that cannot be understood becomes a ``ToolCall`` with
+``error`` set (the caller turns it into a repair attempt).
+
+Block boundaries (lessons from vLLM's hermes_tool_parser, issues #45167/#38168):
+
+* ``<tool_call>`` opens a block; text outside blocks (a stray ``</tool_call>`` too) is content.
+* Inside a block, double-quoted JSON strings are tracked. A ``</tool_call>`` outside a string
+  closes the block. One inside a string whose closing quote comes on the same line is part of
+  the string (a tool argument may quote the tag). A raw newline ends string tracking, so a
+  stray quote cannot swallow Qwen's usual ``\\n</tool_call>``; and a tag inside a string left
+  unterminated on its line (or at the end) does close the block, the rest being re-read.
+  After ``_MAX_RESCUES`` such re-reads the first tag seen closes the block (linear time bound).
+* ``<tool_call>`` outside a string inside a block closes it and opens a new one (a forgotten
+  closing tag); an unclosed last block (e.g. cut by max_tokens) is parsed at the end.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+__all__ = ["IdFactory", "ParseResult", "StreamParser", "ToolCall", "new_call_id", "parse"]
+
+IdFactory: TypeAlias = Callable[[], str]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_KEEP = len(CLOSE) - 1  # longest tag prefix that may be cut at a chunk border
+_OUT_RX = re.compile(r'"|<tool_call>|</tool_call>')  # tokens outside a JSON string
+_IN_RX = re.compile(r'\\[^\n]|"|\n|</tool_call>')  # tokens inside one
+_FENCE_RX = re.compile(r"\A```[\w+.-]*")
+_MAX_LITERAL = 100_000
+_MAX_RESCUES = 16
+_JSON = json.JSONDecoder(strict=False)  # strict=False: raw control chars (newlines) in strings
+
+
+def new_call_id() -> str:
+    """A fresh OpenAI-style call id: ``call_`` + 24 hex chars."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One ``<tool_call>`` block. ``raw`` is the text between the tags exactly as written
+    (not stripped); ``error`` is None when well-formed, else a short human reason."""
+
+    id: str
+    name: str  # "" if it could not be recovered
+    arguments: dict[str, Any]  # {} if not recoverable; always JSON-serialisable
+    raw: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ParseResult:
+    content: str  # all text outside tool-call blocks, concatenated, stripped
+    tool_calls: list[ToolCall]
+
+    @property
+    def malformed(self) -> list[ToolCall]:
+        return [c for c in self.tool_calls if c.error is not None]
+
+
+def _decode(s: str) -> tuple[Any, str | None]:
+    """JSON (trailing garbage ignored), else a Python literal (single quotes); (obj, error)."""
+    try:
+        return _JSON.raw_decode(s)[0], None
+    except json.JSONDecodeError as e:
+        err = f"invalid JSON at char {e.pos}: {e.msg}"
+    except Exception as e:  # RecursionError, MemoryError, ...
+        err = f"invalid JSON: {type(e).__name__}"
+    end = s.rfind("}") + 1
+    for cand in (s, s[:end]) if 0 < end < len(s) else (s,):
+        if len(cand) <= _MAX_LITERAL:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # SyntaxWarning on odd escapes
+                    return ast.literal_eval(cand), None
+            except Exception:  # literal_eval raises ValueError, SyntaxError, RecursionError, ...
+                pass
+    return None, err
+
+
+def _interpret(raw: str) -> tuple[str, dict[str, Any], str | None]:
+    """Recover (name, arguments, error) from the text of one block."""
+    s = raw.strip()
+    if s.startswith("```"):
+        s = _FENCE_RX.sub("", s, count=1).strip()
+        s = s[:-3].strip() if s.endswith("```") else s
+    if not s:
+        return "", {}, "empty tool call"
+    obj, err = _decode(s)
+    if err is not None:
+        return "", {}, err
+    if not isinstance(obj, dict):
+        return "", {}, f"expected a JSON object, got {type(obj).__name__}"
+    if "name" not in obj and isinstance(obj.get("function"), dict):
+        obj = obj["function"]  # OpenAI style {"type": "function", "function": {...}}
+    name = obj.get("name")
+    if "name" not in obj:
+        return "", {}, 'missing "name"'
+    if not isinstance(name, str) or not name.strip():
+        return "", {}, '"name" must be a non-empty string'
+    args = obj.get("arguments", obj.get("parameters"))
+    if isinstance(args, str):
+        if not args.strip():
+            args = {}
+        else:
+            args, err = _decode(args.strip())
+            if err is not None:
+                return name, {}, f"arguments string: {err}"
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return name, {}, "arguments is not an object"
+    try:  # normalise to plain JSON (tuples, NaN, non-str keys from literal_eval)
+        args = json.loads(json.dumps(args, ensure_ascii=False, allow_nan=False))
+    except ValueError:
+        return name, {}, "arguments contain NaN or Infinity"
+    except Exception as e:  # TypeError (a set, bytes, ...), RecursionError
+        return name, {}, f"arguments are not JSON-serialisable: {type(e).__name__}"
+    return name, args, None
+
+
+def _held_prefix(s: str, start: int) -> int:
+    """Length of the longest suffix of ``s[start:]`` that is a proper prefix of OPEN."""
+    for n in range(min(len(OPEN) - 1, len(s) - start), 0, -1):
+        if s.endswith(OPEN[:n]):
+            return n
+    return 0
+
+
+class StreamParser:
+    """Incremental parser. ``feed`` returns events: ``str`` is text safe to show now (never part
+    of a tag), ``ToolCall`` a block just closed. Work is linear in the total input length."""
+
+    def __init__(self, new_id: IdFactory = new_call_id) -> None:
+        self._new_id = new_id
+        self._tail = ""  # unscanned carry-over (a possible partial tag, a trailing backslash)
+        self._in_block = False
+        self._blk: list[str] = []  # text of the current block before the current chunk
+        self._blk_len = 0
+        self._in_str = False
+        self._pending: tuple[int, int] | None = None  # CLOSE seen inside a string (block offsets)
+        self._rescues = 0
+        self._text: list[str] = []
+        self._calls: list[ToolCall] = []
+        self._finished = False
+
+    def feed(self, chunk: str) -> list[str | ToolCall]:
+        if self._finished:
+            raise RuntimeError("StreamParser.feed() called after finish()")
+        return self._run(self._tail + chunk, final=False)
+
+    def finish(self) -> list[str | ToolCall]:
+        if self._finished:
+            return []
+        self._finished = True
+        return self._run(self._tail, final=True)
+
+    def result(self) -> ParseResult:
+        """The parse so far; after ``finish()`` equal to ``parse(full_text)``."""
+        return ParseResult("".join(self._text).strip(), list(self._calls))
+
+    def _close(self, raw: str, out: list[str | ToolCall]) -> None:
+        name, args, err = _interpret(raw)
+        call = ToolCall(self._new_id(), name, args, raw, err)
+        self._calls.append(call)
+        out.append(call)
+        self._blk, self._blk_len, self._in_str, self._pending = [], 0, False, None
+
+    def _run(self, data: str, final: bool) -> list[str | ToolCall]:
+        out: list[str | ToolCall] = []
+        i = bs = 0  # scan position; start of the current block's text within data
+        while True:
+            if not self._in_block:
+                k = data.find(OPEN, i)
+                end = k if k >= 0 else len(data) - (0 if final else _held_prefix(data, i))
+                if end > i:
+                    self._text.append(data[i:end])
+                    out.append(data[i:end])
+                if k < 0:
+                    self._tail = data[end:]
+                    return out
+                self._in_block, i = True, k + len(OPEN)
+                bs = i
+                continue
+            m = (_IN_RX if self._in_str else _OUT_RX).search(data, i)
+            if m is None:
+                if not final:
+                    keep = max(i, len(data) - _KEEP)
+                    self._blk.append(data[bs:keep])
+                    self._blk_len += keep - bs
+                    self._tail = data[keep:]
+                    return out
+                if self._pending is None:
+                    self._close("".join(self._blk) + data[bs:], out)
+                    self._in_block, self._tail = False, ""
+                    return out
+                data, i = self._rescue(data, bs, len(data), out), 0
+                continue
+            tok, i = m.group(), m.end()
+            if tok == '"':
+                self._in_str = not self._in_str
+                self._pending = None
+            elif tok == "\n" and self._pending is not None:
+                data, i = self._rescue(data, bs, m.start(), out), 0
+            elif tok == "\n":
+                self._in_str = False
+            elif tok == CLOSE and self._in_str and self._rescues < _MAX_RESCUES:
+                if self._pending is None:
+                    at = self._blk_len + m.start() - bs
+                    self._pending = (at, at + len(CLOSE))
+            elif tok in (OPEN, CLOSE):
+                self._close("".join(self._blk) + data[bs : m.start()], out)
+                self._in_block = tok == OPEN
+                bs = i
+
+    def _rescue(self, data: str, bs: int, upto: int, out: list[str | ToolCall]) -> str:
+        """Close the block at the pending tag; return the data left to re-read as plain text."""
+        assert self._pending is not None
+        start, end = self._pending
+        text = "".join(self._blk) + data[bs:upto]
+        self._rescues += 1
+        self._close(text[:start], out)
+        self._in_block = False
+        return text[end:] + data[upto:]
+
+
+def parse(text: str, new_id: IdFactory = new_call_id) -> ParseResult:
+    """Split Hermes-format model output into content and tool calls. Never raises."""
+    sp = StreamParser(new_id)
+    sp.feed(text)
+    sp.finish()
+    return sp.result()

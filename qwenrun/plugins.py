@@ -1,0 +1,136 @@
+"""Tool plugins: entry points of group ``qwenrun.tools``, one per tool, loaded lazily.
+
+Listing the installed tools reads package metadata only; a plugin's module is imported when an
+agent names its tool (or ``qwenrun tools --doctor`` asks). A plugin that fails to import or has a
+bad signature is reported, never a crash of the runner.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from importlib_metadata import EntryPoint, entry_points
+from pydantic import ValidationError
+
+from qwenrun.config import AgentSpec, ToolSpec
+from qwenrun.errors import ConfigError, PluginError
+from qwenrun.tools import Tool
+
+__all__ = ["GROUP", "ToolEntry", "check_tools", "doctor", "installed_tools", "load_tools"]
+
+GROUP = "qwenrun.tools"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEntry:
+    """An installed tool, known from package metadata alone (nothing imported yet)."""
+
+    name: str
+    target: str
+    package: str
+    version: str
+    entry_point: EntryPoint
+
+    @property
+    def origin(self) -> str:
+        return f"{self.package} {self.version}".strip()
+
+    def load(self, spec: ToolSpec | None = None) -> Tool:
+        """Import the plugin and build the tool. Raises PluginError (import/signature) or
+        pydantic's ValidationError (settings)."""
+        try:
+            function = self.entry_point.load()
+        except Exception as exc:  # any import-time failure of third-party code
+            raise PluginError(
+                f"tool {self.name!r} ({self.target}, from {self.origin}) failed to import: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return Tool.from_function(
+            function,
+            name=self.name,
+            settings=spec.settings if spec else None,
+            timeout_s=spec.timeout_s if spec else None,
+            origin=self.origin,
+        )
+
+
+def installed_tools() -> dict[str, ToolEntry]:
+    """Every tool that an installed distribution declares, by name (first one wins on a clash)."""
+    found: dict[str, ToolEntry] = {}
+    for entry_point in entry_points(group=GROUP):
+        if entry_point.name in found:
+            log.warning("tool %r is declared twice; keeping %s", entry_point.name, found[entry_point.name])
+            continue
+        dist = entry_point.dist
+        found[entry_point.name] = ToolEntry(
+            name=entry_point.name,
+            target=entry_point.value,
+            package=dist.name if dist else "?",
+            version=dist.version if dist else "",
+            entry_point=entry_point,
+        )
+    return dict(sorted(found.items()))
+
+
+def _unknown_tool(spec: AgentSpec, index: int, name: str, installed: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, installed, n=1, cutoff=0.5)
+    message = f"{spec.source}: tools[{index}].name: unknown tool {name!r}"
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    message += f" (installed: {', '.join(installed) or 'none; install a plugin, e.g. plugins/qwenrun-weather'})"
+    return ConfigError(message)
+
+
+def check_tools(spec: AgentSpec) -> None:
+    """Fail validation for a tool name that no installed plugin provides (metadata only)."""
+    installed = installed_tools()
+    for index, tool in enumerate(spec.tools):
+        if tool.name not in installed:
+            raise _unknown_tool(spec, index, tool.name, list(installed))
+
+
+def load_tools(spec: AgentSpec, *, strict: bool = True) -> list[Tool]:
+    """Load the agent's tools. Unknown names and bad settings are ConfigErrors. A plugin that
+    fails to import is a PluginError when ``strict``, else logged and skipped."""
+    installed = installed_tools()
+    tools: list[Tool] = []
+    for index, tool_spec in enumerate(spec.tools):
+        entry = installed.get(tool_spec.name)
+        if entry is None:
+            raise _unknown_tool(spec, index, tool_spec.name, list(installed))
+        try:
+            tools.append(entry.load(tool_spec))
+        except ValidationError as exc:
+            problems = "\n".join(
+                f"{spec.source}: tools[{index}].settings"
+                f"{''.join(f'.{part}' for part in err['loc'])}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
+            raise ConfigError(problems) from None
+        except PluginError as exc:
+            if strict:
+                raise PluginError(f"{spec.source}: tools[{index}]: {exc}") from None
+            log.warning("skipping tool %r: %s", tool_spec.name, exc)
+    return tools
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorReport:
+    entry: ToolEntry
+    tool: Tool | None
+    error: str | None
+
+
+def doctor() -> list[DoctorReport]:
+    """Import every installed tool and report the broken ones with the reason."""
+    reports = []
+    for entry in installed_tools().values():
+        try:
+            reports.append(DoctorReport(entry, entry.load(), None))
+        except (PluginError, ValidationError) as exc:
+            reports.append(DoctorReport(entry, None, str(exc)))
+    return reports

@@ -1,0 +1,105 @@
+"""A scripted engine for fast tests of the agent loop and the front ends (no vLLM, no model).
+
+Like pydantic-ai's ``FunctionModel``: each model call is answered by a script, either a list of
+replies consumed in order or a function of the request. Replies are streamed in small chunks so
+streaming code paths run for real. Every request is recorded in ``calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenrun.config import SamplingSpec
+from qwenrun.engine import Constraint, Delta
+from qwenrun.errors import EngineError
+
+__all__ = ["ModelRequest", "ScriptedEngine", "tool_call_text"]
+
+
+@dataclass(slots=True)
+class ModelRequest:
+    """What the agent asked the engine for in one call."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    constraint: Constraint | None
+    prefill: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+Script = Sequence[str] | Callable[[ModelRequest], str]
+
+
+class ScriptedEngine:
+    """An :class:`qwenrun.engine.Engine` whose answers come from a script."""
+
+    def __init__(
+        self,
+        script: Script,
+        *,
+        chunk_size: int = 3,
+        delay_s: float = 0.0,
+        model_name: str = "scripted",
+    ) -> None:
+        self._script = script
+        self._replies = list(script) if not callable(script) else []
+        self.chunk_size = chunk_size
+        self.delay_s = delay_s
+        self.model_name = model_name
+        self.calls: list[ModelRequest] = []
+        self.started = False
+        self.dead = False
+        self.active = 0
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.started = False
+
+    async def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        sampling: SamplingSpec | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        constraint: Constraint | None = None,
+        prefill: str = "",
+        request_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        if self.dead:
+            raise EngineError("the scripted engine is dead")
+        request = ModelRequest(list(messages), tools, constraint, prefill, dict(overrides or {}))
+        self.calls.append(request)
+        if callable(self._script):
+            reply = self._script(request)
+        elif self._replies:
+            reply = self._replies.pop(0)
+        else:
+            raise EngineError(f"the script has no reply left for call {len(self.calls)}")
+        if prefill and reply.startswith(prefill):
+            reply = reply[len(prefill) :]
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages)
+        self.active += 1
+        try:
+            sent = 0
+            for start in range(0, len(reply), self.chunk_size):
+                await asyncio.sleep(self.delay_s)
+                chunk = reply[start : start + self.chunk_size]
+                sent += 1
+                yield Delta(chunk, None, prompt_tokens, sent)
+            yield Delta("", "stop", prompt_tokens, sent)
+        finally:
+            self.active -= 1
+
+
+def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "") -> str:
+    """A well-formed Hermes tool call, as Qwen2.5 writes it."""
+    import json
+
+    body = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
+    return f"{text}<tool_call>\n{body}\n</tool_call>"

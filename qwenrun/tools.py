@@ -1,0 +1,179 @@
+"""A tool: a typed Python function, its JSON schema, argument validation and the call itself.
+
+The schema comes from the signature and the Google/NumPy/reST docstring through pydantic's public
+API (``create_model`` + ``model_json_schema``). A keyword-only parameter named ``settings`` annotated
+with a pydantic model is hidden from the model and filled from the agent YAML
+(``tools: [{name: ..., settings: {...}}]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import docstring_parser
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from qwenrun.errors import PluginError, ToolError
+
+__all__ = ["Tool", "format_result"]
+
+SETTINGS_PARAMETER = "settings"
+
+
+@dataclass(slots=True)
+class Tool:
+    """A callable tool with the JSON schema the model sees."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    function: Callable[..., Any]
+    arguments_model: type[BaseModel]
+    settings_model: type[BaseModel] | None = None
+    settings: BaseModel | None = None
+    timeout_s: float | None = None
+    origin: str = ""
+    _is_async: bool = field(default=False, repr=False)
+
+    @classmethod
+    def from_function(
+        cls,
+        function: Callable[..., Any],
+        *,
+        name: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+        origin: str = "",
+    ) -> Tool:
+        """Build a tool from a typed function. Raises PluginError for an unusable signature and
+        pydantic's ValidationError for bad settings (the caller knows where they came from)."""
+        tool_name = name or getattr(function, "__name__", "")
+        if not callable(function):
+            raise PluginError(f"tool {tool_name!r}: {function!r} is not callable")
+        try:
+            signature = inspect.signature(function)
+            hints = get_type_hints(function, include_extras=True)
+        except (TypeError, ValueError, NameError) as exc:
+            raise PluginError(f"tool {tool_name!r}: cannot read its signature: {exc}") from None
+        docstring = docstring_parser.parse(inspect.getdoc(function) or "")
+        described = {param.arg_name: param.description or "" for param in docstring.params}
+        fields: dict[str, Any] = {}
+        settings_model: type[BaseModel] | None = None
+        for param in signature.parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise PluginError(f"tool {tool_name!r}: *args/**kwargs are not supported ({param.name!r})")
+            if param.name not in hints:
+                raise PluginError(f"tool {tool_name!r}: parameter {param.name!r} has no type annotation")
+            annotation = hints[param.name]
+            if param.name == SETTINGS_PARAMETER:
+                if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                    raise PluginError(
+                        f"tool {tool_name!r}: parameter 'settings' must be annotated with a pydantic model"
+                    )
+                settings_model = annotation
+                continue
+            default = ... if param.default is param.empty else param.default
+            info = FieldInfo.merge_field_infos(
+                FieldInfo.from_annotated_attribute(annotation, default),
+                description=described.get(param.name) or None,
+            )
+            fields[param.name] = (info.annotation, info)
+        description = "\n\n".join(
+            part for part in (docstring.short_description, docstring.long_description) if part
+        )
+        try:
+            arguments_model = create_model(
+                f"{tool_name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
+            )
+            parameters = _clean_schema(arguments_model.model_json_schema())
+        except Exception as exc:  # pydantic cannot build a schema for some annotation
+            raise PluginError(f"tool {tool_name!r}: cannot build a JSON schema: {exc}") from None
+        settings_value = settings_model.model_validate(dict(settings or {})) if settings_model else None
+        if settings and settings_model is None:
+            raise PluginError(f"tool {tool_name!r} takes no settings, got: {', '.join(settings)}")
+        function_to_call = function
+        if settings_value is not None:
+            function_to_call = functools.partial(function, **{SETTINGS_PARAMETER: settings_value})
+        return cls(
+            name=tool_name,
+            description=description,
+            parameters=parameters,
+            function=function_to_call,
+            arguments_model=arguments_model,
+            settings_model=settings_model,
+            settings=settings_value,
+            timeout_s=timeout_s,
+            origin=origin,
+            _is_async=inspect.iscoroutinefunction(function),
+        )
+
+    def openai_schema(self) -> dict[str, Any]:
+        """The tool as OpenAI's ``tools`` entry (what Qwen's chat template renders)."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the model's arguments against the schema; ToolError names each bad argument."""
+        try:
+            model = self.arguments_model.model_validate(dict(arguments))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
+            raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
+        return {name: getattr(model, name) for name in type(model).model_fields}
+
+    async def call(self, arguments: Mapping[str, Any]) -> Any:
+        """Validate, then run the tool (sync tools in a worker thread). Errors propagate."""
+        values = self.validate_arguments(arguments)
+        if self._is_async:
+            return await self.function(**values)
+        return await asyncio.to_thread(self.function, **values)
+
+
+def format_result(value: Any, limit: int) -> str:
+    """Turn any tool return value into bounded text for the model."""
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = "(the tool returned nothing)"
+    elif isinstance(value, bytes | bytearray | memoryview):
+        text = f"(the tool returned {len(bytes(value))} bytes of binary data, not shown)"
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError, RecursionError) as exc:
+            text = f"(the tool returned an unprintable {type(value).__name__}: {exc})"
+    if len(text) > limit:
+        dropped = len(text) - limit
+        text = f"{text[:limit]}\n[truncated: {dropped} more characters of {len(text)} not shown]"
+    return text
+
+
+def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Drop pydantic's generated titles; keep everything that constrains the arguments."""
+
+    def clean(node: Any, in_properties: bool = False) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: clean(value, key in ("properties", "$defs", "definitions") and not in_properties)
+                for key, value in node.items()
+                if in_properties or not (key == "title" and isinstance(value, str))
+            }
+        if isinstance(node, list):
+            return [clean(item) for item in node]
+        return node
+
+    cleaned: dict[str, Any] = clean(schema)
+    cleaned.setdefault("properties", {})
+    return cleaned

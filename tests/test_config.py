@@ -1,0 +1,173 @@
+"""The agent spec: valid files, every class of bad file with its exact message, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwenrun.config import AgentSpec
+from qwenrun.errors import ConfigError
+
+AGENTS = sorted((Path(__file__).parent.parent / "agents").glob("*.yaml"))
+
+MINIMAL = "model: {path: Qwen/Qwen2.5-7B-Instruct}\n"
+
+
+def load(text: str, **kwargs: object) -> AgentSpec:
+    return AgentSpec.from_text(text, source="agent.yaml", **kwargs)  # type: ignore[arg-type]
+
+
+def error_of(text: str, **kwargs: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(text, **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", AGENTS, ids=[p.name for p in AGENTS])
+def test_every_shipped_agent_is_valid(path: Path) -> None:
+    spec = AgentSpec.from_file(path)
+    assert spec.source == str(path)
+    assert spec.system_prompt()
+
+
+def test_defaults_are_the_seed_values() -> None:
+    spec = load(MINIMAL)
+    assert spec.engine.gpu_memory_utilization == 0.9
+    assert spec.engine.max_num_seqs == 256
+    assert spec.engine.swap_space == 16
+    assert spec.sampling.temperature == 0.45
+    assert spec.sampling.top_p == 0.9
+    assert spec.sampling.max_tokens == 8192
+    assert spec.frontend.kind == "cli"
+    assert spec.agent.tool_choice == "auto"
+
+
+def test_weather_agent_mirrors_the_seed() -> None:
+    spec = AgentSpec.from_file(Path(__file__).parent.parent / "agents" / "weather.yaml")
+    assert spec.model.path == "Qwen/Qwen2.5-7B-Instruct"
+    assert [tool.name for tool in spec.tools] == ["get_current_weather"]
+    assert spec.engine.dtype == "bfloat16"
+    assert spec.frontend.kind == "cli"
+
+
+def test_tools_may_be_names_or_mappings() -> None:
+    spec = load(MINIMAL + "tools: [a, {name: b, settings: {x: 1}, timeout_s: 2}]\n")
+    assert [(t.name, t.settings, t.timeout_s) for t in spec.tools] == [("a", {}, None), ("b", {"x": 1}, 2)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {path: x\n", "agent.yaml: YAML syntax error at line 2, column 1: expected ',' or '}', but got '<stream end>'"),
+        ("", "agent.yaml: the file is empty"),
+        ("- a\n- b\n", "agent.yaml: expected a mapping at the top level, got list"),
+        ("engine: {}\n", "agent.yaml: model: required key is missing"),
+        (MINIMAL + "engine: {max_num_seqs: 0}\n", "agent.yaml: engine.max_num_seqs: Input should be greater than 0"),
+        (MINIMAL + "engine: {max_num_seqs: many}\n",
+         "agent.yaml: engine.max_num_seqs: Input should be a valid integer, unable to parse string as an integer"),
+        (MINIMAL + "engine: {dtype: fp7}\n",
+         "agent.yaml: engine.dtype: Input should be 'auto', 'half', 'float16', 'bfloat16', 'float' or 'float32'"),
+        (MINIMAL + "sampling: {top_p: 1.5}\n", "agent.yaml: sampling.top_p: Input should be less than or equal to 1"),
+        (MINIMAL + "frontend: {kind: tui}\n",
+         "agent.yaml: frontend: Input tag 'tui' found using 'kind' does not match any of the expected tags: "
+         "'cli', 'openai', 'chainlit'"),
+        (MINIMAL + "tools: [{settings: {}}]\n", "agent.yaml: tools[0].name: required key is missing"),
+        (MINIMAL + "agent: {tool_choice: get_weather}\n",
+         "agent.yaml: agent.tool_choice: 'get_weather' is not 'auto', 'none', 'required' or a tool of this "
+         "agent (none declared)"),
+        (MINIMAL + "agent: {tool_choice: required}\n",
+         "agent.yaml: agent.tool_choice: 'required' but the agent has no tools"),
+        (MINIMAL + "tools: [a, a]\n", "agent.yaml: tools: declared twice: a"),
+        (MINIMAL + "agent: {system_prompt: 'Hi {{ user }}'}\n", "agent.yaml: agent.system_prompt: 'user' is undefined"),
+        (MINIMAL + "agent: {system_prompt: 'Hi {{ user'}\n",
+         "agent.yaml: agent.system_prompt: unexpected end of template, expected 'end of print statement'. "
+         "(template line 1)"),
+        (MINIMAL + "engine: {tensor_parallel_size: 4, pipeline_parallel_size: 2, available_devices: 4}\n",
+         "agent.yaml: engine: tensor_parallel_size x pipeline_parallel_size x data_parallel_size = 4 x 2 x 1 "
+         "= 8 GPUs, but available_devices is 4"),
+    ],
+)
+def test_bad_files_have_exact_messages(text: str, message: str) -> None:
+    assert error_of(text) == message
+
+
+def test_unknown_keys_suggest_the_closest_valid_key() -> None:
+    message = error_of(MINIMAL + "engine: {gpu_memory_utilisation: 0.5}\nfrontend: {kind: openai, portt: 1}\n")
+    lines = message.splitlines()
+    assert lines[0].startswith(
+        "agent.yaml: engine.gpu_memory_utilisation: unknown key 'gpu_memory_utilisation'; "
+        "did you mean 'gpu_memory_utilization'? (valid keys: dtype, "
+    )
+    assert lines[1].startswith("agent.yaml: frontend.portt: unknown key 'portt'; did you mean 'port'? ")
+    assert "api_key_env" in lines[1]
+    assert error_of("modle: {path: x}\nmodel: {path: x}\n").startswith(
+        "agent.yaml: modle: unknown key 'modle'; did you mean 'model'?"
+    )
+
+
+def test_env_interpolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QR_MODEL", "/models/qwen")
+    monkeypatch.delenv("QR_MISSING", raising=False)
+    spec = load(
+        "model: {path: '${QR_MODEL}', tokenizer: '${QR_MISSING:-tok}'}\n"
+        "agent: {description: 'cost $${NOT_A_VAR} and ${QR_MODEL}/x'}\n"
+    )
+    assert spec.model.path == "/models/qwen"
+    assert spec.model.tokenizer == "tok"
+    assert spec.agent.description == "cost ${NOT_A_VAR} and /models/qwen/x"
+
+
+def test_missing_env_var_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QR_MISSING", raising=False)
+    assert error_of("model: {path: x}\ntools: [{name: a, settings: {key: '${QR_MISSING}'}}]\n") == (
+        "agent.yaml: tools[0].settings.key: environment variable QR_MISSING is not set "
+        "(write ${QR_MISSING:-default} to give a default)"
+    )
+
+
+def test_template_sandbox_blocks_attribute_escapes() -> None:
+    message = error_of(MINIMAL + "agent: {system_prompt: \"{{ ''.__class__.__mro__ }}\"}\n")
+    assert message == "agent.yaml: agent.system_prompt: access to attribute '__class__' of 'str' object is unsafe."
+
+
+def test_template_renders_variables() -> None:
+    spec = load(MINIMAL + "agent: {system_prompt: 'Hi {{ who }} from {{ agent }}', name: w, variables: {who: 广州}}\n")
+    assert spec.system_prompt() == "Hi 广州 from w"
+
+
+def test_yaml_never_constructs_python_objects() -> None:
+    assert error_of("model: !!python/object/apply:os.system ['echo hacked']\n").startswith(
+        "agent.yaml: YAML syntax error"
+    )
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    spec = load(MINIMAL, overrides=["engine.max_num_seqs=8", "frontend.kind=openai", "frontend.port=9001",
+                                    "sampling.stop=[a, b]", "engine.extra.enable_prefix_caching=false"])
+    assert spec.engine.max_num_seqs == 8
+    assert spec.frontend.kind == "openai"
+    assert spec.frontend.port == 9001
+    assert spec.sampling.stop == ["a", "b"]
+    assert spec.engine.extra == {"enable_prefix_caching": False}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("engine.max_num_seqs", "--set 'engine.max_num_seqs': expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8"),
+        ("model.path.x=1", "agent.yaml: --set model.path.x: model.path is not a mapping"),
+        ("engine.max_num_seqs=-1", "agent.yaml: engine.max_num_seqs: Input should be greater than 0"),
+    ],
+)
+def test_bad_overrides(override: str, message: str) -> None:
+    assert error_of(MINIMAL, overrides=[override]) == message
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read file: No such file or directory"):
+        AgentSpec.from_file(tmp_path / "missing.yaml")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not UTF-8 text"):
+        AgentSpec.from_file(binary)

@@ -1,0 +1,152 @@
+"""Tools from typed functions: exact schemas, argument validation, settings, result formatting."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qwenrun.errors import PluginError, ToolError
+from qwenrun.tools import Tool, format_result
+
+
+def get_current_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> str:
+    """Get the current weather of a city.
+
+    Args:
+        city: The city, e.g. 广州.
+        unit: Temperature unit.
+    """
+    return f"{city}: 25 {unit}"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: str = ">"
+
+
+async def echo(text: Annotated[str, Field(max_length=10)], times: int = 1, *, settings: Settings) -> str:
+    """Repeat a text."""
+    await asyncio.sleep(0)
+    return settings.prefix + text * times
+
+
+def test_schema_from_signature_and_docstring() -> None:
+    tool = Tool.from_function(get_current_weather)
+    assert tool.openai_schema() == {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather of a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "The city, e.g. 广州."},
+                    "unit": {
+                        "type": "string",
+                        "enum": ["celsius", "fahrenheit"],
+                        "default": "celsius",
+                        "description": "Temperature unit.",
+                    },
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def test_settings_are_hidden_from_the_model_and_validated() -> None:
+    tool = Tool.from_function(echo, settings={"prefix": "#"})
+    assert tool.parameters == {
+        "type": "object",
+        "properties": {
+            "text": {"type": "string", "maxLength": 10},
+            "times": {"type": "integer", "default": 1},
+        },
+        "required": ["text"],
+        "additionalProperties": False,
+    }
+    assert asyncio.run(tool.call({"text": "ab", "times": 2})) == "#abab"
+    assert asyncio.run(Tool.from_function(echo).call({"text": "x"})) == ">x"
+    with pytest.raises(ValidationError):
+        Tool.from_function(echo, settings={"prefx": "#"})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "invalid arguments for get_current_weather: city: Field required"),
+        ({"city": 3}, "invalid arguments for get_current_weather: city: Input should be a valid string"),
+        ({"city": "x", "unit": "kelvin"},
+         "invalid arguments for get_current_weather: unit: Input should be 'celsius' or 'fahrenheit'"),
+        ({"city": "x", "country": "cn"},
+         "invalid arguments for get_current_weather: country: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_arguments_name_the_problem(arguments: dict[str, Any], message: str) -> None:
+    tool = Tool.from_function(get_current_weather)
+    with pytest.raises(ToolError) as info:
+        asyncio.run(tool.call(arguments))
+    assert str(info.value) == message
+
+
+def test_sync_tools_run_in_a_thread() -> None:
+    tool = Tool.from_function(get_current_weather)
+    assert asyncio.run(tool.call({"city": "广州"})) == "广州: 25 celsius"
+
+
+def untyped(city):  # type: ignore[no-untyped-def]
+    return city
+
+
+def variadic(*cities: str) -> str:
+    return ""
+
+
+def bad_settings(*, settings: dict[str, str]) -> str:
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        (untyped, "tool 'untyped': parameter 'city' has no type annotation"),
+        (variadic, "tool 'variadic': *args/**kwargs are not supported ('cities')"),
+        (bad_settings, "tool 'bad_settings': parameter 'settings' must be annotated with a pydantic model"),
+    ],
+)
+def test_unusable_signatures_are_plugin_errors(function: Any, message: str) -> None:
+    with pytest.raises(PluginError) as info:
+        Tool.from_function(function)
+    assert str(info.value) == message
+
+
+def test_settings_given_to_a_tool_without_settings() -> None:
+    with pytest.raises(PluginError, match="takes no settings, got: key"):
+        Tool.from_function(get_current_weather, settings={"key": 1})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", "text"),
+        (None, "(the tool returned nothing)"),
+        (b"\x00\x01", "(the tool returned 2 bytes of binary data, not shown)"),
+        ({"城市": "广州", "t": 25}, '{"城市": "广州", "t": 25}'),
+        ([1, 2.5, None], "[1, 2.5, null]"),
+        ("x" * 62, "x" * 60 + "\n[truncated: 2 more characters of 62 not shown]"),
+    ],
+)
+def test_format_result_bounds_any_value(value: Any, expected: str) -> None:
+    assert format_result(value, limit=60) == expected
+
+
+def test_format_result_of_an_object_uses_str() -> None:
+    class Odd:
+        def __str__(self) -> str:
+            return "odd"
+
+    assert format_result(Odd(), limit=100) == '"odd"'
