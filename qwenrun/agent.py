@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -165,7 +166,7 @@ class Session:
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text."""
         agent = self.agent
-        constraint, prefill = forced_call(agent.tools.values(), choice)
+        constraint, prefill = forced_call(agent.tool_schemas(), choice)
         repaired = False
         while True:
             parser = hermes.StreamParser()
@@ -201,9 +202,9 @@ class Session:
                 step.done = True
                 return
             repaired = True
-            target = bad[0].name if bad[0].name in agent.tools else "required"
+            target = _intended_tool(bad[0], agent.tools)
             yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {target} call")
-            constraint, prefill = forced_call(agent.tools.values(), target)
+            constraint, prefill = forced_call(agent.tool_schemas(), target)
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         agent = self.agent
@@ -237,34 +238,48 @@ class _Step:
         self.result = hermes.ParseResult("", [])
 
 
-def forced_call(tools: Any, choice: str) -> tuple[Constraint | None, str]:
+def forced_call(tools: Sequence[dict[str, Any]], choice: str) -> tuple[Constraint | None, str]:
     """The structured-output constraint and prompt prefill that force a Hermes tool call.
 
-    The prompt ends with ``<tool_call>\\n`` and the model must continue with one JSON object
-    ``{"name": <a tool>, "arguments": <its schema>}``; ``auto`` and ``none`` force nothing.
+    ``tools`` are OpenAI tool dicts. The prompt ends with ``<tool_call>\\n`` and the model must
+    continue with one JSON object ``{"name": <a tool>, "arguments": <its schema>}``; ``auto`` and
+    ``none`` force nothing.
     """
-    tools = list(tools)
     if choice in ("auto", "none") or not tools:
         return None, ""
-    chosen = [tool for tool in tools if choice == "required" or tool.name == choice]
+    functions = [tool.get("function", tool) for tool in tools]
+    chosen = [f for f in functions if choice == "required" or f.get("name") == choice]
     options = [
         {
             "type": "object",
-            "properties": {"name": {"enum": [tool.name]}, "arguments": _arguments_schema(tool)},
+            "properties": {"name": {"enum": [f.get("name")]}, "arguments": _arguments_schema(f)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for tool in chosen
+        for f in chosen
     ]
+    if not options:
+        return None, ""
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return Constraint(json=schema), FORCED_PREFILL
 
 
-def _arguments_schema(tool: Tool) -> dict[str, Any]:
-    schema = copy.deepcopy(tool.parameters)
-    if "$defs" in json.dumps(schema):  # references cannot be nested under anyOf; accept any object
-        return {"type": "object"}
-    return schema
+def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
+    schema = function.get("parameters") or {"type": "object"}
+    if "$defs" in json.dumps(schema) or "$ref" in json.dumps(schema):
+        return {"type": "object"}  # references cannot be nested under anyOf; accept any object
+    return copy.deepcopy(schema)
+
+
+_NAME_IN_RAW = re.compile(r"""["']name["']\s*:\s*["']([^"']+)["']""")
+
+
+def _intended_tool(call: hermes.ToolCall, tools: dict[str, Tool]) -> str:
+    """The tool a malformed call meant, if its name can be read; else any tool ('required')."""
+    if call.name in tools:
+        return call.name
+    match = _NAME_IN_RAW.search(call.raw)
+    return match.group(1) if match and match.group(1) in tools else "required"
 
 
 def _assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:

@@ -18,7 +18,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from qwenrun.errors import ConfigError
 
@@ -168,7 +176,12 @@ class AgentSpec(_Strict):
     tools: list[ToolSpec] = Field(default_factory=list)
     frontend: Frontend = Field(default_factory=lambda: CliFrontend())
 
-    source: str = Field("<dict>", exclude=True, description="Where the spec came from (not in YAML).")
+    _source: str = PrivateAttr("<dict>")
+
+    @property
+    def source(self) -> str:
+        """Where the spec came from (a file name, ``<string>`` or ``<dict>``), for error messages."""
+        return self._source
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -209,9 +222,10 @@ class AgentSpec(_Strict):
         data = apply_overrides(dict(data), overrides, source)
         data = _interpolate(data, (), source)
         try:
-            spec = cls.model_validate({**data, "source": source})
+            spec = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source, cls)) from None
+        spec._source = source
         spec._check()
         return spec
 
@@ -373,7 +387,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             owner = _model_at(model, full_loc)
-            known = [name for name in owner.model_fields if name != "source"] if owner else []
+            known = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             message = f"unknown key {str(loc[-1])!r}"
             message += f"; did you mean {close[0]!r}?" if close else ""

@@ -91,7 +91,7 @@ def _decode(s: str) -> tuple[Any, str | None]:
         if len(cand) <= _MAX_LITERAL:
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # SyntaxWarning on odd escapes
+                    warnings.simplefilter("ignore")  # odd escapes warn; process-global, harmless
                     return ast.literal_eval(cand), None
             except Exception:  # literal_eval raises ValueError, SyntaxError, RecursionError, ...
                 pass

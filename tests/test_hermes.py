@@ -70,7 +70,12 @@ CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] 
         [("", {}, "invalid JSON at char 14: Unterminated string starting at")],
     ),
     ("only_opening_tag", "text<tool_call>", "text", [("", {}, "empty tool call")]),
-    ("trailing_garbage", '<tool_call>{"name": "f", "arguments": {}}}} oops\n</tool_call>', "", [("f", {}, OK)]),
+    (
+        "trailing_garbage",
+        '<tool_call>{"name": "f", "arguments": {}}}} oops\n</tool_call>',
+        "",
+        [("f", {}, OK)],
+    ),
     (
         "single_quotes",
         "<tool_call>{'name': 'f', 'arguments': {'a': 1, 'b': True, 'c': None, 't': (1, 2)}}</tool_call>",
@@ -92,7 +97,12 @@ CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] 
         [("f", {"q": "x"}, OK)],
     ),
     ("code_fence_no_lang", '<tool_call>```{"name": "f"}```</tool_call>', "", [("f", {}, OK)]),
-    ("parameters_alias", '<tool_call>{"name": "f", "parameters": {"a": 2}}</tool_call>', "", [("f", {"a": 2}, OK)]),
+    (
+        "parameters_alias",
+        '<tool_call>{"name": "f", "parameters": {"a": 2}}</tool_call>',
+        "",
+        [("f", {"a": 2}, OK)],
+    ),
     ("missing_arguments", '<tool_call>{"name": "f"}</tool_call>', "", [("f", {}, OK)]),
     ("null_arguments", '<tool_call>{"name": "f", "arguments": null}</tool_call>', "", [("f", {}, OK)]),
     (
@@ -108,19 +118,55 @@ CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] 
         [("", {}, "invalid JSON at char 13: Expecting ',' delimiter")],
     ),
     ("missing_name", '<tool_call>{"arguments": {"a": 1}}</tool_call>', "", [("", {}, 'missing "name"')]),
-    ("empty_name", '<tool_call>{"name": " ", "arguments": {}}</tool_call>', "", [("", {}, '"name" must be a non-empty string')]),
-    ("name_not_str", '<tool_call>{"name": 3}</tool_call>', "", [("", {}, '"name" must be a non-empty string')]),
+    (
+        "empty_name",
+        '<tool_call>{"name": " ", "arguments": {}}</tool_call>',
+        "",
+        [("", {}, '"name" must be a non-empty string')],
+    ),
+    (
+        "name_not_str",
+        '<tool_call>{"name": 3}</tool_call>',
+        "",
+        [("", {}, '"name" must be a non-empty string')],
+    ),
     ("not_an_object", '<tool_call>["f", {}]</tool_call>', "", [("", {}, "expected a JSON object, got list")]),
-    ("arguments_list", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', "", [("f", {}, "arguments is not an object")]),
-    ("arguments_str_list", '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>', "", [("f", {}, "arguments is not an object")]),
+    (
+        "arguments_list",
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        "",
+        [("f", {}, "arguments is not an object")],
+    ),
+    (
+        "arguments_str_list",
+        '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>',
+        "",
+        [("f", {}, "arguments is not an object")],
+    ),
     (
         "arguments_bad_string",
         '<tool_call>{"name": "f", "arguments": "{a"}</tool_call>',
         "",
-        [("f", {}, "arguments string: invalid JSON at char 1: Expecting property name enclosed in double quotes")],
+        [
+            (
+                "f",
+                {},
+                "arguments string: invalid JSON at char 1: Expecting property name enclosed in double quotes",
+            )
+        ],
     ),
-    ("nan_argument", '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>', "", [("f", {}, "arguments contain NaN or Infinity")]),
-    ("set_argument", "<tool_call>{'name': 'f', 'arguments': {'a': {1}}}</tool_call>", "", [("f", {}, "arguments are not JSON-serialisable: TypeError")]),
+    (
+        "nan_argument",
+        '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>',
+        "",
+        [("f", {}, "arguments contain NaN or Infinity")],
+    ),
+    (
+        "set_argument",
+        "<tool_call>{'name': 'f', 'arguments': {'a': {1}}}</tool_call>",
+        "",
+        [("f", {}, "arguments are not JSON-serialisable: TypeError")],
+    ),
     ("stray_closing_tag", "a </tool_call> b", "a </tool_call> b", []),
     ("stray_closing_after_call", call("f", {}) + "\n</tool_call> done", "</tool_call> done", [("f", {}, OK)]),
     ("empty_block", "x<tool_call></tool_call>y", "xy", [("", {}, "empty tool call")]),
@@ -134,7 +180,8 @@ CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] 
     # A closing tag inside a JSON string whose quote closes on the same line is part of the string.
     (
         "closing_tag_in_json_string",
-        '<tool_call>\n{"name": "w", "arguments": {"s": "end with </tool_call> or \\"<tool_call>\\""}}\n</tool_call>ok',
+        '<tool_call>\n{"name": "w", "arguments": {"s": "end with </tool_call> or \\"<tool_call>\\""}}'
+        "\n</tool_call>ok",
         "ok",
         [("w", {"s": 'end with </tool_call> or "<tool_call>"'}, OK)],
     ),
@@ -159,12 +206,27 @@ CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] 
         [("", {}, "invalid JSON at char 33: Unterminated string starting at")],
     ),
     # Raw newlines inside strings are accepted (json strict=False).
-    ("raw_newline_in_string", '<tool_call>\n{"name": "f", "arguments": {"code": "a\nb"}}\n</tool_call>', "", [("f", {"code": "a\nb"}, OK)]),
+    (
+        "raw_newline_in_string",
+        '<tool_call>\n{"name": "f", "arguments": {"code": "a\nb"}}\n</tool_call>',
+        "",
+        [("f", {"code": "a\nb"}, OK)],
+    ),
     # A forgotten closing tag: the next opening tag closes the block.
-    ("missing_close_between", '<tool_call>{"name": "a"}\n<tool_call>{"name": "b"}</tool_call>', "", [("a", {}, OK), ("b", {}, OK)]),
+    (
+        "missing_close_between",
+        '<tool_call>{"name": "a"}\n<tool_call>{"name": "b"}</tool_call>',
+        "",
+        [("a", {}, OK), ("b", {}, OK)],
+    ),
     ("partial_open_tag_at_end", "Hello <tool_", "Hello <tool_", []),
     ("almost_tags", "<tool_cal> <tool_call <tool_call/>", "<tool_cal> <tool_call <tool_call/>", []),
-    ("escaped_backslash_before_quote", '<tool_call>{"name": "f", "arguments": {"p": "C:\\\\"}}</tool_call>', "", [("f", {"p": "C:\\"}, OK)]),
+    (
+        "escaped_backslash_before_quote",
+        '<tool_call>{"name": "f", "arguments": {"p": "C:\\\\"}}</tool_call>',
+        "",
+        [("f", {"p": "C:\\"}, OK)],
+    ),
 ]
 
 
@@ -200,7 +262,7 @@ def test_text_is_released_early() -> None:
     assert sp.feed("Hello wor") == ["Hello wor"]
     assert sp.feed("ld <tool") == ["ld "]  # "<tool" held back: could be the opening tag
     assert sp.feed("box> ok") == ["<toolbox> ok"]
-    events = sp.feed("<tool_call>{\"name\": \"f\"}</tool_call>x")
+    events = sp.feed('<tool_call>{"name": "f"}</tool_call>x')
     assert [type(e) for e in events] == [ToolCall, str]
     assert sp.finish() == []
     assert sp.result().content == "Hello world <toolbox> okx"

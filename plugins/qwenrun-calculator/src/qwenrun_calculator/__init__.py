@@ -227,7 +227,8 @@ class _Evaluator:
         except OverflowError:
             raise self.fail(node, "the result is too large") from None
         except ValueError as exc:
-            raise self.fail(node, f"math domain error ({exc})") from None
+            detail = "" if str(exc) == "math domain error" else f" ({exc})"
+            raise self.fail(node, f"math domain error{detail}") from None
         except TypeError as exc:
             raise self.fail(node, str(exc)) from None
         if isinstance(result, complex):

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything, check the package with ruff and mypy, run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check qwenrun tests plugins
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"

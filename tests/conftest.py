@@ -1,0 +1,60 @@
+"""Shared fixtures: the tiny Qwen2 model (built once, cached in .cache/tiny-qwen2), its agent
+spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs)."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports vLLM or transformers: no hub, a small CPU KV cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from qwenrun.config import AgentSpec
+from qwenrun.engine import VLLMEngine
+from qwenrun.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny model, built on first use into the git-ignored ``.cache/tiny-qwen2``."""
+    return build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model_dir: Path) -> AgentSpec:
+    return AgentSpec.from_dict(
+        {
+            "model": {"path": str(tiny_model_dir), "served_model_name": "tiny-qwen2"},
+            "engine": {
+                "dtype": "float32",
+                "gpu_memory_utilization": 0.2,
+                "max_model_len": 2048,
+                "max_num_seqs": 64,
+                "enforce_eager": True,
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            },
+            "sampling": {"max_tokens": 32, "temperature": 0},
+        },
+        source="tests/tiny.yaml",
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """One started engine for the whole session, shut down at the end."""
+    engine = VLLMEngine(tiny_spec)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()

@@ -1,0 +1,226 @@
+"""The agent loop on the scripted engine: tool rounds, parallel calls, errors, limits, repair."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from qwenrun.agent import FORCED_PREFILL, Agent, forced_call
+from qwenrun.config import AgentSpec
+from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.tools import Tool
+
+SEED_SENTENCE = "目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
+
+
+def get_current_weather(city: str) -> str:
+    """Get the current weather of a city.
+
+    Args:
+        city: The city, e.g. 广州.
+    """
+    return SEED_SENTENCE.format(city=city)
+
+
+async def slow(seconds: float) -> str:
+    """Sleep, then answer."""
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
+def boom() -> str:
+    """Always fails."""
+    raise ValueError("the tool broke")
+
+
+def make_agent(script: Any, **agent_settings: Any) -> tuple[Agent, ScriptedEngine]:
+    spec = AgentSpec.from_dict(
+        {"model": {"path": "scripted"}, "agent": {"timeout_s": 0.5, **agent_settings}}
+    )
+    engine = ScriptedEngine(script)
+    return Agent(spec, engine, tools=[get_current_weather, slow, boom]), engine
+
+
+async def collect(agent: Agent, prompt: str, **kwargs: Any) -> list[Event]:
+    return [event async for event in agent.session().stream(prompt, **kwargs)]
+
+
+async def test_the_seed_weather_flow() -> None:
+    agent, engine = make_agent(
+        [tool_call_text("get_current_weather", {"city": "广州"}), "广州今天多云到晴，28~31℃。"]
+    )
+    events = await collect(agent, "广州天气情况如何?")
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    final = events[-1]
+    assert [(c.name, c.arguments) for c in calls] == [("get_current_weather", {"city": "广州"})]
+    assert [(r.id, r.content, r.is_error) for r in results] == [
+        (calls[0].id, "目前广州多云到晴，气温28~31℃，吹轻微的偏北风。", False)
+    ]
+    assert isinstance(final, Final)
+    assert final.text == "广州今天多云到晴，28~31℃。"
+    assert (final.stop_reason, final.iterations, final.tool_calls, final.usage.model_calls) == ("answer", 2, 1, 2)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == final.text
+    assert len([e for e in events if isinstance(e, Usage)]) == 2
+    # the second model call saw the assistant's call and the tool result, OpenAI style
+    second = engine.calls[1].messages
+    assert second[0]["role"] == "system"
+    assert second[1] == {"role": "user", "content": "广州天气情况如何?"}
+    assert second[2]["tool_calls"][0]["function"] == {
+        "name": "get_current_weather",
+        "arguments": json.dumps({"city": "广州"}, ensure_ascii=False),
+    }
+    assert second[3] == {"role": "tool", "tool_call_id": calls[0].id, "name": "get_current_weather",
+                         "content": results[0].content}
+    assert engine.calls[0].tools is not None
+    assert [t["function"]["name"] for t in engine.calls[0].tools] == ["get_current_weather", "slow", "boom"]
+
+
+async def test_parallel_calls_run_concurrently() -> None:
+    both = tool_call_text("slow", {"seconds": 0.3}) + tool_call_text("slow", {"seconds": 0.3})
+    agent, _ = make_agent([both, "done"])
+    started = time.perf_counter()
+    events = await collect(agent, "go")
+    elapsed = time.perf_counter() - started
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [r.content for r in results] == ["slept", "slept"]
+    assert len({r.id for r in results}) == 2
+    assert elapsed < 0.55, f"two 0.3 s tools took {elapsed:.2f} s: not parallel"
+
+
+async def test_parallel_tool_calls_off_runs_only_the_first() -> None:
+    both = tool_call_text("get_current_weather", {"city": "A"}) + tool_call_text("get_current_weather", {"city": "B"})
+    agent, _ = make_agent([both, "done"], parallel_tool_calls=False)
+    events = await collect(agent, "go")
+    assert [e.arguments for e in events if isinstance(e, ToolCall)] == [{"city": "A"}]
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (tool_call_text("slow", {"seconds": 5}), "Error: slow timed out after 0.5 s"),
+        (tool_call_text("boom", {}), "Error: ValueError: the tool broke"),
+        (tool_call_text("nope", {}), "Error: unknown tool 'nope'; available: get_current_weather, slow, boom"),
+        (tool_call_text("get_current_weather", {"town": "x"}),
+         "Error: invalid arguments for get_current_weather: city: Field required; town: Extra inputs are not "
+         "permitted"),
+    ],
+)
+async def test_tool_failures_become_error_results(call: str, expected: str) -> None:
+    agent, engine = make_agent([call, "sorry"])
+    events = await collect(agent, "go")
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [(r.content, r.is_error) for r in results] == [(expected, True)]
+    assert engine.calls[1].messages[-1]["content"] == expected
+    assert isinstance(events[-1], Final) and events[-1].text == "sorry"
+
+
+async def test_max_iterations_stops_a_loop() -> None:
+    agent, engine = make_agent(lambda request: tool_call_text("get_current_weather", {"city": "x"}),
+                               max_iterations=3)
+    events = await collect(agent, "loop forever")
+    final = events[-1]
+    assert isinstance(final, Final)
+    assert (final.stop_reason, final.iterations, final.tool_calls) == ("max_iterations", 3, 3)
+    assert len(engine.calls) == 3
+
+
+async def test_malformed_call_is_repaired_with_a_forced_call() -> None:
+    def script(request: ModelRequest) -> str:
+        if request.constraint is None and len(request.messages) == 2:
+            return '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": 广州}\n</tool_call>'
+        if request.constraint is not None:
+            return FORCED_PREFILL + '{"name": "get_current_weather", "arguments": {"city": "广州"}}'
+        return "ok"
+
+    agent, engine = make_agent(script)
+    events = await collect(agent, "广州天气情况如何?")
+    repairs = [e for e in events if isinstance(e, Repair)]
+    assert len(repairs) == 1 and "retrying with a forced get_current_weather call" in repairs[0].reason
+    assert [e.arguments for e in events if isinstance(e, ToolCall)] == [{"city": "广州"}]
+    assert engine.calls[1].prefill == FORCED_PREFILL
+    assert engine.calls[1].constraint is not None
+    assert engine.calls[1].constraint.json == {
+        "type": "object",
+        "properties": {"name": {"enum": ["get_current_weather"]},
+                       "arguments": agent.tools["get_current_weather"].parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+async def test_tool_choice_required_forces_only_the_first_call() -> None:
+    def script(request: ModelRequest) -> str:
+        if request.constraint is not None:
+            return '{"name": "get_current_weather", "arguments": {"city": "广州"}}'
+        return "answer"
+
+    agent, engine = make_agent(script)
+    events = await collect(agent, "q", tool_choice="required")
+    assert isinstance(events[-1], Final) and events[-1].text == "answer"
+    constraint = engine.calls[0].constraint
+    assert constraint is not None and constraint.json is not None
+    assert [o["properties"]["name"]["enum"] for o in constraint.json["anyOf"]] == [
+        ["get_current_weather"], ["slow"], ["boom"]
+    ]
+    assert engine.calls[1].constraint is None
+
+
+async def test_tool_choice_none_sends_no_tools() -> None:
+    agent, engine = make_agent(["just text"], tool_choice="none")
+    events = await collect(agent, "q")
+    assert engine.calls[0].tools is None and engine.calls[0].constraint is None
+    assert isinstance(events[-1], Final) and events[-1].text == "just text"
+
+
+async def test_named_tool_choice() -> None:
+    tools = [Tool.from_function(get_current_weather).openai_schema(), Tool.from_function(slow).openai_schema()]
+    constraint, prefill = forced_call(tools, "slow")
+    assert prefill == FORCED_PREFILL
+    assert constraint is not None and constraint.json is not None
+    assert constraint.json["properties"]["name"] == {"enum": ["slow"]}
+    assert forced_call(tools, "auto") == (None, "")
+
+
+async def test_history_is_kept_across_turns_and_reset() -> None:
+    agent, engine = make_agent(["first", "second"])
+    session = agent.session()
+    assert (await session.ask("one")).text == "first"
+    assert (await session.ask("two")).text == "second"
+    assert [m["role"] for m in engine.calls[1].messages] == ["system", "user", "assistant", "user"]
+    session.reset()
+    assert session.messages == []
+
+
+async def test_cancelling_a_turn_keeps_the_session() -> None:
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    engine = ScriptedEngine(["a long answer " * 20, "next"], chunk_size=2, delay_s=0.01)
+    agent = Agent(spec, engine, tools=[])
+    session = agent.session()
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for event in session.stream("talk"):
+            if isinstance(event, TextDelta):
+                seen.append(event.text)
+
+    task = asyncio.ensure_future(consume())
+    while len(seen) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.active == 0
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(seen)}
+    assert (await session.ask("again")).text == "next"
+
+
+async def test_many_sessions_share_one_agent() -> None:
+    agent, _ = make_agent(lambda r: f"echo {r.messages[-1]['content']}")
+    finals = await asyncio.gather(*(agent.session().ask(f"q{i}") for i in range(50)))
+    assert [f.text for f in finals] == [f"echo q{i}" for i in range(50)]

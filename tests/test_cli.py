@@ -1,0 +1,181 @@
+"""The command line: validate, schema, --set, tools, run and the REPL (scripted engine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qwenrun import __version__, cli
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.testing import ScriptedEngine, tool_call_text
+
+ROOT = Path(__file__).parent.parent
+AGENTS = sorted(str(p) for p in (ROOT / "agents").glob("*.yaml"))
+WEATHER = str(ROOT / "agents" / "weather.yaml")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> list[ScriptedEngine]:
+    """Make the CLI build agents on a scripted engine that calls the weather tool, then answers."""
+    engines: list[ScriptedEngine] = []
+
+    def make_agent(spec: AgentSpec) -> Agent:
+        def script(request: object) -> str:
+            messages = request.messages  # type: ignore[attr-defined]
+            if messages[-1]["role"] == "user":
+                return tool_call_text("get_current_weather", {"city": "广州"})
+            return f"answer {len(messages)}"
+
+        engine = ScriptedEngine(script)
+        engines.append(engine)
+        return Agent(spec, engine)
+
+    monkeypatch.setattr(cli, "make_agent", make_agent)
+    return engines
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"qwenrun, version {__version__}\n"
+
+
+def test_validate_every_shipped_agent(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["validate", *AGENTS])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": ok (") == len(AGENTS)
+
+
+def test_validate_reports_bad_files_with_exit_code_2(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x}\nengine: {max_num_seqs: 0}\n")
+    result = runner.invoke(cli.main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {bad}: engine.max_num_seqs: Input should be greater than 0\n"
+    assert "Traceback" not in result.output
+
+
+def test_validate_unknown_tool_lists_installed_ones(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "tool.yaml"
+    bad.write_text("model: {path: x}\ntools: [get_weather]\n")
+    result = runner.invoke(cli.main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert result.output.startswith(
+        f"Error: {bad}: tools[0].name: unknown tool 'get_weather'; did you mean 'get_current_weather'? "
+        "(installed: "
+    )
+    assert "calculate" in result.output and "search_documents" in result.output
+
+
+def test_validate_bad_tool_settings(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "settings.yaml"
+    bad.write_text("model: {path: x}\ntools: [{name: get_current_weather, settings: {backend: bing}}]\n")
+    result = runner.invoke(cli.main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: {bad}: tools[0].settings.backend: Input should be 'mock' or 'open-meteo'\n"
+    )
+
+
+def test_validate_with_set_override(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["validate", WEATHER, "--set", "engine.max_num_seqs=0"])
+    assert result.exit_code == 2
+    assert "engine.max_num_seqs: Input should be greater than 0" in result.output
+
+
+def test_validate_is_fast_and_imports_no_vllm_or_torch() -> None:
+    code = (
+        "import sys, time; t = time.process_time(); from qwenrun.cli import main\n"
+        "try:\n    main(['validate', *sys.argv[1:]])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(time.process_time() - t, 'vllm' in sys.modules, 'torch' in sys.modules)"
+    )
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *AGENTS], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    in_process, vllm_loaded, torch_loaded = done.stdout.split()[-3:]
+    assert (vllm_loaded, torch_loaded) == ("False", "False")
+    assert float(in_process) < 0.5, f"validate took {in_process} s of CPU"
+    assert wall < 5  # interpreter start included; a loose bound against pathological imports
+
+
+def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["required"] == ["model"]
+    assert set(schema["properties"]) == {"model", "engine", "sampling", "agent", "tools", "frontend"}
+    assert schema["additionalProperties"] is False
+    engine = schema["$defs"]["EngineSpec"]["properties"]
+    assert engine["max_num_seqs"] == {"default": 256, "exclusiveMinimum": 0, "title": "Max Num Seqs",
+                                      "type": "integer"}
+    shipped = json.loads((ROOT / "docs" / "agent.schema.json").read_text())
+    assert shipped == schema, "docs/agent.schema.json is stale: qwenrun schema > docs/agent.schema.json"
+
+
+def test_tools_lists_the_installed_plugins(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["tools"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert {"calculate", "get_current_weather", "search_documents"} <= set(lines)
+    assert "qwenrun-weather 0.1.0" in lines["get_current_weather"]
+
+
+def test_tools_show_prints_the_schema(runner: CliRunner) -> None:
+    result = runner.invoke(cli.main, ["tools", "show", "get_current_weather"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    assert schema["function"]["name"] == "get_current_weather"
+    assert schema["function"]["parameters"]["required"] == ["city"]
+    missing = runner.invoke(cli.main, ["tools", "show", "nope"])
+    assert missing.exit_code == 1 and "unknown tool 'nope'" in missing.output
+
+
+def test_run_once_streams_the_weather_flow(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
+    result = runner.invoke(cli.main, ["run", WEATHER, "-p", "广州天气情况如何?"])
+    assert result.exit_code == 0, result.output
+    assert '→ get_current_weather(city="广州")' in result.output
+    assert "← 目前广州多云到晴，气温28~31℃，吹轻微的偏北风。" in result.output
+    assert result.output.rstrip().endswith("answer 4")
+
+
+def test_run_json_prints_events(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
+    result = runner.invoke(cli.main, ["run", WEATHER, "-p", "广州天气情况如何?", "--json"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    types = [e["type"] for e in events]
+    assert types[:3] == ["usage", "tool_call", "tool_result"]
+    assert types[-1] == "final"
+    assert events[1]["arguments"] == {"city": "广州"}
+    assert events[-1]["text"] == "answer 4"
+
+
+def test_repl_keeps_history_resets_and_exits(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
+    stdin = "广州天气情况如何?\n\n/reset\n还有呢?\n/exit\n"
+    result = runner.invoke(cli.main, ["up", WEATHER], input=stdin)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("→ get_current_weather") == 2
+    assert "(conversation cleared)" in result.output
+    engine = scripted[0]
+    # after /reset the second question starts a fresh history: system + user
+    assert [m["role"] for m in engine.calls[2].messages] == ["system", "user"]
+
+
+def test_up_with_a_bad_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x}\nfrontend: {kind: openai, port: 99999}\n")
+    result = runner.invoke(cli.main, ["up", str(bad)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {bad}: frontend.port: Input should be less than or equal to 65535\n"

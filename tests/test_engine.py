@@ -1,0 +1,316 @@
+"""qwenrun.engine: spec -> vLLM arguments (fast), and the real engine on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from qwenrun.config import AgentSpec, SamplingSpec
+from qwenrun.engine import Constraint, Delta, Engine, VLLMEngine, _template_messages, engine_kwargs
+from qwenrun.engine import sampling_kwargs
+from qwenrun.errors import ConfigError, EngineError
+
+CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
+CALL_REGEX = r'<tool_call>\n\{"name": "get_current_weather", "arguments": \{"city": "广州"\}\}\n</tool_call>'
+USER = [{"role": "user", "content": "广州天气情况如何"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather of a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def _arg_names() -> set[str]:
+    from vllm import AsyncEngineArgs
+
+    return {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+
+
+def _spec(engine: dict[str, Any] | None = None, **model: Any) -> AgentSpec:
+    return AgentSpec.from_dict({"model": {"path": "/models/qwen", **model}, "engine": engine or {}})
+
+
+async def _collect(stream: Any) -> list[Delta]:
+    return [delta async for delta in stream]
+
+
+# -- engine_kwargs / sampling_kwargs -------------------------------------------------------------
+
+
+def test_import_does_not_load_vllm() -> None:
+    code = "import sys, qwenrun.engine; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_engine_kwargs_maps_every_field() -> None:
+    spec = _spec(
+        {
+            "dtype": "bfloat16", "tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+            "data_parallel_size": 2, "gpu_memory_utilization": 0.8, "max_num_seqs": 32,
+            "max_model_len": 8192, "enforce_eager": True, "seed": 7, "distributed_executor_backend": "mp",
+            "load_format": "safetensors", "available_devices": 4, "env": {"A": "1"},
+        },
+        tokenizer="/models/tok", revision="main", served_model_name="qwen", trust_remote_code=True,
+    )  # fmt: skip
+    expected: dict[str, Any] = {
+        "model": "/models/qwen", "tokenizer": "/models/tok", "revision": "main",
+        "served_model_name": "qwen", "trust_remote_code": True, "dtype": "bfloat16",
+        "tensor_parallel_size": 2, "pipeline_parallel_size": 1, "data_parallel_size": 2,
+        "gpu_memory_utilization": 0.8, "max_num_seqs": 32, "max_model_len": 8192, "enforce_eager": True,
+        "seed": 7, "distributed_executor_backend": "mp", "load_format": "safetensors",
+        "disable_log_stats": True, "enable_log_requests": False,
+    }  # fmt: skip
+    if "swap_space" in _arg_names():
+        expected["swap_space"] = 16
+    assert engine_kwargs(spec) == expected
+    kwargs = engine_kwargs(_spec())
+    assert kwargs["tokenizer"] is None and kwargs["max_model_len"] is None and kwargs["seed"] == 0
+
+
+def test_engine_kwargs_extra_wins_and_keeps_false() -> None:
+    extra = {"enable_prefix_caching": False, "disable_log_stats": False, "max_num_batched_tokens": 4096}
+    kwargs = engine_kwargs(_spec({"extra": extra, "enforce_eager": True}))
+    assert kwargs["enable_prefix_caching"] is False
+    assert kwargs["disable_log_stats"] is False
+    assert kwargs["max_num_batched_tokens"] == 4096
+
+
+def test_engine_kwargs_unknown_extra_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        engine_kwargs(_spec({"extra": {"max_num_seq": 8}}))
+    message = str(info.value)
+    assert "engine.extra.max_num_seq" in message and "'max_num_seqs'" in message
+
+
+def test_engine_kwargs_drops_fields_this_vllm_lacks(caplog: pytest.LogCaptureFixture) -> None:
+    if "swap_space" in _arg_names():
+        pytest.skip("this vLLM still has swap_space")
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engine"):
+        assert "swap_space" not in engine_kwargs(_spec())
+    assert not caplog.records  # the default is dropped quietly
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engine"):
+        assert "swap_space" not in engine_kwargs(_spec({"swap_space": 4}))
+    assert any("engine.swap_space" in record.getMessage() for record in caplog.records)
+
+
+def test_engine_kwargs_none_seed_uses_vllm_default() -> None:
+    from vllm import AsyncEngineArgs
+
+    default = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}["seed"]
+    kwargs = engine_kwargs(_spec({"seed": None}))
+    assert kwargs.get("seed", default) == default
+
+
+def test_sampling_kwargs() -> None:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    assert sampling_kwargs(SamplingSpec()) == {
+        "temperature": 0.45, "top_p": 0.9, "max_tokens": 8192, "repetition_penalty": 1.0,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": [],
+        "skip_special_tokens": False, "output_kind": RequestOutputKind.DELTA,
+    }  # fmt: skip
+    spec = SamplingSpec(top_k=20, seed=3, stop=["</x>"], extra={"min_p": 0.1, "ignore_eos": False})
+    kwargs = sampling_kwargs(spec, {"max_tokens": 5, "temperature": 0, "stop": ["\n"], "seed": None})
+    assert kwargs == {
+        "temperature": 0, "top_p": 0.9, "top_k": 20, "max_tokens": 5, "repetition_penalty": 1.0,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": ["\n"], "seed": 3, "min_p": 0.1,
+        "ignore_eos": False, "skip_special_tokens": False, "output_kind": RequestOutputKind.DELTA,
+    }  # fmt: skip
+    SamplingParams(**kwargs)  # vLLM accepts them
+
+
+def test_constraint_needs_exactly_one_kind() -> None:
+    assert Constraint(choice=["a", "b"]).choice == ["a", "b"]
+    with pytest.raises(ValueError):
+        Constraint()
+    with pytest.raises(ValueError):
+        Constraint(regex="a", grammar="root ::= 'a'")
+
+
+def test_template_messages_parse_arguments_without_mutating() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    fixed = _template_messages(messages)
+    assert fixed[0]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert fixed[0]["content"] == ""
+    assert call["function"]["arguments"] == '{"x": 1}'
+
+
+async def test_unstarted_engine() -> None:
+    engine = VLLMEngine(_spec())
+    assert isinstance(engine, Engine) and engine.model_name == "/models/qwen"
+    with pytest.raises(EngineError, match="not started"):
+        await _collect(engine.generate(USER))
+    await engine.shutdown()  # no-op
+
+
+# -- the real engine ---------------------------------------------------------------------------
+
+
+@pytest.mark.engine
+async def test_streaming_deltas(engine: VLLMEngine) -> None:
+    assert engine.max_model_len == 2048 and engine.model_name == "tiny-qwen2"
+    deltas = await _collect(engine.generate(USER))
+    assert len(deltas) > 1
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[-1].finish_reason in ("stop", "length")
+    counts = [d.completion_tokens for d in deltas]
+    assert counts == sorted(counts) and counts[-1] <= 32
+    assert len({d.prompt_tokens for d in deltas}) == 1 and deltas[0].prompt_tokens > 10
+    again = await _collect(engine.generate(USER))  # greedy: the same text
+    assert "".join(d.text for d in again) == "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "length" or counts[-1] < 32
+
+
+@pytest.mark.engine
+async def test_regex_constraint_emits_the_tool_call(engine: VLLMEngine) -> None:
+    stream = engine.generate(USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX), overrides={"max_tokens": 100})
+    deltas = await _collect(stream)
+    assert "".join(d.text for d in deltas) == CALL
+    assert deltas[-1].finish_reason == "stop"
+
+
+@pytest.mark.engine
+async def test_json_constraint(engine: VLLMEngine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "enum": ["广州", "北京", "上海"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "note": {"type": "string", "maxLength": 8},
+        },
+        "required": ["city", "days", "note"],
+        "additionalProperties": False,
+    }
+    deltas = await _collect(engine.generate(USER, constraint=Constraint(json=schema), overrides={"max_tokens": 100}))
+    text = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop", text
+    value = json.loads(text)
+    assert value["city"] in ("广州", "北京", "上海") and 1 <= value["days"] <= 7 and len(value["note"]) <= 8
+    assert " " not in text.replace(value["note"], "")  # disable_any_whitespace
+
+
+@pytest.mark.engine
+async def test_choice_constraint(engine: VLLMEngine) -> None:
+    deltas = await _collect(engine.generate(USER, constraint=Constraint(choice=["yes", "no"])))
+    assert "".join(d.text for d in deltas) in ("yes", "no")
+
+
+@pytest.mark.engine
+async def test_prefill(engine: VLLMEngine) -> None:
+    prefill = '<tool_call>\n{"name": "get_current_weather", "arguments": '
+    assert engine.render(USER, TOOLS, prefill).endswith("<|im_start|>assistant\n" + prefill)
+    plain = await _collect(engine.generate(USER, tools=TOOLS))
+    schema = {"type": "object", "properties": {"city": {"enum": ["广州"]}}, "required": ["city"]}
+    deltas = await _collect(engine.generate(USER, tools=TOOLS, prefill=prefill, constraint=Constraint(json=schema)))
+    assert "".join(d.text for d in deltas) == '{"city":"广州"}'  # the prefill itself is not repeated
+    assert deltas[-1].prompt_tokens > plain[-1].prompt_tokens
+
+
+@pytest.mark.engine
+async def test_conversation_with_tool_calls(engine: VLLMEngine) -> None:
+    messages = [
+        {"role": "system", "content": "You are a weather bot."},
+        *USER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_current_weather", "arguments": '{"city": "广州"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 28}'},
+    ]
+    prompt = engine.render(messages, TOOLS)
+    assert f"<|im_start|>assistant\n{CALL}<|im_end|>\n" in prompt
+    assert '<|im_start|>user\n<tool_response>\n{"temperature": 28}\n</tool_response><|im_end|>\n' in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    deltas = await _collect(engine.generate(messages, tools=TOOLS))
+    assert deltas[-1].finish_reason in ("stop", "length")
+
+
+@pytest.mark.engine
+async def test_concurrent_requests(engine: VLLMEngine) -> None:
+    conversations = [[{"role": "user", "content": f"第{i}个问题：广州天气情况如何？"}] for i in range(16)]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(_collect(engine.generate(c)) for c in conversations)), timeout=300
+    )
+    assert len(results) == 16
+    assert all(r[-1].finish_reason in ("stop", "length") for r in results)
+    assert engine.num_unfinished_requests() == 0
+
+
+async def _drained(engine: VLLMEngine) -> None:
+    for _ in range(100):
+        if engine.num_unfinished_requests() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{engine.num_unfinished_requests()} requests still running")
+
+
+@pytest.mark.engine
+async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
+    long = {"max_tokens": 1500, "ignore_eos": True}
+    async with contextlib.aclosing(engine.generate(USER, overrides=long)) as stream:
+        async for delta in stream:
+            if delta.completion_tokens >= 3:
+                break
+    await _drained(engine)
+
+    async for delta in engine.generate(USER, overrides=long):  # a plain break, closed by the GC hook
+        if delta.completion_tokens >= 3:
+            break
+    await _drained(engine)
+
+    seen = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(USER, overrides=long):
+            seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), timeout=60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _drained(engine)
+
+    deltas = await _collect(engine.generate(USER, overrides={"max_tokens": 4}))  # still serving
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 4
+
+
+@pytest.mark.engine
+async def test_prompt_too_long(engine: VLLMEngine) -> None:
+    huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
+    with pytest.raises(EngineError, match="max_model_len is 2048"):
+        await asyncio.wait_for(_collect(engine.generate(huge)), timeout=30)
+
+
+@pytest.mark.engine
+async def test_prompt_near_the_limit_is_capped(engine: VLLMEngine) -> None:
+    tokenizer = await engine.tokenizer()
+    words = " ".join(str(i % 10) for i in range(900))  # digits are single tokens
+    base = len(tokenizer.encode(engine.render([{"role": "user", "content": words}])))
+    content = words + " 1" * ((2048 - 5 - base) // 2)
+    deltas = await _collect(engine.generate([{"role": "user", "content": content}], overrides={"max_tokens": 32, "ignore_eos": True}))
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].prompt_tokens + deltas[-1].completion_tokens <= 2048
+    assert deltas[-1].completion_tokens < 32
