@@ -4,6 +4,7 @@ spec, and one started vLLM engine for the whole session (it takes about a minute
 from __future__ import annotations
 
 import os
+import warnings
 
 # Before anything imports vLLM or transformers: no hub, a small CPU KV cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +54,10 @@ def tiny_spec(tiny_model_dir: Path) -> AgentSpec:
 async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
     """One started engine for the whole session, shut down at the end."""
     engine = VLLMEngine(tiny_spec)
-    await engine.start()
+    with warnings.catch_warnings():
+        # torch 2.13 warns when vLLM's config code imports torch.utils.mkldnn (torch's own code)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
+        await engine.start()
     try:
         yield engine
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -285,44 +284,3 @@ def test_never_raises_on_pathological_input() -> None:
     huge_int = "<tool_call>{'name': 'f', 'arguments': {'a': " + "9" * 10_000 + "}}</tool_call>"
     assert parse(huge_int).tool_calls[0].error is not None
     assert_stream_agrees(deep[:2000] + deep[-20:], sizes=[1, 7, 300])
-
-
-def _best_of(n: int, fn: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@pytest.mark.parametrize(
-    ("prefix", "unit"),
-    [
-        ("", "x"),  # plain text
-        ("", call("f", {"s": "ab"})),  # many calls
-        # every block ends in a string left open to the end: forces re-reads (capped)
-        ('<tool_call>"</tool_call>', '<tool_call>\\"</tool_call>'),
-    ],
-    ids=["text", "calls", "rescues"],
-)
-def test_linear_time(prefix: str, unit: str) -> None:
-    def workload(n: int) -> Callable[[], object]:
-        block = '<tool_call>{"name": "f", "arguments": {"s": "' + "y" * n + '"}}'
-        text = prefix + unit * (n // len(unit))
-
-        def go() -> None:
-            sp = StreamParser(ids())
-            for ch in block:  # one big block, 1-char chunks
-                sp.feed(ch)
-            sp.finish()
-            parse(text, ids())
-            sp = StreamParser(ids())
-            for k in range(0, len(text), 3):
-                sp.feed(text[k : k + 3])
-            sp.finish()
-
-        return go
-
-    small, large = _best_of(3, workload(50_000)), _best_of(3, workload(200_000))
-    assert large < 10 * small  # linear: ~4x; quadratic: ~16x

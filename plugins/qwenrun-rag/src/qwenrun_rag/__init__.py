@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["MAX_K", "RagError", "RagSettings", "search_documents"]
+__all__ = ["MAX_K", "RagError", "RagSettings", "build_index", "chunk_text", "search_documents"]
 __version__ = "0.1.0"
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -111,7 +111,7 @@ def search_documents(
     for rank, row in enumerate(np.argsort(-scores, kind="stable")[:k], start=1):
         rel, i = rows[row]
         start, end, first, last = manifest.files[rel].chunks[i]
-        text = (root / rel).read_text(encoding="utf-8", errors="replace")[start:end]
+        text = _read(root / rel)[start:end]
         lines = f"line {first}" if first == last else f"lines {first}-{last}"
         chunk = f"chunk {i + 1}/{len(manifest.files[rel].chunks)}"
         hits.append(f"[{rank}] {rel} ({chunk}, {lines}) score={scores[row]:.3f}\n{text}")
@@ -149,7 +149,7 @@ def build_index(settings: RagSettings) -> tuple[_Manifest, Matrix]:
                 entry = prev.model_copy(update={"first_row": row})
                 blocks.append(old[1][prev.first_row : prev.first_row + len(prev.chunks)])
             else:
-                text = (root / rel).read_text(encoding="utf-8", errors="replace")
+                text = _read(root / rel)
                 chunks = chunk_text(text, settings.chunk_size, settings.chunk_overlap)
                 entry = _FileEntry(mtime_ns=stat.st_mtime_ns, size=stat.st_size, first_row=row, chunks=chunks)
                 changed.append((rel, len(blocks)))
@@ -189,6 +189,13 @@ def _scan(root: Path) -> dict[str, os.stat_result]:
         if path.suffix.lower() in SUFFIXES and not hidden and path.is_file():
             found[rel.as_posix()] = path.stat()
     return found
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise RagError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def _load(index_dir: Path, settings: RagSettings) -> tuple[_Manifest, Matrix] | None:
