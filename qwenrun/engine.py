@@ -133,6 +133,10 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
         kwargs["enable_log_requests"] = False
     elif "disable_log_requests" in known:
         kwargs["disable_log_requests"] = True
+    if "structured_outputs_config" in known:
+        # Compact JSON under json constraints. vLLM >= 0.11 reads this flag only from the engine
+        # config, where it needs an explicit backend; xgrammar is what "auto" picks for almost all.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     for key, value in spec.engine.extra.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
@@ -251,6 +255,11 @@ class VLLMEngine:
                 except ImportError:  # pragma: no cover - older layouts
                     from vllm import AsyncLLMEngine as engine_class
 
+                structured = kwargs.get("structured_outputs_config")
+                if isinstance(structured, Mapping):
+                    from vllm.config import StructuredOutputsConfig
+
+                    kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
                 # Blocks the event loop while the model loads, as vLLM's own server does.
                 engine = engine_class.from_engine_args(AsyncEngineArgs(**kwargs))
             except Exception as exc:

@@ -72,6 +72,7 @@ def test_engine_kwargs_maps_every_field() -> None:
         "gpu_memory_utilization": 0.8, "max_num_seqs": 32, "max_model_len": 8192, "enforce_eager": True,
         "seed": 7, "distributed_executor_backend": "mp", "load_format": "safetensors",
         "disable_log_stats": True, "enable_log_requests": False,
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }  # fmt: skip
     if "swap_space" in _arg_names():
         expected["swap_space"] = 16

@@ -150,7 +150,11 @@ def test_custom_index_path_and_corrupt_index_rebuilt(docs: Path, tmp_path: Path)
     assert (index / "manifest.json").is_file() and not (docs / ".qwenrun-index").exists()
     (index / "manifest.json").write_text("{not json")
     assert first_hit(search_documents("tomato", settings=settings)) == "garden/tomatoes.txt"
-    assert json.loads((index / "manifest.json").read_text())["version"] == 1
+    manifest = json.loads((index / "manifest.json").read_text())
+    matrix = index / manifest["embeddings"]
+    matrix.write_bytes(matrix.read_bytes()[:100])  # a truncated .npy
+    assert first_hit(search_documents("planets", settings=settings)) == "astronomy.md"
+    assert len(list(index.glob("embeddings-*.npy"))) == 1
 
 
 def test_new_chunk_settings_rebuild_the_index(docs: Path, embed_calls: list[list[str]]) -> None:

@@ -170,7 +170,7 @@ def test_settings_defaults_and_validation() -> None:
 
 
 def test_signature_and_docstring_follow_the_tool_contract() -> None:
-    signature = inspect.signature(get_current_weather)
+    signature = inspect.signature(get_current_weather, eval_str=True)
     assert inspect.iscoroutinefunction(get_current_weather)
     settings = signature.parameters["settings"]
     assert settings.kind is inspect.Parameter.KEYWORD_ONLY and settings.annotation is WeatherSettings

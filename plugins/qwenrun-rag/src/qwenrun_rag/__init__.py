@@ -17,9 +17,7 @@ One tool, :func:`search_documents`, registered in the ``qwenrun.tools`` entry-po
 Problems the model can act on raise :class:`RagError`. This package does not import qwenrun.
 """
 
-import bisect
 import os
-import re
 import tempfile
 import threading
 import uuid
@@ -31,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qwenrun_rag.chunking import chunk_text
+
 __all__ = ["MAX_K", "RagError", "RagSettings", "build_index", "chunk_text", "search_documents"]
 __version__ = "0.1.0"
 
@@ -38,7 +38,6 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 INDEX_VERSION = 1
 MAX_K = 20
 SUFFIXES = frozenset({".txt", ".md"})
-_BREAKS = (" ", "\n", "\t", "。", "！", "？", "；", "，", ".", "!", "?", ";", ",")
 
 Matrix = npt.NDArray[np.float32]
 
@@ -203,7 +202,7 @@ def _load(index_dir: Path, settings: RagSettings) -> tuple[_Manifest, Matrix] | 
     try:
         manifest = _Manifest.model_validate_json((index_dir / "manifest.json").read_bytes())
         matrix = np.load(index_dir / manifest.embeddings, allow_pickle=False)
-    except (OSError, ValueError, ValidationError):
+    except (OSError, ValueError, EOFError, ValidationError):
         return None
     rows = sum(len(entry.chunks) for entry in manifest.files.values())
     same = (manifest.version, manifest.model, manifest.chunk_size, manifest.chunk_overlap) == (
@@ -237,71 +236,6 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# -- chunking ----------------------------------------------------------------------------------
-
-
-def chunk_text(text: str, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Split ``text`` into (start, end, first line, last line) chunks of at most ``size`` chars.
-
-    Paragraphs (separated by blank lines) are packed together while they fit; a paragraph
-    longer than ``size`` is cut into windows, at a space or punctuation where possible, each
-    starting ``overlap`` characters before the previous one ended.
-    """
-    spans: list[tuple[int, int]] = []
-    current: tuple[int, int] | None = None
-    for start, end in _paragraphs(text):
-        if end - start > size:
-            if current:
-                spans.append(current)
-                current = None
-            spans.extend(_windows(text, start, end, size, overlap))
-        elif current and end - current[0] <= size:
-            current = (current[0], end)
-        else:
-            if current:
-                spans.append(current)
-            current = (start, end)
-    if current:
-        spans.append(current)
-    newlines = [m.start() for m in re.finditer("\n", text)]
-    return [
-        (start, end, bisect.bisect_left(newlines, start) + 1, bisect.bisect_left(newlines, end - 1) + 1)
-        for start, end in spans
-    ]
-
-
-def _paragraphs(text: str) -> list[tuple[int, int]]:
-    bounds = [0, *(i for m in re.finditer(r"\n\s*\n", text) for i in m.span()), len(text)]
-    spans = (_trim(text, a, b) for a, b in zip(bounds[::2], bounds[1::2], strict=True))
-    return [span for span in spans if span]
-
-
-def _trim(text: str, start: int, end: int) -> tuple[int, int] | None:
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return (start, end) if start < end else None
-
-
-def _windows(text: str, start: int, end: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    windows: list[tuple[int, int]] = []
-    while True:
-        stop = min(start + size, end)
-        if stop < end:  # cut after the last break in the second half of the window, if any
-            cut = max(text.rfind(b, start + size // 2, stop) for b in _BREAKS)
-            stop = cut + 1 if cut > 0 else stop
-        span = _trim(text, start, stop)
-        if span:
-            windows.append(span)
-        if stop >= end:
-            return windows
-        start = max(stop - overlap, start + (size - overlap) // 2)
-        breaks = [i for i in (text.find(b, start, stop - 1) for b in _BREAKS) if i != -1]
-        if breaks:  # begin the overlap at a word (or clause), not in the middle of one
-            start = min(breaks) + 1
 
 
 # -- embedding model -----------------------------------------------------------------------------

@@ -12,12 +12,16 @@ Failures raise :class:`WeatherError` with a message meant to be read by the mode
 This package does not import qwenrun.
 """
 
+from __future__ import annotations
+
 import asyncio
 import bisect
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:  # httpx is imported when the open-meteo backend runs: listing tools stays fast
+    import httpx
 
 __all__ = ["WeatherError", "WeatherSettings", "get_current_weather"]
 __version__ = "0.1.0"
@@ -126,6 +130,8 @@ async def get_current_weather(
 
 async def _open_meteo(city: str, settings: WeatherSettings) -> str:
     headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+    import httpx
+
     timeout = httpx.Timeout(settings.timeout_s)
     async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=True) as client:
         data = await _get_json(
@@ -160,6 +166,8 @@ async def _open_meteo(city: str, settings: WeatherSettings) -> str:
 async def _get_json(
     client: httpx.AsyncClient, url: str, params: dict[str, Any], what: str, timeout_s: float
 ) -> Any:
+    import httpx
+
     try:
         async with asyncio.timeout(timeout_s):
             response = await client.get(url, params=params)

@@ -1,0 +1,281 @@
+"""Chat completions: from a validated request to the agent or the engine, and back to OpenAI JSON.
+
+Both modes produce the same small stream of *pieces* (:class:`Text`, :class:`Call`, :class:`Step`,
+then one :class:`Finish`); :func:`completion` folds them into a ``chat.completion`` object and
+:func:`chunks` turns them into ``chat.completion.chunk`` objects, so a streamed answer and a
+non-streamed one always agree.
+
+* pass-through (``model`` = the served model name): the client's messages and tools go to
+  ``agent.engine.generate``; Hermes tool calls in the output become OpenAI ``tool_calls``.
+* agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
+  steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenrun import hermes
+from qwenrun.agent import Agent, forced_call
+from qwenrun.config import OpenAIFrontend
+from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
+from qwenrun.server.schemas import APIError, ChatCompletionRequest, UserMessage, engine_message, text_of
+
+__all__ = ["Call", "Finish", "Reply", "Step", "Text", "agent_turn", "chunks", "completion", "passthrough"]
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An OpenAI tool call of the answer (pass-through mode)."""
+
+    index: int
+    call: hermes.ToolCall
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A server-side tool step of the agent (agent mode): a ``to_dict`` of the event."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Piece = Text | Call | Step | Finish
+
+
+@dataclass(slots=True)
+class Reply:
+    """The identity of one completion: every chunk of a stream repeats it."""
+
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _Trim:
+    """Drops leading whitespace and holds trailing whitespace back until more text follows, so
+    that streamed content equals the stripped content of the non-streamed answer."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def __call__(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        if not body:
+            self.held += text
+            return ""
+        out, self.held = self.held + body, text[len(body) :]
+        return out
+
+
+# -- request -> sampling overrides ---------------------------------------------------------------
+
+
+def overrides(request: ChatCompletionRequest, agent: Agent, frontend: OpenAIFrontend) -> dict[str, Any]:
+    """The request's sampling parameters (None = the spec's); max_tokens is clamped to the cap."""
+    max_tokens = request.max_new_tokens()
+    cap = frontend.max_tokens_cap
+    if cap is not None:
+        max_tokens = min(max_tokens or agent.spec.sampling.max_tokens, cap)
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    values = {
+        "max_tokens": max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stop": stop,
+        "seed": request.seed,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _choice(request: ChatCompletionRequest, names: list[str], default: str) -> str:
+    """``tool_choice`` as the agent spells it: auto, none, required or a tool name."""
+    choice = request.tool_choice
+    if choice is None:
+        return default
+    wanted = choice if isinstance(choice, str) else choice.function.name
+    if wanted == "required" and not names:
+        raise APIError(400, "tool_choice 'required' needs at least one tool", param="tool_choice")
+    if wanted not in ("auto", "none", "required") and wanted not in names:
+        known = ", ".join(names) or "none"
+        raise APIError(400, f"tool_choice names {wanted!r}, which is not a tool (tools: {known})",
+                       param="tool_choice")  # fmt: skip
+    return wanted
+
+
+# -- pass-through mode ----------------------------------------------------------------------------
+
+
+def passthrough(
+    agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, request_id: str
+) -> AsyncIterator[Piece]:
+    """Validate a pass-through request, then return its pieces (nothing runs until iterated)."""
+    tools = request.tool_dicts()
+    names = [tool["function"]["name"] for tool in tools]
+    choice = _choice(request, names, "auto" if tools else "none")
+    constraint, prefill = forced_call(tools, choice)
+    sent_tools = tools if tools and choice != "none" else None
+    messages = [engine_message(message) for message in request.messages]
+    single = request.parallel_tool_calls is False
+
+    async def pieces() -> AsyncIterator[Piece]:
+        parser = hermes.StreamParser() if sent_tools else None
+        if parser is not None:
+            parser.feed(prefill)  # the engine continues after the prefill <tool_call>\n
+        trim, calls, finish, prompt, completion = _Trim(), 0, "stop", 0, 0
+
+        def translate(items: list[str | hermes.ToolCall]) -> list[Piece]:
+            nonlocal calls
+            out: list[Piece] = []
+            for item in items:
+                if isinstance(item, hermes.ToolCall) and item.ok:
+                    if not (single and calls):
+                        out.append(Call(calls, item))
+                        calls += 1
+                    continue
+                text = item if isinstance(item, str) else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"
+                if text := trim(text):  # a malformed call is returned as text, as vLLM does
+                    out.append(Text(text))
+            return out
+
+        stream = agent.engine.generate(
+            messages, tools=sent_tools, sampling=agent.spec.sampling,
+            overrides=overrides(request, agent, frontend), constraint=constraint, prefill=prefill,
+            request_id=request_id,
+        )  # fmt: skip
+        async with aclosing(stream):
+            async for delta in stream:
+                prompt, completion = delta.prompt_tokens, delta.completion_tokens
+                finish = delta.finish_reason or finish
+                for piece in translate(parser.feed(delta.text) if parser else [delta.text]):
+                    yield piece
+        for piece in translate(parser.finish() if parser else []):
+            yield piece
+        reason = "tool_calls" if calls else ("length" if finish == "length" else "stop")
+        yield Finish(reason, prompt, completion)
+
+    return pieces()
+
+
+# -- agent mode -----------------------------------------------------------------------------------
+
+
+def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend) -> AsyncIterator[Piece]:
+    """Validate an agent-mode request, then return the pieces of one agent turn."""
+    if request.tools:
+        raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
+                       f"(or use model {agent.spec.served_model_name!r} for pass-through)",
+                       param="tools")  # fmt: skip
+    choice = _choice(request, list(agent.tools), agent.spec.agent.tool_choice)
+    last = request.messages[-1]
+    if not isinstance(last, UserMessage):
+        raise APIError(400, "in agent mode the last message must be the user's", param="messages")
+    session = agent.session()
+    # The agent's system prompt comes from its YAML: client system/developer messages are dropped.
+    session.messages = [engine_message(m) for m in request.messages[:-1] if m.role not in ("system", "developer")]
+    sampling = overrides(request, agent, frontend)
+
+    async def pieces() -> AsyncIterator[Piece]:
+        trim = _Trim()
+        async with aclosing(session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if text := trim(event.text):
+                        yield Text(text)
+                elif isinstance(event, ToolCall | ToolResult | Repair):
+                    yield Step(to_dict(event))
+                elif isinstance(event, Final):
+                    if event.stop_reason == "max_iterations" and (text := trim(event.text)):
+                        yield Text(text)  # the loop's note; it was not streamed as text
+                    reason = "stop" if event.stop_reason == "answer" else "length"
+                    yield Finish(reason, event.usage.prompt_tokens, event.usage.completion_tokens)
+
+    return pieces()
+
+
+# -- pieces -> OpenAI JSON ------------------------------------------------------------------------
+
+
+def _usage(finish: Finish) -> dict[str, int]:
+    total = finish.prompt_tokens + finish.completion_tokens
+    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
+            "total_tokens": total}  # fmt: skip
+
+
+def _tool_call(piece: Call) -> dict[str, Any]:
+    function = {"name": piece.call.name, "arguments": piece.call.arguments_json()}
+    return {"id": piece.call.id, "type": "function", "function": function}
+
+
+def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
+    """The non-streaming ``chat.completion`` object."""
+    text = "".join(piece.text for piece in pieces if isinstance(piece, Text))
+    calls = [_tool_call(piece) for piece in pieces if isinstance(piece, Call)]
+    steps = [piece.data for piece in pieces if isinstance(piece, Step)]
+    finish = next(piece for piece in pieces if isinstance(piece, Finish))
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    if steps:
+        message["qwenrun_steps"] = steps
+    return {
+        "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
+        "usage": _usage(finish),
+    }  # fmt: skip
+
+
+def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }  # fmt: skip
+    if reply.include_usage:
+        chunk["usage"] = None
+    chunk.update(extra)
+    return chunk
+
+
+async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncIterator[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk, the
+    content, each tool call as a header chunk (id, name) then an arguments chunk, a finish chunk,
+    and the usage chunk (empty ``choices``) when ``stream_options.include_usage`` asks for it."""
+    yield _chunk(reply, {"role": "assistant", "content": ""})
+    async for piece in pieces:
+        if isinstance(piece, Text):
+            yield _chunk(reply, {"content": piece.text})
+        elif isinstance(piece, Call):
+            header = {"index": piece.index, "id": piece.call.id, "type": "function",
+                      "function": {"name": piece.call.name, "arguments": ""}}  # fmt: skip
+            yield _chunk(reply, {"tool_calls": [header]})
+            arguments = {"index": piece.index, "function": {"arguments": piece.call.arguments_json()}}
+            yield _chunk(reply, {"tool_calls": [arguments]})
+        elif isinstance(piece, Step):
+            yield _chunk(reply, {}, qwenrun_step=piece.data)
+        else:
+            yield _chunk(reply, {}, piece.reason)
+            if reply.include_usage:
+                yield {**_chunk(reply, {}), "choices": [], "usage": _usage(piece)}

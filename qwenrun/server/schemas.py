@@ -1,0 +1,273 @@
+"""The wire format of the OpenAI-compatible server: request models (pydantic) and the error body.
+
+Every request body is validated here before anything reaches the agent or the engine. Fields
+OpenAI defines but qwenrun cannot honour (``n > 1``, ``logprobs``, ``response_format``) are
+rejected with a clear message rather than silently ignored; fields it does not know at all
+(``user``, ``metadata``, ...) are ignored, as vLLM does. :class:`APIError` carries an HTTP status
+and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "APIError",
+    "AssistantMessage",
+    "ChatCompletionRequest",
+    "Message",
+    "NamedToolChoice",
+    "SystemMessage",
+    "ToolDefinition",
+    "ToolMessage",
+    "UserMessage",
+    "invalid_request",
+    "text_of",
+]
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+Content = str | list[TextPart]
+
+
+def text_of(content: Content | None) -> str:
+    """Message content as plain text (text parts joined)."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+class SystemMessage(_Model):
+    role: Literal["system", "developer"]
+    content: Content
+    name: str | None = None
+
+
+class UserMessage(_Model):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class FunctionCall(_Model):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The arguments as a JSON string, as OpenAI sends them.")
+
+
+class ToolCallItem(_Model):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCallItem] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Model):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(min_length=1)
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
+    """A function's ``parameters`` must be a valid JSON Schema of an object."""
+    if schema.get("type", "object") != "object":
+        raise ValueError("must be a JSON Schema of type 'object'")
+    try:
+        from jsonschema import Draft202012Validator, exceptions, validators
+    except ImportError:  # without jsonschema only the shape above is checked
+        return schema
+    try:
+        validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except exceptions.SchemaError as exc:
+        where = ".".join(str(part) for part in exc.absolute_path)
+        raise ValueError(f"not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
+    return schema
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return value if value is None else _check_parameters(value)
+
+
+class ToolDefinition(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: ToolName
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    """The body of ``POST /v1/chat/completions``."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError("logprobs are not supported")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in value or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"tool names must be unique; declared twice: {', '.join(twice)}")
+        return value
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The client's tools as plain OpenAI dicts (what the chat template renders)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def engine_message(message: SystemMessage | UserMessage | AssistantMessage | ToolMessage) -> dict[str, Any]:
+    """A validated message as the engine takes it (``developer`` becomes ``system``)."""
+    data = message.model_dump(exclude_none=True)
+    if data["role"] == "developer":
+        data["role"] = "system"
+    return data
+
+
+# -- validation errors -> one 400 ----------------------------------------------------------------
+
+_MODELS: Sequence[type[BaseModel]] = (
+    ChatCompletionRequest, SystemMessage, UserMessage, AssistantMessage, ToolMessage, TextPart,
+    ToolCallItem, FunctionCall, ToolDefinition, FunctionDefinition, NamedToolChoice, ToolName, StreamOptions,
+)  # fmt: skip
+_FIELDS = frozenset(name for model in _MODELS for name in model.model_fields)
+
+
+def _param(loc: Sequence[str | int]) -> str | None:
+    """``('messages', 0, 'tool', 'tool_call_id')`` -> ``messages[0].tool_call_id``: union tags and
+    member labels (``str``, ``list[TextPart]``) are dropped, only field names and indexes kept."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in _FIELDS:
+            text += f".{part}" if text else part
+    return text or None
+
+
+def invalid_request(exc: ValidationError) -> APIError:
+    """One 400 ``invalid_request_error`` naming every problem; ``param`` is the first one's field."""
+    problems: list[str] = []
+    params: list[str | None] = []
+    for error in exc.errors(include_url=False):
+        param = _param(error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "required field is missing"
+        elif error["type"] == "union_tag_invalid":
+            ctx = error.get("ctx") or {}
+            message = f"unknown role {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        line = f"{param}: {message}" if param else message
+        if line not in problems:
+            problems.append(line)
+            params.append(param)
+    return APIError(400, "; ".join(problems), param=params[0] if params else None)
