@@ -187,7 +187,8 @@ def _summary(entry: Any) -> str:
     try:
         tool = entry.load()
     except Exception as exc:  # listing must not fail on a broken plugin
-        return click.style(f"(broken: {type(exc).__name__})", fg="red")
+        cause = exc.__cause__ or exc
+        return click.style(f"(broken: {type(cause).__name__}; see qwenrun tools --doctor)", fg="red")
     return str(tool.description.splitlines()[0]) if tool.description else ""
 
 
