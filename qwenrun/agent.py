@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from qwenrun import hermes
 from qwenrun.config import AgentSpec
@@ -141,7 +141,7 @@ class Session:
             if not calls or choice == "none":
                 content = step.result.content
                 self.messages.append({"role": "assistant", "content": content})
-                stop = "length" if step.finish_reason == "length" else "answer"
+                stop: Literal["answer", "length"] = "length" if step.finish_reason == "length" else "answer"
                 yield Final(content, stop, iteration, tool_calls, total)
                 return
             if not spec.parallel_tool_calls:
@@ -174,20 +174,26 @@ class Session:
             started = time.perf_counter()
             last_prompt = last_completion = 0
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
-            async for delta in agent.engine.generate(
+            deltas = agent.engine.generate(
                 [{"role": "system", "content": agent.system_prompt}, *self.messages],
                 tools=tools,
                 sampling=agent.spec.sampling,
                 overrides=overrides,
                 constraint=constraint,
                 prefill=prefill,
-            ):
-                last_prompt, last_completion = delta.prompt_tokens, delta.completion_tokens
-                step.finish_reason = delta.finish_reason or step.finish_reason
-                for item in parser.feed(delta.text):
-                    if isinstance(item, str):
-                        step.text += item
-                        yield TextDelta(item)
+            )
+            try:
+                async for delta in deltas:
+                    last_prompt, last_completion = delta.prompt_tokens, delta.completion_tokens
+                    step.finish_reason = delta.finish_reason or step.finish_reason
+                    for item in parser.feed(delta.text):
+                        if isinstance(item, str):
+                            step.text += item
+                            yield TextDelta(item)
+            finally:  # a consumer that stops early aborts the model call now, not at GC
+                close = getattr(deltas, "aclose", None)
+                if close is not None:
+                    await close()
             for item in parser.finish():
                 if isinstance(item, str):
                     step.text += item

@@ -10,6 +10,7 @@ vLLM is imported lazily, inside functions, so ``import qwenrun.engine`` stays ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -179,14 +180,10 @@ def sampling_kwargs(sampling: SamplingSpec, overrides: Mapping[str, Any] | None 
 
 def _text(content: Any) -> str:
     """OpenAI message content (a string, None, or a list of parts) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
+    if content is None or isinstance(content, str):
+        return content or ""
     if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in content
-        )
+        return "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in content)
     return str(content)
 
 
@@ -202,11 +199,9 @@ def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for call in calls:
                 function = dict(call.get("function", call))
                 arguments = function.get("arguments")
-                if isinstance(arguments, str):
-                    try:
+                if isinstance(arguments, str):  # invalid JSON is rendered as the string it is
+                    with contextlib.suppress(json.JSONDecodeError):
                         function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-                    except json.JSONDecodeError:
-                        pass  # rendered as the string it is
                 fixed.append({**call, "function": function} if "function" in call else function)
             message["tool_calls"] = fixed
         result.append(message)
@@ -249,11 +244,7 @@ class VLLMEngine:
             kwargs = engine_kwargs(self.spec)
             try:
                 from vllm import AsyncEngineArgs
-
-                try:
-                    from vllm.v1.engine.async_llm import AsyncLLM as engine_class
-                except ImportError:  # pragma: no cover - older layouts
-                    from vllm import AsyncLLMEngine as engine_class
+                from vllm.v1.engine.async_llm import AsyncLLM
 
                 structured = kwargs.get("structured_outputs_config")
                 if isinstance(structured, Mapping):
@@ -261,7 +252,7 @@ class VLLMEngine:
 
                     kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
                 # Blocks the event loop while the model loads, as vLLM's own server does.
-                engine = engine_class.from_engine_args(AsyncEngineArgs(**kwargs))
+                engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
             except Exception as exc:
                 raise EngineError(
                     f"{self.spec.source}: vLLM failed to start {self.spec.model.path!r}: "

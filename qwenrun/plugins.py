@@ -12,12 +12,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from importlib_metadata import EntryPoint, entry_points
 from pydantic import ValidationError
 
 from qwenrun.config import AgentSpec, ToolSpec
 from qwenrun.errors import ConfigError, PluginError
 from qwenrun.tools import Tool
+
+try:  # the backport follows the newest metadata semantics on every Python
+    from importlib_metadata import EntryPoint, entry_points
+except ImportError:  # pragma: no cover - Python >= 3.11's stdlib has the same API
+    from importlib.metadata import EntryPoint, entry_points  # type: ignore[assignment]
 
 __all__ = ["GROUP", "ToolEntry", "check_tools", "doctor", "installed_tools", "load_tools"]
 
@@ -81,7 +85,8 @@ def _unknown_tool(spec: AgentSpec, index: int, name: str, installed: Sequence[st
     message = f"{spec.source}: tools[{index}].name: unknown tool {name!r}"
     if close:
         message += f"; did you mean {close[0]!r}?"
-    message += f" (installed: {', '.join(installed) or 'none; install a plugin, e.g. plugins/qwenrun-weather'})"
+    listing = ", ".join(installed) or "none; install a plugin, e.g. plugins/qwenrun-weather"
+    message += f" (installed: {listing})"
     return ConfigError(message)
 
 

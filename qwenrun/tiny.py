@@ -21,13 +21,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TOOL_TOKENS", "VOCAB_SIZE", "build_tiny_model", "main"]
 
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # added tokens, but not special: they survive decoding
-_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_FILES = (
+    "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+)  # fmt: skip
 
 # The chat template of Qwen2.5-Instruct, verbatim.
 CHAT_TEMPLATE = """{%- if tools %}
@@ -152,8 +155,17 @@ def _corpus(seed: int) -> Iterator[str]:
 
 
 def _train_tokenizer(seed: int) -> object:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -184,7 +196,11 @@ def _write_tokenizer(tokenizer: object, directory: Path) -> dict[str, int]:
 
     assert isinstance(tokenizer, Tokenizer)
     tokenizer.save(str(directory / "tokenizer.json"))
-    ids = {tok: tokenizer.token_to_id(tok) for tok in (*SPECIAL_TOKENS, *TOOL_TOKENS)}
+    ids: dict[str, int] = {}
+    for tok in (*SPECIAL_TOKENS, *TOOL_TOKENS):
+        token_id = tokenizer.token_to_id(tok)
+        assert token_id is not None, tok
+        ids[tok] = token_id
     added = {
         str(ids[tok]): {
             "content": tok, "lstrip": False, "normalized": False, "rstrip": False,
@@ -217,26 +233,27 @@ def _write_model(directory: Path, ids: dict[str, int], seed: int) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    params: dict[str, Any] = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,  # vLLM's CPU attention has no kernel for head_dim 16
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    config = Qwen2Config(**params)
     config.dtype = "float32"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32).eval()
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        model = Qwen2ForCausalLM(config)
+    state = {name: t.detach().to(torch.float32).contiguous() for name, t in model.state_dict().items()}
     state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "model.safetensors").chmod(0o644)

@@ -54,7 +54,7 @@ class Tool:
     ) -> Tool:
         """Build a tool from a typed function. Raises PluginError for an unusable signature and
         pydantic's ValidationError for bad settings (the caller knows where they came from)."""
-        tool_name = name or getattr(function, "__name__", "")
+        tool_name: str = name or str(getattr(function, "__name__", ""))
         if not callable(function):
             raise PluginError(f"tool {tool_name!r}: {function!r} is not callable")
         try:

@@ -3,6 +3,8 @@ spec, and one started vLLM engine for the whole session (it takes about a minute
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import warnings
 
@@ -61,4 +63,9 @@ async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
     try:
         yield engine
     finally:
-        await engine.shutdown()
+        with warnings.catch_warnings():
+            # vLLM never terminates its ZMQ context; pyzmq warns when it is collected
+            warnings.filterwarnings("ignore", r"Unclosed context", ResourceWarning)
+            await engine.shutdown()
+            await asyncio.sleep(0.1)  # let the cancelled output tasks finish
+            gc.collect()

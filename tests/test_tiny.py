@@ -76,10 +76,14 @@ def test_vocab_and_special_tokens(tokenizer: Any, tiny_model_dir: Path) -> None:
     assert encoded[0] == ids["<|im_start|>"] and encoded[-1] == ids["<|im_end|>"]
     assert ids["<tool_call>"] in encoded and ids["</tool_call>"] in encoded
     assert tokenizer.decode(encoded) == text
-    assert tokenizer.decode(encoded, skip_special_tokens=True) == f"assistant\n<tool_call>\n{CALL}\n</tool_call>"
+    assert (
+        tokenizer.decode(encoded, skip_special_tokens=True) == f"assistant\n<tool_call>\n{CALL}\n</tool_call>"
+    )
 
 
-@pytest.mark.parametrize("text", ["广州天气情况如何", "北京今天下雨吗？气温 25 度。", CALL, "Hello, wörld! 🌤"])
+@pytest.mark.parametrize(
+    "text", ["广州天气情况如何", "北京今天下雨吗？气温 25 度。", CALL, "Hello, wörld! 🌤"]
+)
 def test_tokenizer_round_trips(tokenizer: Any, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
@@ -99,7 +103,10 @@ def test_template_renders_tools_and_tool_calls(tokenizer: Any) -> None:
             "role": "assistant",
             "content": "",
             "tool_calls": [
-                {"type": "function", "function": {"name": "get_current_weather", "arguments": {"city": "广州"}}}
+                {
+                    "type": "function",
+                    "function": {"name": "get_current_weather", "arguments": {"city": "广州"}},
+                }
             ],
         },
         {"role": "tool", "content": '{"temperature": 28}'},

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -24,12 +24,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec, OpenAIFrontend
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.server import chat
-from qwenrun.server.metrics import MODE_KEY, STATUS_KEY, Metrics, MetricsMiddleware
+from qwenrun.server.metrics import Metrics, MetricsMiddleware
 from qwenrun.server.schemas import APIError, ChatCompletionRequest, invalid_request
 
 __all__ = ["create_app", "serve"]
@@ -45,8 +46,9 @@ class ClientGone(Exception):
 
 def frontend_of(spec: AgentSpec) -> OpenAIFrontend:
     """The spec's ``frontend`` if it is ``openai``, else the defaults of one."""
-    frontend = spec.frontend
-    return frontend if isinstance(frontend, OpenAIFrontend) else OpenAIFrontend(kind="openai")
+    if isinstance(spec.frontend, OpenAIFrontend):
+        return spec.frontend
+    return OpenAIFrontend.model_validate({"kind": "openai"})
 
 
 def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
@@ -177,15 +179,15 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise invalid_request(exc) from None
-        reply = chat.Reply(req.model, include_usage=bool(req.stream and req.stream_options
-                                                              and req.stream_options.include_usage))  # fmt: skip
-        if req.model == served:
-            mode, pieces = "passthrough", chat.passthrough(agent, req, frontend, reply.id)
-        elif req.model == agent.name:
-            mode, pieces = "agent", chat.agent_turn(agent, req, frontend)
-        else:
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        reply = chat.Reply(req.model, include_usage=include_usage)
+        if req.model not in (served, agent.name):
             raise _unknown_model(req.model)
-        request.state.qwenrun_mode = mode
+        mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
+        if mode == "passthrough":
+            pieces = chat.passthrough(agent, req, frontend, reply.id)
+        else:
+            pieces = chat.agent_turn(agent, req, frontend)
         observed = _observe(metrics, mode, pieces)
         if not req.stream:
             collected = await _unless_disconnected(request, _collect(observed))
@@ -193,6 +195,9 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         # Wait for the first piece so that an engine that is dead or refuses the request gets a
         # real 503 status instead of a 200 followed by an error event.
         first = await _unless_disconnected(request, anext(observed))
+        # sse-starlette rather than a bare StreamingResponse: when the client goes away or a send
+        # fails it closes the body generator at once (so the engine request is aborted, not left
+        # to the garbage collector), and it sends keep-alive comments while a slow tool runs.
         return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S)
 
     return app
@@ -213,17 +218,20 @@ async def _read_json(request: Request, limit: int) -> Any:
         if int(declared) > limit:
             raise too_large
     data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > limit:
-            raise too_large
+    try:
+        async for part in request.stream():
+            data += part
+            if len(data) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the body is not valid JSON: {exc}") from None
 
 
-async def _observe(metrics: Metrics, mode: str, pieces: AsyncIterator[chat.Piece]) -> AsyncIterator[chat.Piece]:
+async def _observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pieces:
     async with aclosing(pieces):
         async for piece in pieces:
             if isinstance(piece, chat.Call):
@@ -235,7 +243,7 @@ async def _observe(metrics: Metrics, mode: str, pieces: AsyncIterator[chat.Piece
             yield piece
 
 
-async def _collect(pieces: AsyncIterator[chat.Piece]) -> list[chat.Piece]:
+async def _collect(pieces: chat.Pieces) -> list[chat.Piece]:
     async with aclosing(pieces):
         return [piece async for piece in pieces]
 
@@ -263,11 +271,11 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _events(
-    reply: chat.Reply, first: chat.Piece, pieces: AsyncIterator[chat.Piece], request: Request
-) -> AsyncIterator[str]:
+    reply: chat.Reply, first: chat.Piece, pieces: chat.Pieces, request: Request
+) -> AsyncGenerator[str, None]:
     """The SSE data of a stream; an error after the headers becomes an ``error`` event, then the end."""
 
-    async def all_pieces() -> AsyncIterator[chat.Piece]:
+    async def all_pieces() -> chat.Pieces:
         yield first
         async for piece in pieces:
             yield piece
@@ -275,7 +283,7 @@ async def _events(
     try:
         async with aclosing(pieces), aclosing(chat.chunks(reply, all_pieces())) as stream:
             async for chunk in stream:
-                yield json.dumps(chunk, ensure_ascii=False)
+                yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
         yield "[DONE]"
     except EngineError as exc:
         log.warning("engine error during a stream: %s", exc)
@@ -311,4 +319,3 @@ def serve(agent: Agent) -> None:
             "(set frontend.api_key_env)", frontend.host,
         )  # fmt: skip
     uvicorn.run(app, host=frontend.host, port=frontend.port, log_level="info")
-

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,10 @@ from qwenrun.config import OpenAIFrontend
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.server.schemas import APIError, ChatCompletionRequest, UserMessage, engine_message, text_of
 
-__all__ = ["Call", "Finish", "Reply", "Step", "Text", "agent_turn", "chunks", "completion", "passthrough"]
+__all__ = [
+    "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks", "closing",
+    "completion", "passthrough",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,19 @@ class Finish:
 
 
 Piece = Text | Call | Step | Finish
+Pieces = AsyncGenerator[Piece, None]
+
+
+@asynccontextmanager
+async def closing(stream: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Close an async generator when the block ends, so that a client that goes away stops the
+    generation at once (``Engine.generate`` and ``Session.stream`` are typed as AsyncIterators)."""
+    try:
+        yield
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @dataclass(slots=True)
@@ -131,7 +147,7 @@ def _choice(request: ChatCompletionRequest, names: list[str], default: str) -> s
 
 def passthrough(
     agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, request_id: str
-) -> AsyncIterator[Piece]:
+) -> Pieces:
     """Validate a pass-through request, then return its pieces (nothing runs until iterated)."""
     tools = request.tool_dicts()
     names = [tool["function"]["name"] for tool in tools]
@@ -141,7 +157,7 @@ def passthrough(
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
 
-    async def pieces() -> AsyncIterator[Piece]:
+    async def pieces() -> Pieces:
         parser = hermes.StreamParser() if sent_tools else None
         if parser is not None:
             parser.feed(prefill)  # the engine continues after the prefill <tool_call>\n
@@ -166,7 +182,7 @@ def passthrough(
             overrides=overrides(request, agent, frontend), constraint=constraint, prefill=prefill,
             request_id=request_id,
         )  # fmt: skip
-        async with aclosing(stream):
+        async with closing(stream):
             async for delta in stream:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
@@ -183,7 +199,7 @@ def passthrough(
 # -- agent mode -----------------------------------------------------------------------------------
 
 
-def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend) -> AsyncIterator[Piece]:
+def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend) -> Pieces:
     """Validate an agent-mode request, then return the pieces of one agent turn."""
     if request.tools:
         raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
@@ -195,12 +211,14 @@ def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFro
         raise APIError(400, "in agent mode the last message must be the user's", param="messages")
     session = agent.session()
     # The agent's system prompt comes from its YAML: client system/developer messages are dropped.
-    session.messages = [engine_message(m) for m in request.messages[:-1] if m.role not in ("system", "developer")]
+    history = [message for message in request.messages[:-1] if message.role not in ("system", "developer")]
+    session.messages = [engine_message(message) for message in history]
     sampling = overrides(request, agent, frontend)
 
-    async def pieces() -> AsyncIterator[Piece]:
+    async def pieces() -> Pieces:
         trim = _Trim()
-        async with aclosing(session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)) as events:
+        events = session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)
+        async with closing(events):
             async for event in events:
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
@@ -259,7 +277,7 @@ def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **ext
     return chunk
 
 
-async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncIterator[dict[str, Any]]:
+async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[dict[str, Any], None]:
     """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk, the
     content, each tool call as a header chunk (id, name) then an arguments chunk, a finish chunk,
     and the usage chunk (empty ``choices``) when ``stream_options.include_usage`` asks for it."""

@@ -123,7 +123,7 @@ def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
     if schema.get("type", "object") != "object":
         raise ValueError("must be a JSON Schema of type 'object'")
     try:
-        from jsonschema import Draft202012Validator, exceptions, validators
+        from jsonschema import Draft202012Validator, exceptions, validators  # type: ignore[import-untyped]
     except ImportError:  # without jsonschema only the shape above is checked
         return schema
     try:

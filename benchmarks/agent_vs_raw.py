@@ -1,0 +1,215 @@
+"""qwenrun's agent loop vs a hand-written loop on vLLM's engine: the same weather sessions.
+
+Each session is the seed's two-phase flow: the model calls ``get_current_weather(city="广州")``
+(pinned by the same regex on both sides, so the same tokens come out), the tool runs, its result
+goes back as a ``tool`` message, and the model answers with exactly ``--answer-tokens`` tokens
+(``ignore_eos``). Both sides share ONE vLLM engine and run alternately, N sessions at a time.
+
+    python benchmarks/agent_vs_raw.py --model .cache/tiny-qwen2 --quick        # CPU smoke
+    python benchmarks/agent_vs_raw.py --model /tmp/qwen7b-dummy --load-format dummy \\
+        --dtype bfloat16 --sessions 1,16,64,256 --json out.json                  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qwenrun.agent import FORCED_PREFILL, Agent  # noqa: E402
+from qwenrun.config import AgentSpec, SamplingSpec  # noqa: E402
+from qwenrun.engine import Constraint, Delta, VLLMEngine  # noqa: E402
+
+CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)
+SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def get_current_weather(city: str) -> str:
+    """Get the current weather of a city.
+
+    Args:
+        city: The city, e.g. 广州.
+    """
+    return f"目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
+
+
+def questions(n: int) -> list[str]:
+    return [f"第{i}位用户问：广州天气情况如何?" for i in range(n)]
+
+
+class Pinned:
+    """qwenrun's engine with the forced call pinned by a regex and the answer's length fixed."""
+
+    def __init__(self, engine: VLLMEngine, answer_tokens: int) -> None:
+        self.engine, self.model_name, self.answer_tokens = engine, engine.model_name, answer_tokens
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def generate(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+        sampling: SamplingSpec | None = None, overrides: Mapping[str, Any] | None = None,
+        constraint: Constraint | None = None, prefill: str = "", request_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        if constraint is not None:
+            constraint, extra = Constraint(regex=re.escape(CALL)), {"max_tokens": 64}
+        else:
+            extra = {"max_tokens": self.answer_tokens, "ignore_eos": True}
+        async for delta in self.engine.generate(messages, tools=tools, sampling=sampling, overrides=extra,
+                                                constraint=constraint, prefill=prefill):
+            yield delta
+
+
+async def qwenrun_session(agent: Agent, question: str) -> int:
+    final = await agent.session().ask(question)
+    return final.usage.completion_tokens
+
+
+def raw_session_factory(llm: Any, tokenizer: Any, tools: list[dict[str, Any]], args: argparse.Namespace
+                        ) -> Callable[[str], Awaitable[int]]:
+    """The hand-written loop: chat template, vLLM generate, json.loads, tool, generate again."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    common = {"temperature": 0.45, "top_p": 0.9, "skip_special_tokens": False,
+              "output_kind": RequestOutputKind.DELTA}
+    call_params = SamplingParams(max_tokens=64, structured_outputs=StructuredOutputsParams(
+        regex=re.escape(CALL)), **common)
+    answer_params = SamplingParams(max_tokens=args.answer_tokens, ignore_eos=True, **common)
+
+    async def generate(messages: list[dict[str, Any]], params: Any, prefill: str) -> tuple[str, int]:
+        prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                               tokenize=False) + prefill
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        text, count = "", 0
+        async for out in llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+            text += out.outputs[0].text
+            count += len(out.outputs[0].token_ids)
+        return text, count
+
+    async def session(question: str) -> int:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": question}]
+        text, first = await generate(messages, call_params, FORCED_PREFILL)
+        call = json.loads(text)
+        result = get_current_weather(**call["arguments"])
+        messages.append({"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": call}]})
+        messages.append({"role": "tool", "tool_call_id": "call_0", "name": call["name"], "content": result})
+        _, second = await generate(messages, answer_params, "")
+        return first + second
+
+    return session
+
+
+async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, float]:
+    latencies: list[float] = []
+
+    async def timed(question: str) -> int:
+        started = time.perf_counter()
+        tokens = await run(question)
+        latencies.append(time.perf_counter() - started)
+        return tokens
+
+    started = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(timed(q) for q in questions(n))))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {"sessions": n, "wall_s": round(wall, 3), "sessions_per_s": round(n / wall, 3),
+            "gen_tok_per_s": round(tokens / wall, 1), "tokens": tokens,
+            "p50_s": round(statistics.median(latencies), 3),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    spec = AgentSpec.from_dict({
+        "model": {"path": args.model},
+        "engine": {"dtype": args.dtype, "load_format": args.load_format, "max_model_len": args.max_model_len,
+                   "gpu_memory_utilization": args.gpu_memory_utilization, "max_num_seqs": args.max_num_seqs,
+                   "enforce_eager": args.enforce_eager, "tensor_parallel_size": args.tp,
+                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1"} if args.cpu else {}},
+        "sampling": {"temperature": 0.45, "top_p": 0.9, "max_tokens": args.answer_tokens},
+        "agent": {"system_prompt": SYSTEM, "tool_choice": "get_current_weather", "max_iterations": 3},
+        "tools": [{"name": "get_current_weather"}],
+    }, source="benchmark")
+    engine = VLLMEngine(spec)
+    started = time.perf_counter()
+    await engine.start()
+    report: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "rows": []}
+    print(f"[bench] engine start-up {report['startup_s']} s", flush=True)
+    agent = Agent(spec, Pinned(engine, args.answer_tokens), tools=[get_current_weather])
+    llm = engine._engine  # the same AsyncLLM, driven by hand on the raw side
+    tokenizer = llm.get_tokenizer()
+    if asyncio.iscoroutine(tokenizer):
+        tokenizer = await tokenizer
+    raw = raw_session_factory(llm, tokenizer, agent.tool_schemas(), args)
+    ours = lambda q: qwenrun_session(agent, q)  # noqa: E731
+    await measure(raw, 4)  # warm-up: grammar compile, kernels
+    await measure(ours, 4)
+    for n in args.sessions:
+        pairs = []
+        for rep in range(args.repeat):
+            first, second = (raw, ours) if rep % 2 == 0 else (ours, raw)
+            a = await measure(first, n)
+            b = await measure(second, n)
+            pairs.append((a, b) if first is raw else (b, a))
+        raw_row = max((p[0] for p in pairs), key=lambda r: r["sessions_per_s"])
+        our_row = max((p[1] for p in pairs), key=lambda r: r["sessions_per_s"])
+        ratio = our_row["sessions_per_s"] / raw_row["sessions_per_s"]
+        row = {"n": n, "raw": raw_row, "qwenrun": our_row, "ratio": round(ratio, 3)}
+        report["rows"].append(row)
+        print(f"[bench] N={n:<4} raw {raw_row['sessions_per_s']:8.2f} sess/s {raw_row['gen_tok_per_s']:9.1f} tok/s "
+              f"p50 {raw_row['p50_s']:.3f} p99 {raw_row['p99_s']:.3f} | qwenrun {our_row['sessions_per_s']:8.2f} "
+              f"sess/s {our_row['gen_tok_per_s']:9.1f} tok/s p50 {our_row['p50_s']:.3f} p99 {our_row['p99_s']:.3f}"
+              f" | ratio {ratio:.3f}", flush=True)
+    if args.single_stream:
+        one = await measure(raw, 1)
+        report["single_stream_tok_s"] = one["gen_tok_per_s"]
+        print(f"[bench] single stream decode: {one['gen_tok_per_s']} tok/s", flush=True)
+    await engine.shutdown()
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--sessions", default="1,16,64")
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--single-stream", action="store_true", help="also time 1 raw session alone")
+    parser.add_argument("--cpu", action="store_true", help="set VLLM_CPU_KVCACHE_SPACE=1")
+    parser.add_argument("--quick", action="store_true", help="smoke: 1 and 4 sessions, 8 tokens, 1 repeat")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    args.sessions = [int(n) for n in args.sessions.split(",")]
+    if args.quick:
+        args.sessions, args.answer_tokens, args.repeat = [1, 4], 8, 1
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    result = asyncio.run(main(arguments))
+    print("[bench] RESULT " + json.dumps(result), flush=True)
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps(result, indent=1))

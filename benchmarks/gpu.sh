@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, after the wheel kit of ../shared/gpu is installed (. /tmp/site.env):
+#   bash benchmarks/gpu.sh agent      # issue 8: agent vs raw vLLM, TP=1, Qwen2.5-7B shape, dummy bf16
+#   bash benchmarks/gpu.sh tp         # issue 11: TP=1 and TP=2 (needs 2 GPUs), same model
+# Writes logs and JSON under $OUT (or /tmp).
+set -uo pipefail
+OUT=${OUT:-/tmp}
+M=/tmp/qwen7b-dummy
+K=$(ls -d .gpu/c*/ 2>/dev/null | head -1)
+[ -f $M/config.json ] || python3 ${K}make-qwen7b-dummy.py $M > $OUT/make-model.log 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt
+COMMON=(--model $M --dtype bfloat16 --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.85)
+case "${1:-agent}" in
+  agent)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --sessions 1,16,64,256 \
+      --answer-tokens 128 --repeat 2 --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
+  tp)
+    for tp in 2 1; do
+      devs=$([ $tp = 2 ] && echo 0,1 || echo 0)
+      CUDA_VISIBLE_DEVICES=$devs python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --tp $tp --sessions 256 \
+        --answer-tokens 128 --repeat 1 --single-stream --json $OUT/tp$tp.json 2>&1 | tee $OUT/tp$tp.log | grep '\[bench\]'
+    done ;;
+esac

@@ -1,0 +1,441 @@
+"""The Chainlit front end (``frontend.kind: chainlit``): ``qwenrun up agent.yaml`` serves a chat UI.
+
+Thin: agent events become Chainlit messages and steps, nothing else. Chainlit's server and the
+engine share one process and one event loop; the engine starts once, before the port opens, and
+every chat session shares the one :class:`~qwenrun.agent.Agent`. Each chat session keeps its own
+:class:`~qwenrun.agent.Session` (multi-turn history) in ``cl.user_session``. The answer streams
+token by token; each tool call is a ``cl.Step`` of type ``tool`` under the turn's run; tool and
+engine errors show in the chat; the stop button cancels the turn and the session stays usable.
+
+No ``app.py`` and no ``chainlit run``: :func:`build_app` registers the callbacks on Chainlit's
+(process-global) config and :func:`run` serves ``chainlit.server.app`` with uvicorn like
+``chainlit.cli.run_chainlit`` does, without its ``nest_asyncio.apply()``. Chainlit writes
+``.chainlit/`` and ``.files/`` into its app root at import time, so it is imported with a private
+temporary root (unless ``CHAINLIT_APP_ROOT`` is set) and the working directory stays clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import hmac
+import importlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import warnings
+from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import click
+
+from qwenrun.agent import Agent, Session
+from qwenrun.config import AgentSpec, ChainlitFrontend
+from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
+from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
+
+__all__ = [
+    "TurnView",
+    "answer",
+    "build_app",
+    "check_password",
+    "import_chainlit",
+    "reload_agent",
+    "run",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+APP_ROOT_ENV = "CHAINLIT_APP_ROOT"
+AUTH_SECRET_ENV = "CHAINLIT_AUTH_SECRET"
+SESSION_KEY = "qwenrun_session"
+TASK_KEY = "qwenrun_task"
+_HTML_UNSAFE = set('<>"')
+
+_agent: Agent | None = None  # the agent every chat session talks to (swapped by reload_agent)
+_owned_root: str | None = None  # the temporary app root qwenrun made for Chainlit, if any
+
+
+def import_chainlit() -> Any:
+    """Import chainlit (typed ``Any``: it is an optional extra), under a private app root.
+
+    Raises :class:`MissingExtraError` when the ``chainlit`` extra is not installed.
+    """
+    global _owned_root
+    if "chainlit" not in sys.modules and not os.environ.get(APP_ROOT_ENV):
+        root = _owned_root = tempfile.mkdtemp(prefix="qwenrun-chainlit-")
+        atexit.register(shutil.rmtree, root, True)
+        os.environ[APP_ROOT_ENV] = root
+        try:
+            return _import("chainlit")
+        finally:  # chainlit.config read it at import time; keep the process environment as it was
+            os.environ.pop(APP_ROOT_ENV, None)
+    return _import("chainlit")
+
+
+def _import(name: str) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # literalai -> traceloop uses pydantic's class-based config: not actionable here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(name)
+    except ImportError as exc:
+        raise MissingExtraError("chainlit", "chainlit") from exc
+
+
+def _frontend(spec: AgentSpec) -> ChainlitFrontend:
+    front = spec.frontend
+    if not isinstance(front, ChainlitFrontend):
+        raise ConfigError(f"{spec.source}: frontend.kind: expected 'chainlit', got {front.kind!r}")
+    return front
+
+
+def _title(spec: AgentSpec) -> str:
+    title = _frontend(spec).title or spec.agent.name
+    if _HTML_UNSAFE & set(title):
+        # Chainlit pastes the name into its HTML page unescaped (<title>, <meta content="...">).
+        raise ConfigError(f'{spec.source}: frontend.title: must not contain <, > or "')
+    return title
+
+
+def check_password(front: ChainlitFrontend, expected: str, username: str, password: str) -> bool:
+    """Constant-time check of a login against ``frontend.username`` and the password."""
+    same_user = hmac.compare_digest(username.encode(), front.username.encode())
+    same_password = hmac.compare_digest(password.encode(), expected.encode())
+    return same_user and same_password
+
+
+def build_app(agent: Agent) -> Any:
+    """Register the chat callbacks of ``agent`` on Chainlit's global config; returns the ASGI app.
+
+    Title, welcome text, starters and password login come from ``agent.spec.frontend``. Calling it
+    again replaces the previous agent and settings (Chainlit has one app per process).
+    """
+    global _agent
+    spec = agent.spec
+    front = _frontend(spec)
+    title = _title(spec)
+    password: str | None = None
+    if front.password_env:
+        password = os.environ.get(front.password_env)
+        if not password:
+            raise ConfigError(
+                f"{spec.source}: frontend.password_env: environment variable {front.password_env} "
+                "is not set (it holds the login password)"
+            )
+    cl = import_chainlit()
+    config = _import("chainlit.config").config
+    logging.getLogger("chainlit").addFilter(_quiet)
+    config.ui.name = title
+    config.ui.description = spec.agent.description
+    config.run.headless = True  # never open a browser on the server
+    config.features.edit_message = False  # a qwenrun session cannot rewind its history
+    if config.features.spontaneous_file_upload is not None:
+        config.features.spontaneous_file_upload.enabled = False  # the agent reads text only
+
+    async def on_chat_start() -> None:
+        session = cl.user_session.get(SESSION_KEY)
+        if isinstance(session, Session) and session.agent is _current_agent():
+            session.reset()
+        else:
+            _new_session(cl)
+        if front.welcome:
+            # A system message keeps Chainlit's welcome screen (and its starters) on display.
+            await cl.Message(content=front.welcome, author=title, type="system_message").send()
+
+    async def on_message(message: Any) -> None:
+        session = cl.user_session.get(SESSION_KEY)
+        if not isinstance(session, Session):
+            session = _new_session(cl)
+        cl.user_session.set(TASK_KEY, asyncio.current_task())
+        try:
+            await answer(session, str(message.content), TurnView(cl, title))
+        finally:
+            cl.user_session.set(TASK_KEY, None)
+
+    async def on_stop() -> None:
+        # Chainlit cancels its current task too; this makes sure it is the running turn.
+        task = cl.user_session.get(TASK_KEY)
+        if isinstance(task, asyncio.Task) and not task.done() and not task.cancelling():
+            task.cancel()
+
+    async def set_starters(user: Any = None, language: Any = None) -> list[Any]:
+        return [cl.Starter(label=item.label, message=item.message) for item in front.starters]
+
+    async def on_app_shutdown() -> None:
+        # Chainlit's lifespan ends with os._exit(0): this is the last chance to stop the engine.
+        await _current_agent().shutdown()
+        if _owned_root is not None:  # atexit does not run after os._exit
+            shutil.rmtree(_owned_root, ignore_errors=True)
+
+    cl.on_chat_start(on_chat_start)
+    cl.on_message(on_message)
+    cl.on_stop(on_stop)
+    cl.set_starters(set_starters)
+    cl.on_app_shutdown(on_app_shutdown)
+    if password is not None:
+        expected = password
+
+        async def password_auth(username: str, password: str) -> Any:
+            if check_password(front, expected, username, password):
+                return cl.User(identifier=username, metadata={"provider": "credentials"})
+            return None
+
+        cl.password_auth_callback(password_auth)
+        if not os.environ.get(AUTH_SECRET_ENV):  # signs the login JWTs; a restart logs users out
+            os.environ[AUTH_SECRET_ENV] = secrets.token_urlsafe(48)
+    else:
+        config.code.password_auth_callback = None
+    _agent = agent
+    return _import("chainlit.server").app
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """Drop Chainlit's warning on every page load that there is no translated chainlit.md."""
+    return not record.getMessage().startswith("Translated markdown file")
+
+
+def _current_agent() -> Agent:
+    if _agent is None:
+        raise RuntimeError("qwenrun.web.build_app(agent) has not been called")
+    return _agent
+
+
+def _new_session(cl: Any) -> Session:
+    session = _current_agent().session(cl.context.session.id)
+    cl.user_session.set(SESSION_KEY, session)
+    return session
+
+
+async def answer(session: Session, prompt: str, view: TurnView) -> None:
+    """Run one turn of ``session`` and show its events in ``view``.
+
+    A failure (engine down, a bug) becomes an error message in the chat; cancellation (the stop
+    button) closes what is open and propagates. Either way the session stays usable.
+    """
+    try:
+        events = cast(AsyncGenerator[Event, None], session.stream(prompt))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                await view.show(event)
+    except asyncio.CancelledError:
+        await view.close("stopped")
+        raise
+    except Exception as exc:  # shown to the user; the next message starts a fresh turn
+        log.exception("turn of session %s failed", session.id)
+        await view.close("interrupted by an error")
+        await view.error(f"{type(exc).__name__}: {exc}")
+
+
+class TurnView:
+    """Shows the events of one turn as Chainlit messages and steps, in the order they come.
+
+    Text streams into an assistant message; a tool call ends it and opens a ``tool`` step (input:
+    the arguments as JSON) that its result closes (output; ``is_error`` for ``Error: ...``); text
+    after the tools streams into a new message. Everything nests under the current run step.
+    """
+
+    def __init__(self, cl: Any, author: str) -> None:
+        self.cl = cl
+        self.author = author
+        current = cl.context.current_step
+        self.parent_id: str | None = current.id if current is not None else None
+        self.message: Any = None
+        self.steps: dict[str, Any] = {}  # open tool steps by tool call id
+        self._pending = ""  # leading whitespace, held back until real text comes
+
+    async def show(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            await self.text(event.text)
+        elif isinstance(event, ToolCall):
+            await self.end_message()
+            step = self.cl.Step(name=event.name, type="tool", parent_id=self.parent_id, show_input="json")
+            step.input = event.arguments
+            step.start = _now()
+            await step.send()
+            self.steps[event.id] = step
+        elif isinstance(event, ToolResult):
+            step = self.steps.pop(event.id, None)
+            if step is None:
+                return
+            step.output = event.content
+            step.is_error = event.is_error
+            step.end = _now()
+            await step.update()
+        elif isinstance(event, Repair):
+            await self.end_message()
+            step = self.cl.Step(name="repair", type="undefined", parent_id=self.parent_id)
+            step.output = event.reason
+            step.start = step.end = _now()
+            await step.send()
+        elif isinstance(event, Final):
+            await self.final(event)
+
+    async def text(self, text: str) -> None:
+        if self.message is None:
+            self._pending += text
+            if not self._pending.strip():
+                return
+            text, self._pending = self._pending.lstrip(), ""
+            self.message = self.cl.Message(content="", author=self.author, parent_id=self.parent_id)
+        await self.message.stream_token(text)
+
+    async def final(self, final: Final) -> None:
+        if final.stop_reason == "max_iterations":
+            await self.end_message()
+            await self.text(final.text)
+        elif final.stop_reason == "length":
+            await self.text("\n\n*(cut off: the answer reached sampling.max_tokens)*")
+        elif self.message is None and final.text.strip() and not self.steps:
+            await self.text(final.text)
+        await self.end_message()
+
+    async def end_message(self) -> None:
+        """End the streamed message (Chainlit: ``send()`` after ``stream_token``)."""
+        self._pending = ""
+        if self.message is not None:
+            message, self.message = self.message, None
+            await message.send()
+
+    async def close(self, why: str) -> None:
+        """End what is still open when the turn stops early: open tool steps become errors."""
+        for step in self.steps.values():
+            step.output = f"({why})"
+            step.is_error = True
+            step.end = _now()
+            await step.update()
+        self.steps.clear()
+        await self.end_message()
+
+    async def error(self, text: str) -> None:
+        await self.cl.ErrorMessage(content=text, author=self.author).send()
+
+
+def _now() -> str:
+    """A timestamp in Chainlit's format (ISO 8601, UTC, ``Z``)."""
+    return datetime.now(UTC).replace(tzinfo=None).isoformat() + "Z"
+
+
+def reload_agent(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> bool:
+    """Rebuild the served agent from its (edited) file, keeping the running engine.
+
+    Returns False, keeping the old agent, when ``model`` or ``engine`` changed (that needs a
+    restart). Tools are reloaded only when the ``tools`` section changed. Raises ConfigError for an
+    invalid file.
+    """
+    old = _current_agent()
+    spec = AgentSpec.from_file(path, overrides)
+    front = _frontend(spec)
+    if spec.model != old.spec.model or spec.engine != old.spec.engine:
+        log.warning("%s: model or engine changed; restart `qwenrun up` to apply", path)
+        return False
+    old_front = _frontend(old.spec)
+    if (front.host, front.port) != (old_front.host, old_front.port):
+        log.warning("%s: frontend host/port changed; restart `qwenrun up` to apply", path)
+    tools = list(old.tools.values()) if spec.tools == old.spec.tools else None
+    build_app(Agent(spec, engine=old.engine, tools=tools, strict_plugins=False))
+    return True
+
+
+async def _watch(path: Path, overrides: Sequence[str]) -> None:
+    """``frontend.watch``: reload the agent when its file changes, then reload open browser tabs."""
+    from watchfiles import awatch
+
+    sio = _import("chainlit.server").sio
+    name = path.name
+    async for _changes in awatch(
+        path.parent, watch_filter=lambda _change, changed: Path(changed).name == name
+    ):
+        try:
+            reloaded = reload_agent(path, overrides)
+        except QwenrunError as exc:
+            log.error("%s (the running agent is kept)", exc)
+            continue
+        if reloaded:
+            log.warning("%s: agent reloaded", path)
+            await sio.emit("reload", {})
+
+
+def _check_port(spec: AgentSpec, host: str, port: int) -> None:
+    """Fail before the engine loads (minutes for a 7B model) when the port is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _name, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"{spec.source}: frontend: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+
+
+def run(
+    agent: Agent,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    watch_file: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> None:
+    """Serve the chat UI of ``agent`` in this process until Ctrl-C (blocking).
+
+    ``host``/``port`` default to the spec's ``frontend``; with ``frontend.watch`` and a
+    ``watch_file`` the agent is reloaded when that file changes. The engine starts first, on the
+    event loop the server then runs on. Chainlit ends the process (``os._exit(0)``) on shutdown.
+    """
+    front = _frontend(agent.spec)
+    host = host or front.host
+    port = front.port if port is None else port
+    build_app(agent)
+    _check_port(agent.spec, host, port)
+    watch = Path(watch_file) if front.watch and watch_file is not None else None
+    asyncio.run(_serve(agent, host, port, watch, tuple(overrides)))
+
+
+async def _serve(agent: Agent, host: str, port: int, watch: Path | None, overrides: Sequence[str]) -> None:
+    import uvicorn
+
+    config = _import("chainlit.config").config
+    app = _import("chainlit.server").app
+    ensure_jwt_secret = _import("chainlit.auth").ensure_jwt_secret
+    click.echo(f"Loading {agent.spec.model.path} ...", err=True)
+    await agent.start()
+    config.run.host, config.run.port = host, port
+    ensure_jwt_secret()
+    url = f"http://{host}:{port}"
+    tools = ", ".join(agent.tools) or "no tools"
+    click.echo(f"Agent {agent.name!r} ({tools}) on {url} ; Ctrl-C stops.", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            ws=os.environ.get("UVICORN_WS_PROTOCOL", "auto"),
+            ws_per_message_deflate=os.environ.get("UVICORN_WS_PER_MESSAGE_DEFLATE", "true").lower()
+            in ("true", "1", "yes"),
+            log_level="warning",
+        )
+    )
+    watcher = asyncio.create_task(_watch(watch, overrides)) if watch is not None else None
+    try:
+        await server.serve()
+    finally:  # reached when the server fails to start; a normal shutdown exits in Chainlit's lifespan
+        if watcher is not None:
+            watcher.cancel()
+        await _current_agent().shutdown()
+
+
+def serve(file: str | os.PathLike[str], overrides: Sequence[str] = ()) -> None:
+    """``qwenrun up FILE`` for ``frontend.kind: chainlit``: load the agent and serve its chat UI."""
+    spec = AgentSpec.from_file(file, overrides)
+    import_chainlit()  # a missing extra fails here, before any model loads
+    run(Agent(spec, strict_plugins=False), watch_file=file, overrides=overrides)

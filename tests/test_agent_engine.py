@@ -1,0 +1,159 @@
+"""The whole agent loop on the real vLLM engine (tiny random-weight Qwen2 model).
+
+The model's weights are random, so structured outputs decide what it writes: a JSON-schema grammar
+(what ``tool_choice: required`` uses) or, for exact arguments, a regex that pins the whole call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from qwenrun.agent import FORCED_PREFILL, Agent
+from qwenrun.config import AgentSpec, SamplingSpec
+from qwenrun.engine import Constraint, Delta, VLLMEngine
+from qwenrun.events import Event, Final, ToolCall, ToolResult
+from qwenrun.plugins import load_tools
+
+pytestmark = pytest.mark.engine
+
+SEED_SENTENCE = "目前广州多云到晴，气温28~31℃，吹轻微的偏北风。"
+
+
+def call_json(name: str, arguments: dict[str, Any]) -> str:
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+class PinnedCalls:
+    """The real engine, with forced calls pinned to exact text by a regex (random weights)."""
+
+    def __init__(self, engine: VLLMEngine, continuation: str, *, every_call: bool = False) -> None:
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.continuation = continuation
+        self.every_call = every_call
+        self.requests: list[list[dict[str, Any]]] = []
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self) -> None:  # the session fixture owns the engine
+        pass
+
+    async def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        sampling: SamplingSpec | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        constraint: Constraint | None = None,
+        prefill: str = "",
+        request_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        self.requests.append(messages)
+        if constraint is not None or self.every_call:
+            constraint, prefill = Constraint(regex=re.escape(self.continuation)), FORCED_PREFILL
+        async for delta in self.engine.generate(
+            messages, tools=tools, sampling=sampling, overrides=overrides,
+            constraint=constraint, prefill=prefill, request_id=request_id,
+        ):
+            yield delta
+
+
+async def slow_tool(seconds: float) -> str:
+    """Sleep for a while.
+
+    Args:
+        seconds: How long.
+    """
+    await asyncio.sleep(seconds)
+    return "woke up"
+
+
+def weather_spec(tiny_spec: AgentSpec, **agent: Any) -> AgentSpec:
+    data = tiny_spec.model_dump(mode="json")
+    data["tools"] = [{"name": "get_current_weather", "settings": {"backend": "mock"}}]
+    data["agent"] = {**data["agent"], "tool_choice": "required", **agent}
+    return AgentSpec.from_dict(data, source="tests/weather-tiny.yaml")
+
+
+async def run(agent: Agent, prompt: str) -> list[Event]:
+    return [event async for event in agent.session().stream(prompt)]
+
+
+async def test_weather_question_calls_the_tool_and_answers(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec)
+    pinned = PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"}))
+    agent = Agent(spec, pinned, load_tools(spec))
+    events = await run(agent, "广州天气情况如何?")
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    final = events[-1]
+    assert [(c.name, c.arguments) for c in calls] == [("get_current_weather", {"city": "广州"})]
+    assert [(r.content, r.is_error) for r in results] == [(SEED_SENTENCE, False)]
+    assert isinstance(final, Final) and final.iterations == 2 and final.tool_calls == 1
+    assert final.usage.model_calls == 2 and final.usage.completion_tokens > 0
+    # the result went back to the model as a tool message, rendered by the real chat template
+    second = pinned.requests[1]
+    assert second[-1] == {"role": "tool", "tool_call_id": calls[0].id, "name": "get_current_weather",
+                          "content": SEED_SENTENCE}
+    prompt = engine.render(second, [t.openai_schema() for t in agent.tools.values()])
+    assert f"<tool_response>\n{SEED_SENTENCE}\n</tool_response>" in prompt
+
+
+async def test_required_tool_choice_grammar_yields_a_valid_call(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec, max_iterations=2)
+    agent = Agent(spec, engine, load_tools(spec))
+    events = await run(agent, "广州天气情况如何?")
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert len(calls) == 1 and calls[0].name == "get_current_weather"
+    city = calls[0].arguments["city"]
+    assert isinstance(city, str) and 1 <= len(city) <= 100  # noise from random weights, but schema-valid
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert results[0].content == f"目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
+
+
+async def test_parallel_calls_in_one_answer(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec)
+    two = (call_json("get_current_weather", {"city": "广州"}) + "\n</tool_call>\n<tool_call>\n"
+           + call_json("get_current_weather", {"city": "深圳"}) + "\n</tool_call>")
+    agent = Agent(spec, PinnedCalls(engine, two), load_tools(spec))
+    events = await run(agent, "广州和深圳天气如何?")
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert sorted(r.content for r in results) == sorted(
+        f"目前{c}多云到晴，气温28~31℃，吹轻微的偏北风。" for c in ("广州", "深圳")
+    )
+    assert len({r.id for r in results}) == 2
+
+
+async def test_a_hanging_tool_is_cut_at_its_timeout(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec, timeout_s=1)
+    agent = Agent(spec, PinnedCalls(engine, call_json("slow_tool", {"seconds": 600})), [slow_tool])
+    events = await asyncio.wait_for(run(agent, "wait"), timeout=120)
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [(r.content, r.is_error) for r in results] == [("Error: slow_tool timed out after 1 s", True)]
+    assert isinstance(events[-1], Final) and events[-1].stop_reason in ("answer", "length")
+
+
+async def test_max_iterations_stops_a_tool_loop(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec, max_iterations=3)
+    pinned = PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"}), every_call=True)
+    agent = Agent(spec, pinned, load_tools(spec))
+    events = await run(agent, "loop")
+    final = events[-1]
+    assert isinstance(final, Final)
+    assert (final.stop_reason, final.iterations, final.tool_calls) == ("max_iterations", 3, 3)
+    assert len(pinned.requests) == 3
+
+
+async def test_concurrent_sessions_on_one_engine(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+    spec = weather_spec(tiny_spec)
+    agent = Agent(spec, PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"})), load_tools(spec))
+    finals = await asyncio.gather(*(agent.session().ask(f"问题 {i}") for i in range(12)))
+    assert [(f.iterations, f.tool_calls) for f in finals] == [(2, 1)] * 12
