@@ -157,8 +157,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = await tokenizer
     raw = raw_session_factory(llm, tokenizer, agent.tool_schemas(), args)
     ours = lambda q: qwenrun_session(agent, q)  # noqa: E731
-    await measure(raw, 4)  # warm-up: grammar compile, kernels
-    await measure(ours, 4)
+    warm = max(args.sessions)  # warm-up at the largest batch: grammar compile, kernels, graph shapes
+    await measure(raw, warm)
+    await measure(ours, warm)
     for n in args.sessions:
         pairs = []
         for rep in range(args.repeat):

@@ -19,6 +19,6 @@ case "${1:-agent}" in
     for tp in 2 1; do
       devs=$([ $tp = 2 ] && echo 0,1 || echo 0)
       CUDA_VISIBLE_DEVICES=$devs python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --tp $tp --sessions 256 \
-        --answer-tokens 128 --repeat 1 --single-stream --json $OUT/tp$tp.json 2>&1 | tee $OUT/tp$tp.log | grep '\[bench\]'
+        --answer-tokens 128 --repeat 2 --single-stream --json $OUT/tp$tp.json 2>&1 | tee $OUT/tp$tp.log | grep '\[bench\]'
     done ;;
 esac

@@ -38,6 +38,7 @@ import click
 
 from qwenrun.agent import Agent, Session
 from qwenrun.config import AgentSpec, ChainlitFrontend
+from qwenrun.console import start_with_status
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
 
@@ -142,11 +143,7 @@ def build_app(agent: Agent) -> Any:
         config.features.spontaneous_file_upload.enabled = False  # the agent reads text only
 
     async def on_chat_start() -> None:
-        session = cl.user_session.get(SESSION_KEY)
-        if isinstance(session, Session) and session.agent is _current_agent():
-            session.reset()
-        else:
-            _new_session(cl)
+        _new_session(cl)
         if front.welcome:
             # A system message keeps Chainlit's welcome screen (and its starters) on display.
             await cl.Message(content=front.welcome, author=title, type="system_message").send()
@@ -294,7 +291,7 @@ class TurnView:
             await self.text(final.text)
         elif final.stop_reason == "length":
             await self.text("\n\n*(cut off: the answer reached sampling.max_tokens)*")
-        elif self.message is None and final.text.strip() and not self.steps:
+        elif self.message is None and final.text.strip():  # not streamed (cannot happen today)
             await self.text(final.text)
         await self.end_message()
 
@@ -360,7 +357,7 @@ async def _watch(path: Path, overrides: Sequence[str]) -> None:
             log.error("%s (the running agent is kept)", exc)
             continue
         if reloaded:
-            log.warning("%s: agent reloaded", path)
+            click.echo(f"{path}: agent reloaded; open chats restart", err=True)
             await sio.emit("reload", {})
 
 
@@ -407,13 +404,10 @@ async def _serve(agent: Agent, host: str, port: int, watch: Path | None, overrid
     config = _import("chainlit.config").config
     app = _import("chainlit.server").app
     ensure_jwt_secret = _import("chainlit.auth").ensure_jwt_secret
-    click.echo(f"Loading {agent.spec.model.path} ...", err=True)
-    await agent.start()
+    await start_with_status(agent)
     config.run.host, config.run.port = host, port
     ensure_jwt_secret()
-    url = f"http://{host}:{port}"
-    tools = ", ".join(agent.tools) or "no tools"
-    click.echo(f"Agent {agent.name!r} ({tools}) on {url} ; Ctrl-C stops.", err=True)
+    click.echo(f"Chat UI on http://{host}:{port} (Ctrl-C stops)", err=True)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

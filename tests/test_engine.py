@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 from typing import Any
@@ -225,12 +226,22 @@ async def test_stopping_early_calls_abort() -> None:
     assert fake.aborted == ["r1"]
 
 
+async def test_start_failure_is_an_engine_error(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWENRUN_TEST_ENV", "before")  # restored afterwards
+    engine = VLLMEngine(_spec({"env": {"QWENRUN_TEST_ENV": "set"}}, path=str(tmp_path / "missing")))
+    with pytest.raises(EngineError, match="vLLM failed to start") as info:
+        await engine.start()
+    assert "missing" in str(info.value) and info.value.__cause__ is not None
+    assert os.environ["QWENRUN_TEST_ENV"] == "set" and not engine.started
+
+
 # -- the real engine ---------------------------------------------------------------------------
 
 
 @pytest.mark.engine
 async def test_streaming_deltas(engine: VLLMEngine) -> None:
     assert engine.max_model_len == 2048 and engine.model_name == "tiny-qwen2"
+    await engine.start()  # idempotent
     deltas = await _collect(engine.generate(USER))
     assert len(deltas) > 1
     assert all(d.finish_reason is None for d in deltas[:-1])

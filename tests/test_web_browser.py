@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -104,7 +103,9 @@ def serve_scripted(path: str, port: int) -> None:
     from qwenrun.testing import ScriptedEngine
 
     spec = AgentSpec.from_file(path)
-    agent = Agent(spec, engine=ScriptedEngine(script, chunk_size=3, delay_s=0.02), tools=[get_current_weather])
+    agent = Agent(
+        spec, engine=ScriptedEngine(script, chunk_size=3, delay_s=0.02), tools=[get_current_weather]
+    )
     web.run(agent, port=port, watch_file=path)
 
 
@@ -210,7 +211,9 @@ def wait_idle(page: Page, timeout: float = 20_000) -> None:
 
 
 def answers(page: Page) -> list[str]:
-    return [text.strip() for text in page.locator(".step[data-step-type='assistant_message']").all_inner_texts()]
+    return [
+        text.strip() for text in page.locator(".step[data-step-type='assistant_message']").all_inner_texts()
+    ]
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -239,6 +242,7 @@ def test_weather_question_streams_answer_with_tool_step(
     # the tool step comes before the answer, both after the question
     html = page.content()
     assert html.index(QUESTION) < html.index('id="step-get_current_weather"') < html.index(ANSWER)
+    page.wait_for_timeout(500)  # the step's accordion animation
     page.screenshot(path=str(tmp_path / "weather.png"), full_page=True)
     # Chainlit wrote nothing into the server's working directory
     assert not {".chainlit", ".files", "chainlit.md"} & {p.name for p in workdir.iterdir()}
@@ -340,6 +344,7 @@ def test_tiny_vllm_model_through_qwenrun_up(browser: Browser, tiny_model_dir: Pa
         wait_idle(page, timeout=180_000)
         page.locator("#step-get_current_weather").first.click()
         expect(page.locator(".step[data-step-type='tool']").first).to_contain_text('"city"')
+        page.wait_for_timeout(500)
         page.screenshot(path=str(tmp_path / "tiny.png"), full_page=True)
         page.context.close()
 

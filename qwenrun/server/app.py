@@ -260,13 +260,16 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself is cancelled (server shutdown)
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            request.state.qwenrun_status = 499
-            await asyncio.gather(task, return_exceptions=True)
-            raise ClientGone()
+    if not task.done():
+        task.cancel()
+        request.state.qwenrun_status = 499
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
     return task.result()
 
 
