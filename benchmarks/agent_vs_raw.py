@@ -26,9 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwenrun.agent import FORCED_PREFILL, Agent  # noqa: E402
-from qwenrun.config import AgentSpec, SamplingSpec  # noqa: E402
-from qwenrun.engine import Constraint, Delta, VLLMEngine  # noqa: E402
+from qwenrun.agent import FORCED_PREFILL, Agent
+from qwenrun.config import AgentSpec, SamplingSpec
+from qwenrun.engine import Constraint, Delta, VLLMEngine
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -60,16 +60,23 @@ class Pinned:
         pass
 
     async def generate(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None, overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None, prefill: str = "", request_id: str | None = None,
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        sampling: SamplingSpec | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        constraint: Constraint | None = None,
+        prefill: str = "",
+        request_id: str | None = None,
     ) -> AsyncIterator[Delta]:
         if constraint is not None:
             constraint, extra = Constraint(regex=re.escape(CALL)), {"max_tokens": 64}
         else:
             extra = {"max_tokens": self.answer_tokens, "ignore_eos": True}
-        async for delta in self.engine.generate(messages, tools=tools, sampling=sampling, overrides=extra,
-                                                constraint=constraint, prefill=prefill):
+        async for delta in self.engine.generate(
+            messages, tools=tools, sampling=sampling, overrides=extra, constraint=constraint, prefill=prefill
+        ):
             yield delta
 
 
@@ -78,21 +85,29 @@ async def qwenrun_session(agent: Agent, question: str) -> int:
     return final.usage.completion_tokens
 
 
-def raw_session_factory(llm: Any, tokenizer: Any, tools: list[dict[str, Any]], args: argparse.Namespace
-                        ) -> Callable[[str], Awaitable[int]]:
+def raw_session_factory(
+    llm: Any, tokenizer: Any, tools: list[dict[str, Any]], args: argparse.Namespace
+) -> Callable[[str], Awaitable[int]]:
     """The hand-written loop: chat template, vLLM generate, json.loads, tool, generate again."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    common = {"temperature": 0.45, "top_p": 0.9, "skip_special_tokens": False,
-              "output_kind": RequestOutputKind.DELTA}
-    call_params = SamplingParams(max_tokens=64, structured_outputs=StructuredOutputsParams(
-        regex=re.escape(CALL)), **common)
+    common = {
+        "temperature": 0.45,
+        "top_p": 0.9,
+        "skip_special_tokens": False,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    call_params = SamplingParams(
+        max_tokens=64, structured_outputs=StructuredOutputsParams(regex=re.escape(CALL)), **common
+    )
     answer_params = SamplingParams(max_tokens=args.answer_tokens, ignore_eos=True, **common)
 
     async def generate(messages: list[dict[str, Any]], params: Any, prefill: str) -> tuple[str, int]:
-        prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                               tokenize=False) + prefill
+        prompt = (
+            tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            + prefill
+        )
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         text, count = "", 0
         async for out in llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
@@ -101,13 +116,20 @@ def raw_session_factory(llm: Any, tokenizer: Any, tools: list[dict[str, Any]], a
         return text, count
 
     async def session(question: str) -> int:
-        messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM},
-                                          {"role": "user", "content": question}]
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+        ]
         text, first = await generate(messages, call_params, FORCED_PREFILL)
         call = json.loads(text)
         result = get_current_weather(**call["arguments"])
-        messages.append({"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": call}]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": "call_0", "type": "function", "function": call}],
+            }
+        )
         messages.append({"role": "tool", "tool_call_id": "call_0", "name": call["name"], "content": result})
         _, second = await generate(messages, answer_params, "")
         return first + second
@@ -128,23 +150,37 @@ async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, flo
     tokens = sum(await asyncio.gather(*(timed(q) for q in questions(n))))
     wall = time.perf_counter() - started
     latencies.sort()
-    return {"sessions": n, "wall_s": round(wall, 3), "sessions_per_s": round(n / wall, 3),
-            "gen_tok_per_s": round(tokens / wall, 1), "tokens": tokens,
-            "p50_s": round(statistics.median(latencies), 3),
-            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
+    return {
+        "sessions": n,
+        "wall_s": round(wall, 3),
+        "sessions_per_s": round(n / wall, 3),
+        "gen_tok_per_s": round(tokens / wall, 1),
+        "tokens": tokens,
+        "p50_s": round(statistics.median(latencies), 3),
+        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+    }
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    spec = AgentSpec.from_dict({
-        "model": {"path": args.model},
-        "engine": {"dtype": args.dtype, "load_format": args.load_format, "max_model_len": args.max_model_len,
-                   "gpu_memory_utilization": args.gpu_memory_utilization, "max_num_seqs": args.max_num_seqs,
-                   "enforce_eager": args.enforce_eager, "tensor_parallel_size": args.tp,
-                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1"} if args.cpu else {}},
-        "sampling": {"temperature": 0.45, "top_p": 0.9, "max_tokens": args.answer_tokens},
-        "agent": {"system_prompt": SYSTEM, "tool_choice": "get_current_weather", "max_iterations": 3},
-        "tools": [{"name": "get_current_weather"}],
-    }, source="benchmark")
+    spec = AgentSpec.from_dict(
+        {
+            "model": {"path": args.model},
+            "engine": {
+                "dtype": args.dtype,
+                "load_format": args.load_format,
+                "max_model_len": args.max_model_len,
+                "gpu_memory_utilization": args.gpu_memory_utilization,
+                "max_num_seqs": args.max_num_seqs,
+                "enforce_eager": args.enforce_eager,
+                "tensor_parallel_size": args.tp,
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1"} if args.cpu else {},
+            },
+            "sampling": {"temperature": 0.45, "top_p": 0.9, "max_tokens": args.answer_tokens},
+            "agent": {"system_prompt": SYSTEM, "tool_choice": "get_current_weather", "max_iterations": 3},
+            "tools": [{"name": "get_current_weather"}],
+        },
+        source="benchmark",
+    )
     engine = VLLMEngine(spec)
     started = time.perf_counter()
     await engine.start()
@@ -172,10 +208,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ratio = our_row["sessions_per_s"] / raw_row["sessions_per_s"]
         row = {"n": n, "raw": raw_row, "qwenrun": our_row, "ratio": round(ratio, 3)}
         report["rows"].append(row)
-        print(f"[bench] N={n:<4} raw {raw_row['sessions_per_s']:8.2f} sess/s {raw_row['gen_tok_per_s']:9.1f} tok/s "
-              f"p50 {raw_row['p50_s']:.3f} p99 {raw_row['p99_s']:.3f} | qwenrun {our_row['sessions_per_s']:8.2f} "
-              f"sess/s {our_row['gen_tok_per_s']:9.1f} tok/s p50 {our_row['p50_s']:.3f} p99 {our_row['p99_s']:.3f}"
-              f" | ratio {ratio:.3f}", flush=True)
+        print(
+            f"[bench] N={n:<4} raw {raw_row['sessions_per_s']:8.2f} sess/s {raw_row['gen_tok_per_s']:9.1f} tok/s "
+            f"p50 {raw_row['p50_s']:.3f} p99 {raw_row['p99_s']:.3f} | qwenrun {our_row['sessions_per_s']:8.2f} "
+            f"sess/s {our_row['gen_tok_per_s']:9.1f} tok/s p50 {our_row['p50_s']:.3f} p99 {our_row['p99_s']:.3f}"
+            f" | ratio {ratio:.3f}",
+            flush=True,
+        )
     if args.single_stream:
         one = await measure(raw, 1)
         report["single_stream_tok_s"] = one["gen_tok_per_s"]
@@ -185,7 +224,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--load-format", default="auto")

@@ -1,7 +1,7 @@
 """The seed's weather flow on the qwenrun Python API: ask, let the agent call the tool, answer.
 
-    python examples/weather.py agents/weather.yaml          # real Qwen2.5-7B-Instruct weights
-    python examples/weather.py agents/weather-tiny.yaml     # tiny random model (noise, forced call)
+python examples/weather.py agents/weather.yaml          # real Qwen2.5-7B-Instruct weights
+python examples/weather.py agents/weather-tiny.yaml     # tiny random model (noise, forced call)
 """
 
 from __future__ import annotations

@@ -152,7 +152,12 @@ class Session:
             results = await asyncio.gather(*(self._run_tool(call) for call in calls))
             for result in results:
                 self.messages.append(
-                    {"role": "tool", "tool_call_id": result.id, "name": result.name, "content": result.content}
+                    {
+                        "role": "tool",
+                        "tool_call_id": result.id,
+                        "name": result.name,
+                        "content": result.content,
+                    }
                 )
                 yield result
             tool_calls += len(calls)
@@ -219,7 +224,9 @@ class Session:
         limit = agent.spec.agent.max_tool_output_chars
         if tool is None:
             known = ", ".join(agent.tools) or "none"
-            return ToolResult(call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True)
+            return ToolResult(
+                call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True
+            )
         timeout = tool.timeout_s or agent.spec.agent.timeout_s
         try:
             value = await asyncio.wait_for(tool.call(call.arguments), timeout)

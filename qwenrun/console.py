@@ -44,7 +44,7 @@ class EventPrinter:
             self._write(event.text)
             self._open_line = not event.text.endswith("\n")
             return
-        if isinstance(event, Usage | Final) or not self.show_tools and not isinstance(event, Repair):
+        if isinstance(event, Usage | Final) or (not self.show_tools and not isinstance(event, Repair)):
             if isinstance(event, Final) and self._open_line:
                 self._write("\n")
                 self._open_line = False
@@ -69,14 +69,19 @@ async def start_with_status(agent: Agent, out: TextIO | None = None) -> None:
     click.echo(f"Loading {agent.spec.model.path} (vLLM) ...", err=True)
     started = time.perf_counter()
     await agent.start()
-    click.echo(f"Ready in {time.perf_counter() - started:.1f} s: agent {agent.name!r}, "
-               f"tools: {', '.join(agent.tools) or 'none'}.", err=True)
+    click.echo(
+        f"Ready in {time.perf_counter() - started:.1f} s: agent {agent.name!r}, "
+        f"tools: {', '.join(agent.tools) or 'none'}.",
+        err=True,
+    )
 
 
 async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final:
     """Answer one prompt, printing events as they come."""
-    printer = EventPrinter(as_json=as_json, show_tools=agent.spec.frontend.kind != "cli"
-                           or getattr(agent.spec.frontend, "show_tool_calls", True))
+    printer = EventPrinter(
+        as_json=as_json,
+        show_tools=agent.spec.frontend.kind != "cli" or getattr(agent.spec.frontend, "show_tool_calls", True),
+    )
     final: Final | None = None
     async for event in agent.session().stream(prompt):
         printer(event)
@@ -93,8 +98,9 @@ async def repl(agent: Agent, stdin: TextIO | None = None) -> None:
     session = agent.session()
     lines = _LineReader(stdin or sys.stdin)
     loop = asyncio.get_running_loop()
-    click.echo("Type a question; /reset clears the conversation, /exit leaves. "
-               "Ctrl-C stops an answer.", err=True)
+    click.echo(
+        "Type a question; /reset clears the conversation, /exit leaves. Ctrl-C stops an answer.", err=True
+    )
     while True:
         click.echo(PROMPT, nl=False, err=True)
         line = await lines.next()

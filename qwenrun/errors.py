@@ -30,8 +30,6 @@ class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 
     def __init__(self, package: str, extra: str) -> None:
-        super().__init__(
-            f"{package} is not installed; install it with: pip install 'qwenrun[{extra}]'"
-        )
+        super().__init__(f"{package} is not installed; install it with: pip install 'qwenrun[{extra}]'")
         self.package = package
         self.extra = extra

@@ -8,7 +8,9 @@ bad signature is reported, never a crash of the runner.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +65,15 @@ class ToolEntry:
 
 
 def installed_tools() -> dict[str, ToolEntry]:
-    """Every tool that an installed distribution declares, by name (first one wins on a clash)."""
+    """Every tool that an installed distribution declares, by name (first one wins on a clash).
+
+    Scanning the environment's metadata is the slow part of ``qwenrun validate``; the result is
+    cached for as long as ``sys.path`` stays the same."""
+    return dict(_scan(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _scan(path: tuple[str, ...]) -> dict[str, ToolEntry]:
     found: dict[str, ToolEntry] = {}
     for entry_point in entry_points(group=GROUP):
         if entry_point.name in found:

@@ -10,7 +10,7 @@ UV="$(command -v uv || echo "$PY -m uv")"
 FIND_LINKS=()
 [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)   # torch 2.13.0+cpu lies there
 $UV pip install --quiet --python .venv/bin/python "${FIND_LINKS[@]}" \
-    -r requirements.lock --overrides overrides.txt
+    --compile-bytecode -r requirements.lock --overrides overrides.txt
 # PyPI's torchvision/torchaudio/torchcodec break `import vllm` beside torch 2.13.0+cpu.
 $UV pip uninstall --quiet --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 $UV pip install --quiet --python .venv/bin/python --no-deps -e . \

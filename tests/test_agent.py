@@ -39,9 +39,7 @@ def boom() -> str:
 
 
 def make_agent(script: Any, **agent_settings: Any) -> tuple[Agent, ScriptedEngine]:
-    spec = AgentSpec.from_dict(
-        {"model": {"path": "scripted"}, "agent": {"timeout_s": 0.5, **agent_settings}}
-    )
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}, "agent": {"timeout_s": 0.5, **agent_settings}})
     engine = ScriptedEngine(script)
     return Agent(spec, engine, tools=[get_current_weather, slow, boom]), engine
 
@@ -64,7 +62,12 @@ async def test_the_seed_weather_flow() -> None:
     ]
     assert isinstance(final, Final)
     assert final.text == "广州今天多云到晴，28~31℃。"
-    assert (final.stop_reason, final.iterations, final.tool_calls, final.usage.model_calls) == ("answer", 2, 1, 2)
+    assert (final.stop_reason, final.iterations, final.tool_calls, final.usage.model_calls) == (
+        "answer",
+        2,
+        1,
+        2,
+    )
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == final.text
     assert len([e for e in events if isinstance(e, Usage)]) == 2
     # the second model call saw the assistant's call and the tool result, OpenAI style
@@ -75,8 +78,12 @@ async def test_the_seed_weather_flow() -> None:
         "name": "get_current_weather",
         "arguments": json.dumps({"city": "广州"}, ensure_ascii=False),
     }
-    assert second[3] == {"role": "tool", "tool_call_id": calls[0].id, "name": "get_current_weather",
-                         "content": results[0].content}
+    assert second[3] == {
+        "role": "tool",
+        "tool_call_id": calls[0].id,
+        "name": "get_current_weather",
+        "content": results[0].content,
+    }
     assert engine.calls[0].tools is not None
     assert [t["function"]["name"] for t in engine.calls[0].tools] == ["get_current_weather", "slow", "boom"]
 
@@ -94,7 +101,9 @@ async def test_parallel_calls_run_concurrently() -> None:
 
 
 async def test_parallel_tool_calls_off_runs_only_the_first() -> None:
-    both = tool_call_text("get_current_weather", {"city": "A"}) + tool_call_text("get_current_weather", {"city": "B"})
+    both = tool_call_text("get_current_weather", {"city": "A"}) + tool_call_text(
+        "get_current_weather", {"city": "B"}
+    )
     agent, _ = make_agent([both, "done"], parallel_tool_calls=False)
     events = await collect(agent, "go")
     assert [e.arguments for e in events if isinstance(e, ToolCall)] == [{"city": "A"}]
@@ -105,10 +114,15 @@ async def test_parallel_tool_calls_off_runs_only_the_first() -> None:
     [
         (tool_call_text("slow", {"seconds": 5}), "Error: slow timed out after 0.5 s"),
         (tool_call_text("boom", {}), "Error: ValueError: the tool broke"),
-        (tool_call_text("nope", {}), "Error: unknown tool 'nope'; available: get_current_weather, slow, boom"),
-        (tool_call_text("get_current_weather", {"town": "x"}),
-         "Error: invalid arguments for get_current_weather: city: Field required; town: Extra inputs are not "
-         "permitted"),
+        (
+            tool_call_text("nope", {}),
+            "Error: unknown tool 'nope'; available: get_current_weather, slow, boom",
+        ),
+        (
+            tool_call_text("get_current_weather", {"town": "x"}),
+            "Error: invalid arguments for get_current_weather: city: Field required; town: Extra inputs are not "
+            "permitted",
+        ),
     ],
 )
 async def test_tool_failures_become_error_results(call: str, expected: str) -> None:
@@ -121,8 +135,9 @@ async def test_tool_failures_become_error_results(call: str, expected: str) -> N
 
 
 async def test_max_iterations_stops_a_loop() -> None:
-    agent, engine = make_agent(lambda request: tool_call_text("get_current_weather", {"city": "x"}),
-                               max_iterations=3)
+    agent, engine = make_agent(
+        lambda request: tool_call_text("get_current_weather", {"city": "x"}), max_iterations=3
+    )
     events = await collect(agent, "loop forever")
     final = events[-1]
     assert isinstance(final, Final)
@@ -147,8 +162,10 @@ async def test_malformed_call_is_repaired_with_a_forced_call() -> None:
     assert engine.calls[1].constraint is not None
     assert engine.calls[1].constraint.json == {
         "type": "object",
-        "properties": {"name": {"enum": ["get_current_weather"]},
-                       "arguments": agent.tools["get_current_weather"].parameters},
+        "properties": {
+            "name": {"enum": ["get_current_weather"]},
+            "arguments": agent.tools["get_current_weather"].parameters,
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
@@ -166,7 +183,9 @@ async def test_tool_choice_required_forces_only_the_first_call() -> None:
     constraint = engine.calls[0].constraint
     assert constraint is not None and constraint.json is not None
     assert [o["properties"]["name"]["enum"] for o in constraint.json["anyOf"]] == [
-        ["get_current_weather"], ["slow"], ["boom"]
+        ["get_current_weather"],
+        ["slow"],
+        ["boom"],
     ]
     assert engine.calls[1].constraint is None
 
@@ -179,7 +198,10 @@ async def test_tool_choice_none_sends_no_tools() -> None:
 
 
 async def test_named_tool_choice() -> None:
-    tools = [Tool.from_function(get_current_weather).openai_schema(), Tool.from_function(slow).openai_schema()]
+    tools = [
+        Tool.from_function(get_current_weather).openai_schema(),
+        Tool.from_function(slow).openai_schema(),
+    ]
     constraint, prefill = forced_call(tools, "slow")
     assert prefill == FORCED_PREFILL
     assert constraint is not None and constraint.json is not None

@@ -57,11 +57,21 @@ class PinnedCalls:
         request_id: str | None = None,
     ) -> AsyncIterator[Delta]:
         self.requests.append(messages)
-        if constraint is not None or self.every_call:
+        if constraint is not None:  # the agent prefilled "<tool_call>\n": pin the rest
             constraint, prefill = Constraint(regex=re.escape(self.continuation)), FORCED_PREFILL
+            overrides = {**(overrides or {}), "max_tokens": 160}  # room for the pinned call(s)
+        elif self.every_call:  # a call the agent did not force: the model writes the whole block
+            whole = f"{FORCED_PREFILL}{self.continuation}\n</tool_call>"
+            constraint, prefill = Constraint(regex=re.escape(whole)), ""
+            overrides = {**(overrides or {}), "max_tokens": 160}
         async for delta in self.engine.generate(
-            messages, tools=tools, sampling=sampling, overrides=overrides,
-            constraint=constraint, prefill=prefill, request_id=request_id,
+            messages,
+            tools=tools,
+            sampling=sampling,
+            overrides=overrides,
+            constraint=constraint,
+            prefill=prefill,
+            request_id=request_id,
         ):
             yield delta
 
@@ -80,6 +90,7 @@ def weather_spec(tiny_spec: AgentSpec, **agent: Any) -> AgentSpec:
     data = tiny_spec.model_dump(mode="json")
     data["tools"] = [{"name": "get_current_weather", "settings": {"backend": "mock"}}]
     data["agent"] = {**data["agent"], "tool_choice": "required", **agent}
+    data["sampling"] = {**data["sampling"], "max_tokens": 160}  # a forced call's junk city is <= 100 chars
     return AgentSpec.from_dict(data, source="tests/weather-tiny.yaml")
 
 
@@ -101,13 +112,19 @@ async def test_weather_question_calls_the_tool_and_answers(engine: VLLMEngine, t
     assert final.usage.model_calls == 2 and final.usage.completion_tokens > 0
     # the result went back to the model as a tool message, rendered by the real chat template
     second = pinned.requests[1]
-    assert second[-1] == {"role": "tool", "tool_call_id": calls[0].id, "name": "get_current_weather",
-                          "content": SEED_SENTENCE}
+    assert second[-1] == {
+        "role": "tool",
+        "tool_call_id": calls[0].id,
+        "name": "get_current_weather",
+        "content": SEED_SENTENCE,
+    }
     prompt = engine.render(second, [t.openai_schema() for t in agent.tools.values()])
     assert f"<tool_response>\n{SEED_SENTENCE}\n</tool_response>" in prompt
 
 
-async def test_required_tool_choice_grammar_yields_a_valid_call(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
+async def test_required_tool_choice_grammar_yields_a_valid_call(
+    engine: VLLMEngine, tiny_spec: AgentSpec
+) -> None:
     spec = weather_spec(tiny_spec, max_iterations=2)
     agent = Agent(spec, engine, load_tools(spec))
     events = await run(agent, "广州天气情况如何?")
@@ -121,8 +138,12 @@ async def test_required_tool_choice_grammar_yields_a_valid_call(engine: VLLMEngi
 
 async def test_parallel_calls_in_one_answer(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec)
-    two = (call_json("get_current_weather", {"city": "广州"}) + "\n</tool_call>\n<tool_call>\n"
-           + call_json("get_current_weather", {"city": "深圳"}) + "\n</tool_call>")
+    two = (
+        call_json("get_current_weather", {"city": "广州"})
+        + "\n</tool_call>\n<tool_call>\n"
+        + call_json("get_current_weather", {"city": "深圳"})
+        + "\n</tool_call>"
+    )
     agent = Agent(spec, PinnedCalls(engine, two), load_tools(spec))
     events = await run(agent, "广州和深圳天气如何?")
     results = [e for e in events if isinstance(e, ToolResult)]
@@ -154,6 +175,8 @@ async def test_max_iterations_stops_a_tool_loop(engine: VLLMEngine, tiny_spec: A
 
 async def test_concurrent_sessions_on_one_engine(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec)
-    agent = Agent(spec, PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"})), load_tools(spec))
+    agent = Agent(
+        spec, PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"})), load_tools(spec)
+    )
     finals = await asyncio.gather(*(agent.session().ask(f"问题 {i}") for i in range(12)))
     assert [(f.iterations, f.tool_calls) for f in finals] == [(2, 1)] * 12

@@ -59,33 +59,59 @@ def test_tools_may_be_names_or_mappings() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {path: x\n", "agent.yaml: YAML syntax error at line 2, column 1: expected ',' or '}', but got '<stream end>'"),
+        (
+            "model: {path: x\n",
+            "agent.yaml: YAML syntax error at line 2, column 1: expected ',' or '}', but got '<stream end>'",
+        ),
         ("", "agent.yaml: the file is empty"),
         ("- a\n- b\n", "agent.yaml: expected a mapping at the top level, got list"),
         ("engine: {}\n", "agent.yaml: model: required key is missing"),
-        (MINIMAL + "engine: {max_num_seqs: 0}\n", "agent.yaml: engine.max_num_seqs: Input should be greater than 0"),
-        (MINIMAL + "engine: {max_num_seqs: many}\n",
-         "agent.yaml: engine.max_num_seqs: Input should be a valid integer, unable to parse string as an integer"),
-        (MINIMAL + "engine: {dtype: fp7}\n",
-         "agent.yaml: engine.dtype: Input should be 'auto', 'half', 'float16', 'bfloat16', 'float' or 'float32'"),
-        (MINIMAL + "sampling: {top_p: 1.5}\n", "agent.yaml: sampling.top_p: Input should be less than or equal to 1"),
-        (MINIMAL + "frontend: {kind: tui}\n",
-         "agent.yaml: frontend: Input tag 'tui' found using 'kind' does not match any of the expected tags: "
-         "'cli', 'openai', 'chainlit'"),
+        (
+            MINIMAL + "engine: {max_num_seqs: 0}\n",
+            "agent.yaml: engine.max_num_seqs: Input should be greater than 0",
+        ),
+        (
+            MINIMAL + "engine: {max_num_seqs: many}\n",
+            "agent.yaml: engine.max_num_seqs: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            MINIMAL + "engine: {dtype: fp7}\n",
+            "agent.yaml: engine.dtype: Input should be 'auto', 'half', 'float16', 'bfloat16', 'float' or 'float32'",
+        ),
+        (
+            MINIMAL + "sampling: {top_p: 1.5}\n",
+            "agent.yaml: sampling.top_p: Input should be less than or equal to 1",
+        ),
+        (
+            MINIMAL + "frontend: {kind: tui}\n",
+            "agent.yaml: frontend: Input tag 'tui' found using 'kind' does not match any of the expected tags: "
+            "'cli', 'openai', 'chainlit'",
+        ),
         (MINIMAL + "tools: [{settings: {}}]\n", "agent.yaml: tools[0].name: required key is missing"),
-        (MINIMAL + "agent: {tool_choice: get_weather}\n",
-         "agent.yaml: agent.tool_choice: 'get_weather' is not 'auto', 'none', 'required' or a tool of this "
-         "agent (none declared)"),
-        (MINIMAL + "agent: {tool_choice: required}\n",
-         "agent.yaml: agent.tool_choice: 'required' but the agent has no tools"),
+        (
+            MINIMAL + "agent: {tool_choice: get_weather}\n",
+            "agent.yaml: agent.tool_choice: 'get_weather' is not 'auto', 'none', 'required' or a tool of this "
+            "agent (none declared)",
+        ),
+        (
+            MINIMAL + "agent: {tool_choice: required}\n",
+            "agent.yaml: agent.tool_choice: 'required' but the agent has no tools",
+        ),
         (MINIMAL + "tools: [a, a]\n", "agent.yaml: tools: declared twice: a"),
-        (MINIMAL + "agent: {system_prompt: 'Hi {{ user }}'}\n", "agent.yaml: agent.system_prompt: 'user' is undefined"),
-        (MINIMAL + "agent: {system_prompt: 'Hi {{ user'}\n",
-         "agent.yaml: agent.system_prompt: unexpected end of template, expected 'end of print statement'. "
-         "(template line 1)"),
-        (MINIMAL + "engine: {tensor_parallel_size: 4, pipeline_parallel_size: 2, available_devices: 4}\n",
-         "agent.yaml: engine: tensor_parallel_size x pipeline_parallel_size x data_parallel_size = 4 x 2 x 1 "
-         "= 8 GPUs, but available_devices is 4"),
+        (
+            MINIMAL + "agent: {system_prompt: 'Hi {{ user }}'}\n",
+            "agent.yaml: agent.system_prompt: 'user' is undefined",
+        ),
+        (
+            MINIMAL + "agent: {system_prompt: 'Hi {{ user'}\n",
+            "agent.yaml: agent.system_prompt: unexpected end of template, expected 'end of print statement'. "
+            "(template line 1)",
+        ),
+        (
+            MINIMAL + "engine: {tensor_parallel_size: 4, pipeline_parallel_size: 2, available_devices: 4}\n",
+            "agent.yaml: engine: tensor_parallel_size x pipeline_parallel_size x data_parallel_size = 4 x 2 x 1 "
+            "= 8 GPUs, but available_devices is 4",
+        ),
     ],
 )
 def test_bad_files_have_exact_messages(text: str, message: str) -> None:
@@ -93,7 +119,9 @@ def test_bad_files_have_exact_messages(text: str, message: str) -> None:
 
 
 def test_unknown_keys_suggest_the_closest_valid_key() -> None:
-    message = error_of(MINIMAL + "engine: {gpu_memory_utilisation: 0.5}\nfrontend: {kind: openai, portt: 1}\n")
+    message = error_of(
+        MINIMAL + "engine: {gpu_memory_utilisation: 0.5}\nfrontend: {kind: openai, portt: 1}\n"
+    )
     lines = message.splitlines()
     assert lines[0].startswith(
         "agent.yaml: engine.gpu_memory_utilisation: unknown key 'gpu_memory_utilisation'; "
@@ -128,11 +156,16 @@ def test_missing_env_var_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_template_sandbox_blocks_attribute_escapes() -> None:
     message = error_of(MINIMAL + "agent: {system_prompt: \"{{ ''.__class__.__mro__ }}\"}\n")
-    assert message == "agent.yaml: agent.system_prompt: access to attribute '__class__' of 'str' object is unsafe."
+    assert (
+        message
+        == "agent.yaml: agent.system_prompt: access to attribute '__class__' of 'str' object is unsafe."
+    )
 
 
 def test_template_renders_variables() -> None:
-    spec = load(MINIMAL + "agent: {system_prompt: 'Hi {{ who }} from {{ agent }}', name: w, variables: {who: 广州}}\n")
+    spec = load(
+        MINIMAL + "agent: {system_prompt: 'Hi {{ who }} from {{ agent }}', name: w, variables: {who: 广州}}\n"
+    )
     assert spec.system_prompt() == "Hi 广州 from w"
 
 
@@ -143,8 +176,16 @@ def test_yaml_never_constructs_python_objects() -> None:
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
-    spec = load(MINIMAL, overrides=["engine.max_num_seqs=8", "frontend.kind=openai", "frontend.port=9001",
-                                    "sampling.stop=[a, b]", "engine.extra.enable_prefix_caching=false"])
+    spec = load(
+        MINIMAL,
+        overrides=[
+            "engine.max_num_seqs=8",
+            "frontend.kind=openai",
+            "frontend.port=9001",
+            "sampling.stop=[a, b]",
+            "engine.extra.enable_prefix_caching=false",
+        ],
+    )
     assert spec.engine.max_num_seqs == 8
     assert spec.frontend.kind == "openai"
     assert spec.frontend.port == 9001
@@ -155,7 +196,10 @@ def test_overrides_are_parsed_as_yaml() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("engine.max_num_seqs", "--set 'engine.max_num_seqs': expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8"),
+        (
+            "engine.max_num_seqs",
+            "--set 'engine.max_num_seqs': expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8",
+        ),
         ("model.path.x=1", "agent.yaml: --set model.path.x: model.path is not a mapping"),
         ("engine.max_num_seqs=-1", "agent.yaml: engine.max_num_seqs: Input should be greater than 0"),
     ],

@@ -36,7 +36,11 @@ def test_installed_tools_come_from_metadata_without_import() -> None:
     tools = plugins.installed_tools()
     assert {"calculate", "get_current_weather", "search_documents"} <= set(tools)
     entry = tools["calculate"]
-    assert (entry.target, entry.package, entry.version) == ("qwenrun_calculator:calculate", "qwenrun-calculator", "0.1.0")
+    assert (entry.target, entry.package, entry.version) == (
+        "qwenrun_calculator:calculate",
+        "qwenrun-calculator",
+        "0.1.0",
+    )
     assert "qwenrun_calculator" not in sys.modules
 
 
@@ -99,7 +103,9 @@ def test_plugin_schemas_exactly(name: str) -> None:
 
 
 async def test_weather_plugin_runs_with_settings_from_yaml() -> None:
-    spec = AgentSpec.from_text("model: {path: x}\ntools: [{name: get_current_weather, settings: {backend: mock}}]\n")
+    spec = AgentSpec.from_text(
+        "model: {path: x}\ntools: [{name: get_current_weather, settings: {backend: mock}}]\n"
+    )
     (tool,) = plugins.load_tools(spec)
     assert tool.settings is not None and tool.settings.model_dump()["backend"] == "mock"
     assert await tool.call({"city": "广州"}) == "目前广州多云到晴，气温28~31℃，吹轻微的偏北风。"
@@ -138,8 +144,10 @@ def test_tools_doctor_command(broken_plugin: Path) -> None:
     result = CliRunner().invoke(cli.main, ["tools", "--doctor"])
     assert result.exit_code == 1
     lines = result.output.splitlines()
-    assert "BROKEN explode (qwenrun-broken 0.0.1): tool 'explode' (qwenrun_broken_mod:explode, from " \
-           "qwenrun-broken 0.0.1) failed to import: ImportError: missing native library libfoo.so" in lines
+    assert (
+        "BROKEN explode (qwenrun-broken 0.0.1): tool 'explode' (qwenrun_broken_mod:explode, from "
+        "qwenrun-broken 0.0.1) failed to import: ImportError: missing native library libfoo.so" in lines
+    )
     assert "ok     calculate (qwenrun-calculator 0.1.0)" in lines
     assert lines[-1] == "Error: 2 broken tool(s); they are skipped when agents load"
     listing = CliRunner().invoke(cli.main, ["tools"])

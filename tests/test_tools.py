@@ -80,10 +80,14 @@ def test_settings_are_hidden_from_the_model_and_validated() -> None:
     [
         ({}, "invalid arguments for get_current_weather: city: Field required"),
         ({"city": 3}, "invalid arguments for get_current_weather: city: Input should be a valid string"),
-        ({"city": "x", "unit": "kelvin"},
-         "invalid arguments for get_current_weather: unit: Input should be 'celsius' or 'fahrenheit'"),
-        ({"city": "x", "country": "cn"},
-         "invalid arguments for get_current_weather: country: Extra inputs are not permitted"),
+        (
+            {"city": "x", "unit": "kelvin"},
+            "invalid arguments for get_current_weather: unit: Input should be 'celsius' or 'fahrenheit'",
+        ),
+        (
+            {"city": "x", "country": "cn"},
+            "invalid arguments for get_current_weather: country: Extra inputs are not permitted",
+        ),
     ],
 )
 def test_bad_arguments_name_the_problem(arguments: dict[str, Any], message: str) -> None:

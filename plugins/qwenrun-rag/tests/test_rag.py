@@ -279,7 +279,7 @@ def test_model_loads_offline_once_per_process(
 
 
 def test_signature_and_docstring_follow_the_tool_contract() -> None:
-    signature = inspect.signature(search_documents)
+    signature = inspect.signature(search_documents, eval_str=True)
     assert list(signature.parameters) == ["query", "k", "settings"]
     settings = signature.parameters["settings"]
     assert settings.kind is inspect.Parameter.KEYWORD_ONLY and settings.annotation is RagSettings

@@ -17,16 +17,16 @@ One tool, :func:`search_documents`, registered in the ``qwenrun.tools`` entry-po
 Problems the model can act on raise :class:`RagError`. This package does not import qwenrun.
 """
 
+from __future__ import annotations
+
 import os
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qwenrun_rag.chunking import chunk_text
@@ -39,7 +39,11 @@ INDEX_VERSION = 1
 MAX_K = 20
 SUFFIXES = frozenset({".txt", ".md"})
 
-Matrix = npt.NDArray[np.float32]
+if TYPE_CHECKING:  # numpy is imported on first search: listing and validating tools stays fast
+    import numpy as np
+    import numpy.typing as npt
+
+    Matrix = npt.NDArray[np.float32]
 
 
 class RagError(Exception):
@@ -58,7 +62,7 @@ class RagSettings(BaseModel):
     device: str = "cpu"
 
     @model_validator(mode="after")
-    def _overlap_below_half(self) -> "RagSettings":
+    def _overlap_below_half(self) -> RagSettings:
         if self.chunk_overlap > self.chunk_size // 2:
             raise ValueError("chunk_overlap must be at most half of chunk_size")
         return self
@@ -98,6 +102,8 @@ def search_documents(
         query: What to look for, as a question or a few keywords.
         k: How many passages to return (1 to 20).
     """
+    import numpy as np
+
     if not query.strip():
         raise RagError("the query is empty")
     if not 1 <= k <= MAX_K:
@@ -125,6 +131,8 @@ _INDEX_LOCKS_GUARD = threading.Lock()
 
 def build_index(settings: RagSettings) -> tuple[_Manifest, Matrix]:
     """Bring the index of ``settings.documents`` up to date (re-embedding changed files only)."""
+    import numpy as np
+
     root = Path(settings.documents).expanduser()
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
@@ -199,6 +207,8 @@ def _read(path: Path) -> str:
 
 def _load(index_dir: Path, settings: RagSettings) -> tuple[_Manifest, Matrix] | None:
     """The stored index, or None if missing, unreadable or built with other settings."""
+    import numpy as np
+
     try:
         manifest = _Manifest.model_validate_json((index_dir / "manifest.json").read_bytes())
         matrix = np.load(index_dir / manifest.embeddings, allow_pickle=False)
@@ -217,6 +227,8 @@ def _load(index_dir: Path, settings: RagSettings) -> tuple[_Manifest, Matrix] | 
 
 
 def _save(index_dir: Path, manifest: _Manifest, matrix: Matrix) -> None:
+    import numpy as np
+
     index_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(index_dir / manifest.embeddings, lambda f: np.save(f, matrix, allow_pickle=False))
     _atomic_write(index_dir / "manifest.json", lambda f: f.write(manifest.model_dump_json().encode()))
@@ -264,6 +276,8 @@ _ENCODE_LOCK = threading.Lock()  # fast tokenizers must not be used by two threa
 
 def _embed(texts: list[str], device: str) -> Matrix:
     """Normalised float32 embeddings of ``texts``, one row each."""
+    import numpy as np
+
     model = _model(device)
     with _ENCODE_LOCK:
         vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
