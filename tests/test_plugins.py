@@ -31,8 +31,8 @@ def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         sys.modules.pop(name, None)
 
 
-def test_installed_tools_come_from_metadata_without_import() -> None:
-    sys.modules.pop("qwenrun_calculator", None)
+def test_installed_tools_come_from_metadata_without_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "qwenrun_calculator", raising=False)  # restored afterwards
     tools = plugins.installed_tools()
     assert {"calculate", "get_current_weather", "search_documents"} <= set(tools)
     entry = tools["calculate"]
