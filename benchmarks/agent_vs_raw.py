@@ -80,8 +80,12 @@ class Pinned:
             yield delta
 
 
+TOOL_CALLS: list[int] = []  # tool calls per qwenrun session (each must make exactly one)
+
+
 async def qwenrun_session(agent: Agent, question: str) -> int:
     final = await agent.session().ask(question)
+    TOOL_CALLS.append(final.tool_calls)
     return final.usage.completion_tokens
 
 
@@ -161,6 +165,11 @@ async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, flo
     }
 
 
+def _median_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = rows[0].keys()
+    return {key: round(statistics.median(row[key] for row in rows), 3) for key in keys}
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = AgentSpec.from_dict(
         {
@@ -203,10 +212,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             a = await measure(first, n)
             b = await measure(second, n)
             pairs.append((a, b) if first is raw else (b, a))
-        raw_row = max((p[0] for p in pairs), key=lambda r: r["sessions_per_s"])
-        our_row = max((p[1] for p in pairs), key=lambda r: r["sessions_per_s"])
+            print(f"[bench]   N={n} rep {rep}: raw {pairs[-1][0]['sessions_per_s']:.2f} sess/s, "
+                  f"qwenrun {pairs[-1][1]['sessions_per_s']:.2f} sess/s", flush=True)
+        # the median run of each side (with 2 repeats: the mean of the two)
+        raw_row = _median_row([p[0] for p in pairs])
+        our_row = _median_row([p[1] for p in pairs])
         ratio = our_row["sessions_per_s"] / raw_row["sessions_per_s"]
-        row = {"n": n, "raw": raw_row, "qwenrun": our_row, "ratio": round(ratio, 3)}
+        row = {"n": n, "raw": raw_row, "qwenrun": our_row, "ratio": round(ratio, 3),
+               "reps": [[p[0]["sessions_per_s"], p[1]["sessions_per_s"]] for p in pairs]}
         report["rows"].append(row)
         print(
             f"[bench] N={n:<4} raw {raw_row['sessions_per_s']:8.2f} sess/s {raw_row['gen_tok_per_s']:9.1f} tok/s "
@@ -215,6 +228,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             f" | ratio {ratio:.3f}",
             flush=True,
         )
+    report["qwenrun_sessions"] = len(TOOL_CALLS)
+    report["qwenrun_sessions_with_one_tool_call"] = TOOL_CALLS.count(1)
+    print(f"[bench] qwenrun sessions: {len(TOOL_CALLS)}, with exactly one tool call: {TOOL_CALLS.count(1)}",
+          flush=True)
     if args.single_stream:
         one = await measure(raw, 1)
         report["single_stream_tok_s"] = one["gen_tok_per_s"]

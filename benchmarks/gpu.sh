@@ -14,11 +14,11 @@ COMMON=(--model $M --dtype bfloat16 --load-format dummy --max-model-len 4096 --g
 case "${1:-agent}" in
   agent)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --sessions 1,16,64,256 \
-      --answer-tokens 128 --repeat 2 --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
+      --answer-tokens 128 --repeat 4 --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
   tp)
     for tp in 2 1; do
       devs=$([ $tp = 2 ] && echo 0,1 || echo 0)
-      CUDA_VISIBLE_DEVICES=$devs python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --tp $tp --sessions 256 \
-        --answer-tokens 128 --repeat 2 --single-stream --json $OUT/tp$tp.json 2>&1 | tee $OUT/tp$tp.log | grep '\[bench\]'
+      CUDA_VISIBLE_DEVICES=$devs python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --tp $tp --sessions 64,256 \
+        --answer-tokens 128 --repeat 4 --single-stream --json $OUT/tp$tp.json 2>&1 | tee $OUT/tp$tp.log | grep '\[bench\]'
     done ;;
 esac
