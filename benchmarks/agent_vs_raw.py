@@ -43,6 +43,15 @@ def get_current_weather(city: str) -> str:
     return f"目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
 
 
+async def get_current_weather_async(city: str) -> str:
+    """Get the current weather of a city.
+
+    Args:
+        city: The city, e.g. 广州.
+    """
+    return f"目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
+
+
 def questions(n: int) -> list[str]:
     return [f"第{i}位用户问：广州天气情况如何?" for i in range(n)]
 
@@ -126,7 +135,10 @@ def raw_session_factory(
         ]
         text, first = await generate(messages, call_params, FORCED_PREFILL)
         call = json.loads(text)
-        result = get_current_weather(**call["arguments"])
+        if args.tool == "async":
+            result = await get_current_weather_async(**call["arguments"])
+        else:
+            result = get_current_weather(**call["arguments"])
         messages.append(
             {
                 "role": "assistant",
@@ -193,9 +205,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     engine = VLLMEngine(spec)
     started = time.perf_counter()
     await engine.start()
-    report: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "rows": []}
+    report: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "tool": args.tool,
+                              "rows": []}
     print(f"[bench] engine start-up {report['startup_s']} s", flush=True)
-    agent = Agent(spec, Pinned(engine, args.answer_tokens), tools=[get_current_weather])
+    tool = get_current_weather_async if args.tool == "async" else get_current_weather
+    tool.__name__ = "get_current_weather"
+    agent = Agent(spec, Pinned(engine, args.answer_tokens), tools=[tool])
     llm = engine._engine  # the same AsyncLLM, driven by hand on the raw side
     tokenizer = llm.get_tokenizer()
     if asyncio.iscoroutine(tokenizer):
@@ -255,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="1,16,64")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--tool", choices=["sync", "async"], default="async",
+                        help="the weather tool as a plain function (qwenrun runs it in a worker thread) "
+                        "or a coroutine function like the qwenrun-weather plugin's (run on the loop)")
     parser.add_argument("--single-stream", action="store_true", help="also time 1 raw session alone")
     parser.add_argument("--cpu", action="store_true", help="set VLLM_CPU_KVCACHE_SPACE=1")
     parser.add_argument("--quick", action="store_true", help="smoke: 1 and 4 sessions, 8 tokens, 1 repeat")

@@ -14,7 +14,7 @@ COMMON=(--model $M --dtype bfloat16 --load-format dummy --max-model-len 4096 --g
 case "${1:-agent}" in
   agent)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --sessions 1,16,64,256 \
-      --answer-tokens 128 --repeat 4 --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
+      --answer-tokens 128 --repeat 4 --tool ${TOOL:-async} --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
   tp)
     for tp in 2 1; do
       devs=$([ $tp = 2 ] && echo 0,1 || echo 0)
