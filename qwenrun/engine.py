@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import gc
 import inspect
 import json
 import logging
@@ -30,7 +31,7 @@ __all__ = ["Constraint", "Delta", "Engine", "VLLMEngine", "engine_kwargs", "samp
 log = logging.getLogger(__name__)
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_NOT_ENGINE_ARGS = frozenset({"available_devices", "env", "extra"})
+_NOT_ENGINE_ARGS = frozenset({"available_devices", "gpus_per_node", "env", "extra"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +101,11 @@ def _engine_arg_defaults() -> dict[str, Any]:
 def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
     """The keyword arguments of ``vllm.AsyncEngineArgs`` for ``spec``.
 
-    ``model.*`` and every ``EngineSpec`` field (but ``available_devices``, ``env``, ``extra``),
-    then quiet logging defaults, then ``engine.extra`` as is. A field this vLLM lacks (e.g.
-    ``swap_space`` in V1) is dropped, with a warning when the spec set it explicitly; a None the
-    installed vLLM would not accept (e.g. ``seed``) is left out so vLLM's default applies. An
-    unknown key in ``engine.extra`` is a :class:`ConfigError` with a suggestion.
+    ``model.*`` and every ``EngineSpec`` field (but ``available_devices``, ``gpus_per_node``,
+    ``env``, ``extra``), then quiet logging defaults, then ``engine.extra`` as is. A field this
+    vLLM lacks (e.g. ``swap_space`` in V1) is dropped, with a warning when the spec set it
+    explicitly; a None the installed vLLM would not accept (e.g. ``seed``) is left out so vLLM's
+    default applies. An unknown key in ``engine.extra`` is a :class:`ConfigError` with a suggestion.
     """
     known = _engine_arg_defaults()
     model = spec.model
@@ -267,6 +268,11 @@ class VLLMEngine:
                 engine.shutdown()
                 raise EngineError(f"vLLM started but has no usable tokenizer: {exc}") from exc
             self._engine, self._tokenizer = engine, tokenizer
+            # As vLLM's own server does after start-up: move the (millions of) objects that torch,
+            # vLLM and the model created to the permanent generation, so that full collections
+            # during serving stay short instead of stalling every stream on the event loop.
+            gc.collect()
+            gc.freeze()
             self.max_model_len = int(config.max_model_len)
             log.info("vLLM engine ready: %s (max_model_len %d)", self.model_name, self.max_model_len)
 
