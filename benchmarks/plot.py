@@ -5,8 +5,8 @@ Reads the JSON files under ``--results`` (default ``benchmarks/results``) and wr
 
 * ``agent_vs_raw.png`` from ``agent_vs_raw_tp1.json`` (the H100 run of ``agent_vs_raw.py``):
   sessions/s of the hand-written vLLM loop and of qwenrun at each N, and their ratio. The later
-  TP runs (``tp-*/tp*.json``, N=256 only) are drawn as extra ratio points, labelled, because they
-  disagree with the first run; ``tp-first`` is left out (its raw side was measured cold).
+  TP runs (``tp-*/tp*.json``) are drawn as extra ratio points, labelled, because they disagree
+  with the first run; ``tp-first`` is left out (its raw side was measured cold).
 * ``server_vs_vllm.png`` from ``cpu/server_vs_vllm.json`` (``server_vs_vllm.py``), if present:
   req/s and p50 latency of qwenrun's OpenAI server and of vLLM's, per round and mode.
 
@@ -39,15 +39,15 @@ def load(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def later_tp_points(results: Path) -> list[tuple[str, float]]:
-    """(label, ratio) of each later TP run at N=256, e.g. ('tp-second TP=2', 0.717)."""
+def later_tp_points(results: Path) -> list[tuple[str, list[int], list[float]]]:
+    """(label, Ns, ratios) of each later TP run, e.g. ('tp-second TP=2', [256], [0.717])."""
     points = []
     for path in sorted(results.glob("tp-*/tp*.json")):
         if path.parent.name in IGNORED_RUNS:
             continue
-        for row in load(path).get("rows", []):
-            if row.get("n") == 256:
-                points.append((f"{path.parent.name} TP={path.stem.removeprefix('tp')}", float(row["ratio"])))
+        rows = load(path).get("rows", [])
+        label = f"{path.parent.name} TP={path.stem.removeprefix('tp')}"
+        points.append((label, [int(row["n"]) for row in rows], [float(row["ratio"]) for row in rows]))
     return points
 
 
@@ -93,16 +93,20 @@ def plot_agent_vs_raw(results: Path, out: Path) -> Path | None:
         bottom.annotate(
             f"{value:.3f}", (n, value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
         )
-    markers = iter(["^", "v", "D", "P", "X"])
-    for label, value in later_tp_points(results):
+    markers = iter(["^", "v", "D", "P", "X", "<", ">"])
+    for label, n_values, ratios in later_tp_points(results):
         bottom.plot(
-            [256],
-            [value],
-            next(markers, "o"),
-            linestyle="none",
+            n_values, ratios, next(markers, "o"), linestyle=":", color="#d62728", alpha=0.8, label=f"{label}"
+        )
+    if later_tp_points(results):
+        bottom.text(
+            0.99,
+            0.04,
+            "red: later TP runs, not consistent with run 1 (under investigation)",
+            transform=bottom.transAxes,
+            ha="right",
+            fontsize=7,
             color="#d62728",
-            alpha=0.8,
-            label=f"{label} (unexplained, under investigation)",
         )
     bottom.set_xscale("log", base=2)
     bottom.set_xticks(ns, [str(n) for n in ns])

@@ -89,7 +89,7 @@ engine:
   env:
     VLLM_CPU_KVCACHE_SPACE: "1"
 sampling:
-  temperature: 0
+  temperature: 1.0  # requests set their own
   top_p: 1.0
   max_tokens: {max_tokens}
   extra:
@@ -214,7 +214,7 @@ async def stop(server: Server) -> None:
 # -- the load ---------------------------------------------------------------------------------------
 
 
-def body(index: int, max_tokens: int, stream: bool) -> dict[str, Any]:
+def body(index: int, max_tokens: int, stream: bool, temperature: float = 1.0) -> dict[str, Any]:
     request: dict[str, Any] = {
         "model": SERVED,
         "messages": [
@@ -222,7 +222,7 @@ def body(index: int, max_tokens: int, stream: bool) -> dict[str, Any]:
             {"role": "user", "content": f"第{index}位用户问：广州天气情况如何?"},
         ],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
         "top_p": 1.0,
         "ignore_eos": True,  # what openai.AsyncOpenAI sends for extra_body={"ignore_eos": True}
         "stream": stream,
@@ -238,21 +238,24 @@ class Outcome:
     ttft_s: float | None
     tokens: int
     error: str | None = None
+    chars: int = 0  # of content received
+    chunks: int = 0  # SSE events with content (streaming)
 
 
 async def one_request(client: httpx.AsyncClient, request: dict[str, Any]) -> Outcome:
     started = time.perf_counter()
     ttft: float | None = None
-    tokens = 0
+    tokens = chars = chunks = 0
     try:
         if not request["stream"]:
             response = await client.post("/v1/chat/completions", json=request)
             if response.status_code != 200:
-                return Outcome(
-                    time.perf_counter() - started, None, 0, f"{response.status_code} {response.text[:200]}"
-                )
-            tokens = int(response.json()["usage"]["completion_tokens"])
-            return Outcome(time.perf_counter() - started, None, tokens)
+                error = f"{response.status_code} {response.text[:200]}"
+                return Outcome(time.perf_counter() - started, None, 0, error)
+            data = response.json()
+            tokens = int(data["usage"]["completion_tokens"])
+            chars = len(data["choices"][0]["message"].get("content") or "")
+            return Outcome(time.perf_counter() - started, None, tokens, None, chars)
         async with client.stream("POST", "/v1/chat/completions", json=request) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -267,13 +270,16 @@ async def one_request(client: httpx.AsyncClient, request: dict[str, Any]) -> Out
                 if "error" in chunk:
                     return Outcome(time.perf_counter() - started, ttft, tokens, str(chunk["error"])[:200])
                 choices = chunk.get("choices") or []
-                if ttft is None and choices and choices[0].get("delta", {}).get("content"):
-                    ttft = time.perf_counter() - started
+                if choices and (content := choices[0].get("delta", {}).get("content")):
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                    chars += len(content)
+                    chunks += 1
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         return Outcome(time.perf_counter() - started, ttft, tokens, f"{type(exc).__name__}: {exc}")
-    return Outcome(time.perf_counter() - started, ttft, tokens)
+    return Outcome(time.perf_counter() - started, ttft, tokens, None, chars, chunks)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -292,6 +298,7 @@ async def run_load(
     time_limit_s: float,
     first_index: int = 0,
     idle: Server | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """``requests`` requests (fewer if ``time_limit_s`` runs out), ``concurrency`` at a time."""
     counter = itertools.count(first_index)
@@ -304,7 +311,7 @@ async def run_load(
                 index = next(counter)
                 if index >= first_index + requests or time.perf_counter() - started > time_limit_s:
                     return
-                outcomes.append(await one_request(client, body(index, max_tokens, stream)))
+                outcomes.append(await one_request(client, body(index, max_tokens, stream, temperature)))
 
         cpu_before, idle_before, client_before = (
             server.cpu_s(),
@@ -333,6 +340,8 @@ async def run_load(
         "p99_s": round(quantile(latencies, 0.99), 4),
         "max_s": round(max(latencies), 4),
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
+        "content_chars_per_req": round(sum(o.chars for o in good) / max(1, len(good)), 1),
+        "content_chunks_per_req": round(sum(o.chunks for o in good) / max(1, len(good)), 1),
         "server_cpu_ms_per_req": round(cpu * 1e3 / max(1, len(good)), 2),
         "client_cpu_ms_per_req": round((time.process_time() - client_before) * 1e3 / max(1, len(good)), 2),
         "loadavg_1m_before": round(load_before, 2),
@@ -348,7 +357,8 @@ def describe(row: dict[str, Any]) -> str:
     return (
         f"[bench] round {row['round']} {row['mode']:<9} {row['server']:<7} {row['req_s']:7.2f} req/s "
         f"{row['tok_s']:8.1f} tok/s p50 {row['p50_s']:.3f} p99 {row['p99_s']:.3f} max {row['max_s']:.3f}{ttft} "
-        f"cpu {row['server_cpu_ms_per_req']:.1f} ms/req errors {row['errors']} exact {row['tokens_exact']}/"
+        f"cpu {row['server_cpu_ms_per_req']:.1f} ms/req chunks {row['content_chunks_per_req']:.1f} "
+        f"chars {row['content_chars_per_req']:.0f} errors {row['errors']} exact {row['tokens_exact']}/"
         f"{row['requests']} load {row['loadavg_1m_before']}{idle}"
     )
 
@@ -370,6 +380,7 @@ async def measure_all(
             time_limit_s=args.time_limit,
             first_index=1000 * round_,
             idle=idle,
+            temperature=args.temperature,
         )
         row["round"] = round_
         print(describe(row), flush=True)
@@ -387,6 +398,7 @@ async def warm_up(server: Server, args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             time_limit_s=args.time_limit,
             first_index=10**6,
+            temperature=args.temperature,
         )
 
 
@@ -509,6 +521,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=32, help="exact completion length (ignore_eos)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default="stream,nonstream")
+    parser.add_argument("--temperature", type=float, default=1.0, help="1.0: text, not greedy newlines")
     parser.add_argument("--warmup", type=int, default=32, help="requests per mode before measuring")
     parser.add_argument("--time-limit", type=float, default=120, help="seconds per run at most")
     parser.add_argument(
@@ -543,6 +556,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "requests",
                 "concurrency",
                 "max_tokens",
+                "temperature",
                 "rounds",
                 "modes",
                 "warmup",

@@ -13,20 +13,28 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import hermes
 from qwenrun.config import AgentSpec
 from qwenrun.engine import Constraint, Engine
 from qwenrun.errors import ToolError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.observability import Telemetry, TurnTelemetry
+from qwenrun.store import session_info, turn_record, usage_meta
 from qwenrun.tools import Tool, format_result
 
+if TYPE_CHECKING:
+    from qwenrun.store import RecordKind, SessionStore
+
 __all__ = ["Agent", "Session", "forced_call"]
+
+log = logging.getLogger(__name__)
 
 FORCED_PREFILL = "<tool_call>\n"
 
@@ -41,8 +49,12 @@ class Agent:
         tools: Sequence[Tool | Callable[..., Any]] | None = None,
         *,
         strict_plugins: bool = True,
+        store: SessionStore | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.spec = spec
+        self.store = store  # sessions record every message here (None: in memory only)
+        self.telemetry = telemetry or Telemetry.from_environment()
         if engine is None:
             from qwenrun.engine import VLLMEngine
 
@@ -74,6 +86,8 @@ class Agent:
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.flush)
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -82,8 +96,9 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
 
-    def session(self, session_id: str | None = None) -> Session:
-        return Session(self, session_id)
+    def session(self, session_id: str | None = None, *, record: bool = True) -> Session:
+        """A new session, or the stored one of that id (resumed from :attr:`store`)."""
+        return Session(self, session_id, record=record)
 
     async def ask(self, prompt: str) -> Final:
         """Answer one question in a fresh session."""
@@ -93,13 +108,40 @@ class Agent:
 class Session:
     """One conversation: its history (without the system prompt) and its turns."""
 
-    def __init__(self, agent: Agent, session_id: str | None = None) -> None:
+    def __init__(self, agent: Agent, session_id: str | None = None, *, record: bool = True) -> None:
         self.agent = agent
         self.id = session_id or uuid.uuid4().hex
         self.messages: list[dict[str, Any]] = []
+        self.store = agent.store if record else None  # each message is recorded as it is added
+        self.stored = False  # whether the store knows this session
+        if self.store is not None and session_id is not None:
+            history = self.store.load(session_id)
+            if history is not None:
+                self.messages, self.stored = history, True
+        self._turn = 0
+        self._trace: TurnTelemetry | None = None
 
     def reset(self) -> None:
+        """Forget the history; a recorded session goes on as a new one (a new ``id``)."""
         self.messages.clear()
+        if self.stored:
+            self.id, self.stored = uuid.uuid4().hex, False
+
+    def _record(self, message: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+        """Add ``message`` to the history and, if the session is recorded, to the store."""
+        self.messages.append(message)
+        self._write("message", message, meta)
+
+    def _write(self, kind: RecordKind, data: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+        if self.store is None:
+            return
+        try:
+            if not self.stored:
+                self.store.create(session_info(self.agent.spec, self.id, str(data.get("content") or "")))
+                self.stored = True
+            self.store.append(self.id, self._turn, kind, data, meta or {})
+        except Exception:  # a failing store is logged; the conversation goes on
+            log.exception("session %s: cannot record to %r", self.id, self.store)
 
     async def ask(self, prompt: str, **kwargs: Any) -> Final:
         final: Final | None = None
@@ -119,10 +161,28 @@ class Session:
         """Run one user turn, yielding events; the last one is :class:`Final`.
 
         Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
-        and keeps the session usable: the partial answer is kept in the history.
+        and keeps the session usable: the partial answer is kept in the history. Each message is
+        recorded in the agent's store as it is added, and the turn's end (or error) after it.
         """
+        self._turn = 1 + sum(1 for message in self.messages if message.get("role") == "user")
+        trace = self._trace = self.agent.telemetry.turn(self.id, self.agent.name, self._turn)
+        try:
+            async for event in self._steps(prompt, tool_choice, overrides):
+                if isinstance(event, Final):
+                    trace.end(event)
+                    self._write("event", *turn_record(event, trace.started))
+                yield event
+        except BaseException as exc:
+            if not trace.done:  # an error, a cancellation, or a consumer that stopped listening
+                trace.fail(exc)
+                self._write("event", *turn_record(exc, trace.started))
+            raise
+
+    async def _steps(
+        self, prompt: str, tool_choice: str | None, overrides: dict[str, Any] | None
+    ) -> AsyncIterator[Event]:
         spec = self.agent.spec.agent
-        self.messages.append({"role": "user", "content": prompt})
+        self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.tool_choice
         total = Usage()
         tool_calls = 0
@@ -135,45 +195,49 @@ class Session:
                     yield event
             finally:
                 if not step.done and step.text:  # interrupted: keep what the user saw
-                    self.messages.append({"role": "assistant", "content": step.text})
+                    self._record({"role": "assistant", "content": step.text}, {"interrupted": True})
             total += step.usage
             calls = [call for call in step.result.tool_calls if call.ok]
             if not calls or choice == "none":
                 content = step.result.content
-                self.messages.append({"role": "assistant", "content": content})
+                meta = usage_meta(step.usage, step.finish_reason)
+                self._record({"role": "assistant", "content": content}, meta)
                 stop: Literal["answer", "length"] = "length" if step.finish_reason == "length" else "answer"
                 yield Final(content, stop, iteration, tool_calls, total)
                 return
             if not spec.parallel_tool_calls:
                 calls = calls[:1]
-            self.messages.append(_assistant_message(step.result.content, calls))
+            self._record(_assistant_message(step.result.content, calls), usage_meta(step.usage))
             for call in calls:
                 yield ToolCall(call.id, call.name, call.arguments)
             results = await asyncio.gather(*(self._run_tool(call) for call in calls))
             for result in results:
-                self.messages.append(
+                self._record(
                     {
                         "role": "tool",
                         "tool_call_id": result.id,
                         "name": result.name,
                         "content": result.content,
-                    }
+                    },
+                    {"duration_s": result.duration_s, "is_error": result.is_error},
                 )
                 yield result
             tool_calls += len(calls)
             choice = "auto"  # a forced tool_choice applies to the first call of a turn only
         note = f"(stopped after {spec.max_iterations} model calls without a final answer)"
-        self.messages.append({"role": "assistant", "content": note})
+        self._record({"role": "assistant", "content": note}, {"note": "max_iterations"})
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
         self, choice: str, overrides: dict[str, Any] | None, step: _Step
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text."""
-        agent = self.agent
+        agent, trace = self.agent, self._trace
+        assert trace is not None  # set by stream()
         constraint, prefill = forced_call(agent.tool_schemas(), choice)
         repaired = False
         while True:
+            span = trace.model_call(int(repaired))
             parser = hermes.StreamParser()
             parser.feed(prefill)
             started = time.perf_counter()
@@ -195,6 +259,9 @@ class Session:
                         if isinstance(item, str):
                             step.text += item
                             yield TextDelta(item)
+            except BaseException as exc:
+                span.fail(exc)
+                raise
             finally:  # a consumer that stops early aborts the model call now, not at GC
                 close = getattr(deltas, "aclose", None)
                 if close is not None:
@@ -204,6 +271,7 @@ class Session:
                     step.text += item
                     yield TextDelta(item)
             usage = Usage(last_prompt, last_completion, time.perf_counter() - started, 1)
+            span.end_model(usage)
             step.usage += usage
             yield usage
             result = parser.result()
@@ -218,6 +286,17 @@ class Session:
             constraint, prefill = forced_call(agent.tool_schemas(), target)
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
+        assert self._trace is not None  # set by stream()
+        span = self._trace.tool_call(call.id, call.name)
+        try:
+            result = await self._call_tool(call)
+        except BaseException as exc:  # cancelled
+            span.fail(exc)
+            raise
+        span.end_tool(result)
+        return result
+
+    async def _call_tool(self, call: hermes.ToolCall) -> ToolResult:
         agent = self.agent
         tool = agent.tools.get(call.name)
         started = time.perf_counter()

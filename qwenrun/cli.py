@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +17,10 @@ import click
 
 from qwenrun import __version__
 from qwenrun.config import AgentSpec
+from qwenrun.deploy.cli import deploy
 from qwenrun.errors import ConfigError, QwenrunError
+from qwenrun.observability import configure_logging
+from qwenrun.sessions_cli import replay, sessions
 
 if TYPE_CHECKING:
     from qwenrun.agent import Agent
@@ -48,8 +51,9 @@ def _load(path: str, overrides: Sequence[str]) -> AgentSpec:
 def make_agent(spec: AgentSpec) -> Agent:
     """Build the agent of a spec (tests replace this to run without vLLM)."""
     from qwenrun.agent import Agent
+    from qwenrun.store import open_store
 
-    return Agent(spec, strict_plugins=False)
+    return Agent(spec, strict_plugins=False, store=open_store(spec))
 
 
 set_option = click.option(
@@ -64,10 +68,16 @@ set_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwenrun")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines as text, or as JSON objects with the session id.")  # fmt: skip
+def main(verbose: int, log_format: str) -> None:
     """Run Qwen agents on vLLM from one YAML file."""
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose, "json" if log_format == "json" else "text")
+    # vLLM logs to stdout by default, mixing its lines into answers and --json output; send them
+    # to stderr, and keep only its warnings unless -v is given (the user's own settings win).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if verbose == 0:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 @main.command()
@@ -102,11 +112,14 @@ def schema() -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @set_option
-def up(file: str, overrides: tuple[str, ...]) -> None:
+@click.option("--resume", metavar="SESSION_ID", help="Continue a recorded session (cli front end).")
+def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Start the agent with the front end its file names (cli, chainlit or openai)."""
     with _errors():
         spec = _load(file, overrides)
         kind = spec.frontend.kind
+        if resume is not None and kind != "cli":
+            raise click.UsageError(f"--resume is for frontend.kind cli, not {kind}")
         if kind == "chainlit":
             from qwenrun.web import serve as serve_web
 
@@ -119,8 +132,11 @@ def up(file: str, overrides: tuple[str, ...]) -> None:
             serve_http(agent)
             return
         from qwenrun.console import repl
+        from qwenrun.sessions_cli import require_session
 
-        _run_async(agent, repl)
+        if resume is not None:
+            require_session(agent.store, resume)
+        _run_async(agent, lambda agent: repl(agent, resume=resume))
 
 
 @main.command()
@@ -216,6 +232,10 @@ def tiny_model(directory: str, force: bool) -> None:
     path = build_tiny_model(directory, force=force)
     click.echo(f"tiny model ready in {path}")
 
+
+main.add_command(deploy)
+main.add_command(sessions)
+main.add_command(replay)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -39,6 +39,7 @@ __all__ = [
     "ModelSpec",
     "OpenAIFrontend",
     "SamplingSpec",
+    "SessionsSpec",
     "ToolSpec",
     "apply_overrides",
     "format_validation_error",
@@ -77,6 +78,9 @@ class EngineSpec(_Strict):
     available_devices: PositiveInt | None = Field(
         None, description="GPUs this deployment may use; checked against TP x PP x DP when given."
     )
+    gpus_per_node: PositiveInt | None = Field(
+        None, description="GPUs of one node; an engine larger than that must use Ray (not a vLLM argument)."
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables set before vLLM is imported."
     )
@@ -84,6 +88,36 @@ class EngineSpec(_Strict):
         default_factory=dict,
         description="Any other vLLM EngineArgs field, passed as is (false booleans included).",
     )
+
+    def layout_problem(self) -> str | None:
+        """How TP x PP x DP, the executor backend and the GPU counts contradict vLLM, if they do."""
+        tp, pp, dp = self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size
+        backend, node = self.distributed_executor_backend, self.gpus_per_node
+        replica = f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}"
+        sizes = f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = {tp} x {pp} x {dp}"
+        if self.available_devices is not None and tp * pp * dp > self.available_devices:
+            return f"{sizes} = {tp * pp * dp} GPUs, but available_devices is {self.available_devices}"
+        if backend == "uni" and tp * pp > 1:
+            return f"distributed_executor_backend 'uni' runs 1 worker, but {replica} workers are needed"
+        if backend == "external_launcher" and dp > 1:
+            return (
+                f"data_parallel_size {dp} needs distributed_executor_backend 'mp' or 'ray': with "
+                "'external_launcher' every torchrun process is a data-parallel rank of its own and vLLM "
+                "does not balance requests between them"
+            )
+        if node is not None and tp * pp > node and backend != "ray":
+            return (
+                f"{replica} GPUs exceed gpus_per_node {node}: a model replica spanning nodes needs "
+                f"distributed_executor_backend: ray (it is {repr(backend) if backend else 'unset'})"
+            )
+        ray_dp = self.extra.get("data_parallel_backend") == "ray"
+        if node is not None and tp * pp <= node < tp * pp * dp and not ray_dp:
+            return (
+                f"{sizes} = {tp * pp * dp} GPUs exceed gpus_per_node {node}: data-parallel ranks on several "
+                "nodes need engine.extra.data_parallel_backend: ray (or a lower data_parallel_size and "
+                "more replicas)"
+            )
+        return None
 
 
 class SamplingSpec(_Strict):
@@ -166,6 +200,20 @@ class ChainlitFrontend(_Strict):
 Frontend = Annotated[CliFrontend | OpenAIFrontend | ChainlitFrontend, Field(discriminator="kind")]
 
 
+class SessionsSpec(_Strict):
+    """Where every front end records its sessions (``qwenrun sessions`` reads them back)."""
+
+    enabled: bool = Field(True, description="Record every turn; false: sessions live in memory only.")
+    store: Literal["sqlite"] = "sqlite"
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="SQLite file (relative: to the agent file) or ':memory:'. Default: "
+        "$QWENRUN_SESSIONS_DB, else $XDG_DATA_HOME/qwenrun/sessions.db, else "
+        "~/.local/share/qwenrun/sessions.db.",
+    )
+
+
 class AgentSpec(_Strict):
     """The whole agent file."""
 
@@ -175,6 +223,7 @@ class AgentSpec(_Strict):
     agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
     tools: list[ToolSpec] = Field(default_factory=list)
     frontend: Frontend = Field(default_factory=lambda: CliFrontend())
+    sessions: SessionsSpec = Field(default_factory=lambda: SessionsSpec())
 
     _source: str = PrivateAttr("<dict>")
 
@@ -206,9 +255,11 @@ class AgentSpec(_Strict):
     @classmethod
     def from_text(cls, text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> AgentSpec:
         try:
-            data = yaml.safe_load(text)
+            data = _safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: {_describe_yaml_error(exc)}") from None
+            raise ConfigError(f"{source}: {_describe_yaml_error(exc, text)}") from None
+        except RecursionError:  # PyYAML's parser recurses once per nesting level
+            raise ConfigError(f"{source}: YAML syntax error: the document is nested too deeply") from None
         if data is None:
             raise ConfigError(f"{source}: the file is empty")
         if not isinstance(data, dict):
@@ -244,15 +295,9 @@ class AgentSpec(_Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")
-        engine = self.engine
-        needed = engine.tensor_parallel_size * engine.pipeline_parallel_size * engine.data_parallel_size
-        if engine.available_devices is not None and needed > engine.available_devices:
-            raise ConfigError(
-                f"{self.source}: engine: tensor_parallel_size x pipeline_parallel_size x "
-                f"data_parallel_size = {engine.tensor_parallel_size} x {engine.pipeline_parallel_size} "
-                f"x {engine.data_parallel_size} = {needed} GPUs, but available_devices is "
-                f"{engine.available_devices}"
-            )
+        problem = self.engine.layout_problem()
+        if problem:
+            raise ConfigError(f"{self.source}: engine: {problem}")
         self.system_prompt()  # a bad template fails validation, not the first turn
 
     def system_prompt(self, **extra: Any) -> str:
@@ -282,14 +327,42 @@ _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ESCAPED = "$${"
 
 
+_MAX_DEPTH = 100
+_MAX_VALUES = 100_000
+
+
 def _interpolate(value: Any, path: tuple[str | int, ...], source: str) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$${`` is a literal ``${``."""
-    if isinstance(value, dict):
-        return {key: _interpolate(item, (*path, key), source) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item, (*path, index), source) for index, item in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$${`` is a literal ``${``.
+
+    Also bounds the document, whose YAML aliases may make it cyclic (``a: &a [*a]``) or huge
+    (nested aliases, "billion laughs"): a cycle, more than ``_MAX_DEPTH`` levels or more than
+    ``_MAX_VALUES`` values with the aliases expanded is a ConfigError naming where it happens."""
+    count = 0
+
+    def walk(node: Any, path: tuple[str | int, ...], parents: tuple[int, ...]) -> Any:
+        nonlocal count
+        count += 1
+        if count > _MAX_VALUES:
+            raise ConfigError(
+                f"{source}: {_dotted(path)}: more than {_MAX_VALUES:,} values once YAML aliases are expanded"
+            )
+        if isinstance(node, dict | list):
+            if id(node) in parents:
+                raise ConfigError(f"{source}: {_dotted(path)}: a YAML alias refers to a node containing it")
+            if len(parents) >= _MAX_DEPTH:
+                raise ConfigError(f"{source}: {_dotted(path)}: nested more than {_MAX_DEPTH} levels deep")
+            inner = (*parents, id(node))
+            if isinstance(node, dict):
+                return {key: walk(item, (*path, key), inner) for key, item in node.items()}
+            return [walk(item, (*path, index), inner) for index, item in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            return _substitute(node, path, source)
+        return node
+
+    return walk(value, path, ())
+
+
+def _substitute(value: str, path: tuple[str | int, ...], source: str) -> str:
     parts = value.split(_ESCAPED)
 
     def substitute(match: re.Match[str]) -> str:
@@ -314,7 +387,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
         if not sep or not key.strip():
             raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {override!r}: {_describe_yaml_error(exc)}") from None
         node: Any = data
@@ -331,19 +404,55 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
     return data
 
 
+_PLAIN_KEY = re.compile(r"[\w\-]+")
+
+
 def _dotted(path: Sequence[str | int]) -> str:
+    """``("tools", 0, "settings", "a b")`` -> ``tools[0].settings['a b']`` (odd keys quoted)."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):
+            text += f"[{str(part)!r}]"
+        else:
+            text += f".{part}" if text else str(part)
     return text or "<top level>"
 
 
-def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no tag builds a Python object), whose constructors
+    crash with IndexError, ValueError, ... on some explicitly tagged scalars (``!!int ""``,
+    ``!!float :``, ``!!timestamp x``): those become YAML errors at the value's line and column."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as exc:
+            shown = repr(node.value[:40]) if isinstance(node, yaml.ScalarNode) else "the value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as {node.tag} ({type(exc).__name__})",
+                node.start_mark,
+            ) from None  # fmt: skip
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)
+
+
+def _describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     if mark is not None:
         return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return f"YAML syntax error: {problem}"
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        at = exc.position  # an index into the text: a control character, a lone surrogate, ...
+        line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+        return (
+            f"YAML syntax error at line {line}, column {column}: "
+            f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        )
+    return f"YAML syntax error: {' '.join(problem.split())}"
 
 
 def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -383,9 +492,15 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
     lines = []
     for error in exc.errors(include_url=False):
         full_loc = list(error["loc"])
-        loc = [part for part in full_loc if not (isinstance(part, str) and part in _UNION_TAGS)]
+        # pydantic names the member of the frontend union it tried: frontend.openai.port -> frontend.port
+        tagged = len(full_loc) > 1 and full_loc[0] == "frontend" and full_loc[1] in _UNION_TAGS
+        loc = full_loc[:1] + full_loc[2:] if tagged else full_loc
         message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
+            loc, message = loc[:-1], f"key {loc[-1]} is not a string (quote it)"
+        elif loc and loc[-1] == "[key]":
+            loc, message = loc[:-2], f"key {loc[-2]!r}: {message}"
+        elif error["type"] == "extra_forbidden":
             owner = _model_at(model, full_loc)
             known = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)

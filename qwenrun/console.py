@@ -91,11 +91,15 @@ async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final
     return final
 
 
-async def repl(agent: Agent, stdin: TextIO | None = None) -> None:
-    """Read questions until ``/exit`` or end of input; stream each answer."""
+async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None = None) -> None:
+    """Read questions until ``/exit`` or end of input; stream each answer.
+
+    ``resume``: the id of a recorded session to continue (its history is loaded from the store).
+    """
     show = getattr(agent.spec.frontend, "show_tool_calls", True)
     printer = EventPrinter(show_tools=show)
-    session = agent.session()
+    session = agent.session(resume)
+    _announce(session, resumed=resume is not None)
     lines = _LineReader(stdin or sys.stdin)
     loop = asyncio.get_running_loop()
     click.echo(
@@ -112,6 +116,7 @@ async def repl(agent: Agent, stdin: TextIO | None = None) -> None:
         if text == "/reset":
             session.reset()
             click.echo("(conversation cleared)", err=True)
+            _announce(session)
             continue
         turn = asyncio.ensure_future(_turn(session, text, printer))
         installed = _on_sigint(loop, turn.cancel)
@@ -125,6 +130,17 @@ async def repl(agent: Agent, stdin: TextIO | None = None) -> None:
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
     click.echo("", err=True)
+
+
+def _announce(session: Session, *, resumed: bool = False) -> None:
+    """Tell the session id on stderr, and how to continue the session later."""
+    if session.store is None:
+        click.echo(f"Session {session.id} (not recorded)", err=True)
+    elif resumed:
+        turns = sum(1 for message in session.messages if message.get("role") == "user")
+        click.echo(f"Resumed session {session.id} ({turns} turns)", err=True)
+    else:
+        click.echo(f"Session {session.id} (continue it later with --resume {session.id})", err=True)
 
 
 async def _turn(session: Session, text: str, printer: EventPrinter) -> None:

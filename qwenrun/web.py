@@ -158,6 +158,9 @@ def build_app(agent: Agent) -> Any:
         finally:
             cl.user_session.set(TASK_KEY, None)
 
+    async def on_chat_resume(thread: Any) -> None:
+        _new_session(cl)
+
     async def on_stop() -> None:
         # Chainlit cancels its current task too; this makes sure it is the running turn.
         task = cl.user_session.get(TASK_KEY)
@@ -176,6 +179,7 @@ def build_app(agent: Agent) -> Any:
     cl.on_chat_start(on_chat_start)
     cl.on_message(on_message)
     cl.on_stop(on_stop)
+    cl.on_chat_resume(on_chat_resume)
     cl.set_starters(set_starters)
     cl.on_app_shutdown(on_app_shutdown)
     if password is not None:
@@ -207,7 +211,8 @@ def _current_agent() -> Agent:
 
 
 def _new_session(cl: Any) -> Session:
-    session = _current_agent().session(cl.context.session.id)
+    # The chat's thread id: a thread Chainlit resumes (with a data layer) gets its stored history.
+    session = _current_agent().session(cl.context.session.thread_id)
     cl.user_session.set(SESSION_KEY, session)
     return session
 
@@ -338,7 +343,7 @@ def reload_agent(path: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
     if (front.host, front.port) != (old_front.host, old_front.port):
         log.warning("%s: frontend host/port changed; restart `qwenrun up` to apply", path)
     tools = list(old.tools.values()) if spec.tools == old.spec.tools else None
-    build_app(Agent(spec, engine=old.engine, tools=tools, strict_plugins=False))
+    build_app(Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store))
     return True
 
 
@@ -432,4 +437,6 @@ def serve(file: str | os.PathLike[str], overrides: Sequence[str] = ()) -> None:
     """``qwenrun up FILE`` for ``frontend.kind: chainlit``: load the agent and serve its chat UI."""
     spec = AgentSpec.from_file(file, overrides)
     import_chainlit()  # a missing extra fails here, before any model loads
-    run(Agent(spec, strict_plugins=False), watch_file=file, overrides=overrides)
+    from qwenrun.store import open_store
+
+    run(Agent(spec, strict_plugins=False, store=open_store(spec)), watch_file=file, overrides=overrides)

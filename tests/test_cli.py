@@ -122,7 +122,8 @@ def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:
     schema = json.loads(result.output)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["required"] == ["model"]
-    assert set(schema["properties"]) == {"model", "engine", "sampling", "agent", "tools", "frontend"}
+    top_level = {"model", "engine", "sampling", "agent", "tools", "frontend", "sessions"}
+    assert set(schema["properties"]) == top_level
     assert schema["additionalProperties"] is False
     engine = schema["$defs"]["EngineSpec"]["properties"]
     assert engine["max_num_seqs"] == {

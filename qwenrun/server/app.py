@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec, OpenAIFrontend
 from qwenrun.errors import ConfigError, EngineError
+from qwenrun.observability import bind_metrics
 from qwenrun.server import chat
 from qwenrun.server.metrics import Metrics, MetricsMiddleware
 from qwenrun.server.schemas import APIError, ChatCompletionRequest, invalid_request
@@ -79,6 +80,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     if agent.name == served:
         raise ConfigError(f"{spec.source}: agent.name {agent.name!r} must differ from the served model name")
     metrics = Metrics()
+    bind_metrics(agent, metrics)  # the agent's turns, tool calls and session writes show on /metrics
     ready = False
     started_at = int(time.time())
 
@@ -184,21 +186,25 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         if req.model not in (served, agent.name):
             raise _unknown_model(req.model)
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
+        session_id = request.headers.get(chat.SESSION_HEADER)
+        headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
         if mode == "passthrough":
+            if session_id is not None:
+                raise APIError(400, f"{chat.SESSION_HEADER} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, req, frontend, reply.id)
         else:
-            pieces = chat.agent_turn(agent, req, frontend)
+            pieces = chat.agent_turn(agent, req, frontend, session_id)
         observed = _observe(metrics, mode, pieces)
         if not req.stream:
             collected = await _unless_disconnected(request, _collect(observed))
-            return JSONResponse(chat.completion(reply, collected))
+            return JSONResponse(chat.completion(reply, collected), headers=headers)
         # Wait for the first piece so that an engine that is dead or refuses the request gets a
         # real 503 status instead of a 200 followed by an error event.
         first = await _unless_disconnected(request, anext(observed))
         # sse-starlette rather than a bare StreamingResponse: when the client goes away or a send
         # fails it closes the body generator at once (so the engine request is aborted, not left
         # to the garbage collector), and it sends keep-alive comments while a slow tool runs.
-        return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S)
+        return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S, headers=headers)
 
     return app
 

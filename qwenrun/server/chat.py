@@ -13,6 +13,7 @@ non-streamed one always agree.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -21,10 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun import hermes
-from qwenrun.agent import Agent, forced_call
+from qwenrun.agent import Agent, Session, forced_call
 from qwenrun.config import OpenAIFrontend
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.server.schemas import APIError, ChatCompletionRequest, UserMessage, engine_message, text_of
+from qwenrun.store import valid_session_id
+
+SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
+_busy: set[str] = set()  # stored sessions with a turn in progress in this process
 
 __all__ = [
     "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks", "closing",
@@ -199,8 +204,14 @@ def passthrough(
 # -- agent mode -----------------------------------------------------------------------------------
 
 
-def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend) -> Pieces:
-    """Validate an agent-mode request, then return the pieces of one agent turn."""
+def agent_turn(
+    agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, session_id: str | None = None
+) -> Pieces:
+    """Validate an agent-mode request, then return the pieces of one agent turn.
+
+    With ``session_id`` (the ``X-Qwenrun-Session`` header) the turn continues that stored session
+    (a new one if the id is unknown) and is recorded; the request's earlier messages are ignored.
+    """
     if request.tools:
         raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
@@ -209,16 +220,19 @@ def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFro
     last = request.messages[-1]
     if not isinstance(last, UserMessage):
         raise APIError(400, "in agent mode the last message must be the user's", param="messages")
-    session = agent.session()
+    stateless = agent.session(record=False)
     # The agent's system prompt comes from its YAML: client system/developer messages are dropped.
     history = [message for message in request.messages[:-1] if message.role not in ("system", "developer")]
-    session.messages = [engine_message(message) for message in history]
+    stateless.messages = [engine_message(message) for message in history]
+    if session_id is not None:
+        _check_session_id(agent, session_id)
     sampling = overrides(request, agent, frontend)
 
     async def pieces() -> Pieces:
         trim = _Trim()
+        session = stateless if session_id is None else await _claim(agent, session_id)
         events = session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)
-        async with closing(events):
+        async with closing(events), _released(session_id):
             async for event in events:
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
@@ -232,6 +246,37 @@ def agent_turn(agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFro
                     yield Finish(reason, event.usage.prompt_tokens, event.usage.completion_tokens)
 
     return pieces()
+
+
+def _check_session_id(agent: Agent, session_id: str) -> None:
+    if agent.store is None:
+        raise APIError(400, f"{SESSION_HEADER}: agent {agent.name!r} records no sessions "
+                       "(sessions.enabled is false in its file)", code="sessions_disabled")  # fmt: skip
+    if not valid_session_id(session_id):
+        raise APIError(400, f"{SESSION_HEADER}: expected 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+                       code="invalid_session_id")  # fmt: skip
+
+
+async def _claim(agent: Agent, session_id: str) -> Session:
+    """The stored session, resumed (read in a thread); 409 while a request runs a turn of it."""
+    if session_id in _busy:
+        raise APIError(409, f"session {session_id!r} has a turn in progress; retry when it ends",
+                       type="conflict_error", code="session_busy")  # fmt: skip
+    _busy.add(session_id)
+    try:
+        return await asyncio.to_thread(agent.session, session_id)
+    except BaseException:
+        _busy.discard(session_id)
+        raise
+
+
+@asynccontextmanager
+async def _released(session_id: str | None) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        if session_id is not None:
+            _busy.discard(session_id)
 
 
 # -- pieces -> OpenAI JSON ------------------------------------------------------------------------

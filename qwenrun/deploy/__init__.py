@@ -1,0 +1,36 @@
+"""Deployment files for an agent: Kubernetes manifests of its OpenAI-compatible server.
+
+qwenrun adds no distribution of its own: a pod runs ``qwenrun up`` on the agent file, vLLM spreads
+the engine over the pod's GPUs (``tensor/pipeline/data_parallel_size``) or over a Ray cluster that
+KubeRay runs (``distributed_executor_backend: ray``), and Kubernetes does replicas, probes and
+autoscaling. :func:`plan_k8s` builds the manifests as Python dicts, :func:`write_manifests`
+writes them as YAML. ``qwenrun deploy k8s`` (:mod:`qwenrun.deploy.cli`) is the command line.
+"""
+
+from __future__ import annotations
+
+from qwenrun.deploy.files import dump_yaml, render_all, write_manifests
+from qwenrun.deploy.k8s import (
+    AGENT_PATH,
+    DEFAULT_IMAGE,
+    IN_FLIGHT_METRIC,
+    DeployError,
+    K8sOptions,
+    K8sPlan,
+    ModelVolume,
+    plan_k8s,
+)
+
+__all__ = [
+    "AGENT_PATH",
+    "DEFAULT_IMAGE",
+    "IN_FLIGHT_METRIC",
+    "DeployError",
+    "K8sOptions",
+    "K8sPlan",
+    "ModelVolume",
+    "dump_yaml",
+    "plan_k8s",
+    "render_all",
+    "write_manifests",
+]

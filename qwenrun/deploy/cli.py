@@ -1,0 +1,123 @@
+"""``qwenrun deploy``: the command line of :mod:`qwenrun.deploy` (registered by :mod:`qwenrun.cli`).
+
+Exit codes as in the rest of the CLI: 2 for a bad agent file or a bad option, 1 for an agent that
+cannot be deployed as asked. Warnings go to stderr, the files written and the next steps to stdout.
+"""
+
+from __future__ import annotations
+
+import click
+
+from qwenrun.deploy.files import render_all, write_manifests
+from qwenrun.deploy.k8s import DEFAULT_IMAGE, K8sOptions, ModelVolume, plan_k8s
+from qwenrun.errors import ConfigError, QwenrunError
+
+__all__ = ["deploy"]
+
+
+class _BadAgentFile(click.ClickException):
+    exit_code = 2
+
+
+def _model_volume(ctx: click.Context, param: click.Parameter, value: str | None) -> ModelVolume | None:
+    if value is None:
+        return None
+    try:
+        return ModelVolume.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group()
+def deploy() -> None:
+    """Write deployment files for an agent (Kubernetes)."""
+
+
+@deploy.command("k8s")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", metavar="DIR", help="Where to write (default: k8s/NAME); '-' prints them.")
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The server image (see Dockerfile).")
+@click.option("--name", help="Name of the Kubernetes objects (default: from agent.name).")
+@click.option("--namespace", help="Namespace of the objects (default: kubectl's).")
+@click.option(
+    "--model-volume",
+    metavar="pvc:CLAIM|hostpath:/DIR",
+    callback=_model_volume,
+    help="Volume holding the weights (or the Hugging Face cache), mounted at --model-mount.",
+)
+@click.option("--model-mount", default="/models", show_default=True, help="Where the pods see it.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), help="Autoscaler bound (default: 2 x replicas).")
+@click.option(
+    "--target-in-flight",
+    type=click.IntRange(min=1),
+    help="Requests in flight per pod the autoscaler aims at (default: max_num_seqs x DP / 2).",
+)
+@click.option("--api-key-secret", metavar="SECRET", help="Secret with key 'api-key' (default: NAME-api-key).")
+@click.option("--no-api-key", is_flag=True, help="Serve without an API key (warned).")
+@click.option("--ray", is_flag=True, help="A KubeRay RayCluster (default when TP x PP x DP > gpus_per_node).")
+@click.option("--cpu", default="4", show_default=True, help="CPU request of a GPU pod.")
+@click.option("--memory", default="32Gi", show_default=True, help="Memory request and limit of a GPU pod.")
+@click.option("--shm-size", default="16Gi", show_default=True, help="Size of /dev/shm (NCCL).")
+@click.option("--startup-timeout", type=click.IntRange(min=60), default=1800, show_default=True,
+              help="Seconds the model may take to load before the pod is restarted.")  # fmt: skip
+@click.option("--grace-period", type=click.IntRange(min=0), default=120, show_default=True,
+              help="Seconds running requests get to finish when a pod stops.")  # fmt: skip
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a value of the file, e.g. --set engine.tensor_parallel_size=2.")  # fmt: skip
+def k8s(
+    file: str,
+    output: str | None,
+    image: str,
+    name: str | None,
+    namespace: str | None,
+    model_volume: ModelVolume | None,
+    model_mount: str,
+    replicas: int,
+    max_replicas: int | None,
+    target_in_flight: int | None,
+    api_key_secret: str | None,
+    no_api_key: bool,
+    ray: bool,
+    cpu: str,
+    memory: str,
+    shm_size: str,
+    startup_timeout: int,
+    grace_period: int,
+    overrides: tuple[str, ...],
+) -> None:
+    """Write Kubernetes manifests that serve FILE's agent with its OpenAI-compatible server."""
+    if no_api_key and api_key_secret:
+        raise click.UsageError("--no-api-key and --api-key-secret contradict each other")
+    if not model_mount.startswith("/"):
+        raise click.BadParameter(f"{model_mount!r} is not an absolute path", param_hint="--model-mount")
+    options = K8sOptions(
+        image=image, name=name, namespace=namespace, replicas=replicas, max_replicas=max_replicas,
+        target_in_flight=target_in_flight, model_volume=model_volume, model_mount=model_mount,
+        api_key=not no_api_key, api_key_secret=api_key_secret, ray=ray, cpu=cpu, memory=memory,
+        shm_size=shm_size, startup_timeout_s=startup_timeout, grace_period_s=grace_period,
+    )  # fmt: skip
+    try:
+        plan = plan_k8s(file, overrides, options)
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if output == "-":
+            click.echo(render_all(plan.manifests), nl=False)
+            return
+        directory = output or f"k8s/{plan.name}"
+        for path in write_manifests(plan.manifests, directory):
+            click.echo(f"wrote {path}")
+    except ConfigError as exc:
+        raise _BadAgentFile(str(exc)) from None
+    except QwenrunError as exc:
+        raise click.ClickException(str(exc)) from None
+    engine = plan.spec.engine
+    sizes = engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.data_parallel_size
+    kind = "a KubeRay RayCluster" if plan.ray else "a Deployment"
+    click.echo(f"{plan.name}: {kind}, TP x PP x DP = {' x '.join(map(str, sizes))}")
+    in_namespace = f" -n {namespace}" if namespace else ""
+    click.echo("next:")
+    if plan.api_key_secret:
+        secret = f"secret generic {plan.api_key_secret} --from-literal=api-key=<key>"
+        click.echo(f"  kubectl{in_namespace} create {secret}")
+    click.echo(f"  kubectl{in_namespace} apply -f {directory}")

@@ -1,0 +1,508 @@
+"""The session store (qwenrun/store.py, qwenrun/sqlite_store.py): SQLite round trips, concurrent writers, the Session hook,
+resuming, and every front end (REPL, OpenAI server, Chainlit) recording to the same store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from qwenrun import cli
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.errors import ConfigError, EngineError
+from qwenrun.server import create_app
+from qwenrun.sqlite_store import SQLiteStore
+from qwenrun.store import DB_ENV, SessionInfo, SessionStore, open_store, store_path, valid_session_id
+from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+
+
+def get_current_weather(city: str) -> str:
+    """Get the current weather of a city.
+
+    Args:
+        city: The city, e.g. 广州.
+    """
+    return f"{city}：晴，25°C"
+
+
+def weather_script(request: ModelRequest) -> str:
+    """Call the tool for a fresh question, answer after a tool result."""
+    last = request.messages[-1]
+    if last["role"] == "tool":
+        return f"答：{last['content']}"
+    return tool_call_text("get_current_weather", {"city": str(last["content"])[:2]})
+
+
+def make_spec(source: str = "tests/store.yaml", **sections: Any) -> AgentSpec:
+    data = {"model": {"path": "scripted", "served_model_name": "scripted-qwen"},
+            "agent": {"name": "weather"}, **sections}  # fmt: skip
+    return AgentSpec.from_dict(data, source=source)
+
+
+def make_agent(store: SessionStore | None, script: Any = weather_script, **engine: Any) -> Agent:
+    return Agent(make_spec(), ScriptedEngine(script, **engine), tools=[get_current_weather], store=store)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "sessions.db")
+    yield opened
+    opened.close()
+
+
+def roles(store: SQLiteStore, session_id: str) -> list[str]:
+    stored = store.get(session_id)
+    assert stored is not None
+    return [r.data["role"] if r.kind == "message" else r.data["type"] for r in stored.records]
+
+
+# -- the store itself -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", ":memory:"])
+def test_round_trip(tmp_path: Path, where: str) -> None:
+    store = SQLiteStore(tmp_path / "s.db" if where == "file" else ":memory:")
+    try:
+        assert isinstance(store, SessionStore)
+        assert store.load("nope") is None and store.get("nope") is None and store.list() == []
+        store.create(SessionInfo("s1", "weather", title="hi", created=1.0, updated=1.0))
+        store.create(SessionInfo("s1", "other"))  # a known id: ignored
+        assert store.load("s1") == []
+        store.append("s1", 1, "message", {"role": "user", "content": "广州?"}, {})
+        store.append(
+            "s1", 1, "message", {"role": "assistant", "content": "晴"}, {"usage": {"prompt_tokens": 3}}
+        )
+        store.append("s1", 1, "event", {"type": "final"}, {"duration_s": 0.5})
+        assert store.load("s1") == [
+            {"role": "user", "content": "广州?"},
+            {"role": "assistant", "content": "晴"},
+        ]
+        stored = store.get("s1")
+        assert stored is not None
+        assert [(r.seq, r.turn, r.kind) for r in stored.records] == [
+            (0, 1, "message"),
+            (1, 1, "message"),
+            (2, 1, "event"),
+        ]
+        assert stored.records[1].meta == {"usage": {"prompt_tokens": 3}}
+        assert stored.messages() == store.load("s1")
+        info = stored.info
+        assert (info.agent, info.title, info.turns, info.messages) == ("weather", "hi", 1, 2)
+        assert info.updated >= stored.records[-1].created > 1.0
+        store.create(SessionInfo("s2", "calc", created=2.0, updated=2.0))
+        assert [i.id for i in store.list()] == ["s1", "s2"]  # most recently updated first
+        assert [i.id for i in store.list(agent="calc")] == ["s2"]
+        assert [i.id for i in store.list(limit=1)] == ["s1"]
+    finally:
+        store.close()
+    store.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        store.append("s1", 1, "message", {}, {})
+
+
+def test_memory_stores_are_private(tmp_path: Path) -> None:
+    first, second = SQLiteStore(":memory:"), SQLiteStore(":memory:")
+    first.create(SessionInfo("a", "x"))
+    assert second.get("a") is None and first.get("a") is not None
+    first.close()
+    second.close()
+
+
+def test_records_survive_a_reopen_and_wal_is_on(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "s.db"  # parents are created
+    store = SQLiteStore(path)
+    store.create(SessionInfo("a", "x"))
+    store.append("a", 1, "message", {"role": "user", "content": "q"}, {})
+    store.close()
+    again = SQLiteStore(path)
+    assert again.load("a") == [{"role": "user", "content": "q"}]
+    again.close()
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_many_threads_one_store_exact_counts_and_order(store: SQLiteStore) -> None:
+    threads, per_thread = 8, 150
+    ids = [f"t{n}" for n in range(threads)]
+    for session_id in [*ids, "shared"]:
+        store.create(SessionInfo(session_id, "x"))
+    start = threading.Barrier(threads)
+
+    def write(n: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            store.append(ids[n], 1, "message", {"role": "user", "content": f"{n}:{i}"}, {})
+            store.append("shared", 1, "message", {"role": "user", "content": f"{n}:{i}"}, {})
+
+    workers = [threading.Thread(target=write, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for n, session_id in enumerate(ids):
+        assert [m["content"] for m in store.load(session_id) or []] == [f"{n}:{i}" for i in range(per_thread)]
+    shared = [m["content"] for m in store.load("shared") or []]
+    assert len(shared) == threads * per_thread == len(set(shared))
+    for n in range(threads):  # each writer's records keep their order in the shared session
+        assert [c for c in shared if c.startswith(f"{n}:")] == [f"{n}:{i}" for i in range(per_thread)]
+    stored = store.get("shared")
+    assert stored is not None and [r.seq for r in stored.records] == list(range(threads * per_thread))
+    assert stored.info.messages == threads * per_thread
+
+
+def test_several_stores_on_one_file_like_processes(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    stores = [SQLiteStore(path) for _ in range(4)]
+    per_store = 200
+
+    def write(n: int) -> None:
+        stores[n].create(SessionInfo(f"s{n}", "x"))
+        for i in range(per_store):
+            stores[n].append(f"s{n}", i // 10 + 1, "message", {"role": "user", "content": str(i)}, {})
+            stores[n].append("common", 1, "event", {"type": "mark", "who": n, "i": i}, {})
+        stores[n].flush()
+
+    workers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    reader = stores[0]
+    for n in range(4):
+        assert [m["content"] for m in reader.load(f"s{n}") or []] == [str(i) for i in range(per_store)]
+        info = reader.get(f"s{n}")
+        assert info is not None and info.info.turns == per_store // 10
+    rows = sqlite3.connect(path).execute("SELECT data FROM records WHERE session_id = 'common' ORDER BY seq")
+    marks = [json.loads(data) for (data,) in rows]
+    assert len(marks) == 4 * per_store
+    for n in range(4):
+        assert [m["i"] for m in marks if m["who"] == n] == list(range(per_store))
+    for opened in stores:
+        opened.close()
+
+
+def test_a_locked_database_is_retried_not_lost(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    writes: list[tuple[int, bool]] = []
+    store = SQLiteStore(path, busy_timeout_s=0.05, on_write=lambda s, n, failed: writes.append((n, failed)))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock for 0.3 s
+    started = time.perf_counter()
+    store.create(SessionInfo("a", "x"))
+    store.append("a", 1, "message", {"role": "user", "content": "q"}, {})
+    assert time.perf_counter() - started < 0.05  # append never waits for the lock
+    time.sleep(0.3)
+    blocker.execute("COMMIT")
+    assert store.load("a") == [{"role": "user", "content": "q"}]
+    assert writes[-1] == (2, False) or sum(n for n, failed in writes if not failed) == 2
+    store.close()
+
+
+def test_session_ids() -> None:
+    assert valid_session_id(uuid.uuid4().hex) and valid_session_id(str(uuid.uuid4()))
+    assert valid_session_id("my-chat:2.a_b")
+    for bad in ["", "a b", "x" * 129, "../etc", "ü"]:
+        assert not valid_session_id(bad)
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_sessions_section_defaults_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    assert (spec.sessions.enabled, spec.sessions.store, spec.sessions.path) == (True, "sqlite", None)
+    monkeypatch.setenv(DB_ENV, str(tmp_path / "env.db"))
+    assert store_path(spec) == str(tmp_path / "env.db")
+    monkeypatch.delenv(DB_ENV)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert store_path(spec) == str(tmp_path / "xdg" / "qwenrun" / "sessions.db")
+    agent_file = tmp_path / "agents" / "a.yaml"
+    relative = make_spec(str(agent_file), sessions={"path": "data/s.db"})
+    assert store_path(relative) == str(tmp_path / "agents" / "data" / "s.db")
+    assert store_path(make_spec(sessions={"path": ":memory:"})) == ":memory:"
+    assert open_store(make_spec(sessions={"enabled": False})) is None
+    memory = open_store(make_spec(sessions={"path": ":memory:"}))
+    assert isinstance(memory, SQLiteStore)
+    memory.close()
+    for section, message in [
+        ({"store": "redis"}, "sessions.store: Input should be 'sqlite'"),
+        ({"path": ""}, "sessions.path: String should have at least 1 character"),
+        ({"enable": False}, "sessions.enable: unknown key 'enable'; did you mean 'enabled'?"),
+        ({"enabled": "maybe"}, "sessions.enabled: Input should be a valid boolean"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            make_spec("a.yaml", sessions=section)
+        assert str(info.value).startswith(f"a.yaml: {message}")
+
+
+def test_the_cli_builds_agents_with_the_files_store(tmp_path: Path) -> None:
+    spec = make_spec(str(tmp_path / "a.yaml"), sessions={"path": "s.db"})
+    agent = cli.make_agent(spec)  # a VLLMEngine that is never started
+    assert isinstance(agent.store, SQLiteStore) and agent.store.path == str(tmp_path / "s.db")
+    agent.store.close()
+    off = cli.make_agent(make_spec(sessions={"enabled": False}))
+    assert off.store is None
+
+
+# -- the Session hook --------------------------------------------------------------------------------
+
+
+async def test_every_message_is_recorded_as_it_happens(store: SQLiteStore) -> None:
+    agent = make_agent(store)
+    session = agent.session()
+    seen: list[list[str]] = []
+    async for _event in session.stream("广州天气?"):
+        seen.append(roles(store, session.id) if session.stored else [])
+    # the user message is stored before the first model call returns, the tool call before it runs
+    assert ["user"] in seen and ["user", "assistant"] in seen
+    assert roles(store, session.id) == ["user", "assistant", "tool", "assistant", "final"]
+    stored = store.get(session.id)
+    assert stored is not None
+    call, result, answer, final = stored.records[1:]
+    assert call.meta["usage"]["model_calls"] == 1 and call.meta["usage"]["completion_tokens"] > 0
+    assert result.meta["is_error"] is False and result.meta["duration_s"] >= 0
+    assert answer.meta["finish_reason"] == "stop"
+    assert final.data == {"type": "final", "stop_reason": "answer", "iterations": 2, "tool_calls": 1}
+    assert final.meta["usage"]["model_calls"] == 2 and final.meta["duration_s"] > 0
+    info = stored.info
+    assert (info.agent, info.model, info.frontend, info.title, info.source) == (
+        "weather", "scripted-qwen", "cli", "广州天气?", str(Path("tests/store.yaml").resolve()))  # fmt: skip
+    assert stored.messages() == session.messages
+
+
+async def test_resume_continues_history_and_turn_numbers(store: SQLiteStore) -> None:
+    agent = make_agent(store)
+    first = agent.session()
+    await first.ask("广州天气?")
+    resumed = agent.session(first.id)
+    assert resumed.messages == first.messages and resumed.stored
+    await resumed.ask("深圳呢?")
+    engine = agent.engine
+    assert isinstance(engine, ScriptedEngine)
+    assert [m["content"] for m in engine.calls[-2].messages if m["role"] == "user"] == [
+        "广州天气?",
+        "深圳呢?",
+    ]
+    stored = store.get(first.id)
+    assert stored is not None and stored.info.turns == 2
+    assert [r.turn for r in stored.records] == [1] * 5 + [2] * 5
+    fresh = agent.session("brand-new-id")  # an unknown id starts a session of that id
+    assert fresh.messages == [] and not fresh.stored
+    await fresh.ask("北京?")
+    assert store.load("brand-new-id") is not None
+
+
+async def test_errors_and_cancellations_are_recorded(store: SQLiteStore) -> None:
+    agent = make_agent(store, ["unused"])
+    engine = agent.engine
+    assert isinstance(engine, ScriptedEngine)
+    engine.dead = True
+    session = agent.session()
+    with pytest.raises(EngineError):
+        await session.ask("hi")
+    stored = store.get(session.id)
+    assert stored is not None
+    assert [r.data.get("type") for r in stored.records if r.kind == "event"] == ["error"]
+    assert stored.records[-1].data["error"] == "EngineError: the scripted engine is dead"
+    engine.dead = False
+    slow = make_agent(store, ["很长的回答。" * 100], delay_s=0.01, chunk_size=2)
+    talk = slow.session()
+    task = asyncio.ensure_future(talk.ask("写长文"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert roles(store, talk.id) == ["user", "assistant", "cancelled"]
+    stored = store.get(talk.id)
+    assert stored is not None and stored.records[1].meta == {"interrupted": True}
+
+
+async def test_reset_starts_a_new_recorded_session(store: SQLiteStore) -> None:
+    agent = make_agent(store)
+    session = agent.session()
+    await session.ask("广州?")
+    old = session.id
+    session.reset()
+    assert session.id != old and session.messages == []
+    await session.ask("深圳?")
+    assert [i.turns for i in store.list()] == [1, 1]
+
+
+async def test_unrecorded_sessions_and_a_failing_store(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent(store)
+    await agent.session(record=False).ask("广州?")
+    assert store.list() == []
+
+    class Broken(SQLiteStore):
+        def append(self, *args: Any) -> None:
+            raise OSError("disk full")
+
+    broken = Broken(":memory:")
+    final = await make_agent(broken).session().ask("广州?")
+    assert final.text.startswith("答：")  # the turn goes on
+    assert "cannot record" in caplog.text and "disk full" in caplog.text
+    broken.close()
+
+
+async def test_fifty_concurrent_sessions_five_turns_each(store: SQLiteStore) -> None:
+    """Exact rows and order under load, and the event loop never waits for the disk."""
+    agent = make_agent(store, delay_s=0.001)
+    durations: list[float] = []
+    original = store.append
+
+    def timed_append(*args: Any) -> None:
+        started = time.perf_counter()
+        original(*args)
+        durations.append(time.perf_counter() - started)
+
+    store.append = timed_append  # type: ignore[method-assign]
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:  # how late a 1 ms sleep wakes up: the loop's stalls
+        while not done.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - started - 0.001)
+
+    async def talk(n: int) -> str:
+        session = agent.session(f"load-{n}")
+        for turn in range(5):
+            await session.ask(f"城市{n}-{turn}")
+        return session.id
+
+    watcher = asyncio.ensure_future(probe())
+    ids = await asyncio.gather(*(talk(n) for n in range(50)))
+    done.set()
+    await watcher
+    for n, session_id in enumerate(ids):
+        stored = store.get(session_id)
+        assert stored is not None
+        assert len(stored.records) == 25 and [r.seq for r in stored.records] == list(range(25))
+        assert [r.turn for r in stored.records] == [t for t in range(1, 6) for _ in range(5)]
+        users = [r.data["content"] for r in stored.records if r.data.get("role") == "user"]
+        assert users == [f"城市{n}-{t}" for t in range(5)]
+        assert (stored.info.turns, stored.info.messages) == (5, 20)
+    assert len(store.list(limit=100)) == 50
+    durations.sort()
+    p99 = durations[int(len(durations) * 0.99)]
+    assert len(durations) == 50 * 5 * 5 + 0 and p99 < 0.005, f"append p99 {p99 * 1000:.2f} ms"
+    assert max(lags) < 0.25, f"the loop stalled {max(lags) * 1000:.0f} ms"
+
+
+# -- every front end records to the same store ---------------------------------------------------
+
+
+def server_app(store: SQLiteStore | None) -> tuple[Agent, Any]:
+    spec = make_spec(frontend={"kind": "openai"})
+    agent = Agent(spec, ScriptedEngine(weather_script), tools=[get_current_weather], store=store)
+    return agent, create_app(agent)
+
+
+async def post(app: Any, body: dict[str, Any], session: str | None = None) -> httpx.Response:
+    headers = {"X-Qwenrun-Session": session} if session is not None else {}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def ask(text: str, *history: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+    messages = [*history, {"role": "user", "content": text}]
+    return {"model": "weather", "messages": messages, "stream": stream}
+
+
+async def test_server_session_header_loads_history_and_records(store: SQLiteStore) -> None:
+    agent, app = server_app(store)
+    first = await post(app, ask("广州?"), session="chat-1")
+    assert first.status_code == 200, first.text
+    assert first.headers["x-qwenrun-session"] == "chat-1"
+    # the server's history wins over the request's earlier messages
+    second = await post(
+        app, ask("深圳?", {"role": "user", "content": "ignored"}, stream=True), session="chat-1"
+    )
+    assert second.status_code == 200 and second.headers["x-qwenrun-session"] == "chat-1"
+    engine = agent.engine
+    assert isinstance(engine, ScriptedEngine)
+    assert [m["content"] for m in engine.calls[-1].messages if m["role"] == "user"] == ["广州?", "深圳?"]
+    assert roles(store, "chat-1") == ["user", "assistant", "tool", "assistant", "final"] * 2
+    stored = store.get("chat-1")
+    assert stored is not None and stored.info.frontend == "openai"
+    plain = await post(app, ask("北京?"))  # no header: stateless, nothing recorded
+    assert plain.status_code == 200 and "x-qwenrun-session" not in plain.headers
+    assert [i.id for i in store.list()] == ["chat-1"]
+
+
+async def test_server_session_header_errors(store: SQLiteStore) -> None:
+    agent, app = server_app(store)
+    bad = await post(app, ask("x"), session="a b")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_session_id"
+    passthrough = await post(
+        app, {"model": "scripted-qwen", "messages": [{"role": "user", "content": "x"}]}, "s"
+    )
+    assert passthrough.status_code == 400 and "agent mode" in passthrough.json()["error"]["message"]
+    _, no_store = server_app(None)
+    disabled = await post(no_store, ask("x"), session="s")
+    assert disabled.status_code == 400 and disabled.json()["error"]["code"] == "sessions_disabled"
+    engine = agent.engine
+    assert isinstance(engine, ScriptedEngine)
+    engine.delay_s = 0.005  # a turn takes ~0.25 s: the second request comes while it runs
+    results = await asyncio.gather(post(app, ask("广州?"), "busy"), post(app, ask("深圳?"), "busy"))
+    assert sorted(r.status_code for r in results) == [200, 409]
+    conflict = next(r for r in results if r.status_code == 409).json()["error"]
+    assert conflict["code"] == "session_busy"
+    again = await post(app, ask("北京?"), "busy")  # released after the turn
+    assert again.status_code == 200
+    assert store.get("busy") is not None and store.get("busy").info.turns == 2  # type: ignore[union-attr]
+
+
+async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLiteStore) -> None:
+    from qwenrun import web
+
+    web.import_chainlit()  # first: it imports chainlit quietly, under a private app root
+    spec = make_spec(frontend={"kind": "chainlit"})
+    agent = Agent(spec, ScriptedEngine(weather_script), tools=[get_current_weather], store=store)
+    web.build_app(agent)
+    from chainlit import socket as chainlit_socket
+    from chainlit.session import WebsocketSession
+
+    thread = str(uuid.uuid4())
+
+    async def tab(text: str, thread_id: str | None) -> WebsocketSession:
+        async def emit(event: str, data: Any) -> None:
+            return None
+
+        async def emit_call(event: str, data: Any, timeout: int | None) -> None:
+            return None
+
+        sid = uuid.uuid4().hex
+        session = WebsocketSession(id=str(uuid.uuid4()), socket_id=sid, emit=emit, emit_call=emit_call,
+                                   user_env={}, client_type="webapp", thread_id=thread_id)  # fmt: skip
+        payload = {"message": {"id": str(uuid.uuid4()), "threadId": "", "name": "User", "type": "user_message",
+                               "output": text, "createdAt": web._now()}, "fileReferences": None}  # fmt: skip
+        await chainlit_socket.message(sid, payload)
+        assert session.current_task is not None
+        await session.current_task
+        return session
+
+    first = await tab("广州?", thread)
+    assert first.thread_id == thread
+    await first.delete()
+    second = await tab("深圳?", thread)  # the same thread again (a resumed chat): its history is back
+    await second.delete()
+    engine = agent.engine
+    assert isinstance(engine, ScriptedEngine)
+    assert [m["content"] for m in engine.calls[-1].messages if m["role"] == "user"] == ["广州?", "深圳?"]
+    stored = store.get(thread)
+    assert stored is not None and (stored.info.frontend, stored.info.turns) == ("chainlit", 2)
