@@ -350,7 +350,8 @@ def _interpolate(value: Any, path: tuple[str | int, ...], source: str) -> Any:
             if id(node) in parents:
                 raise ConfigError(f"{source}: {_dotted(path)}: a YAML alias refers to a node containing it")
             if len(parents) >= _MAX_DEPTH:
-                raise ConfigError(f"{source}: {_dotted(path)}: nested more than {_MAX_DEPTH} levels deep")
+                where = _dotted(path[:8]) + ("..." if len(path) > 8 else "")
+                raise ConfigError(f"{source}: {where}: nested more than {_MAX_DEPTH} levels deep")
             inner = (*parents, id(node))
             if isinstance(node, dict):
                 return {key: walk(item, (*path, key), inner) for key, item in node.items()}

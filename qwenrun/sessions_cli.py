@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,7 @@ def list_sessions(path: str, limit: int, agent: str | None) -> None:
     click.echo(f"{'ID':<32}  {'UPDATED':<19}  {'AGENT':<16} {'FRONTEND':<8} {'TURNS':>5}  TITLE")
     for info in found:
         click.echo(f"{info.id:<32}  {_when(info.updated)}  {info.agent:<16} {info.frontend:<8} "
-                   f"{info.turns:>5}  {info.title}")  # fmt: skip
+                   f"{info.turns:>5}  {_safe(info.title)}")  # fmt: skip
 
 
 @sessions.command("show")
@@ -126,8 +127,17 @@ def _usage(meta: dict[str, Any]) -> str:
     return f"{usage.get('prompt_tokens', 0)} + {usage.get('completion_tokens', 0)} tokens"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(value: object) -> str:
+    """Text from the model or a tool, with control characters (terminal escapes) made visible."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", str(value))
+
+
 def _show_record(record: Record) -> str:
-    data, meta = record.data, record.meta
+    data: dict[str, Any] = {k: _safe(v) if isinstance(v, str) else v for k, v in record.data.items()}
+    meta = record.meta
     if record.kind == "event":
         took = f"{meta.get('duration_s', 0):.2f} s"
         if data.get("type") == "final":
@@ -145,7 +155,7 @@ def _show_record(record: Record) -> str:
         lines.append(f"{role}: {data['content']}{tail}")
     for call in data.get("tool_calls") or []:
         function = call.get("function", {})
-        lines.append(f"  → {function.get('name')}({function.get('arguments')})")
+        lines.append(_safe(f"  → {function.get('name')}({function.get('arguments')})"))
     return "\n".join(lines)
 
 

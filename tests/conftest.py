@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import tempfile
 import warnings
 
 # Before anything imports vLLM or transformers: no hub, a small CPU KV cache.
@@ -13,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Agents record their sessions by default: never into the user's own database during tests.
+os.environ["QWENRUN_SESSIONS_DB"] = os.path.join(
+    tempfile.mkdtemp(prefix="qwenrun-test-sessions-"), "sessions.db"
+)
 
 from collections.abc import AsyncIterator
 from pathlib import Path

@@ -17,7 +17,7 @@ from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.replay import compare, format_call, recorded_turns
 from qwenrun.sqlite_store import SQLiteStore
-from qwenrun.store import DB_ENV, open_store
+from qwenrun.store import DB_ENV, SessionInfo, open_store
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 CALLS: list[str] = []  # what the weather tool was asked, in order
@@ -276,3 +276,16 @@ def test_the_commands_are_registered(h: Harness) -> None:
     assert "sessions" in result.output and "replay" in result.output
     assert "--log-format [text|json]" in result.output
     assert "--resume SESSION_ID" in h.invoke("up", "--help").output
+
+
+def test_show_makes_terminal_escapes_visible(h: Harness) -> None:
+    store = h.store()
+    store.create(SessionInfo("esc", "weather", title="clear\x1b[2J"))
+    store.append("esc", 1, "message", {"role": "user", "content": "hi\x1b]0;owned\x07"}, {})
+    store.append(
+        "esc", 1, "message", {"role": "tool", "name": "t", "tool_call_id": "c", "content": "\x1b[31mred"}, {}
+    )
+    store.close()
+    shown = h.invoke("sessions", "show", "esc").output
+    assert "user: hi\\x1b]0;owned\\x07" in shown and "← t: \\x1b[31mred" in shown
+    assert "clear\\x1b[2J" in h.invoke("sessions", "list").output
