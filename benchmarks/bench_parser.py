@@ -285,6 +285,16 @@ async def bench_agent(turns: int, repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
+def fit_overhead(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The agent's overhead over raw as a fixed cost per turn plus a cost per delta (two sizes)."""
+    (a, b) = rows[0], rows[-1]
+    per_delta = (a["agent_overhead_us_per_turn"] - b["agent_overhead_us_per_turn"]) / (
+        a["deltas_per_turn"] - b["deltas_per_turn"]
+    )
+    fixed = a["agent_overhead_us_per_turn"] - per_delta * a["deltas_per_turn"]
+    return {"us_per_delta": round(per_delta, 2), "us_per_turn": round(fixed, 1)}
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -318,6 +328,11 @@ def print_tables(report: dict[str, Any]) -> None:
             f"{row['agent_us_per_delta']:>10.2f} {row['agent_overhead_us_per_delta']:>13.2f} "
             f"{row['agent_vs_hand_us_per_turn']:>13.1f}"
         )
+    fit = report["agent_fit"]
+    print(
+        f"agent overhead over raw ≈ {fit['us_per_turn']:.0f} µs per turn (2 model calls, 1 tool) "
+        f"+ {fit['us_per_delta']:.2f} µs per delta"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -336,6 +351,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "linearity": bench_linearity(linear_n, max(3, repeat)),
         "agent": asyncio.run(bench_agent(turns, repeat)),
     }
+    report["agent_fit"] = fit_overhead(report["agent"])
     print_tables(report)
     return report
 

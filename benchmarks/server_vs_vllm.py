@@ -9,16 +9,27 @@ request bodies to each (plain chat, no tools: qwenrun's pass-through mode), on l
 ``ignore_eos`` rides in each request body for vLLM. qwenrun's request model ignores fields it does
 not know (it would drop ``ignore_eos``), so the benchmark's YAML sets ``sampling.extra.ignore_eos``;
 every answer's ``usage.completion_tokens`` is checked to be exactly ``--max-tokens`` on both sides.
+Sampling is at temperature 1.0: greedily, the random-weight tiny model writes only newlines, which
+qwenrun trims from the content (so it would stream no content chunks at all and win unfairly);
+sampled text gives both servers the same ~30 content chunks per answer (checked: ``chunks``).
 
 Layout ``one`` (default): one server up at a time; each round starts it, warms it up, measures every
 mode, stops it; rounds alternate which server goes first. Layout ``both``: both up (started one
-after the other), runs alternated A B B A; the idle server's CPU time during each run is recorded
-to show it stays idle. Each run reports req/s, tokens/s, p50/p99/max latency (time to the first
-content chunk too when streaming) and the server's CPU time per request (its process tree, from
-psutil): on a small shared CPU box the latter is the steadier measure of cost.
+after the other, then warmed up), runs alternated A B B A; the idle server's CPU time during each
+run is recorded to show it stays idle. Each run reports req/s, tokens/s, p50/p99/max latency (time
+to the first content chunk too when streaming), the cores the server kept busy, the CPU time of its
+front-end process per request (HTTP, chat template, tokenizer, detokenizer, engine client: where the
+two servers differ; the engine core and worker processes run the same vLLM code on both sides, and
+they busy-poll, so their CPU time tracks wall time), and the CPU time other processes of the
+machine used meanwhile: a round where they used more than 10% of the
+cores is noisy, and the "quiet" ratios are the median over the rounds whose two runs were quiet.
 
-    python benchmarks/server_vs_vllm.py --quick                          # smoke, ~4 min on 2 CPUs
+    python benchmarks/server_vs_vllm.py --quick                          # smoke, ~3 min on 2 CPUs
     python benchmarks/server_vs_vllm.py --json benchmarks/results/cpu/server_vs_vllm.json
+    python benchmarks/server_vs_vllm.py --model /tmp/qwen7b-dummy --load-format dummy --dtype bfloat16 \\
+        --max-model-len 4096 --gpu-memory-utilization 0.85 --max-num-seqs 256 --no-enforce-eager   # 1 GPU
+
+On a GPU keep the default layout ``one``: two servers at 0.85 of the memory do not fit together.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -50,6 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVED = "tiny-qwen2"
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 SERVERS = ("qwenrun", "vllm")
+QUIET_SHARE = 0.1  # a run is "quiet" if other processes used less than this share of all cores
+MEDIAN_KEYS = ("req_s", "tok_s", "p50_s", "p99_s", "max_s", "server_cores_busy", "front_cpu_ms_per_req")
 
 
 def free_port() -> int:
@@ -73,21 +87,32 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def qwenrun_yaml(model: str, port: int, max_tokens: int) -> str:
-    """The agent file of the qwenrun side: the tiny engine of the tests, neutral sampling."""
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine arguments both servers get (defaults: the tiny CPU engine of the tests)."""
+
+    dtype: str = "float32"
+    load_format: str = "auto"
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.2
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+
+
+def qwenrun_yaml(model: str, port: int, max_tokens: int, engine: EngineConfig) -> str:
+    """The agent file of the qwenrun side: the same engine as vLLM's, neutral sampling."""
     return f"""\
 model:
   path: {model}
   served_model_name: {SERVED}
 engine:
-  dtype: float32
-  gpu_memory_utilization: 0.2
-  max_num_seqs: 64
-  max_model_len: 2048
-  enforce_eager: true
+  dtype: {engine.dtype}
+  load_format: {engine.load_format}
+  gpu_memory_utilization: {engine.gpu_memory_utilization}
+  max_num_seqs: {engine.max_num_seqs}
+  max_model_len: {engine.max_model_len}
+  enforce_eager: {str(engine.enforce_eager).lower()}
   seed: 0
-  env:
-    VLLM_CPU_KVCACHE_SPACE: "1"
 sampling:
   temperature: 1.0  # requests set their own
   top_p: 1.0
@@ -103,33 +128,14 @@ frontend:
 """
 
 
-def vllm_command(model: str, port: int) -> list[str]:
+def vllm_command(model: str, port: int, engine: EngineConfig) -> list[str]:
     """vLLM's server with the engine arguments qwenrun derives from the YAML above."""
-    return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--served-model-name",
-        SERVED,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "2048",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.2",
-        "--max-num-seqs",
-        "64",
-        "--seed",
-        "0",
-        "--disable-log-stats",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    command += ["--served-model-name", SERVED, "--dtype", engine.dtype, "--load-format", engine.load_format]
+    command += ["--max-model-len", str(engine.max_model_len), "--max-num-seqs", str(engine.max_num_seqs)]
+    command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--seed", "0"]
+    command += ["--disable-log-stats", "--host", "127.0.0.1", "--port", str(port)]
+    return command + (["--enforce-eager"] if engine.enforce_eager else [])
 
 
 @dataclass
@@ -147,25 +153,34 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the server's process tree (live processes)."""
+    def cpu_s(self, front_only: bool = False) -> float:
+        """User + system CPU seconds of the server's process tree (live processes), or of its
+        front-end process alone (HTTP, chat template, tokenizer, detokenizer, engine client)."""
         total = 0.0
-        for proc in self.tree:
+        for proc in self.tree[:1] if front_only else self.tree:
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
                 total += times.user + times.system
         return total
 
 
-async def start(name: str, model: str, max_tokens: int, workdir: Path, timeout_s: float) -> Server:
+async def start(
+    name: str,
+    model: str,
+    max_tokens: int,
+    workdir: Path,
+    timeout_s: float,
+    engine: EngineConfig | None = None,
+) -> Server:
+    engine = engine or EngineConfig()
     port = free_port()
     log = workdir / f"{name}-{port}.log"
     if name == "qwenrun":
         config = workdir / f"bench-{port}.yaml"
-        config.write_text(qwenrun_yaml(model, port, max_tokens))
+        config.write_text(qwenrun_yaml(model, port, max_tokens, engine))
         command = [sys.executable, "-m", "qwenrun.cli", "up", str(config)]
     else:
-        command = vllm_command(model, port)
+        command = vllm_command(model, port, engine)
     started = time.perf_counter()
     with log.open("wb") as sink:
         proc = subprocess.Popen(
@@ -303,26 +318,32 @@ async def run_load(
     """``requests`` requests (fewer if ``time_limit_s`` runs out), ``concurrency`` at a time."""
     counter = itertools.count(first_index)
     outcomes: list[Outcome] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.base, timeout=300, limits=limits) as client:
+    # One client (one keep-alive connection) per worker, like `concurrency` independent users: with
+    # one shared pool, httpx's connection handout made some non-streamed requests wait seconds.
+    clients = [httpx.AsyncClient(base_url=server.base, timeout=300) for _ in range(concurrency)]
 
-        async def worker() -> None:
-            while True:
-                index = next(counter)
-                if index >= first_index + requests or time.perf_counter() - started > time_limit_s:
-                    return
-                outcomes.append(await one_request(client, body(index, max_tokens, stream, temperature)))
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            index = next(counter)
+            if index >= first_index + requests or time.perf_counter() - started > time_limit_s:
+                return
+            outcomes.append(await one_request(client, body(index, max_tokens, stream, temperature)))
 
-        cpu_before, idle_before, client_before = (
-            server.cpu_s(),
-            idle.cpu_s() if idle else 0.0,
-            time.process_time(),
-        )
-        load_before = os.getloadavg()[0]
+    def sample() -> tuple[float, ...]:
+        idle_cpu = idle.cpu_s() if idle else 0.0
+        return server.cpu_s(), server.cpu_s(front_only=True), idle_cpu, time.process_time(), busy_cpu_s()
+
+    try:
+        before = sample()
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(client) for client in clients))
         wall = time.perf_counter() - started
-        cpu = server.cpu_s() - cpu_before
+        after = sample()
+    finally:
+        for client in clients:
+            await client.aclose()
+    server_cpu, front_cpu, idle_cpu, client_cpu, busy = (b - a for a, b in zip(before, after, strict=True))
+    other = max(0.0, busy - server_cpu - idle_cpu - client_cpu)  # other users of this machine
     good = [o for o in outcomes if o.error is None]
     latencies = [o.latency_s for o in good] or [float("nan")]
     ttfts = [o.ttft_s for o in good if o.ttft_s is not None]
@@ -342,28 +363,50 @@ async def run_load(
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
         "content_chars_per_req": round(sum(o.chars for o in good) / max(1, len(good)), 1),
         "content_chunks_per_req": round(sum(o.chunks for o in good) / max(1, len(good)), 1),
-        "server_cpu_ms_per_req": round(cpu * 1e3 / max(1, len(good)), 2),
-        "client_cpu_ms_per_req": round((time.process_time() - client_before) * 1e3 / max(1, len(good)), 2),
-        "loadavg_1m_before": round(load_before, 2),
+        "server_cores_busy": round(server_cpu / wall, 2),
+        "front_cpu_ms_per_req": round(front_cpu * 1e3 / max(1, len(good)), 2),
+        "client_cpu_ms_per_req": round(client_cpu * 1e3 / max(1, len(good)), 2),
+        "other_cpu_s": round(other, 2),
+        "quiet": other < QUIET_SHARE * wall * (os.cpu_count() or 1),
     }
     if idle is not None:
-        row["idle_server_cpu_s"] = round(idle.cpu_s() - idle_before, 3)
+        row["idle_server_cpu_s"] = round(idle_cpu, 3)
     return row
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds all processes of the machine have used (all cores; interrupts left out: the
+    loopback traffic of the benchmark itself is counted there, not in any process)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
 
 
 def describe(row: dict[str, Any]) -> str:
     ttft = f" ttft50 {row['ttft_p50_s']:.3f}" if row.get("ttft_p50_s") is not None else ""
-    idle = f" idle-other-cpu {row['idle_server_cpu_s']:.2f}s" if "idle_server_cpu_s" in row else ""
+    idle = f" idle-server-cpu {row['idle_server_cpu_s']:.2f}s" if "idle_server_cpu_s" in row else ""
     return (
         f"[bench] round {row['round']} {row['mode']:<9} {row['server']:<7} {row['req_s']:7.2f} req/s "
         f"{row['tok_s']:8.1f} tok/s p50 {row['p50_s']:.3f} p99 {row['p99_s']:.3f} max {row['max_s']:.3f}{ttft} "
-        f"cpu {row['server_cpu_ms_per_req']:.1f} ms/req chunks {row['content_chunks_per_req']:.1f} "
-        f"chars {row['content_chars_per_req']:.0f} errors {row['errors']} exact {row['tokens_exact']}/"
-        f"{row['requests']} load {row['loadavg_1m_before']}{idle}"
+        f"| front {row['front_cpu_ms_per_req']:.1f} cpu-ms/req, server {row['server_cores_busy']:.2f} cores, others {row['other_cpu_s']:.1f} cpu-s"
+        f"{'' if row['quiet'] else ' (NOISY)'}{idle} | chunks {row['content_chunks_per_req']:.1f} "
+        f"chars {row['content_chars_per_req']:.0f} exact {row['tokens_exact']}/{row['requests']} "
+        f"errors {row['errors']}"
     )
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
+
+
+async def settle(servers: list[Server], *, window_s: float = 0.5, timeout_s: float = 20) -> float:
+    """Wait until the servers are idle (vLLM's engine core and worker keep polling for a while
+    after their last request); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = sum(server.cpu_s() for server in servers)
+        await asyncio.sleep(window_s)
+        if sum(server.cpu_s() for server in servers) - before < 0.05 * window_s:
+            break
+    return round(time.monotonic() - started, 1)
 
 
 async def measure_all(
@@ -371,6 +414,7 @@ async def measure_all(
 ) -> list[dict[str, Any]]:
     rows = []
     for mode in args.modes:
+        settled = await settle([server, *([idle] if idle else [])])
         row = await run_load(
             server,
             stream=mode == "stream",
@@ -382,7 +426,7 @@ async def measure_all(
             idle=idle,
             temperature=args.temperature,
         )
-        row["round"] = round_
+        row["round"], row["settle_s"] = round_, settled
         print(describe(row), flush=True)
         rows.append(row)
     return rows
@@ -411,7 +455,7 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     startups: dict[str, list[float]] = {name: [] for name in SERVERS}
 
     async def up(name: str) -> Server:
-        server = await start(name, args.model, args.max_tokens, workdir, args.startup_timeout)
+        server = await start(name, args.model, args.max_tokens, workdir, args.startup_timeout, args.engine)
         startups[name].append(server.startup_s)
         await warm_up(server, args)
         return server
@@ -440,44 +484,55 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    """Medians per server and mode, their ratios, and the ratios of each round's pair of runs."""
     summary: dict[str, Any] = {}
     for mode in modes:
         per: dict[str, Any] = {}
         for name in SERVERS:
             rows = [r for r in runs if r["mode"] == mode and r["server"] == name]
-            per[name] = {
-                key: round(statistics.median(r[key] for r in rows), 4)
-                for key in ("req_s", "tok_s", "p50_s", "p99_s", "max_s", "server_cpu_ms_per_req")
-            }
+            per[name] = {key: round(statistics.median(r[key] for r in rows), 4) for key in MEDIAN_KEYS}
             ttfts = [r["ttft_p50_s"] for r in rows if r.get("ttft_p50_s") is not None]
             per[name]["ttft_p50_s"] = round(statistics.median(ttfts), 4) if ttfts else None
         ours, theirs = per["qwenrun"], per["vllm"]
-        rounds = sorted({r["round"] for r in runs})
-        paired = [
-            next(r for r in runs if r["round"] == k and r["mode"] == mode and r["server"] == "qwenrun")[
-                "req_s"
-            ]
-            / next(r for r in runs if r["round"] == k and r["mode"] == mode and r["server"] == "vllm")[
-                "req_s"
-            ]
-            for k in rounds
-        ]
+        pairs = []
+        for k in sorted({r["round"] for r in runs}):
+            pair = {r["server"]: r for r in runs if r["round"] == k and r["mode"] == mode}
+            pairs.append((pair["qwenrun"], pair["vllm"]))
+        quiet = [(a, b) for a, b in pairs if a["quiet"] and b["quiet"]]
         per.update(
             ratio_req_s=round(ours["req_s"] / theirs["req_s"], 3),
             ratio_p50=round(ours["p50_s"] / theirs["p50_s"], 3),
             ratio_p99=round(ours["p99_s"] / theirs["p99_s"], 3),
-            ratio_cpu_per_req=round(ours["server_cpu_ms_per_req"] / theirs["server_cpu_ms_per_req"], 3),
-            round_ratios_req_s=[round(x, 3) for x in paired],
+            ratio_front_cpu=round(ours["front_cpu_ms_per_req"] / theirs["front_cpu_ms_per_req"], 3),
+            round_ratios_req_s=[round(a["req_s"] / b["req_s"], 3) for a, b in pairs],
+            round_ratios_p50=[round(a["p50_s"] / b["p50_s"], 3) for a, b in pairs],
+            round_ratios_front_cpu=[
+                round(a["front_cpu_ms_per_req"] / b["front_cpu_ms_per_req"], 3) for a, b in pairs
+            ],
+            paired_ratio_req_s=round(statistics.median(a["req_s"] / b["req_s"] for a, b in pairs), 3),
+            paired_ratio_p50=round(statistics.median(a["p50_s"] / b["p50_s"] for a, b in pairs), 3),
+            paired_ratio_front_cpu=round(
+                statistics.median(a["front_cpu_ms_per_req"] / b["front_cpu_ms_per_req"] for a, b in pairs), 3
+            ),
+            quiet_rounds=len(quiet),
+            quiet_ratio_req_s=round(statistics.median(a["req_s"] / b["req_s"] for a, b in quiet), 3)
+            if quiet
+            else None,
+            quiet_ratio_p50=round(statistics.median(a["p50_s"] / b["p50_s"] for a, b in quiet), 3)
+            if quiet
+            else None,
         )
         summary[mode] = per
     return summary
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    print("\nmedian over rounds; ratio = qwenrun / vLLM (targets: req/s >= 1.0, p50 <= 1.03)")
+    print(
+        "\nmedian over rounds; ratio = qwenrun / vLLM of those medians (targets: req/s >= 1.0, p50 <= 1.03)"
+    )
     print(
         f"{'mode':<9} {'server':<8} {'req/s':>8} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'max s':>7} "
-        f"{'ttft50 s':>8} {'cpu ms/req':>10}"
+        f"{'ttft50 s':>8} {'cores':>5} {'front cpu-ms/req':>16}"
     )
     for mode, per in report["summary"].items():
         for name in ("vllm", "qwenrun"):
@@ -485,12 +540,22 @@ def print_summary(report: dict[str, Any]) -> None:
             ttft = f"{row['ttft_p50_s']:8.3f}" if row["ttft_p50_s"] is not None else f"{'-':>8}"
             print(
                 f"{mode:<9} {name:<8} {row['req_s']:8.2f} {row['tok_s']:8.1f} {row['p50_s']:7.3f} "
-                f"{row['p99_s']:7.3f} {row['max_s']:7.3f} {ttft} {row['server_cpu_ms_per_req']:10.1f}"
+                f"{row['p99_s']:7.3f} {row['max_s']:7.3f} {ttft} {row['server_cores_busy']:5.2f} "
+                f"{row['front_cpu_ms_per_req']:16.2f}"
             )
         print(
             f"{mode:<9} {'ratio':<8} {per['ratio_req_s']:8.3f} {'':>8} {per['ratio_p50']:7.3f} "
-            f"{per['ratio_p99']:7.3f} {'':>7} {'':>8} {per['ratio_cpu_per_req']:10.3f}"
-            f"   per-round req/s ratios {per['round_ratios_req_s']}"
+            f"{per['ratio_p99']:7.3f} {'':>7} {'':>8} {'':>5} {per['ratio_front_cpu']:16.3f}\n"
+            f"{mode:<9} {'':<8} per round: req/s {per['round_ratios_req_s']} p50 {per['round_ratios_p50']} "
+            f"front cpu {per['round_ratios_front_cpu']}"
+        )
+        print(
+            f"{mode:<9} {'paired':<8} {per['paired_ratio_req_s']:8.3f} {'':>8} {per['paired_ratio_p50']:7.3f} "
+            f"{'':>7} {'':>7} {'':>8} {'':>5} {per['paired_ratio_front_cpu']:16.3f}   (median of the rounds' ratios)"
+        )
+        print(
+            f"{mode:<9} {'quiet':<8} {per['quiet_ratio_req_s']} (req/s), {per['quiet_ratio_p50']} (p50): "
+            f"median of the {per['quiet_rounds']} rounds where other processes used < {QUIET_SHARE:.0%} of the CPU"
         )
     print(f"start-up s: {report['startup_s']}")
 
@@ -531,11 +596,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one server up at a time (default) or both up, alternated",
     )
     parser.add_argument("--startup-timeout", type=float, default=600)
+    engine = parser.add_argument_group("engine (both servers; defaults: the tiny CPU engine)")
+    engine.add_argument("--dtype", default="float32")
+    engine.add_argument("--load-format", default="auto", help="'dummy' for random weights of a real shape")
+    engine.add_argument("--max-model-len", type=int, default=2048)
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.2)
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument(
+        "--no-enforce-eager", action="store_true", help="GPU: allow CUDA graphs, torch.compile"
+    )
     parser.add_argument("--logs", help="keep the server logs in this folder (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="smoke: 16 requests, 8 tokens, 1 round, stream")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
     args.modes = args.modes.split(",")
+    args.engine = EngineConfig(
+        args.dtype,
+        args.load_format,
+        args.max_model_len,
+        args.gpu_memory_utilization,
+        args.max_num_seqs,
+        not args.no_enforce_eager,
+    )
     if args.quick:
         args.requests, args.concurrency, args.max_tokens, args.rounds = 16, 4, 8, 1
         args.warmup, args.modes = 4, ["stream"]
@@ -567,7 +649,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "versions": versions(),
     }
-    report["config"]["cpus"] = os.cpu_count()
+    report["config"].update(cpus=os.cpu_count(), engine=dataclasses.asdict(args.engine))
     with tempfile.TemporaryDirectory(prefix="server_vs_vllm-") as tmp:
         workdir = Path(args.logs) if args.logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             batch = all_prompts[:size]
             names = list(runners) if round_ % 2 == 0 else list(runners)[::-1]
             for name in names:
+                settle(engine_tree)  # vLLM's engine core and worker poll for a while after a batch
                 idle_before = tree_cpu_s(engine_tree)
                 seconds, _ = timed(runners[name], batch)
                 tok_s = size * args.new_tokens / seconds
@@ -230,6 +231,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     print_summary(report, list(hfs), primary, args)
     return report
+
+
+def settle(processes: list[psutil.Process], window_s: float = 0.3, timeout_s: float = 15) -> None:
+    """Wait until ``processes`` use less than 5 % of a core."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = tree_cpu_s(processes)
+        time.sleep(window_s)
+        if tree_cpu_s(processes) - before < 0.05 * window_s:
+            return
 
 
 def tree_cpu_s(processes: list[psutil.Process]) -> float:

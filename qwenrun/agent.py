@@ -307,16 +307,48 @@ class Session:
                 call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True
             )
         timeout = tool.timeout_s or agent.spec.agent.timeout_s
+        task = asyncio.ensure_future(tool.call(call.arguments))
         try:
-            value = await asyncio.wait_for(tool.call(call.arguments), timeout)
-            content, is_error = format_result(value, limit), False
-        except TimeoutError:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except BaseException:  # the turn is cancelled, and with it the tool call
+            task.cancel()
+            raise
+        if not done:
+            await _abandon(task, tool.name)
             content, is_error = f"Error: {tool.name} timed out after {timeout:g} s", True
-        except ToolError as exc:
-            content, is_error = f"Error: {exc}", True
-        except Exception as exc:  # a tool's own failure is data for the model, not a crash
-            content, is_error = format_result(f"Error: {type(exc).__name__}: {exc}", limit), True
+        else:
+            try:
+                content, is_error = format_result(task.result(), limit), False
+            except asyncio.CancelledError:  # raised by the tool itself: this turn was not cancelled
+                content, is_error = f"Error: {tool.name} was cancelled", True
+            except ToolError as exc:
+                content, is_error = f"Error: {exc}", True
+            except Exception as exc:  # a tool's own failure is data for the model, not a crash
+                content, is_error = format_result(f"Error: {_describe(exc)}", limit), True
         return ToolResult(call.id, call.name, content, is_error, time.perf_counter() - started)
+
+
+CANCEL_GRACE_S = 0.5
+
+
+async def _abandon(task: asyncio.Future[Any], name: str) -> None:
+    """Cancel a tool call past its time limit and give it a moment to clean up; unlike
+    ``asyncio.wait_for``, never wait longer: a tool that swallows the cancellation would hold
+    the turn forever. It is left running (and logged); the turn goes on."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nothing unretrieved
+    finished, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+    if not finished:
+        log.warning("tool %s ignores cancellation; it was abandoned and may still be running", name)
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: message``, even for an exception whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception as problem:
+        text = f"(the message cannot be printed: {type(problem).__name__})"
+    return f"{type(exc).__name__}: {text}"
 
 
 class _Step:

@@ -354,7 +354,7 @@ def _interpolate(value: Any, path: tuple[str | int, ...], source: str) -> Any:
                 raise ConfigError(f"{source}: {where}: nested more than {_MAX_DEPTH} levels deep")
             inner = (*parents, id(node))
             if isinstance(node, dict):
-                return {key: walk(item, (*path, key), inner) for key, item in node.items()}
+                return {key: walk(item, (*path, str(key)), inner) for key, item in node.items()}
             return [walk(item, (*path, index), inner) for index, item in enumerate(node)]
         if isinstance(node, str) and "${" in node:
             return _substitute(node, path, source)
@@ -499,7 +499,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         message = error["msg"]
         if error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
             loc, message = loc[:-1], f"key {loc[-1]} is not a string (quote it)"
-        elif loc and loc[-1] == "[key]":
+        elif len(loc) > 1 and loc[-1] == "[key]":  # pydantic's marker: the key itself is invalid
             loc, message = loc[:-2], f"key {loc[-2]!r}: {message}"
         elif error["type"] == "extra_forbidden":
             owner = _model_at(model, full_loc)

@@ -231,10 +231,18 @@ class VLLMEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
+        self._dead = False
 
     @property
     def started(self) -> bool:
         return self._engine is not None
+
+    @property
+    def errored(self) -> bool:
+        """True once the engine has died: vLLM's AsyncLLM says it is errored (its engine core
+        process is gone), or a request failed with ``EngineDeadError``. Only a restart helps; the
+        OpenAI server's ``/health`` answers 503 while this is True."""
+        return self._dead or bool(self._engine is not None and getattr(self._engine, "errored", False))
 
     async def start(self) -> None:
         """Set ``engine.env``, then build and start the engine (once; later calls return)."""
@@ -267,7 +275,7 @@ class VLLMEngine:
             except Exception as exc:
                 engine.shutdown()
                 raise EngineError(f"vLLM started but has no usable tokenizer: {exc}") from exc
-            self._engine, self._tokenizer = engine, tokenizer
+            self._engine, self._tokenizer, self._dead = engine, tokenizer, False
             # As vLLM's own server does after start-up: move the (millions of) objects that torch,
             # vLLM and the model created to the permanent generation, so that full collections
             # during serving stay short instead of stalling every stream on the event loop.
@@ -356,7 +364,7 @@ class VLLMEngine:
         engine = self._engine
         if engine is None:
             raise EngineError("the engine is not started; call `await engine.start()` first")
-        if getattr(engine, "errored", False):
+        if self.errored:
             raise EngineError("the vLLM engine has died; restart qwenrun")
         text = self.render(messages, tools, prefill)
         prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -406,7 +414,8 @@ class VLLMEngine:
 
     def _error(self, exc: Exception) -> EngineError:
         name = type(exc).__name__
-        if name == "EngineDeadError" or getattr(self._engine, "errored", False):
+        if name == "EngineDeadError" or self.errored:
+            self._dead = True
             return EngineError(f"the vLLM engine has died ({name}: {exc}); restart qwenrun")
         cause = exc.__cause__ if name == "EngineGenerateError" and exc.__cause__ else exc
         return EngineError(f"vLLM rejected or failed the request: {type(cause).__name__}: {cause}")

@@ -9,9 +9,12 @@ with a pydantic model is hidden from the model and filled from the agent YAML
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -134,11 +137,64 @@ class Tool:
         return {name: getattr(model, name) for name in type(model).model_fields}
 
     async def call(self, arguments: Mapping[str, Any]) -> Any:
-        """Validate, then run the tool (sync tools in a worker thread). Errors propagate."""
+        """Validate, then run the tool (a sync one on a daemon thread of its own). Exceptions
+        propagate; a tool that tries to end the process or its thread (SystemExit, or any other
+        BaseException a sync tool raises) gets a ToolError instead."""
         values = self.validate_arguments(arguments)
-        if self._is_async:
-            return await self.function(**values)
-        return await asyncio.to_thread(self.function, **values)
+        try:
+            if self._is_async:
+                return await self.function(**values)
+            return await _in_thread(self.function, values, f"qwenrun-tool-{self.name}")
+        except (SystemExit, _ThreadExit) as exc:
+            raised = exc.exc if isinstance(exc, _ThreadExit) else exc
+            shown = repr(raised)[:200]
+            message = f"{self.name} raised {shown}; a tool must return a value or raise an Exception"
+            raise ToolError(message) from None
+
+
+class _ThreadExit(Exception):
+    """A SystemExit, KeyboardInterrupt, ... that a sync tool raised in its thread."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+async def _in_thread(function: Callable[..., Any], values: Mapping[str, Any], name: str) -> Any:
+    """``function(**values)`` on a new daemon thread, awaited.
+
+    Not ``asyncio.to_thread``: the default executor has few workers (CPUs + 4), which sync tools
+    that never return would take from every later call, and the process joins its threads at exit,
+    so one hung tool would keep ``qwenrun run`` from ever ending. A thread abandoned after the time
+    limit costs only itself. StopIteration, which a Future cannot carry, becomes a ToolError."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller stopped waiting (time limit, cancelled turn)
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = context.run(function, **values)
+        except StopIteration as exc:
+            error = ToolError(f"StopIteration: {exc}")
+        except Exception as exc:
+            error = exc
+        except BaseException as exc:  # SystemExit, _thread.exit(), KeyboardInterrupt
+            error = _ThreadExit(exc)
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
 
 
 def format_result(value: Any, limit: int) -> str:

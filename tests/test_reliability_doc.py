@@ -31,6 +31,8 @@ PRODUCERS = {
     "http_random_bytes": "test_reliability_fuzz.py",
     "http_server_errors": "test_reliability_fuzz.py",
     "tool_faults": "test_reliability_faults.py",
+    "tool_hung_threads": "test_reliability_faults.py",
+    "tool_big_result_bytes": "test_reliability_faults.py",
     "engine_faults": "test_reliability_faults.py",
     "load_sessions": "test_reliability_load.py",
     "load_rounds": "test_reliability_load.py",

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
@@ -57,12 +58,21 @@ def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
     if name is None:
         return None
     key = os.environ.get(name)
-    if not key:
+    if key:
+        return key
+    if not _ENV_NAME.fullmatch(name) or name in os.environ.values():
+        # ``api_key_env: ${QWENRUN_API_KEY}`` puts the key itself here: never print it
         raise ConfigError(
-            f"{source}: frontend.api_key_env: environment variable {name} is not set or empty; "
-            f"export {name}=<key> or remove api_key_env to run without an API key"
+            f"{source}: frontend.api_key_env: must be the name of the environment variable that "
+            "holds the key (e.g. QWENRUN_API_KEY), not the key itself"
         )
-    return key
+    raise ConfigError(
+        f"{source}: frontend.api_key_env: environment variable {name} is not set or empty; "
+        f"export {name}=<key> or remove api_key_env to run without an API key"
+    )
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _engine_failed(agent: Agent) -> bool:
@@ -232,9 +242,23 @@ async def _read_json(request: Request, limit: int) -> Any:
     except ClientDisconnect:
         raise ClientGone() from None
     try:
-        return json.loads(data)
+        body = json.loads(data, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(data):  # json.loads joins valid pairs; an unpaired one is not text
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError):
+            raise APIError(400, "the body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate, "
+                           "which is not text (the tokenizer cannot encode it)") from None  # fmt: skip
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 async def _observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pieces:

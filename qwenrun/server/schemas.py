@@ -118,10 +118,25 @@ class ToolMessage(_Model):
 Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
+MAX_SCHEMA_DEPTH = 32  # nesting levels of a tool's parameters; the checker and the grammar recurse
+
+
+def _depth(node: Any) -> int:
+    """How deeply ``node`` nests dicts and lists (counted without recursion, up to one past the limit)."""
+    depth, level = 0, [node]
+    while level and depth <= MAX_SCHEMA_DEPTH:
+        depth += 1
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]  # fmt: skip
+    return depth
+
+
 def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
     """A function's ``parameters`` must be a valid JSON Schema of an object."""
     if schema.get("type", "object") != "object":
         raise ValueError("must be a JSON Schema of type 'object'")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
     try:
         from jsonschema import Draft202012Validator, exceptions, validators  # type: ignore[import-untyped]
     except ImportError:  # without jsonschema only the shape above is checked
@@ -179,7 +194,7 @@ class ChatCompletionRequest(_Model):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what vLLM and torch take (int64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     n: int | None = None
