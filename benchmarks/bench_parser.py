@@ -11,8 +11,8 @@
 
 No vLLM, no model, no timing assertion: it prints a table and one ``RESULT {json}`` line.
 
-    python benchmarks/bench_parser.py            # ~1 min
-    python benchmarks/bench_parser.py --quick    # a few seconds (smoke test)
+    python benchmarks/bench_parser.py            # ~30 s
+    python benchmarks/bench_parser.py --quick    # ~1 s (smoke test)
     python benchmarks/bench_parser.py --json benchmarks/results/cpu/bench_parser.json
 """
 

@@ -7,8 +7,10 @@ Reads the JSON files under ``--results`` (default ``benchmarks/results``) and wr
   sessions/s of the hand-written vLLM loop and of qwenrun at each N, and their ratio. The later
   TP runs (``tp-*/tp*.json``) are drawn as extra ratio points, labelled, because they disagree
   with the first run; ``tp-first`` is left out (its raw side was measured cold).
-* ``server_vs_vllm.png`` from ``cpu/server_vs_vllm.json`` (``server_vs_vllm.py``), if present:
-  req/s and p50 latency of qwenrun's OpenAI server and of vLLM's, per round and mode.
+* ``server_vs_vllm.png`` from ``cpu/server_vs_vllm.json`` (layout ``both``) and
+  ``cpu/server_vs_vllm_one_final.json`` (layout ``one``) of ``server_vs_vllm.py``, those present:
+  req/s and p50 latency of qwenrun's OpenAI server and of vLLM's per mode and run, and the
+  front-end process's CPU time per request against each run's req/s.
 
 Prints one ``RESULT {json}`` line naming the files written.
 
@@ -122,61 +124,86 @@ def plot_agent_vs_raw(results: Path, out: Path) -> Path | None:
     return target
 
 
+# The final runs (one client per simulated user): layout both, layout one. The earlier runs,
+# server_vs_vllm_both.json and server_vs_vllm_one.json, used one shared httpx pool in the client.
+SERVER_FILES = ("server_vs_vllm.json", "server_vs_vllm_one_final.json")
+
+
 def plot_server(results: Path, out: Path) -> Path | None:
-    source = results / "cpu" / "server_vs_vllm.json"
-    if not source.exists():
+    reports = [
+        {**load(results / "cpu" / name), "file": name}
+        for name in SERVER_FILES
+        if (results / "cpu" / name).exists()
+    ]
+    if not reports:
         return None
-    report = load(source)
-    modes = list(report["summary"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    width = 0.35
-    for ax, metric, label in (
-        (axes[0], "req_s", "requests / s (higher is better)"),
-        (axes[1], "p50_s", "p50 latency, s (lower is better)"),
-    ):
-        for i, mode in enumerate(modes):
-            for j, (server, color) in enumerate((("vllm", VLLM_COLOR), ("qwenrun", OURS_COLOR))):
-                x = i + (j - 0.5) * width
-                median = report["summary"][mode][server][metric]
-                ax.bar(
-                    x,
-                    median,
-                    width * 0.9,
-                    color=color,
-                    alpha=0.8,
-                    label=("vLLM server" if server == "vllm" else "qwenrun server") if i == 0 else None,
-                )
-                points = [
-                    run[metric] for run in report["runs"] if run["mode"] == mode and run["server"] == server
-                ]
-                ax.plot([x] * len(points), points, "k.", markersize=5)
-            key = "ratio_req_s" if metric == "req_s" else "ratio_p50"
-            top = max(report["summary"][mode][s][metric] for s in ("vllm", "qwenrun"))
-            ax.annotate(
-                f"qwenrun/vLLM {report['summary'][mode][key]:.3f}",
-                (i, top),
-                textcoords="offset points",
-                xytext=(0, 10),
-                ha="center",
-                fontsize=8,
-            )
-        ax.set_xticks(range(len(modes)), modes)
-        ax.set_ylabel(label)
-        ax.margins(y=0.2)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8)
-    cfg = report["config"]
+    fig, grid = plt.subplots(len(reports), 3, figsize=(13, 4.2 * len(reports)), squeeze=False)
+    for axes, report in zip(grid, reports, strict=True):
+        server_row(axes, report)
+    cfg = reports[0]["config"]
     fig.suptitle(
-        f"OpenAI chat completions on the tiny Qwen2 model, CPU ({cfg['cpus']} cores): "
-        f"{cfg['requests']} requests, concurrency {cfg['concurrency']}, {cfg['max_tokens']} tokens\n"
-        "bars: median of rounds, dots: each round",
+        f"OpenAI chat completions, tiny Qwen2 model on {cfg['cpus']} shared CPU cores: {cfg['requests']} requests "
+        f"per run, concurrency {cfg['concurrency']}, {cfg['max_tokens']} tokens each\n"
+        "bars: median of the rounds; dots: each run; the paired ratio is the median of the rounds' ratios",
         fontsize=9,
     )
     fig.tight_layout()
     target = out / "server_vs_vllm.png"
-    fig.savefig(target, dpi=120)
+    fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+def server_row(axes: Any, report: dict[str, Any]) -> None:
+    """req/s and p50 per mode (bars + runs), and front-end CPU per request against req/s."""
+    modes = list(report["summary"])
+    width = 0.35
+    servers = (("vllm", VLLM_COLOR, "vLLM server"), ("qwenrun", OURS_COLOR, "qwenrun server"))
+    layout = f"{report['file']}: layout {report['config']['layout']}, {report['config']['rounds']} rounds"
+    for ax, metric, label, key in (
+        (axes[0], "req_s", "requests / s (higher is better)", "paired_ratio_req_s"),
+        (axes[1], "p50_s", "p50 latency, s (lower is better)", "paired_ratio_p50"),
+    ):
+        for i, mode in enumerate(modes):
+            summary = report["summary"][mode]
+            for j, (server, color, name) in enumerate(servers):
+                x = i + (j - 0.5) * width
+                ax.bar(
+                    x,
+                    summary[server][metric],
+                    width * 0.9,
+                    color=color,
+                    alpha=0.7,
+                    label=name if i == 0 else None,
+                )
+                points = [r[metric] for r in report["runs"] if r["mode"] == mode and r["server"] == server]
+                ax.plot([x] * len(points), points, "k.", markersize=4)
+            ratio = summary.get(key)
+            if ratio is not None:
+                ax.text(i, ax.get_ylim()[1] * 0.98, f"paired {ratio:.2f}", ha="center", va="top", fontsize=8)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_ylabel(label)
+        ax.set_title(layout, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=8)
+    ax = axes[2]
+    for server, color, name in servers:
+        for mode, marker in zip(modes, ("o", "s"), strict=False):
+            rows = [r for r in report["runs"] if r["mode"] == mode and r["server"] == server]
+            ax.plot(
+                [r["req_s"] for r in rows],
+                [r["front_cpu_ms_per_req"] for r in rows],
+                marker,
+                color=color,
+                alpha=0.75,
+                linestyle="none",
+                label=f"{name}, {mode}",
+            )
+    ax.set_xlabel("requests / s of the run")
+    ax.set_ylabel("front-end process CPU ms per request")
+    ax.set_title("cost per request vs the run's regime", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,9 +6,12 @@ the same chat prompts (token ids from the chat template), greedy decoding, exact
 new tokens each (``min_new_tokens`` = ``max_new_tokens`` for transformers, ``ignore_eos`` for vLLM),
 at batch 1 and at larger batches; generated tokens/s both ways and the ratio vLLM / transformers.
 
-transformers runs in this process (left-padded batches, KV cache on, ``torch.inference_mode``);
-vLLM runs as ``vllm.LLM`` (its engine core is a child process, idle while transformers runs).
-Runs alternate (A B, then B A) over ``--rounds`` rounds after a warm-up; medians are reported.
+transformers runs in this process (left-padded batches, KV cache on, ``torch.inference_mode``) at
+each of ``--hf-threads`` torch thread counts: 1 is the like-for-like one, since vLLM's CPU worker
+computes with one OpenMP thread bound to one core and keeps the other for its front end.
+vLLM runs as ``vllm.LLM`` (engine core and worker are child processes; each timed run waits until
+they have stopped polling, and their CPU time during transformers runs is reported).
+Runs alternate (A B C, then C B A) over ``--rounds`` rounds after a warm-up; medians are reported.
 Greedy outputs are compared too (same work, same tokens, as far as float32 rounding allows).
 
     python benchmarks/transformers_baseline.py --quick

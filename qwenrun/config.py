@@ -437,6 +437,15 @@ class _SafeLoader(yaml.SafeLoader):
             ) from None  # fmt: skip
 
 
+# Private copies of PyYAML's tables, taken when qwenrun is imported (before vLLM): vLLM's
+# dependency lm-format-enforcer rewrites the global SafeLoader (timestamps load as strings), which
+# would otherwise change how agent files read once an engine has started.
+_SafeLoader.yaml_constructors = dict(yaml.SafeLoader.yaml_constructors)
+_SafeLoader.yaml_implicit_resolvers = {
+    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_SafeLoader)
 

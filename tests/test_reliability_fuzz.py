@@ -366,9 +366,9 @@ OPTIONAL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
 
 @st.composite
 def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
-    model = draw(st.sampled_from([SERVED, AGENT_NAME]))
+    model = draw(st.sampled_from([SERVED, AGENT_NAME, SERVED, AGENT_NAME, "gpt-4o"]))
     messages = [*draw(st.lists(other_messages, max_size=4)), draw(user_messages)]
-    body: dict[str, Any] = {"model": model, "messages": messages}
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": draw(st.booleans())}
     for key in draw(st.lists(st.sampled_from(sorted(OPTIONAL_FIELDS)), max_size=6, unique=True)):
         if model == AGENT_NAME and key == "tools":
             continue
@@ -409,7 +409,7 @@ def _dumps(body: Any) -> bytes:
 
 class FuzzEngine(ScriptedEngine):
     """Answers by a hash of the conversation: text, a tool call, a malformed call, an empty answer,
-    an echo of the question; one conversation in ten is refused and one in ten fails midway. Like
+    an echo of the question; one conversation in ten is refused and two in ten fail midway. Like
     a real tokenizer it cannot encode text that is not valid Unicode (an unpaired surrogate)."""
 
     def __init__(self) -> None:
@@ -442,7 +442,7 @@ class FuzzEngine(ScriptedEngine):
             raise EngineError("the fuzz engine refuses this request")
         sent = 0
         async for delta in super().generate(messages, **kwargs):
-            if mode == 1 and sent == 2:
+            if mode in (1, 2) and sent == 2:
                 self.failures += 1
                 raise EngineError("the fuzz engine died mid-answer")
             sent += 1
