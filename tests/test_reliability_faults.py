@@ -18,7 +18,6 @@ import _thread
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,9 +30,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from fastapi import FastAPI
+from loopback import serve_in_loop
 from test_reliability_doc import figure, record
 
 from qwenrun import cli
@@ -262,7 +261,9 @@ def test_the_fault_count_is_the_doc_figure(tmp_path_factory: pytest.TempPathFact
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("fault", FAULTS, ids=[fault.tool.__name__ for fault in FAULTS])
-async def test_a_faulty_tool_never_breaks_the_session(fault: Fault, capfd: pytest.CaptureFixture[str]) -> None:
+async def test_a_faulty_tool_never_breaks_the_session(
+    fault: Fault, capfd: pytest.CaptureFixture[str]
+) -> None:
     agent, engine = fault_agent(fault.tool)
     session = agent.session()
     started = time.monotonic()
@@ -277,7 +278,14 @@ async def test_a_faulty_tool_never_breaks_the_session(fault: Fault, capfd: pytes
     assert elapsed < TIMEOUT + 2, "the turn waited for a tool beyond its time limit"
     second = await asyncio.wait_for(session.ask("and now?"), 5)
     assert second.text == "second answer"
-    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert [m["role"] for m in session.messages] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     if fault.tool is prints:
         out, err = capfd.readouterr()
         assert "noise on stdout" in out and "noise on stderr" in err
@@ -434,31 +442,14 @@ def server_spec() -> AgentSpec:
     )  # fmt: skip
 
 
-class _QuietServer(uvicorn.Server):
-    def capture_signals(self) -> Any:  # leave pytest's signal handlers alone
-        return contextlib.nullcontext()
-
-
 @contextlib.asynccontextmanager
 async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """``app`` on a free port of 127.0.0.1 (a task of this event loop), and a client of it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _QuietServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "the server did not start"
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
+    async with (
+        serve_in_loop(app, timeout_graceful_shutdown=2, start_timeout_s=5, stop_timeout_s=15) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+    ):
+        yield client
 
 
 def sse_events(response: httpx.Response) -> list[str]:

@@ -19,11 +19,9 @@ The figures come from docs/reliability.md (see test_reliability_doc).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import multiprocessing
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
+from loopback import serve_in_loop
 from test_reliability_doc import figure, record
 
 from qwenrun.agent import Agent
@@ -60,30 +58,12 @@ def engine_core_pids() -> list[int]:
     return [child.pid for child in multiprocessing.active_children() if child.pid is not None]
 
 
-class _QuietServer(uvicorn.Server):
-    def capture_signals(self) -> Any:  # leave pytest's signal handlers alone
-        return contextlib.nullcontext()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def base_url(engine: VLLMEngine, tiny_spec: AgentSpec) -> AsyncIterator[str]:
     """The app on a free port, served by a task of the session loop (the engine belongs to it)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
     app = create_app(Agent(tiny_spec, engine, tools=[]), shutdown_engine=False)
-    server = _QuietServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-        sock.close()
+    async with serve_in_loop(app) as url:
+        yield url
 
 
 def city_request(city: str, stream: bool) -> dict[str, Any]:
@@ -172,7 +152,9 @@ async def test_concurrent_sessions_lose_and_mix_up_nothing(
     # between rounds may be closed by the server's keep-alive timeout just as a request is sent
     # on it, which a client must retry (the openai package does) and this test would count lost.
     limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=figure("load_round_timeout_s")) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, limits=limits, timeout=figure("load_round_timeout_s")
+    ) as client:
         warm = await ask(client, "warm-up", False)  # compile paths and caches before measuring
         assert warm.problem is None and warm.got == "warm-up", warm
         gc.collect()
@@ -187,7 +169,9 @@ async def test_concurrent_sessions_lose_and_mix_up_nothing(
             watcher = asyncio.create_task(peak_unfinished(engine, stop))
             started = time.monotonic()
             batch = await asyncio.wait_for(
-                asyncio.gather(*(ask(client, f"r{label}c{index:03d}", index % 2 == 1) for index in range(sessions))),
+                asyncio.gather(
+                    *(ask(client, f"r{label}c{index:03d}", index % 2 == 1) for index in range(sessions))
+                ),
                 figure("load_round_timeout_s"),
             )
             durations.append(round(time.monotonic() - started, 1))
@@ -203,12 +187,15 @@ async def test_concurrent_sessions_lose_and_mix_up_nothing(
     answered = sum(
         float(line.rpartition(" ")[2])
         for line in metrics.splitlines()
-        if line.startswith('qwenrun_requests_total{endpoint="/v1/chat/completions"') and 'status="200"' in line
+        if line.startswith('qwenrun_requests_total{endpoint="/v1/chat/completions"')
+        and 'status="200"' in line
     )
     lost = [outcome for outcome in outcomes if outcome.problem is not None]
     ids = [outcome.completion_id for outcome in outcomes]
     mixed = [outcome for outcome in outcomes if outcome.got is not None and outcome.got != outcome.city]
-    mixed += [outcome for outcome in outcomes if outcome.completion_id and ids.count(outcome.completion_id) > 1]
+    mixed += [
+        outcome for outcome in outcomes if outcome.completion_id and ids.count(outcome.completion_id) > 1
+    ]
     growth = rss[-1] - rss[1]  # over the rounds after the first
     core_growth = core_rss[-1] - core_rss[-2]  # over the last round, whose grammars vLLM has cached
     record(
@@ -233,7 +220,9 @@ async def test_concurrent_sessions_lose_and_mix_up_nothing(
     assert max(peaks) >= min(sessions, 64), f"the sessions did not run concurrently: {peaks}"
     assert health.status_code == 200 and not engine.errored
     assert growth <= figure("load_rss_growth_limit_mib"), f"RSS grew {growth:.1f} MiB: {rss}"
-    assert core_growth <= figure("load_rss_growth_limit_mib"), f"engine core grew {core_growth:.1f} MiB: {core_rss}"
+    assert core_growth <= figure("load_rss_growth_limit_mib"), (
+        f"engine core grew {core_growth:.1f} MiB: {core_rss}"
+    )
     assert cores, "no engine-core process found"
     assert max(rss) <= figure("load_rss_limit_mib") and max(core_rss) <= figure("load_rss_limit_mib")
 
@@ -243,7 +232,13 @@ async def test_extreme_sampling_values_never_hurt_the_engine(base_url: str, engi
     """Seeds at the ends of int64 work; one past them is a 400 before vLLM (which would refuse to
     serialize it: a 503 as if the engine were down); the engine stays healthy throughout."""
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        for seed, status in ((2**63 - 1, 200), (-(2**63), 200), (2**63, 400), (2**64, 400), (-(2**63) - 1, 400)):
+        for seed, status in (
+            (2**63 - 1, 200),
+            (-(2**63), 200),
+            (2**63, 400),
+            (2**64, 400),
+            (-(2**63) - 1, 400),
+        ):
             body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "seed": seed,
                     "temperature": 1.5, "top_p": 0.01, "max_tokens": 4, "presence_penalty": 2, "frequency_penalty": -2}  # fmt: skip
             response = await client.post("/v1/chat/completions", json=body)

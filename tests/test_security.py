@@ -3,11 +3,9 @@ YAML, code loaded only from installed entry points, and secrets kept out of outp
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ import uvicorn
 import yaml
 from click.testing import CliRunner
 from fastapi import FastAPI
+from loopback import serve_in_loop
 
 from qwenrun import cli
 from qwenrun.agent import Agent
@@ -50,31 +49,16 @@ def error_of(text: str, source: str = "agent.yaml") -> str:
     return str(info.value)
 
 
-class _QuietServer(uvicorn.Server):
-    def capture_signals(self) -> Any:  # leave pytest's signal handlers alone
-        return contextlib.nullcontext()
-
-
 @contextlib.asynccontextmanager
 async def serving(app: FastAPI, **config: Any) -> AsyncIterator[httpx.AsyncClient]:
     """``app`` on a free port of 127.0.0.1 (a task of this event loop), and a client of it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    settings: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2, **config}
-    server = _QuietServer(uvicorn.Config(app, **settings))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "the server did not start"
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
+    async with (
+        serve_in_loop(
+            app, timeout_graceful_shutdown=2, start_timeout_s=5, stop_timeout_s=15, **config
+        ) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+    ):
+        yield client
 
 
 # -- binding --------------------------------------------------------------------------------------
@@ -149,7 +133,9 @@ async def test_the_api_key_is_compared_in_constant_time(
             assert response.status_code == 401 and given not in response.text
             assert response.json()["error"] == {"message": "Incorrect API key provided",
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}  # fmt: skip
-        response = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {SECRET}"})
+        response = await client.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {SECRET}"}
+        )
         assert response.status_code == 200 and SECRET not in response.text
         missing = await client.post("/v1/chat/completions", json=body)
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
@@ -175,7 +161,9 @@ def test_a_key_given_instead_of_its_variable_name_is_never_printed(monkeypatch: 
         assert str(info.value) == expected
     agent_file = ROOT / "agents" / "calculator.yaml"  # frontend openai, api_key_env: QWENRUN_API_KEY
     monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, ScriptedEngine([]), tools=[]))
-    result = CliRunner().invoke(cli.main, ["up", str(agent_file), "--set", f"frontend.api_key_env=${{{SECRET_ENV}}}"])
+    result = CliRunner().invoke(
+        cli.main, ["up", str(agent_file), "--set", f"frontend.api_key_env=${{{SECRET_ENV}}}"]
+    )
     assert result.exit_code == 2 and SECRET not in result.output
     assert "must be the name of the environment variable that holds the key" in result.output
 
@@ -204,8 +192,15 @@ async def test_request_size_and_max_tokens_caps() -> None:
                 if asked is not None:
                     body["max_tokens"] = asked
                 assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
-        for field, value in (("max_tokens", 0), ("max_completion_tokens", -1), ("seed", 2**63), ("seed", -(2**63) - 1)):
-            response = await client.post("/v1/chat/completions", json={"model": SERVED, "messages": USER, field: value})
+        for field, value in (
+            ("max_tokens", 0),
+            ("max_completion_tokens", -1),
+            ("seed", 2**63),
+            ("seed", -(2**63) - 1),
+        ):
+            response = await client.post(
+                "/v1/chat/completions", json={"model": SERVED, "messages": USER, field: value}
+            )
             assert response.status_code == 400 and response.json()["error"]["param"] == field
     assert [call.overrides["max_tokens"] for call in engine.calls] == [64, 64, 64, 32] * 2
 
@@ -264,7 +259,9 @@ def test_yaml_never_constructs_python_objects(value: str, tag: str, tmp_path: Pa
     )
     with pytest.raises(ConfigError, match="could not determine a constructor"):  # nor through --set
         AgentSpec.from_text("model: {path: m}\n", overrides=[f"model.path={value.format(marker=marker)}"])
-    documents = f"%TAG !p! tag:yaml.org,2002:python/\n---\nmodel: !p!object/apply:os.system ['touch {marker}']\n"
+    documents = (
+        f"%TAG !p! tag:yaml.org,2002:python/\n---\nmodel: !p!object/apply:os.system ['touch {marker}']\n"
+    )
     assert "could not determine a constructor" in error_of(documents)
     assert not marker.exists()
 

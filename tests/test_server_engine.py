@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
 from typing import Annotated, Any
 
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
+from loopback import serve_in_loop
 from openai import AsyncOpenAI
 from pydantic import Field
 
@@ -57,11 +55,6 @@ def get_current_weather(city: Annotated[str, Field(max_length=8)]) -> str:
     return f"目前{city}多云到晴，气温28~31℃。"
 
 
-class _QuietServer(uvicorn.Server):
-    def capture_signals(self) -> Any:  # leave pytest's signal handlers alone
-        return nullcontext()
-
-
 @pytest.fixture(scope="module")
 def agent(engine: VLLMEngine, tiny_spec: AgentSpec) -> Agent:
     return Agent(tiny_spec, engine, tools=[get_current_weather])
@@ -70,23 +63,8 @@ def agent(engine: VLLMEngine, tiny_spec: AgentSpec) -> Agent:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def base_url(agent: Agent) -> AsyncIterator[str]:
     """The app on a free port, served by a task of the session loop; the engine is shared."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(agent, shutdown_engine=False)
-    server = _QuietServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-        sock.close()
+    async with serve_in_loop(create_app(agent, shutdown_engine=False)) as url:
+        yield url
 
 
 @pytest_asyncio.fixture(loop_scope="session")
