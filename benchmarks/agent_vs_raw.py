@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import re
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwenrun.agent import FORCED_PREFILL, Agent
-from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engine import Constraint, Delta, VLLMEngine
+from qwenrun.config import AgentSpec
+from qwenrun.engine import VLLMEngine
+from qwenrun.testing import PinnedEngine
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -54,39 +56,6 @@ async def get_current_weather_async(city: str) -> str:
 
 def questions(n: int) -> list[str]:
     return [f"第{i}位用户问：广州天气情况如何?" for i in range(n)]
-
-
-class Pinned:
-    """qwenrun's engine with the forced call pinned by a regex and the answer's length fixed."""
-
-    def __init__(self, engine: VLLMEngine, answer_tokens: int) -> None:
-        self.engine, self.model_name, self.answer_tokens = engine, engine.model_name, answer_tokens
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def shutdown(self) -> None:
-        pass
-
-    async def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-    ) -> AsyncIterator[Delta]:
-        if constraint is not None:
-            constraint, extra = Constraint(regex=re.escape(CALL)), {"max_tokens": 64}
-        else:
-            extra = {"max_tokens": self.answer_tokens, "ignore_eos": True}
-        async for delta in self.engine.generate(
-            messages, tools=tools, sampling=sampling, overrides=extra, constraint=constraint, prefill=prefill
-        ):
-            yield delta
 
 
 TOOL_CALLS: list[int] = []  # tool calls per qwenrun session (each must make exactly one)
@@ -153,6 +122,41 @@ def raw_session_factory(
     return session
 
 
+class Probe:
+    """What the event loop went through during one run: its lag (how late a 5 ms sleep woke up: the
+    longest stretch of work that held the loop) and the garbage collector's pauses."""
+
+    PERIOD_S = 0.005
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.gc_pauses: list[tuple[int, float]] = []
+        self._gc_started = 0.0
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.PERIOD_S)
+            self.lags.append(loop.time() - before - self.PERIOD_S)
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_started))
+
+    def report(self) -> dict[str, float]:
+        lags = sorted(self.lags) or [0.0]
+        return {
+            "loop_lag_max_ms": round(1e3 * lags[-1], 1),
+            "loop_lag_p99_ms": round(1e3 * lags[min(len(lags) - 1, int(0.99 * len(lags)))], 1),
+            "gc_ms": round(1e3 * sum(pause for _, pause in self.gc_pauses), 1),
+            "gc_max_ms": round(1e3 * max((pause for _, pause in self.gc_pauses), default=0.0), 1),
+            "gc_gen2": sum(1 for generation, _ in self.gc_pauses if generation == 2),
+        }
+
+
 async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, float]:
     latencies: list[float] = []
 
@@ -162,9 +166,16 @@ async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, flo
         latencies.append(time.perf_counter() - started)
         return tokens
 
+    probe = Probe()
+    watcher = asyncio.ensure_future(probe.watch())
+    gc.callbacks.append(probe.on_gc)
     started = time.perf_counter()
-    tokens = sum(await asyncio.gather(*(timed(q) for q in questions(n))))
-    wall = time.perf_counter() - started
+    try:
+        tokens = sum(await asyncio.gather(*(timed(q) for q in questions(n))))
+        wall = time.perf_counter() - started
+    finally:
+        gc.callbacks.remove(probe.on_gc)
+        watcher.cancel()
     latencies.sort()
     return {
         "sessions": n,
@@ -174,7 +185,17 @@ async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, flo
         "tokens": tokens,
         "p50_s": round(statistics.median(latencies), 3),
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        "max_s": round(latencies[-1], 3),
+        **probe.report(),
     }
+
+
+def describe(name: str, run: dict[str, float]) -> str:
+    return (
+        f"{name} {run['sessions_per_s']:.2f} sess/s (wall {run['wall_s']:.3f} s, slowest {run['max_s']:.3f} s, "
+        f"loop lag max {run['loop_lag_max_ms']} ms, gc {run['gc_ms']} ms max {run['gc_max_ms']} ms "
+        f"gen2 {run['gc_gen2']})"
+    )
 
 
 def _median_row(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -205,12 +226,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     engine = VLLMEngine(spec)
     started = time.perf_counter()
     await engine.start()
-    report: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "tool": args.tool,
-                              "rows": []}
+    report: dict[str, Any] = {
+        "startup_s": round(time.perf_counter() - started, 1),
+        "tool": args.tool,
+        "rows": [],
+    }
     print(f"[bench] engine start-up {report['startup_s']} s", flush=True)
     tool = get_current_weather_async if args.tool == "async" else get_current_weather
     tool.__name__ = "get_current_weather"
-    agent = Agent(spec, Pinned(engine, args.answer_tokens), tools=[tool])
+    pinned = PinnedEngine(
+        engine,
+        CALL,
+        call_max_tokens=64,
+        keep_requests=False,
+        answer_overrides={"max_tokens": args.answer_tokens, "ignore_eos": True},
+    )
+    agent = Agent(spec, pinned, tools=[tool])
     llm = engine._engine  # the same AsyncLLM, driven by hand on the raw side
     tokenizer = llm.get_tokenizer()
     if asyncio.iscoroutine(tokenizer):
@@ -227,14 +258,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             a = await measure(first, n)
             b = await measure(second, n)
             pairs.append((a, b) if first is raw else (b, a))
-            print(f"[bench]   N={n} rep {rep}: raw {pairs[-1][0]['sessions_per_s']:.2f} sess/s, "
-                  f"qwenrun {pairs[-1][1]['sessions_per_s']:.2f} sess/s", flush=True)
+            raw_run, our_run = pairs[-1]
+            print(
+                f"[bench]   N={n} rep {rep}: {describe('raw', raw_run)}; {describe('qwenrun', our_run)}",
+                flush=True,
+            )
         # the median run of each side (with 2 repeats: the mean of the two)
         raw_row = _median_row([p[0] for p in pairs])
         our_row = _median_row([p[1] for p in pairs])
         ratio = our_row["sessions_per_s"] / raw_row["sessions_per_s"]
-        row = {"n": n, "raw": raw_row, "qwenrun": our_row, "ratio": round(ratio, 3),
-               "reps": [[p[0]["sessions_per_s"], p[1]["sessions_per_s"]] for p in pairs]}
+        row = {
+            "n": n,
+            "raw": raw_row,
+            "qwenrun": our_row,
+            "ratio": round(ratio, 3),
+            "reps": [[p[0]["sessions_per_s"], p[1]["sessions_per_s"]] for p in pairs],
+            "runs": [{"raw": p[0], "qwenrun": p[1]} for p in pairs],
+        }
         report["rows"].append(row)
         print(
             f"[bench] N={n:<4} raw {raw_row['sessions_per_s']:8.2f} sess/s {raw_row['gen_tok_per_s']:9.1f} tok/s "
@@ -245,8 +285,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     report["qwenrun_sessions"] = len(TOOL_CALLS)
     report["qwenrun_sessions_with_one_tool_call"] = TOOL_CALLS.count(1)
-    print(f"[bench] qwenrun sessions: {len(TOOL_CALLS)}, with exactly one tool call: {TOOL_CALLS.count(1)}",
-          flush=True)
+    print(
+        f"[bench] qwenrun sessions: {len(TOOL_CALLS)}, with exactly one tool call: {TOOL_CALLS.count(1)}",
+        flush=True,
+    )
     if args.single_stream:
         one = await measure(raw, 1)
         report["single_stream_tok_s"] = one["gen_tok_per_s"]
@@ -270,9 +312,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="1,16,64")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--tool", choices=["sync", "async"], default="async",
-                        help="the weather tool as a plain function (qwenrun runs it in a worker thread) "
-                        "or a coroutine function like the qwenrun-weather plugin's (run on the loop)")
+    parser.add_argument(
+        "--tool",
+        choices=["sync", "async"],
+        default="async",
+        help="the weather tool as a plain function (qwenrun runs it in a worker thread) "
+        "or a coroutine function like the qwenrun-weather plugin's (run on the loop)",
+    )
     parser.add_argument("--single-stream", action="store_true", help="also time 1 raw session alone")
     parser.add_argument("--cpu", action="store_true", help="set VLLM_CPU_KVCACHE_SPACE=1")
     parser.add_argument("--quick", action="store_true", help="smoke: 1 and 4 sessions, 8 tokens, 1 repeat")

@@ -6,9 +6,9 @@ request bodies to each (plain chat, no tools: qwenrun's pass-through mode), on l
 * qwenrun: ``python -m qwenrun.cli up bench.yaml`` with ``frontend.kind: openai``;
 * vLLM: ``python -m vllm.entrypoints.openai.api_server --model ... --dtype float32 ...``.
 
-``ignore_eos`` rides in each request body for vLLM. qwenrun's request model ignores fields it does
-not know (it would drop ``ignore_eos``), so the benchmark's YAML sets ``sampling.extra.ignore_eos``;
-every answer's ``usage.completion_tokens`` is checked to be exactly ``--max-tokens`` on both sides.
+``ignore_eos`` rides in each request body (the ``extra_body`` of the openai client); both servers
+honour it, and every answer's ``usage.completion_tokens`` is checked to be exactly ``--max-tokens``
+on both sides.
 Sampling is at temperature 1.0: greedily, the random-weight tiny model writes only newlines, which
 qwenrun trims from the content (so it would stream no content chunks at all and win unfairly);
 sampled text gives both servers the same ~30 content chunks per answer (checked: ``chunks``).
@@ -117,8 +117,6 @@ sampling:
   temperature: 1.0  # requests set their own
   top_p: 1.0
   max_tokens: {max_tokens}
-  extra:
-    ignore_eos: true   # qwenrun ignores a request's ignore_eos; vLLM's server honours it
 agent:
   name: bench-agent
 frontend:
@@ -135,6 +133,9 @@ def vllm_command(model: str, port: int, engine: EngineConfig) -> list[str]:
     command += ["--max-model-len", str(engine.max_model_len), "--max-num-seqs", str(engine.max_num_seqs)]
     command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--seed", "0"]
     command += ["--disable-log-stats", "--host", "127.0.0.1", "--port", str(port)]
+    # vLLM's defaults, not the model's generation_config.json (Qwen's sets top_k 20 and a repetition
+    # penalty): qwenrun's engine does not read that file either, so both sample the requests alike.
+    command += ["--generation-config", "vllm"]
     return command + (["--enforce-eager"] if engine.enforce_eager else [])
 
 

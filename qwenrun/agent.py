@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import hermes
@@ -69,6 +69,8 @@ class Agent:
             built = tool if isinstance(tool, Tool) else Tool.from_function(tool)
             self.tools[built.name] = built
         self.system_prompt = spec.system_prompt()
+        self._forced_for: tuple[Tool, ...] = ()
+        self._forced_cache: dict[str, tuple[Constraint | None, str]] = {}
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -80,6 +82,19 @@ class Agent:
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         return [tool.openai_schema() for tool in self.tools.values()]
+
+    def forced_call(self, choice: str) -> tuple[Constraint | None, str]:
+        """:func:`forced_call` for this agent's tools, cached per ``choice`` while the tools stay."""
+        tools = tuple(self.tools.values())  # kept alive in _forced_for, so ids are not reused
+        same = len(tools) == len(self._forced_for) and all(
+            a is b for a, b in zip(tools, self._forced_for, strict=True)
+        )
+        if not same:
+            self._forced_cache.clear()
+            self._forced_for = tools
+        if choice not in self._forced_cache:
+            self._forced_cache[choice] = forced_call(self.tool_schemas(), choice)
+        return self._forced_cache[choice]
 
     async def start(self) -> None:
         await self.engine.start()
@@ -145,29 +160,41 @@ class Session:
 
     async def ask(self, prompt: str, **kwargs: Any) -> Final:
         final: Final | None = None
-        async for event in self.stream(prompt, **kwargs):
+        async for event in self._events(prompt, text=False, **kwargs):  # no TextDelta: cheaper
             if isinstance(event, Final):
                 final = event
         assert final is not None  # stream() always ends with Final unless an exception escapes
         return final
 
-    async def stream(
+    def stream(
         self,
         prompt: str,
         *,
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run one user turn, yielding events; the last one is :class:`Final`.
 
         Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
         and keeps the session usable: the partial answer is kept in the history. Each message is
         recorded in the agent's store as it is added, and the turn's end (or error) after it.
         """
+        return self._events(prompt, tool_choice=tool_choice, overrides=overrides, text=True)
+
+    async def _events(
+        self,
+        prompt: str,
+        *,
+        tool_choice: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        text: bool,
+    ) -> AsyncGenerator[Event, None]:
+        """:meth:`stream`; without :class:`TextDelta` events unless ``text`` (``ask`` needs none,
+        and skipping them saves three generator hops per streamed token)."""
         self._turn = 1 + sum(1 for message in self.messages if message.get("role") == "user")
         trace = self._trace = self.agent.telemetry.turn(self.id, self.agent.name, self._turn)
         try:
-            async for event in self._steps(prompt, tool_choice, overrides):
+            async for event in self._steps(prompt, tool_choice, overrides, text):
                 if isinstance(event, Final):
                     trace.end(event)
                     self._write("event", *turn_record(event, trace.started))
@@ -179,7 +206,7 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, overrides: dict[str, Any] | None
+        self, prompt: str, tool_choice: str | None, overrides: dict[str, Any] | None, text: bool
     ) -> AsyncIterator[Event]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
@@ -191,7 +218,7 @@ class Session:
             iteration += 1
             step = _Step()
             try:
-                async for event in self._model_call(choice, overrides, step):
+                async for event in self._model_call(choice, overrides, step, text):
                     yield event
             finally:
                 if not step.done and step.text:  # interrupted: keep what the user saw
@@ -210,7 +237,10 @@ class Session:
             self._record(_assistant_message(step.result.content, calls), usage_meta(step.usage))
             for call in calls:
                 yield ToolCall(call.id, call.name, call.arguments)
-            results = await asyncio.gather(*(self._run_tool(call) for call in calls))
+            if len(calls) == 1:  # no gather task: under load each task hop is a loop iteration
+                results = [await self._run_tool(calls[0])]
+            else:
+                results = await asyncio.gather(*(self._run_tool(call) for call in calls))
             for result in results:
                 self._record(
                     {
@@ -229,12 +259,12 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, overrides: dict[str, Any] | None, step: _Step
+        self, choice: str, overrides: dict[str, Any] | None, step: _Step, text: bool
     ) -> AsyncIterator[Event]:
-        """One model call (plus at most one repair), streaming its visible text."""
+        """One model call (plus at most one repair), streaming its visible text if ``text``."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
-        constraint, prefill = forced_call(agent.tool_schemas(), choice)
+        constraint, prefill = agent.forced_call(choice)
         repaired = False
         while True:
             span = trace.model_call(int(repaired))
@@ -258,7 +288,8 @@ class Session:
                     for item in parser.feed(delta.text):
                         if isinstance(item, str):
                             step.text += item
-                            yield TextDelta(item)
+                            if text:
+                                yield TextDelta(item)
             except BaseException as exc:
                 span.fail(exc)
                 raise
@@ -269,7 +300,8 @@ class Session:
             for item in parser.finish():
                 if isinstance(item, str):
                     step.text += item
-                    yield TextDelta(item)
+                    if text:
+                        yield TextDelta(item)
             usage = Usage(last_prompt, last_completion, time.perf_counter() - started, 1)
             span.end_model(usage)
             step.usage += usage
@@ -283,7 +315,7 @@ class Session:
             repaired = True
             target = _intended_tool(bad[0], agent.tools)
             yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {target} call")
-            constraint, prefill = forced_call(agent.tool_schemas(), target)
+            constraint, prefill = agent.forced_call(target)
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()

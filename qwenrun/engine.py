@@ -49,9 +49,9 @@ class Constraint:
             raise ValueError(f"Constraint needs exactly one of regex, json, grammar, choice; got {given}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x as much, once per streamed token
 class Delta:
-    """A piece of a streamed completion."""
+    """A piece of a streamed completion (treat it as read-only)."""
 
     text: str
     """New text since the previous delta; special tokens kept; never includes the prefill."""
@@ -332,6 +332,8 @@ class VLLMEngine:
         if self.max_model_len is not None:  # the prompt plus the completion must fit
             room = self.max_model_len - prompt_len
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
+        if kwargs.get("min_tokens") and kwargs.get("max_tokens"):  # vLLM refuses min > max
+            kwargs["min_tokens"] = min(kwargs["min_tokens"], kwargs["max_tokens"])
         try:
             if constraint is not None:
                 kwargs["structured_outputs"] = StructuredOutputsParams(

@@ -167,6 +167,11 @@ class StreamParser:
     def feed(self, chunk: str) -> list[str | ToolCall]:
         if self._finished:
             raise RuntimeError("StreamParser.feed() called after finish()")
+        if not self._in_block and not self._tail and "<" not in chunk:  # plain text: the hot path
+            if chunk:
+                self._text.append(chunk)
+                return [chunk]
+            return []
         return self._run(self._tail + chunk, final=False)
 
     def finish(self) -> list[str | ToolCall]:

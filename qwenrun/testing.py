@@ -8,15 +8,17 @@ streaming code paths run for real. Every request is recorded in ``calls``.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenrun.agent import FORCED_PREFILL
 from qwenrun.config import SamplingSpec
-from qwenrun.engine import Constraint, Delta
+from qwenrun.engine import Constraint, Delta, Engine
 from qwenrun.errors import EngineError
 
-__all__ = ["ModelRequest", "ScriptedEngine", "tool_call_text"]
+__all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "tool_call_text"]
 
 
 @dataclass(slots=True)
@@ -103,3 +105,73 @@ def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "") -> s
 
     body = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
     return f"{text}<tool_call>\n{body}\n</tool_call>"
+
+
+class PinnedEngine:
+    """A real engine whose tool calls are pinned to exact text (for random-weight models).
+
+    A call the agent forces (it prefills ``<tool_call>\\n`` under a constraint) must continue
+    with ``continuation`` (the call's JSON, or several blocks) by a regex; with ``every_call``, an
+    unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
+    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length). The wrapped
+    engine's stream is returned as is, so pinning adds no per-token cost. Every request's
+    messages are kept in ``requests``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        continuation: str,
+        *,
+        every_call: bool = False,
+        call_max_tokens: int = 160,
+        answer_overrides: Mapping[str, Any] | None = None,
+        keep_requests: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.continuation = continuation
+        self.every_call = every_call
+        self.requests: list[list[dict[str, Any]]] = []
+        self._keep = keep_requests
+        self._forced = Constraint(regex=re.escape(continuation))
+        self._whole = Constraint(regex=re.escape(f"{FORCED_PREFILL}{continuation}\n</tool_call>"))
+        self._prefill = FORCED_PREFILL
+        self._call_max_tokens = call_max_tokens
+        self._answer = dict(answer_overrides or {})
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self) -> None:  # the owner of the wrapped engine shuts it down
+        pass
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        sampling: SamplingSpec | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        constraint: Constraint | None = None,
+        prefill: str = "",
+        request_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        if self._keep:
+            self.requests.append(messages)
+        extra = {"max_tokens": self._call_max_tokens}
+        if constraint is not None:  # the agent prefilled "<tool_call>\n": pin the rest
+            constraint, prefill = self._forced, self._prefill
+        elif self.every_call:  # a call the agent did not force: the model writes the whole block
+            constraint, prefill = self._whole, ""
+        else:
+            extra = self._answer
+        return self.engine.generate(
+            messages,
+            tools=tools,
+            sampling=sampling,
+            overrides={**(overrides or {}), **extra},
+            constraint=constraint,
+            prefill=prefill,
+            request_id=request_id,
+        )

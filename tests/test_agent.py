@@ -209,6 +209,36 @@ async def test_named_tool_choice() -> None:
     assert forced_call(tools, "auto") == (None, "")
 
 
+async def test_agent_forced_call_is_cached_until_the_tools_change() -> None:
+    agent, engine = make_agent([tool_call_text("slow", {"seconds": 0}), "done"])
+    first = agent.forced_call("required")
+    assert agent.forced_call("required") is first  # cached: built once per choice
+    assert first == forced_call(agent.tool_schemas(), "required")
+    assert (await agent.session().ask("q", tool_choice="required")).text == "done"
+    assert engine.calls[0].constraint == first[0]
+    del agent.tools["slow"]
+    second = agent.forced_call("required")
+    assert second != first and second == forced_call(agent.tool_schemas(), "required")
+    assert agent.forced_call("slow") == (None, "")  # no such tool any more: nothing forced
+
+
+async def test_ask_gives_the_final_event_of_stream() -> None:
+    """``ask`` skips the text deltas but must end exactly like ``stream``."""
+    replies = [tool_call_text("get_current_weather", {"city": "广州"}, "先查一下。"), "广州今天多云到晴。<"]
+    streamed_agent, _ = make_agent(list(replies))
+    asked_agent, asked_engine = make_agent(list(replies))
+    streamed = await collect(streamed_agent, "广州天气情况如何?")
+    asked = await asked_agent.ask("广州天气情况如何?")
+    assert any(isinstance(event, TextDelta) for event in streamed)
+    final = streamed[-1]
+    assert isinstance(final, Final)
+    assert (asked.text, asked.stop_reason, asked.iterations, asked.tool_calls, asked.usage.completion_tokens) == (
+        final.text, final.stop_reason, final.iterations, final.tool_calls, final.usage.completion_tokens
+    )
+    assert asked.text == "广州今天多云到晴。<" and asked.tool_calls == 1
+    assert asked_engine.calls[1].messages[2]["content"] == "先查一下。"  # the text before the call is kept
+
+
 async def test_history_is_kept_across_turns_and_reset() -> None:
     agent, engine = make_agent(["first", "second"])
     session = agent.session()

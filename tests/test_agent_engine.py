@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
 
-from qwenrun.agent import FORCED_PREFILL, Agent
-from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engine import Constraint, Delta, VLLMEngine
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.engine import VLLMEngine
 from qwenrun.events import Event, Final, ToolCall, ToolResult
 from qwenrun.plugins import load_tools
+from qwenrun.testing import PinnedEngine
 
 pytestmark = pytest.mark.engine
 
@@ -27,53 +26,6 @@ SEED_SENTENCE = "目前广州多云到晴，气温28~31℃，吹轻微的偏北�
 
 def call_json(name: str, arguments: dict[str, Any]) -> str:
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-
-
-class PinnedCalls:
-    """The real engine, with forced calls pinned to exact text by a regex (random weights)."""
-
-    def __init__(self, engine: VLLMEngine, continuation: str, *, every_call: bool = False) -> None:
-        self.engine = engine
-        self.model_name = engine.model_name
-        self.continuation = continuation
-        self.every_call = every_call
-        self.requests: list[list[dict[str, Any]]] = []
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def shutdown(self) -> None:  # the session fixture owns the engine
-        pass
-
-    async def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-    ) -> AsyncIterator[Delta]:
-        self.requests.append(messages)
-        if constraint is not None:  # the agent prefilled "<tool_call>\n": pin the rest
-            constraint, prefill = Constraint(regex=re.escape(self.continuation)), FORCED_PREFILL
-            overrides = {**(overrides or {}), "max_tokens": 160}  # room for the pinned call(s)
-        elif self.every_call:  # a call the agent did not force: the model writes the whole block
-            whole = f"{FORCED_PREFILL}{self.continuation}\n</tool_call>"
-            constraint, prefill = Constraint(regex=re.escape(whole)), ""
-            overrides = {**(overrides or {}), "max_tokens": 160}
-        async for delta in self.engine.generate(
-            messages,
-            tools=tools,
-            sampling=sampling,
-            overrides=overrides,
-            constraint=constraint,
-            prefill=prefill,
-            request_id=request_id,
-        ):
-            yield delta
 
 
 async def slow_tool(seconds: float) -> str:
@@ -100,7 +52,7 @@ async def run(agent: Agent, prompt: str) -> list[Event]:
 
 async def test_weather_question_calls_the_tool_and_answers(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec)
-    pinned = PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"}))
+    pinned = PinnedEngine(engine, call_json("get_current_weather", {"city": "广州"}))
     agent = Agent(spec, pinned, load_tools(spec))
     events = await run(agent, "广州天气情况如何?")
     calls = [e for e in events if isinstance(e, ToolCall)]
@@ -144,7 +96,7 @@ async def test_parallel_calls_in_one_answer(engine: VLLMEngine, tiny_spec: Agent
         + call_json("get_current_weather", {"city": "深圳"})
         + "\n</tool_call>"
     )
-    agent = Agent(spec, PinnedCalls(engine, two), load_tools(spec))
+    agent = Agent(spec, PinnedEngine(engine, two), load_tools(spec))
     events = await run(agent, "广州和深圳天气如何?")
     results = [e for e in events if isinstance(e, ToolResult)]
     assert sorted(r.content for r in results) == sorted(
@@ -155,7 +107,7 @@ async def test_parallel_calls_in_one_answer(engine: VLLMEngine, tiny_spec: Agent
 
 async def test_a_hanging_tool_is_cut_at_its_timeout(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec, timeout_s=1)
-    agent = Agent(spec, PinnedCalls(engine, call_json("slow_tool", {"seconds": 600})), [slow_tool])
+    agent = Agent(spec, PinnedEngine(engine, call_json("slow_tool", {"seconds": 600})), [slow_tool])
     events = await asyncio.wait_for(run(agent, "wait"), timeout=120)
     results = [e for e in events if isinstance(e, ToolResult)]
     assert [(r.content, r.is_error) for r in results] == [("Error: slow_tool timed out after 1 s", True)]
@@ -164,7 +116,7 @@ async def test_a_hanging_tool_is_cut_at_its_timeout(engine: VLLMEngine, tiny_spe
 
 async def test_max_iterations_stops_a_tool_loop(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec, max_iterations=3)
-    pinned = PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"}), every_call=True)
+    pinned = PinnedEngine(engine, call_json("get_current_weather", {"city": "广州"}), every_call=True)
     agent = Agent(spec, pinned, load_tools(spec))
     events = await run(agent, "loop")
     final = events[-1]
@@ -176,7 +128,7 @@ async def test_max_iterations_stops_a_tool_loop(engine: VLLMEngine, tiny_spec: A
 async def test_concurrent_sessions_on_one_engine(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
     spec = weather_spec(tiny_spec)
     agent = Agent(
-        spec, PinnedCalls(engine, call_json("get_current_weather", {"city": "广州"})), load_tools(spec)
+        spec, PinnedEngine(engine, call_json("get_current_weather", {"city": "广州"})), load_tools(spec)
     )
     finals = await asyncio.gather(*(agent.session().ask(f"问题 {i}") for i in range(12)))
     assert [(f.iterations, f.tool_calls) for f in finals] == [(2, 1)] * 12

@@ -305,7 +305,7 @@ WEATHER_TOOL: dict[str, Any] = {
 REQUEST_KEYS = [
     "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "stream", "stream_options",
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
-    "frequency_penalty", "n", "logprobs", "top_logprobs", "response_format", "user", "metadata",
+    "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "n", "logprobs", "top_logprobs", "response_format", "user", "metadata",
     "role", "content", "type", "function", "name", "arguments", "tool_call_id", "tool_calls", "id",
     "parameters", "include_usage", "text",
 ]  # fmt: skip
@@ -353,6 +353,10 @@ OPTIONAL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "seed": st.integers(-(2**63), 2**63 - 1),
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
+    "top_k": st.integers(-1, 100),
+    "min_p": st.floats(0, 1),
+    "repetition_penalty": st.floats(0.01, 2),
+    "ignore_eos": st.booleans(),
     "n": st.just(1),
     "user": texts,
     "response_format": st.just({"type": "text"}),

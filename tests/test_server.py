@@ -375,6 +375,25 @@ def test_sampling_overrides_and_max_tokens_cap(srv: Harness) -> None:
     assert newer == {"max_tokens": 64}
 
 
+def test_vllm_extra_sampling_parameters_pass_through(srv: Harness) -> None:
+    """What `vllm serve` takes in ``extra_body`` reaches the engine; a contradiction is a 400."""
+    srv.script = lambda request: "ok"
+    messages: Any = [{"role": "user", "content": "hi"}]
+    extra = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05, "min_tokens": 8, "ignore_eos": True}
+    with srv.sync_client() as client:
+        client.chat.completions.create(model=SERVED, messages=messages, max_tokens=16, extra_body=extra)
+        with pytest.raises(openai.BadRequestError) as too_many:
+            client.chat.completions.create(
+                model=SERVED, messages=messages, max_tokens=4, extra_body={"min_tokens": 5}
+            )
+        with pytest.raises(openai.BadRequestError) as bad_k:
+            client.chat.completions.create(model=SERVED, messages=messages, extra_body={"top_k": -5})
+    assert [call.overrides for call in srv.engine.calls] == [{"max_tokens": 16, **extra}]
+    assert "min_tokens (5) is larger than max_tokens (4)" in str(too_many.value)
+    assert too_many.value.body["param"] == "min_tokens"  # type: ignore[index]
+    assert "top_k" in str(bad_k.value)
+
+
 # -- agent mode ---------------------------------------------------------------------------------------
 
 

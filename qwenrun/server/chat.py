@@ -120,6 +120,10 @@ def overrides(request: ChatCompletionRequest, agent: Agent, frontend: OpenAIFron
     if cap is not None:
         max_tokens = min(max_tokens or agent.spec.sampling.max_tokens, cap)
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    most = max_tokens or agent.spec.sampling.max_tokens
+    if request.min_tokens is not None and request.min_tokens > most:
+        raise APIError(400, f"min_tokens ({request.min_tokens}) is larger than max_tokens ({most})",
+                       param="min_tokens")  # fmt: skip
     values = {
         "max_tokens": max_tokens,
         "temperature": request.temperature,
@@ -128,6 +132,11 @@ def overrides(request: ChatCompletionRequest, agent: Agent, frontend: OpenAIFron
         "seed": request.seed,
         "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty,
+        "top_k": request.top_k,
+        "min_p": request.min_p,
+        "repetition_penalty": request.repetition_penalty,
+        "min_tokens": request.min_tokens,
+        "ignore_eos": request.ignore_eos,
     }
     return {key: value for key, value in values.items() if value is not None}
 

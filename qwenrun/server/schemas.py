@@ -197,6 +197,12 @@ class ChatCompletionRequest(_Model):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what vLLM and torch take (int64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # vLLM's extra sampling parameters (``extra_body`` in the openai client), as `vllm serve` takes
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
