@@ -29,10 +29,10 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
 
@@ -224,7 +224,7 @@ async def answer(session: Session, prompt: str, view: TurnView) -> None:
     button) closes what is open and propagates. Either way the session stays usable.
     """
     try:
-        events = cast(AsyncGenerator[Event, None], session.stream(prompt))
+        events = session.stream(prompt)
         async with contextlib.aclosing(events):
             async for event in events:
                 await view.show(event)
