@@ -67,8 +67,13 @@ async def qwenrun_session(agent: Agent, question: str) -> int:
     return final.usage.completion_tokens
 
 
+def no_tool_calls(tokenizer: Any) -> dict[int, float]:
+    """A logit bias that keeps the model from opening a tool call (the ``<tool_call>`` token)."""
+    return {int(tokenizer.convert_tokens_to_ids("<tool_call>")): -100.0}
+
+
 def raw_session_factory(
-    llm: Any, tokenizer: Any, tools: list[dict[str, Any]], args: argparse.Namespace
+    llm: Any, tokenizer: Any, tools: list[dict[str, Any]], args: argparse.Namespace, answer: dict[str, Any]
 ) -> Callable[[str], Awaitable[int]]:
     """The hand-written loop: chat template, vLLM generate, json.loads, tool, generate again."""
     from vllm import SamplingParams
@@ -83,7 +88,7 @@ def raw_session_factory(
     call_params = SamplingParams(
         max_tokens=64, structured_outputs=StructuredOutputsParams(regex=re.escape(CALL)), **common
     )
-    answer_params = SamplingParams(max_tokens=args.answer_tokens, ignore_eos=True, **common)
+    answer_params = SamplingParams(**answer, **common)
 
     async def generate(messages: list[dict[str, Any]], params: Any, prefill: str) -> tuple[str, int]:
         prompt = (
@@ -234,19 +239,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench] engine start-up {report['startup_s']} s", flush=True)
     tool = get_current_weather_async if args.tool == "async" else get_current_weather
     tool.__name__ = "get_current_weather"
-    pinned = PinnedEngine(
-        engine,
-        CALL,
-        call_max_tokens=64,
-        keep_requests=False,
-        answer_overrides={"max_tokens": args.answer_tokens, "ignore_eos": True},
-    )
-    agent = Agent(spec, pinned, tools=[tool])
     llm = engine._engine  # the same AsyncLLM, driven by hand on the raw side
     tokenizer = llm.get_tokenizer()
     if asyncio.iscoroutine(tokenizer):
         tokenizer = await tokenizer
-    raw = raw_session_factory(llm, tokenizer, agent.tool_schemas(), args)
+    # Random weights write the <tool_call> token now and then inside the answer: qwenrun would then
+    # run (and repair) a second call, which the raw loop ignores. Both sides ban it in the answer.
+    answer = {"max_tokens": args.answer_tokens, "ignore_eos": True, "logit_bias": no_tool_calls(tokenizer)}
+    pinned = PinnedEngine(engine, CALL, call_max_tokens=64, keep_requests=False, answer_overrides=answer)
+    agent = Agent(spec, pinned, tools=[tool])
+    raw = raw_session_factory(llm, tokenizer, agent.tool_schemas(), args, answer)
     ours = lambda q: qwenrun_session(agent, q)  # noqa: E731
     warm = max(args.sessions)  # warm-up at the largest batch: grammar compile, kernels, graph shapes
     await measure(raw, warm)
