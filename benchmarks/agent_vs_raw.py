@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import gc
 import json
-import re
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwenrun.agent import FORCED_PREFILL, Agent
 from qwenrun.config import AgentSpec
 from qwenrun.engine import VLLMEngine
-from qwenrun.testing import PinnedEngine
+from qwenrun.testing import PinnedEngine, literal_regex
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -86,7 +85,7 @@ def raw_session_factory(
         "output_kind": RequestOutputKind.DELTA,
     }
     call_params = SamplingParams(
-        max_tokens=64, structured_outputs=StructuredOutputsParams(regex=re.escape(CALL)), **common
+        max_tokens=64, structured_outputs=StructuredOutputsParams(regex=literal_regex(CALL)), **common
     )
     answer_params = SamplingParams(**answer, **common)
 

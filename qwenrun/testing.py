@@ -18,7 +18,7 @@ from qwenrun.config import SamplingSpec
 from qwenrun.engine import Constraint, Delta, Engine
 from qwenrun.errors import EngineError
 
-__all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "tool_call_text"]
+__all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "literal_regex", "tool_call_text"]
 
 
 @dataclass(slots=True)
@@ -107,6 +107,20 @@ def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "") -> s
     return f"{text}<tool_call>\n{body}\n</tool_call>"
 
 
+_REGEX_SPECIAL = re.compile(r"[.^$*+?{}\[\]\\|()]")
+_REGEX_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def literal_regex(text: str) -> str:
+    """A regex that matches exactly ``text``, in the syntax structured-output backends read.
+
+    Unlike ``re.escape`` it leaves spaces, ``#``, ``&``, ``~`` and ``-`` alone (xgrammar warns
+    about ``\\ `` on every request) and writes newlines and tabs as ``\\n`` and ``\\t``.
+    """
+    escaped = _REGEX_SPECIAL.sub(lambda m: "\\" + m.group(), text)
+    return "".join(_REGEX_CONTROL.get(char, char) for char in escaped)
+
+
 class PinnedEngine:
     """A real engine whose tool calls are pinned to exact text (for random-weight models).
 
@@ -134,8 +148,8 @@ class PinnedEngine:
         self.every_call = every_call
         self.requests: list[list[dict[str, Any]]] = []
         self._keep = keep_requests
-        self._forced = Constraint(regex=re.escape(continuation))
-        self._whole = Constraint(regex=re.escape(f"{FORCED_PREFILL}{continuation}\n</tool_call>"))
+        self._forced = Constraint(regex=literal_regex(continuation))
+        self._whole = Constraint(regex=literal_regex(f"{FORCED_PREFILL}{continuation}\n</tool_call>"))
         self._prefill = FORCED_PREFILL
         self._call_max_tokens = call_max_tokens
         self._answer = dict(answer_overrides or {})
