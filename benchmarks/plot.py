@@ -3,14 +3,15 @@
 Reads the JSON files under ``--results`` (default ``benchmarks/results``) and writes, into ``--out``
 (default: the same folder):
 
-* ``agent_vs_raw.png`` from ``agent_vs_raw_tp1.json`` (the H100 run of ``agent_vs_raw.py``):
-  sessions/s of the hand-written vLLM loop and of qwenrun at each N, and their ratio. The later
-  TP runs (``tp-*/tp*.json``) are drawn as extra ratio points, labelled, because they disagree
-  with the first run; ``tp-first`` is left out (its raw side was measured cold).
+* ``agent_vs_raw.png`` from ``agent-final/agent_vs_raw_tp1.json`` (the final H100 run of
+  ``agent_vs_raw.py``): sessions/s of the hand-written vLLM loop and of qwenrun at each N, and their
+  ratio, with the ratios of every earlier H100 run (``agent_vs_raw_tp1.json``, ``agent-*/``,
+  ``tp-*/``) as labelled points; ``tp-first`` is left out (its raw side was measured cold).
 * ``server_vs_vllm.png`` from ``cpu/server_vs_vllm.json`` (layout ``both``) and
-  ``cpu/server_vs_vllm_one_final.json`` (layout ``one``) of ``server_vs_vllm.py``, those present:
-  req/s and p50 latency of qwenrun's OpenAI server and of vLLM's per mode and run, and the
-  front-end process's CPU time per request against each run's req/s.
+  ``cpu/server_vs_vllm_one_final.json`` (layout ``one``) of ``server_vs_vllm.py``, and
+  ``server_vs_vllm_h100.png`` from ``server-h100/*.json``, those present: req/s and p50 latency of
+  qwenrun's OpenAI server and of vLLM's per mode and run, and the front-end process's CPU time per
+  request against each run's req/s.
 
 Prints one ``RESULT {json}`` line naming the files written.
 
@@ -41,29 +42,43 @@ def load(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def later_tp_points(results: Path) -> list[tuple[str, list[int], list[float]]]:
-    """(label, Ns, ratios) of each later TP run, e.g. ('tp-second TP=2', [256], [0.717])."""
+FINAL_AGENT_RUN = "agent-final"
+AGENT_TARGET_RATIO = 0.97
+
+
+def earlier_agent_points(results: Path) -> list[tuple[str, list[int], list[float]]]:
+    """(label, Ns, ratios) of each earlier H100 run, e.g. ('tp-second TP=2', [256], [0.717])."""
+    paths = [results / "agent_vs_raw_tp1.json", *sorted(results.glob("agent-*/agent_vs_raw_tp1.json"))]
+    paths += sorted(results.glob("tp-*/tp*.json"))
     points = []
-    for path in sorted(results.glob("tp-*/tp*.json")):
-        if path.parent.name in IGNORED_RUNS:
+    for path in paths:
+        folder = path.parent.name
+        if not path.exists() or folder in IGNORED_RUNS or folder == FINAL_AGENT_RUN:
             continue
         rows = load(path).get("rows", [])
-        label = f"{path.parent.name} TP={path.stem.removeprefix('tp')}"
+        if path.parent == results:
+            label = "first run"
+        elif path.stem.startswith("tp"):
+            label = f"{folder} TP={path.stem.removeprefix('tp')}"
+        else:
+            label = folder
         points.append((label, [int(row["n"]) for row in rows], [float(row["ratio"]) for row in rows]))
     return points
 
 
 def plot_agent_vs_raw(results: Path, out: Path) -> Path | None:
-    source = results / "agent_vs_raw_tp1.json"
+    source = results / FINAL_AGENT_RUN / "agent_vs_raw_tp1.json"
     if not source.exists():
         return None
-    rows = load(source)["rows"]
+    report = load(source)
+    rows = report["rows"]
+    repeats = len(rows[0].get("reps", [])) or "?"
     ns = [row["n"] for row in rows]
     raw = [row["raw"]["sessions_per_s"] for row in rows]
     ours = [row["qwenrun"]["sessions_per_s"] for row in rows]
     ratio = [row["ratio"] for row in rows]
     fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(7.5, 7.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+        2, 1, figsize=(7.5, 8), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]}
     )
     top.plot(ns, raw, "o--", color=RAW_COLOR, label="hand-written loop on vLLM (raw)")
     top.plot(ns, ours, "s-", color=OURS_COLOR, label="qwenrun agent loop")
@@ -84,39 +99,30 @@ def plot_agent_vs_raw(results: Path, out: Path) -> Path | None:
     top.set_ylabel("sessions / s (higher is better)")
     top.set_title(
         "Weather sessions (tool call + 128-token answer), Qwen2.5-7B shape, bf16\n"
-        "1x H100 80GB, vLLM 0.26.0, TP=1, one shared engine, best of 2 alternated runs",
+        f"1x H100 80GB, vLLM 0.26.0, TP=1, one shared engine, median of {repeats} alternated runs",
         fontsize=10,
     )
     top.grid(True, which="both", alpha=0.3)
     top.legend(loc="upper left")
     bottom.axhline(1.0, color="black", linewidth=0.8)
-    bottom.plot(ns, ratio, "s-", color=OURS_COLOR, label="run 1 (agent_vs_raw_tp1.json)")
+    bottom.axhline(AGENT_TARGET_RATIO, color="#d62728", linewidth=0.8, linestyle="--",
+                   label=f"target {AGENT_TARGET_RATIO}")  # fmt: skip
+    markers = iter(["^", "v", "D", "P", "X", "<", ">", "h", "*", "p"])
+    for label, n_values, ratios in earlier_agent_points(results):
+        bottom.plot(n_values, ratios, next(markers, "o"), linestyle=":", color=RAW_COLOR, alpha=0.6,
+                    markersize=4, label=label)  # fmt: skip
+    bottom.plot(ns, ratio, "s-", color=OURS_COLOR, linewidth=2, label=f"final ({FINAL_AGENT_RUN})")
     for n, value in zip(ns, ratio, strict=True):
         bottom.annotate(
             f"{value:.3f}", (n, value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
-        )
-    markers = iter(["^", "v", "D", "P", "X", "<", ">"])
-    for label, n_values, ratios in later_tp_points(results):
-        bottom.plot(
-            n_values, ratios, next(markers, "o"), linestyle=":", color="#d62728", alpha=0.8, label=f"{label}"
-        )
-    if later_tp_points(results):
-        bottom.text(
-            0.99,
-            0.04,
-            "red: later TP runs, not consistent with run 1 (under investigation)",
-            transform=bottom.transAxes,
-            ha="right",
-            fontsize=7,
-            color="#d62728",
         )
     bottom.set_xscale("log", base=2)
     bottom.set_xticks(ns, [str(n) for n in ns])
     bottom.set_xlabel("concurrent sessions N")
     bottom.set_ylabel("qwenrun / raw")
-    bottom.set_ylim(0.6, 1.2)
+    bottom.set_ylim(0.6, 1.15)
     bottom.grid(True, alpha=0.3)
-    bottom.legend(loc="lower left", fontsize=8)
+    bottom.legend(loc="lower left", fontsize=6, ncol=3)
     fig.tight_layout()
     target = out / "agent_vs_raw.png"
     fig.savefig(target, dpi=120)
@@ -129,26 +135,31 @@ def plot_agent_vs_raw(results: Path, out: Path) -> Path | None:
 SERVER_FILES = ("server_vs_vllm.json", "server_vs_vllm_one_final.json")
 
 
-def plot_server(results: Path, out: Path) -> Path | None:
-    reports = [
-        {**load(results / "cpu" / name), "file": name}
-        for name in SERVER_FILES
-        if (results / "cpu" / name).exists()
-    ]
+H100_SERVER_FILES = ("rounds-2.json", "round-1.json")
+
+
+def plot_server(results: Path, out: Path, folder: str = "cpu", files: tuple[str, ...] = SERVER_FILES,
+                name: str = "server_vs_vllm.png") -> Path | None:  # fmt: skip
+    reports = [{**load(results / folder / f), "file": f} for f in files if (results / folder / f).exists()]
     if not reports:
         return None
     fig, grid = plt.subplots(len(reports), 3, figsize=(13, 4.2 * len(reports)), squeeze=False)
     for axes, report in zip(grid, reports, strict=True):
         server_row(axes, report)
     cfg = reports[0]["config"]
+    where = (
+        f"tiny Qwen2 model on {cfg['cpus']} shared CPU cores"
+        if folder == "cpu"
+        else "Qwen2.5-7B shape (dummy bf16 weights) on 1x H100, vLLM 0.26.0"
+    )
     fig.suptitle(
-        f"OpenAI chat completions, tiny Qwen2 model on {cfg['cpus']} shared CPU cores: {cfg['requests']} requests "
+        f"OpenAI chat completions, {where}: {cfg['requests']} requests "
         f"per run, concurrency {cfg['concurrency']}, {cfg['max_tokens']} tokens each\n"
         "bars: median of the rounds; dots: each run; the paired ratio is the median of the rounds' ratios",
         fontsize=9,
     )
     fig.tight_layout()
-    target = out / "server_vs_vllm.png"
+    target = out / name
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
@@ -215,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
-    written = [p for p in (plot_agent_vs_raw(args.results, out), plot_server(args.results, out)) if p]
+    plots = (
+        plot_agent_vs_raw(args.results, out),
+        plot_server(args.results, out),
+        plot_server(args.results, out, "server-h100", H100_SERVER_FILES, "server_vs_vllm_h100.png"),
+    )
+    written = [p for p in plots if p]
     for path in written:
         print(f"wrote {path}")
     return {"written": [str(p) for p in written]}
