@@ -3,14 +3,13 @@
 ``AgentSpec.from_file -> from_text -> from_dict``. Every error is a :class:`ConfigError` whose
 message names the file, the path in the document and the problem, e.g.
 ``agents/weather.yaml: engine.max_num_seqs: Input should be greater than 0``.
+Reading the YAML, ``${ENV}``, ``--set`` and the error messages live in :mod:`qwenrun.loading`.
 This module must not import vLLM or torch: ``qwenrun validate`` stays fast.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +28,13 @@ from pydantic import (
 )
 
 from qwenrun.errors import ConfigError
+from qwenrun.loading import (
+    apply_overrides,
+    describe_yaml_error,
+    format_validation_error,
+    interpolate,
+    safe_load,
+)
 
 __all__ = [
     "AgentSettings",
@@ -255,9 +261,9 @@ class AgentSpec(_Strict):
     @classmethod
     def from_text(cls, text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> AgentSpec:
         try:
-            data = _safe_load(text)
+            data = safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: {_describe_yaml_error(exc, text)}") from None
+            raise ConfigError(f"{source}: {describe_yaml_error(exc, text)}") from None
         except RecursionError:  # PyYAML's parser recurses once per nesting level
             raise ConfigError(f"{source}: YAML syntax error: the document is nested too deeply") from None
         if data is None:
@@ -271,7 +277,7 @@ class AgentSpec(_Strict):
         cls, data: Mapping[str, Any], source: str = "<dict>", overrides: Sequence[str] = ()
     ) -> AgentSpec:
         data = apply_overrides(dict(data), overrides, source)
-        data = _interpolate(data, (), source)
+        data = interpolate(data, (), source)
         try:
             spec = cls.model_validate(data)
         except ValidationError as exc:
@@ -319,209 +325,3 @@ class AgentSpec(_Strict):
 
     def tool(self, name: str) -> ToolSpec | None:
         return next((tool for tool in self.tools if tool.name == name), None)
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_ESCAPED = "$${"
-
-
-_MAX_DEPTH = 100
-_MAX_VALUES = 100_000
-
-
-def _interpolate(value: Any, path: tuple[str | int, ...], source: str) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$${`` is a literal ``${``.
-
-    Also bounds the document, whose YAML aliases may make it cyclic (``a: &a [*a]``) or huge
-    (nested aliases, "billion laughs"): a cycle, more than ``_MAX_DEPTH`` levels or more than
-    ``_MAX_VALUES`` values with the aliases expanded is a ConfigError naming where it happens."""
-    count = 0
-
-    def walk(node: Any, path: tuple[str | int, ...], parents: tuple[int, ...]) -> Any:
-        nonlocal count
-        count += 1
-        if count > _MAX_VALUES:
-            raise ConfigError(
-                f"{source}: {_dotted(path)}: more than {_MAX_VALUES:,} values once YAML aliases are expanded"
-            )
-        if isinstance(node, dict | list):
-            if id(node) in parents:
-                raise ConfigError(f"{source}: {_dotted(path)}: a YAML alias refers to a node containing it")
-            if len(parents) >= _MAX_DEPTH:
-                where = _dotted(path[:8]) + ("..." if len(path) > 8 else "")
-                raise ConfigError(f"{source}: {where}: nested more than {_MAX_DEPTH} levels deep")
-            inner = (*parents, id(node))
-            if isinstance(node, dict):
-                return {key: walk(item, (*path, str(key)), inner) for key, item in node.items()}
-            return [walk(item, (*path, index), inner) for index, item in enumerate(node)]
-        if isinstance(node, str) and "${" in node:
-            return _substitute(node, path, source)
-        return node
-
-    return walk(value, path, ())
-
-
-def _substitute(value: str, path: tuple[str | int, ...], source: str) -> str:
-    parts = value.split(_ESCAPED)
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        found = os.environ.get(name)
-        if found is not None and (found or default is None):
-            return found
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"{source}: {_dotted(path)}: environment variable {name} is not set "
-            f"(write ${{{name}:-default}} to give a default)"
-        )
-
-    return "${".join(_ENV_PATTERN.sub(substitute, part) for part in parts)
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
-    """Apply ``--set key.path=value`` overrides; values are parsed as YAML (``8`` is an int)."""
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8")
-        try:
-            value = _safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {override!r}: {_describe_yaml_error(exc)}") from None
-        node: Any = data
-        parts = key.strip().split(".")
-        for index, part in enumerate(parts[:-1]):
-            child = node.get(part) if isinstance(node, dict) else None
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: index + 1])
-                raise ConfigError(f"{source}: --set {key}: {where} is not a mapping")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-_PLAIN_KEY = re.compile(r"[\w\-]+")
-
-
-def _dotted(path: Sequence[str | int]) -> str:
-    """``("tools", 0, "settings", "a b")`` -> ``tools[0].settings['a b']`` (odd keys quoted)."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif not _PLAIN_KEY.fullmatch(str(part)):
-            text += f"[{str(part)!r}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "<top level>"
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (plain data only: no tag builds a Python object), whose constructors
-    crash with IndexError, ValueError, ... on some explicitly tagged scalars (``!!int ""``,
-    ``!!float :``, ``!!timestamp x``): those become YAML errors at the value's line and column."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as exc:
-            shown = repr(node.value[:40]) if isinstance(node, yaml.ScalarNode) else "the value"
-            raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {shown} as {node.tag} ({type(exc).__name__})",
-                node.start_mark,
-            ) from None  # fmt: skip
-
-
-# Private copies of PyYAML's tables, taken when qwenrun is imported (before vLLM): vLLM's
-# dependency lm-format-enforcer rewrites the global SafeLoader (timestamps load as strings), which
-# would otherwise change how agent files read once an engine has started.
-_SafeLoader.yaml_constructors = dict(yaml.SafeLoader.yaml_constructors)
-_SafeLoader.yaml_implicit_resolvers = {
-    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _safe_load(text: str) -> Any:
-    return yaml.load(text, Loader=_SafeLoader)
-
-
-def _describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is not None:
-        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
-        at = exc.position  # an index into the text: a control character, a lone surrogate, ...
-        line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
-        return (
-            f"YAML syntax error at line {line}, column {column}: "
-            f"unacceptable character #x{exc.character:04x}: {exc.reason}"
-        )
-    return f"YAML syntax error: {' '.join(problem.split())}"
-
-
-def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The pydantic model that owns the last key of ``loc`` (for 'did you mean' suggestions)."""
-    options: list[Any] = [model]
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        tagged = [m for m in options if part in _UNION_TAGS and _kind_of(m) == part]
-        if tagged:
-            options = tagged
-            continue
-        owner = next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
-        field = owner.model_fields.get(part) if owner else None
-        if field is None:
-            return None
-        options = _models_in(field.annotation)
-    return next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
-
-
-def _models_in(annotation: Any) -> list[Any]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
-
-
-def _kind_of(model: Any) -> str | None:
-    field = (
-        model.model_fields.get("kind") if isinstance(model, type) and issubclass(model, BaseModel) else None
-    )
-    args = getattr(field.annotation, "__args__", ()) if field else ()
-    return str(args[0]) if args else None
-
-
-def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
-    """One line per problem: ``file: path.in.document: message``."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        full_loc = list(error["loc"])
-        # pydantic names the member of the frontend union it tried: frontend.openai.port -> frontend.port
-        tagged = len(full_loc) > 1 and full_loc[0] == "frontend" and full_loc[1] in _UNION_TAGS
-        loc = full_loc[:1] + full_loc[2:] if tagged else full_loc
-        message = error["msg"]
-        if error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
-            loc, message = loc[:-1], f"key {loc[-1]} is not a string (quote it)"
-        elif len(loc) > 1 and loc[-1] == "[key]":  # pydantic's marker: the key itself is invalid
-            loc, message = loc[:-2], f"key {loc[-2]!r}: {message}"
-        elif error["type"] == "extra_forbidden":
-            owner = _model_at(model, full_loc)
-            known = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-            message = f"unknown key {str(loc[-1])!r}"
-            message += f"; did you mean {close[0]!r}?" if close else ""
-            if known:
-                message += f" (valid keys: {', '.join(known)})"
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        lines.append(f"{source}: {_dotted(loc)}: {message}")
-    return "\n".join(lines)
-
-
-_UNION_TAGS = {"cli", "openai", "chainlit"}

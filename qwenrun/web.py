@@ -41,6 +41,7 @@ from qwenrun.config import AgentSpec, ChainlitFrontend
 from qwenrun.console import start_with_status
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
+from qwenrun.loading import secret_from_env
 
 __all__ = [
     "TurnView",
@@ -126,12 +127,8 @@ def build_app(agent: Agent) -> Any:
     title = _title(spec)
     password: str | None = None
     if front.password_env:
-        password = os.environ.get(front.password_env)
-        if not password:
-            raise ConfigError(
-                f"{spec.source}: frontend.password_env: environment variable {front.password_env} "
-                "is not set (it holds the login password)"
-            )
+        where, hint = f"{spec.source}: frontend.password_env", "it holds the login password"
+        password = secret_from_env(front.password_env, where, "password", "QWENRUN_CHAT_PASSWORD", hint)
     cl = import_chainlit()
     config = _import("chainlit.config").config
     logging.getLogger("chainlit").addFilter(_quiet)

@@ -265,6 +265,19 @@ def test_password_env_must_be_set(cl: Any, monkeypatch: pytest.MonkeyPatch) -> N
         web.build_app(make_agent(yaml=yaml))
 
 
+def test_a_password_given_instead_of_its_variable_name_is_never_printed(
+    cl: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``password_env: ${UI_PASSWORD}`` interpolates the password itself: refused, not printed."""
+    monkeypatch.setenv("QWENRUN_TEST_PASSWORD", "s3cret-pw")
+    for value in ("s3cret-pw", "not a name!"):
+        with pytest.raises(ConfigError) as info:
+            web.build_app(make_agent(yaml=YAML + f"  password_env: {value!r}\n"))
+        message = str(info.value)
+        assert "frontend.password_env: must be the name of the environment variable that holds the password" in message
+        assert value not in message
+
+
 def test_check_password_is_exact() -> None:
     front = make_agent().spec.frontend
     assert isinstance(front, ChainlitFrontend)

@@ -12,7 +12,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -30,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec, OpenAIFrontend
 from qwenrun.errors import ConfigError, EngineError
+from qwenrun.loading import secret_from_env
 from qwenrun.observability import bind_metrics
 from qwenrun.server import chat
 from qwenrun.server.metrics import Metrics, MetricsMiddleware
@@ -57,22 +57,8 @@ def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
     name = frontend.api_key_env
     if name is None:
         return None
-    key = os.environ.get(name)
-    if key:
-        return key
-    if not _ENV_NAME.fullmatch(name) or name in os.environ.values():
-        # ``api_key_env: ${QWENRUN_API_KEY}`` puts the key itself here: never print it
-        raise ConfigError(
-            f"{source}: frontend.api_key_env: must be the name of the environment variable that "
-            "holds the key (e.g. QWENRUN_API_KEY), not the key itself"
-        )
-    raise ConfigError(
-        f"{source}: frontend.api_key_env: environment variable {name} is not set or empty; "
-        f"export {name}=<key> or remove api_key_env to run without an API key"
-    )
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    hint = f"export {name}=<key> or remove api_key_env to run without an API key"
+    return secret_from_env(name, f"{source}: frontend.api_key_env", "key", "QWENRUN_API_KEY", hint)
 
 
 def _engine_failed(agent: Agent) -> bool:
