@@ -80,7 +80,11 @@ class Engine(Protocol):
         constraint: Constraint | None = None,
         prefill: str = "",
         request_id: str | None = None,
-    ) -> AsyncIterator[Delta]: ...
+        incremental: bool = True,
+    ) -> AsyncIterator[Delta]:
+        """Stream the completion. ``incremental=False`` says the caller needs only the whole
+        text: an engine may then send it as one delta at the end (saving a delta per token)."""
+        ...
 
     async def shutdown(self) -> None: ...
 
@@ -324,11 +328,16 @@ class VLLMEngine:
         overrides: Mapping[str, Any] | None,
         constraint: Constraint | None,
         prompt_len: int,
+        incremental: bool = True,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         kwargs = sampling_kwargs(sampling or self.spec.sampling, overrides)
+        if not incremental:
+            from vllm.sampling_params import RequestOutputKind
+
+            kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         if self.max_model_len is not None:  # the prompt plus the completion must fit
             room = self.max_model_len - prompt_len
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
@@ -357,8 +366,11 @@ class VLLMEngine:
         constraint: Constraint | None = None,
         prefill: str = "",
         request_id: str | None = None,
+        incremental: bool = True,
     ) -> AsyncIterator[Delta]:
-        """Stream the model's continuation of ``messages`` (after ``prefill``) as deltas.
+        """Stream the model's continuation of ``messages`` (after ``prefill``) as deltas; with
+        ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what
+        ``vllm serve`` uses for non-streaming requests).
 
         Stopping early (``break``, ``aclose()``, cancellation) aborts the vLLM request; consume
         with ``contextlib.aclosing`` to make that immediate rather than at garbage collection.
@@ -376,7 +388,7 @@ class VLLMEngine:
                 f"the prompt is {len(prompt_ids)} tokens, but max_model_len is {limit} "
                 "(the prompt and at least one new token must fit): shorten the conversation"
             )
-        params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids))
+        params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids), incremental)
         request_id = request_id or f"qwenrun-{uuid.uuid4().hex}"
         stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
         finished = False

@@ -30,6 +30,7 @@ class ModelRequest:
     constraint: Constraint | None
     prefill: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    incremental: bool = True
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
@@ -72,10 +73,11 @@ class ScriptedEngine:
         constraint: Constraint | None = None,
         prefill: str = "",
         request_id: str | None = None,
+        incremental: bool = True,
     ) -> AsyncIterator[Delta]:
         if self.dead:
             raise EngineError("the scripted engine is dead")
-        request = ModelRequest(list(messages), tools, constraint, prefill, dict(overrides or {}))
+        request = ModelRequest(list(messages), tools, constraint, prefill, dict(overrides or {}), incremental)
         self.calls.append(request)
         if callable(self._script):
             reply = self._script(request)
@@ -170,6 +172,7 @@ class PinnedEngine:
         constraint: Constraint | None = None,
         prefill: str = "",
         request_id: str | None = None,
+        incremental: bool = True,
     ) -> AsyncIterator[Delta]:
         if self._keep:
             self.requests.append(messages)
@@ -188,4 +191,5 @@ class PinnedEngine:
             constraint=constraint,
             prefill=prefill,
             request_id=request_id,
+            incremental=incremental,
         )

@@ -255,6 +255,22 @@ async def test_streaming_deltas(engine: VLLMEngine) -> None:
 
 
 @pytest.mark.engine
+async def test_not_incremental_is_one_delta_with_the_same_text(engine: VLLMEngine) -> None:
+    """``incremental=False`` (vLLM's FINAL_ONLY): the whole completion in one delta, the same
+    greedy text and counts as the streamed deltas."""
+    streamed = await _collect(engine.generate(USER))
+    whole = await _collect(engine.generate(USER, incremental=False))
+    assert len(whole) == 1 and len(streamed) > 1
+    assert whole[0].text == "".join(d.text for d in streamed)
+    assert (whole[0].finish_reason, whole[0].prompt_tokens, whole[0].completion_tokens) == (
+        streamed[-1].finish_reason, streamed[-1].prompt_tokens, streamed[-1].completion_tokens
+    )
+    call = await _collect(engine.generate(USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX),
+                                          overrides={"max_tokens": 100}, incremental=False))  # fmt: skip
+    assert [(d.text, d.finish_reason) for d in call] == [(CALL, "stop")]  # the end token is removed
+
+
+@pytest.mark.engine
 async def test_regex_constraint_emits_the_tool_call(engine: VLLMEngine) -> None:
     stream = engine.generate(
         USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX), overrides={"max_tokens": 100}

@@ -375,6 +375,17 @@ def test_sampling_overrides_and_max_tokens_cap(srv: Harness) -> None:
     assert newer == {"max_tokens": 64}
 
 
+def test_only_streaming_requests_ask_the_engine_for_deltas(srv: Harness) -> None:
+    """A non-streaming pass-through request lets the engine answer in one piece (FINAL_ONLY)."""
+    srv.script = lambda request: "ok"
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with srv.sync_client() as client:
+        assert client.chat.completions.create(model=SERVED, messages=messages).choices[0].message.content == "ok"
+        chunks = client.chat.completions.create(model=SERVED, messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
+    assert [call.incremental for call in srv.engine.calls] == [False, True]
+
+
 def test_vllm_extra_sampling_parameters_pass_through(srv: Harness) -> None:
     """What `vllm serve` takes in ``extra_body`` reaches the engine; a contradiction is a 400."""
     srv.script = lambda request: "ok"

@@ -194,7 +194,7 @@ def passthrough(
         stream = agent.engine.generate(
             messages, tools=sent_tools, sampling=agent.spec.sampling,
             overrides=overrides(request, agent, frontend), constraint=constraint, prefill=prefill,
-            request_id=request_id,
+            request_id=request_id, incremental=bool(request.stream),  # non-streaming: one delta
         )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
