@@ -9,7 +9,7 @@ Reads the JSON files under ``--results`` (default ``benchmarks/results``) and wr
   ``tp-*/``) as labelled points; ``tp-first`` is left out (its raw side was measured cold).
 * ``server_vs_vllm.png`` from ``cpu/server_vs_vllm.json`` (layout ``both``) and
   ``cpu/server_vs_vllm_one_final.json`` (layout ``one``) of ``server_vs_vllm.py``, and
-  ``server_vs_vllm_h100.png`` from ``server-h100/*.json``, those present: req/s and p50 latency of
+  ``server_vs_vllm_h100.png`` from ``server-h100-final/*.json``, those present: req/s and p50 latency of
   qwenrun's OpenAI server and of vLLM's per mode and run, and the front-end process's CPU time per
   request against each run's req/s.
 
@@ -150,7 +150,7 @@ def plot_server(results: Path, out: Path, folder: str = "cpu", files: tuple[str,
     where = (
         f"tiny Qwen2 model on {cfg['cpus']} shared CPU cores"
         if folder == "cpu"
-        else "Qwen2.5-7B shape (dummy bf16 weights) on 1x H100, vLLM 0.26.0"
+        else f"Qwen2.5-7B shape (dummy bf16 weights) on 1x H100, vLLM 0.26.0 ({folder})"
     )
     fig.suptitle(
         f"OpenAI chat completions, {where}: {cfg['requests']} requests "
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plots = (
         plot_agent_vs_raw(args.results, out),
         plot_server(args.results, out),
-        plot_server(args.results, out, "server-h100", H100_SERVER_FILES, "server_vs_vllm_h100.png"),
+        plot_server(args.results, out, "server-h100-final", H100_SERVER_FILES, "server_vs_vllm_h100.png"),
     )
     written = [p for p in plots if p]
     for path in written:
