@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import pytest
+from weather import weather_tool
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engine import (
@@ -25,24 +26,12 @@ from qwenrun.engine import (
     sampling_kwargs,
 )
 from qwenrun.errors import ConfigError, EngineError
+from qwenrun.testing import literal_regex
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
-CALL_REGEX = r'<tool_call>\n\{"name": "get_current_weather", "arguments": \{"city": "广州"\}\}\n</tool_call>'
+CALL_REGEX = literal_regex(CALL)
 USER = [{"role": "user", "content": "广州天气情况如何"}]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather of a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [weather_tool()]
 
 
 def _arg_names() -> set[str]:

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from test_reliability_doc import figure, record
+from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
@@ -294,14 +295,7 @@ def test_loader_survives_random_bytes(tmp_path_factory: pytest.TempPathFactory) 
 
 SERVED, AGENT_NAME = "fuzz-model", "fuzz-agent"
 CANARY = "canary question"
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_current_weather",
-        "description": "Get the current weather of a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+WEATHER_TOOL = weather_tool()
 REQUEST_KEYS = [
     "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "stream", "stream_options",
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",

@@ -32,6 +32,7 @@ import pytest
 import pytest_asyncio
 from loopback import serve_in_loop
 from test_reliability_doc import figure, record
+from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
@@ -67,19 +68,7 @@ async def base_url(engine: VLLMEngine, tiny_spec: AgentSpec) -> AsyncIterator[st
 
 
 def city_request(city: str, stream: bool) -> dict[str, Any]:
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather of a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": [city]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
+    tool = weather_tool({"enum": [city]}, additionalProperties=False)
     return {
         "model": SERVED,
         "messages": [{"role": "user", "content": f"What is the weather in {city}?"}],

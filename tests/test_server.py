@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from openai import AsyncOpenAI, OpenAI
+from weather import weather_tool
 
 from qwenrun.agent import FORCED_PREFILL, Agent
 from qwenrun.config import AgentSpec
@@ -33,18 +34,7 @@ from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 SERVED = "Qwen2.5-7B-Instruct"
 AGENT = "weather"
 QUESTION = "深圳天气如何?"
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_current_weather",
-        "description": "Get the current weather of a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The city, e.g. 深圳"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER_TOOL = weather_tool({"type": "string", "description": "The city, e.g. 深圳"})
 CALL = tool_call_text("get_current_weather", {"city": "深圳"})
 ANSWER = "深圳今天多云到晴，气温28~31℃。"
 

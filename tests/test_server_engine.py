@@ -19,6 +19,7 @@ import pytest_asyncio
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
 from pydantic import Field
+from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
@@ -29,17 +30,6 @@ pytestmark = pytest.mark.engine
 
 SERVED = "tiny-qwen2"
 USER: Any = [{"role": "user", "content": "深圳天气如何?"}]
-
-
-def weather_tool(city_schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather of a city.",
-            "parameters": {"type": "object", "properties": {"city": city_schema}, "required": ["city"]},
-        },
-    }
 
 
 SHORT_CITY = weather_tool({"type": "string", "maxLength": 8})  # random text, but it ends

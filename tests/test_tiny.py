@@ -7,24 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from weather import weather_tool
 
 from qwenrun.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOOL_TOKENS, VOCAB_SIZE, build_tiny_model, main
 
 CALL = '{"name": "get_current_weather", "arguments": {"city": "广州"}}'
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather of a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [weather_tool()]
 
 
 @pytest.fixture(scope="module")
