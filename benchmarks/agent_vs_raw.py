@@ -26,9 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwenrun.agent import FORCED_PREFILL, Agent
+from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engine import VLLMEngine
+from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import PinnedEngine, literal_regex
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)

@@ -33,9 +33,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwenrun import hermes
-from qwenrun.agent import FORCED_PREFILL, Agent
+from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
+from qwenrun.engines.base import Request
 from qwenrun.events import Final
+from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 CHUNK_SIZES = (1, 4, 16)
@@ -192,10 +194,10 @@ async def raw_turn(agent: Agent, engine: ScriptedEngine) -> int:
     """The same two model calls, deltas iterated and dropped: the floor. Returns the delta count."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": QUESTION}]
     count = 0
-    async for _ in engine.generate(messages, prefill=FORCED_PREFILL):
+    async for _ in engine.generate(Request(messages=messages, prefill=FORCED_PREFILL)):
         count += 1
     messages = [*messages, {"role": "tool", "content": "x"}]
-    async for _ in engine.generate(messages):
+    async for _ in engine.generate(Request(messages=messages)):
         count += 1
     return count
 
@@ -207,8 +209,8 @@ async def hand_turn(agent: Agent, engine: ScriptedEngine) -> int:
         {"role": "system", "content": agent.system_prompt},
         {"role": "user", "content": QUESTION},
     ]
-    count, text = 0, FORCED_PREFILL
-    async for delta in engine.generate(messages, tools=tools, prefill=FORCED_PREFILL):
+    count, text = 0, ""
+    async for delta in engine.generate(Request(messages=messages, tools=tools, prefill=FORCED_PREFILL)):
         text += delta.text
         count += 1
     call = hermes.parse(text).tool_calls[0]
@@ -228,7 +230,7 @@ async def hand_turn(agent: Agent, engine: ScriptedEngine) -> int:
         {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result},
     ]
     text = ""
-    async for delta in engine.generate(messages, tools=tools):
+    async for delta in engine.generate(Request(messages=messages, tools=tools)):
         text += delta.text
         count += 1
     return count
@@ -248,8 +250,8 @@ async def time_turns(
     deltas_per_turn = (
         len(chunks(CALL_TEXT.removeprefix("<tool_call>\n"), chunk_size))
         + len(chunks(ANSWER_TEXT, chunk_size))
-        + 2
-    )  # + the two final empty deltas
+        + 3
+    )  # + the prefill's delta and the two final empty deltas
     best = float("inf")
     for _ in range(repeat):
         engine.calls.clear()

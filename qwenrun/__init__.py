@@ -5,16 +5,11 @@ Importing this package is cheap: vLLM and torch load only when an engine starts.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError, PluginError, QwenrunError, ToolError
-
-try:
-    __version__ = version("qwenrun")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from qwenrun.version import __version__
 
 if TYPE_CHECKING:
     from qwenrun.agent import Agent, Session

@@ -13,10 +13,8 @@ its answer with the tools off.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -24,21 +22,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import hermes
 from qwenrun.config import AgentSpec
-from qwenrun.engine import Constraint, Engine
-from qwenrun.errors import ToolError
+from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.observability import Telemetry, TurnTelemetry
-from qwenrun.store import session_info, turn_record, usage_meta
-from qwenrun.tools import Tool, format_result
+from qwenrun.sessions.store import session_info, turn_record, usage_meta
+from qwenrun.tools import Tool, run_call
 
 if TYPE_CHECKING:
-    from qwenrun.store import RecordKind, SessionStore
+    from qwenrun.sessions.store import RecordKind, SessionStore
 
-__all__ = ["Agent", "Session", "forced_call"]
+__all__ = ["ANSWER_NOTE", "Agent", "Session"]
 
 log = logging.getLogger(__name__)
 
-FORCED_PREFILL = "<tool_call>\n"
 # Sent (not recorded) with the tools off when the model repeats a call it already made this turn:
 # small models copy the call again instead of answering from its result.
 ANSWER_NOTE = (
@@ -62,11 +58,7 @@ class Agent:
         self.spec = spec
         self.store = store  # sessions record every message here (None: in memory only)
         self.telemetry = telemetry or Telemetry.from_environment()
-        if engine is None:
-            from qwenrun.engine import VLLMEngine
-
-            engine = VLLMEngine(spec)
-        self.engine: Engine = engine
+        self.engine: Engine = engine if engine is not None else create_engine(spec)
         if tools is None:
             from qwenrun.plugins import load_tools
 
@@ -76,8 +68,7 @@ class Agent:
             built = tool if isinstance(tool, Tool) else Tool.from_function(tool)
             self.tools[built.name] = built
         self.system_prompt = spec.system_prompt()
-        self._forced_for: tuple[Tool, ...] = ()
-        self._forced_cache: dict[str, tuple[Constraint | None, str]] = {}
+        self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -95,20 +86,14 @@ class Agent:
         return frozenset(self.tools)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
-        return [tool.openai_schema() for tool in self.tools.values()]
-
-    def forced_call(self, choice: str) -> tuple[Constraint | None, str]:
-        """:func:`forced_call` for this agent's tools, cached per ``choice`` while the tools stay."""
-        tools = tuple(self.tools.values())  # kept alive in _forced_for, so ids are not reused
-        same = len(tools) == len(self._forced_for) and all(
-            a is b for a, b in zip(tools, self._forced_for, strict=True)
-        )
-        if not same:
-            self._forced_cache.clear()
-            self._forced_for = tools
-        if choice not in self._forced_cache:
-            self._forced_cache[choice] = forced_call(self.tool_schemas(), choice)
-        return self._forced_cache[choice]
+        """The tools as OpenAI ``tools`` (the same list object while the tools stay the same, so
+        that an engine can cache what it derives from them, such as a forced call's grammar)."""
+        tools, schemas = self._schemas
+        current = tuple(self.tools.values())
+        if len(current) != len(tools) or any(a is not b for a, b in zip(current, tools, strict=True)):
+            schemas = [tool.openai_schema() for tool in current]
+            self._schemas = current, schemas
+        return schemas
 
     async def start(self) -> None:
         await self.engine.start()
@@ -289,29 +274,26 @@ class Session:
         """One model call (plus at most one repair), streaming its visible text if ``text``."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
-        constraint, prefill = agent.forced_call(choice)
         repaired = False
         while True:
             span = trace.model_call(int(repaired))
-            parser = hermes.StreamParser(tools=agent.lenient_names if choice != "none" else None)
-            parser.feed(prefill)
+            reader = OutputReader(
+                hermes.StreamParser(tools=agent.lenient_names if choice != "none" else None)
+            )
             started = time.perf_counter()
-            last_prompt = last_completion = 0
-            tools = agent.tool_schemas() if choice != "none" and agent.tools else None
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
-                [{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
-                tools=tools,
-                sampling=agent.spec.sampling,
-                overrides=overrides,
-                constraint=constraint,
-                prefill=prefill,
+                Request(
+                    messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
+                    tools=agent.tool_schemas() if choice != "none" and agent.tools else None,
+                    tool_choice=choice,
+                    sampling=agent.spec.sampling,
+                    overrides=overrides or {},
+                )
             )
             try:
                 async for delta in deltas:
-                    last_prompt, last_completion = delta.prompt_tokens, delta.completion_tokens
-                    step.finish_reason = delta.finish_reason or step.finish_reason
-                    for item in parser.feed(delta.text):
+                    for item in reader.feed(delta):
                         if isinstance(item, str):
                             step.text += item
                             if text:
@@ -323,90 +305,39 @@ class Session:
                 close = getattr(deltas, "aclose", None)
                 if close is not None:
                     await close()
-            for item in parser.finish():
+            for item in reader.finish():
                 if isinstance(item, str):
                     step.text += item
                     if text:
                         yield TextDelta(item)
-            usage = Usage(last_prompt, last_completion, time.perf_counter() - started, 1)
+            usage = Usage(reader.prompt_tokens, reader.completion_tokens, time.perf_counter() - started, 1)
             span.end_model(usage)
             step.usage += usage
+            step.finish_reason = reader.finish_reason
             yield usage
-            result = parser.result()
+            result = reader.result()
             bad = result.malformed
             if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
                 step.result = result
                 step.done = True
                 return
             repaired = True
-            target = _intended_tool(bad[0], agent.tools)
-            yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {target} call")
-            constraint, prefill = agent.forced_call(target)
+            choice = hermes.intended_tool(bad[0], agent.tools)
+            yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
         span = self._trace.tool_call(call.id, call.name)
+        settings = self.agent.spec.agent
         try:
-            result = await self._call_tool(call)
+            result = await run_call(
+                self.agent.tools, call, timeout_s=settings.timeout_s, limit=settings.max_tool_output_chars
+            )
         except BaseException as exc:  # cancelled
             span.fail(exc)
             raise
         span.end_tool(result)
         return result
-
-    async def _call_tool(self, call: hermes.ToolCall) -> ToolResult:
-        agent = self.agent
-        tool = agent.tools.get(call.name)
-        started = time.perf_counter()
-        limit = agent.spec.agent.max_tool_output_chars
-        if tool is None:
-            known = ", ".join(agent.tools) or "none"
-            return ToolResult(
-                call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True
-            )
-        timeout = tool.timeout_s or agent.spec.agent.timeout_s
-        task = asyncio.ensure_future(tool.call(call.arguments))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-        except BaseException:  # the turn is cancelled, and with it the tool call
-            task.cancel()
-            raise
-        if not done:
-            await _abandon(task, tool.name)
-            content, is_error = f"Error: {tool.name} timed out after {timeout:g} s", True
-        else:
-            try:
-                content, is_error = format_result(task.result(), limit), False
-            except asyncio.CancelledError:  # raised by the tool itself: this turn was not cancelled
-                content, is_error = f"Error: {tool.name} was cancelled", True
-            except ToolError as exc:
-                content, is_error = f"Error: {exc}", True
-            except Exception as exc:  # a tool's own failure is data for the model, not a crash
-                content, is_error = format_result(f"Error: {_describe(exc)}", limit), True
-        return ToolResult(call.id, call.name, content, is_error, time.perf_counter() - started)
-
-
-CANCEL_GRACE_S = 0.5
-
-
-async def _abandon(task: asyncio.Future[Any], name: str) -> None:
-    """Cancel a tool call past its time limit and give it a moment to clean up; unlike
-    ``asyncio.wait_for``, never wait longer: a tool that swallows the cancellation would hold
-    the turn forever. It is left running (and logged); the turn goes on."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nothing unretrieved
-    finished, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
-    if not finished:
-        log.warning("tool %s ignores cancellation; it was abandoned and may still be running", name)
-
-
-def _describe(exc: BaseException) -> str:
-    """``TypeName: message``, even for an exception whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except Exception as problem:
-        text = f"(the message cannot be printed: {type(problem).__name__})"
-    return f"{type(exc).__name__}: {text}"
 
 
 class _Step:
@@ -418,50 +349,6 @@ class _Step:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.result = hermes.ParseResult("", [])
-
-
-def forced_call(tools: Sequence[dict[str, Any]], choice: str) -> tuple[Constraint | None, str]:
-    """The structured-output constraint and prompt prefill that force a Hermes tool call.
-
-    ``tools`` are OpenAI tool dicts. The prompt ends with ``<tool_call>\\n`` and the model must
-    continue with one JSON object ``{"name": <a tool>, "arguments": <its schema>}``; ``auto`` and
-    ``none`` force nothing.
-    """
-    if choice in ("auto", "none") or not tools:
-        return None, ""
-    functions = [tool.get("function", tool) for tool in tools]
-    chosen = [f for f in functions if choice == "required" or f.get("name") == choice]
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"enum": [f.get("name")]}, "arguments": _arguments_schema(f)},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for f in chosen
-    ]
-    if not options:
-        return None, ""
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return Constraint(json=schema), FORCED_PREFILL
-
-
-def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
-    schema = function.get("parameters") or {"type": "object"}
-    if "$defs" in json.dumps(schema) or "$ref" in json.dumps(schema):
-        return {"type": "object"}  # references cannot be nested under anyOf; accept any object
-    return copy.deepcopy(schema)
-
-
-_NAME_IN_RAW = re.compile(r"""["']name["']\s*:\s*["']([^"']+)["']""")
-
-
-def _intended_tool(call: hermes.ToolCall, tools: dict[str, Tool]) -> str:
-    """The tool a malformed call meant, if its name can be read; else any tool ('required')."""
-    if call.name in tools:
-        return call.name
-    match = _NAME_IN_RAW.search(call.raw)
-    return match.group(1) if match and match.group(1) in tools else "required"
 
 
 def _call_key(call: hermes.ToolCall) -> tuple[str, str]:

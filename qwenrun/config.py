@@ -17,46 +17,36 @@ from typing import Annotated, Any, Literal
 import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveInt,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-)
+from pydantic import Field, PositiveInt, PrivateAttr, ValidationError, field_validator
 
+from qwenrun.engines import EngineSpec, VLLMEngineSpec
 from qwenrun.errors import ConfigError
+from qwenrun.frontends import CliFrontend, Frontend
 from qwenrun.loading import (
     apply_overrides,
     describe_yaml_error,
     format_validation_error,
     interpolate,
     safe_load,
+    upgrade,
 )
+from qwenrun.settings import Settings
 
 __all__ = [
+    "CURRENT_VERSION",
     "AgentSettings",
     "AgentSpec",
-    "ChainlitFrontend",
-    "CliFrontend",
-    "EngineSpec",
     "ModelSpec",
-    "OpenAIFrontend",
     "SamplingSpec",
     "SessionsSpec",
     "ToolSpec",
-    "apply_overrides",
-    "format_validation_error",
 ]
 
+CURRENT_VERSION = 1
+"""The format version of agent files this qwenrun writes and reads (``version:``, optional)."""
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
-
-class ModelSpec(_Strict):
+class ModelSpec(Settings):
     """Which weights to load."""
 
     path: str = Field(description="Hugging Face name or local directory of the model.")
@@ -66,67 +56,7 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
-class EngineSpec(_Strict):
-    """vLLM engine parameters; passed to ``vllm.AsyncEngineArgs`` unchanged."""
-
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
-    tensor_parallel_size: PositiveInt = 1
-    pipeline_parallel_size: PositiveInt = 1
-    data_parallel_size: PositiveInt = 1
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_num_seqs: PositiveInt = 256
-    max_model_len: PositiveInt | None = None
-    enforce_eager: bool = False
-    swap_space: float = Field(16, ge=0, description="GiB of CPU swap (ignored by vLLM versions without it).")
-    seed: int | None = 0
-    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
-    load_format: str = Field("auto", description="'auto', 'safetensors', 'dummy' (random weights) ...")
-    available_devices: PositiveInt | None = Field(
-        None, description="GPUs this deployment may use; checked against TP x PP x DP when given."
-    )
-    gpus_per_node: PositiveInt | None = Field(
-        None, description="GPUs of one node; an engine larger than that must use Ray (not a vLLM argument)."
-    )
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables set before vLLM is imported."
-    )
-    extra: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Any other vLLM EngineArgs field, passed as is (false booleans included).",
-    )
-
-    def layout_problem(self) -> str | None:
-        """How TP x PP x DP, the executor backend and the GPU counts contradict vLLM, if they do."""
-        tp, pp, dp = self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size
-        backend, node = self.distributed_executor_backend, self.gpus_per_node
-        replica = f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}"
-        sizes = f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = {tp} x {pp} x {dp}"
-        if self.available_devices is not None and tp * pp * dp > self.available_devices:
-            return f"{sizes} = {tp * pp * dp} GPUs, but available_devices is {self.available_devices}"
-        if backend == "uni" and tp * pp > 1:
-            return f"distributed_executor_backend 'uni' runs 1 worker, but {replica} workers are needed"
-        if backend == "external_launcher" and dp > 1:
-            return (
-                f"data_parallel_size {dp} needs distributed_executor_backend 'mp' or 'ray': with "
-                "'external_launcher' every torchrun process is a data-parallel rank of its own and vLLM "
-                "does not balance requests between them"
-            )
-        if node is not None and tp * pp > node and backend != "ray":
-            return (
-                f"{replica} GPUs exceed gpus_per_node {node}: a model replica spanning nodes needs "
-                f"distributed_executor_backend: ray (it is {repr(backend) if backend else 'unset'})"
-            )
-        ray_dp = self.extra.get("data_parallel_backend") == "ray"
-        if node is not None and tp * pp <= node < tp * pp * dp and not ray_dp:
-            return (
-                f"{sizes} = {tp * pp * dp} GPUs exceed gpus_per_node {node}: data-parallel ranks on several "
-                "nodes need engine.extra.data_parallel_backend: ray (or a lower data_parallel_size and "
-                "more replicas)"
-            )
-        return None
-
-
-class SamplingSpec(_Strict):
+class SamplingSpec(Settings):
     """vLLM ``SamplingParams`` of every model call."""
 
     temperature: float = Field(0.45, ge=0)
@@ -147,7 +77,7 @@ ToolChoice = Annotated[
 ]
 
 
-class AgentSettings(_Strict):
+class AgentSettings(Settings):
     """The agent loop and its system prompt."""
 
     name: str = Field("qwenrun-agent", pattern=r"^[A-Za-z0-9_.:\-]+$")
@@ -170,7 +100,7 @@ class AgentSettings(_Strict):
     )
 
 
-class ToolSpec(_Strict):
+class ToolSpec(Settings):
     """One tool: the name of an entry point in group ``qwenrun.tools``, and its settings."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -178,41 +108,7 @@ class ToolSpec(_Strict):
     timeout_s: float | None = Field(None, gt=0)
 
 
-class CliFrontend(_Strict):
-    kind: Literal["cli"] = "cli"
-    show_tool_calls: bool = True
-
-
-class OpenAIFrontend(_Strict):
-    kind: Literal["openai"]
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
-    max_request_bytes: PositiveInt = 1_000_000
-    max_tokens_cap: PositiveInt | None = Field(None, description="Upper bound on a request's max_tokens.")
-
-
-class Starter(_Strict):
-    label: str
-    message: str
-
-
-class ChainlitFrontend(_Strict):
-    kind: Literal["chainlit"]
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    title: str | None = None
-    watch: bool = False
-    welcome: str | None = None
-    starters: list[Starter] = Field(default_factory=list)
-    password_env: str | None = Field(None, description="Env variable with the password; enables login.")
-    username: str = "admin"
-
-
-Frontend = Annotated[CliFrontend | OpenAIFrontend | ChainlitFrontend, Field(discriminator="kind")]
-
-
-class SessionsSpec(_Strict):
+class SessionsSpec(Settings):
     """Where every front end records its sessions (``qwenrun sessions`` reads them back)."""
 
     enabled: bool = Field(True, description="Record every turn; false: sessions live in memory only.")
@@ -226,11 +122,14 @@ class SessionsSpec(_Strict):
     )
 
 
-class AgentSpec(_Strict):
+class AgentSpec(Settings):
     """The whole agent file."""
 
+    version: int = Field(
+        CURRENT_VERSION, ge=1, le=CURRENT_VERSION, description="The format version of this file."
+    )
     model: ModelSpec
-    engine: EngineSpec = Field(default_factory=lambda: EngineSpec())
+    engine: EngineSpec = Field(default_factory=lambda: VLLMEngineSpec())
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec())
     agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
     tools: list[ToolSpec] = Field(default_factory=list)
@@ -283,7 +182,7 @@ class AgentSpec(_Strict):
         cls, data: Mapping[str, Any], source: str = "<dict>", overrides: Sequence[str] = ()
     ) -> AgentSpec:
         data = apply_overrides(dict(data), overrides, source)
-        data = interpolate(data, (), source)
+        data = upgrade(interpolate(data, (), source), CURRENT_VERSION, source)
         try:
             spec = cls.model_validate(data)
         except ValidationError as exc:
@@ -307,7 +206,7 @@ class AgentSpec(_Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")
-        problem = self.engine.layout_problem()
+        problem = self.engine.layout_problem() if isinstance(self.engine, VLLMEngineSpec) else None
         if problem:
             raise ConfigError(f"{self.source}: engine: {problem}")
         self.system_prompt()  # a bad template fails validation, not the first turn

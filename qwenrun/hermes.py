@@ -31,15 +31,19 @@ declared tool is a malformed call (the agent repairs it). While streaming, an an
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-__all__ = ["IdFactory", "ParseResult", "StreamParser", "ToolCall", "bare_calls", "new_call_id", "parse"]
+__all__ = [
+    "FORCED_PREFILL", "IdFactory", "ParseResult", "StreamParser", "ToolCall", "bare_calls", "forced_call",
+    "intended_tool", "new_call_id", "parse",
+]  # fmt: skip
 
 IdFactory: TypeAlias = Callable[[], str]
 
@@ -391,3 +395,51 @@ def parse(text: str, new_id: IdFactory = new_call_id, *, tools: Collection[str] 
     sp.feed(text)
     sp.finish()
     return sp.result()
+
+
+# -- forcing a call ---------------------------------------------------------------------------------
+
+FORCED_PREFILL = "<tool_call>\n"
+
+
+def forced_call(tools: Sequence[Mapping[str, Any]], choice: str) -> tuple[dict[str, Any] | None, str]:
+    """The JSON schema and the prompt prefill that force a Hermes tool call (for structured outputs).
+
+    ``tools`` are OpenAI tool dicts, ``choice`` is ``required`` or a tool's name. The prompt ends
+    with ``<tool_call>\n`` and the model must continue with one JSON object ``{"name": <a tool>,
+    "arguments": <its schema>}``. ``auto``, ``none`` and an unknown name force nothing: (None, "").
+    """
+    if choice in ("auto", "none") or not tools:
+        return None, ""
+    functions = [tool.get("function", tool) for tool in tools]
+    chosen = [f for f in functions if choice == "required" or f.get("name") == choice]
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"enum": [f.get("name")]}, "arguments": _arguments_schema(f)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in chosen
+    ]
+    if not options:
+        return None, ""
+    return (options[0] if len(options) == 1 else {"anyOf": options}), FORCED_PREFILL
+
+
+def _arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+    schema = function.get("parameters") or {"type": "object"}
+    if "$defs" in json.dumps(schema) or "$ref" in json.dumps(schema):
+        return {"type": "object"}  # references cannot be nested under anyOf; accept any object
+    return dict(copy.deepcopy(schema))
+
+
+_NAME_IN_RAW = re.compile(r"""["']name["']\s*:\s*["']([^"']+)["']""")
+
+
+def intended_tool(call: ToolCall, tools: Collection[str]) -> str:
+    """The tool a malformed call meant, if its name can be read; else ``required`` (any tool)."""
+    if call.name in tools:
+        return call.name
+    match = _NAME_IN_RAW.search(call.raw)
+    return match.group(1) if match and match.group(1) in tools else "required"

@@ -1,8 +1,9 @@
 """Reading an agent file: safe YAML, ``${ENV}`` interpolation, ``--set`` overrides, and error
 messages that name the file, the path in the document and the problem.
 
-:mod:`qwenrun.config` holds the models and uses these; this module knows nothing of them but the
-front-end tags of :data:`_UNION_TAGS`. It must not import vLLM or torch.
+:mod:`qwenrun.config` holds the models and uses these; this module knows nothing of them (the
+tags of the ``engine`` and ``frontend`` unions are read from the models). Files of an older
+``version:`` are upgraded step by step (:data:`UPGRADES`). It must not import vLLM or torch.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from qwenrun.errors import ConfigError
 
 __all__ = [
+    "UPGRADES",
     "apply_overrides",
     "describe_yaml_error",
     "format_validation_error",
     "interpolate",
     "safe_load",
     "secret_from_env",
+    "upgrade",
 ]
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -109,6 +113,29 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
     return data
 
 
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+"""Version N -> the function that rewrites a document of version N as version N + 1. Version 1 is
+the first format, so the chain is empty; a change of the format adds a version and its step here."""
+
+
+def upgrade(data: dict[str, Any], current: int, source: str) -> dict[str, Any]:
+    """``data`` as a document of version ``current`` (its ``version:``, default current)."""
+    version = data.get("version", current)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(
+            f"{source}: version: expected a format version from 1 to {current}, got {version!r}"
+        )
+    if version > current:
+        raise ConfigError(
+            f"{source}: version: {version} is newer than this qwenrun reads (up to {current}); "
+            "upgrade qwenrun"
+        )
+    while version < current:
+        data = {**UPGRADES[version](data), "version": version + 1}
+        version += 1
+    return data
+
+
 _PLAIN_KEY = re.compile(r"[\w\-]+")
 
 
@@ -169,20 +196,32 @@ def describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
     return f"YAML syntax error: {' '.join(problem.split())}"
 
 
+def _tagged(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The members of a tagged union (``Annotated[X, Tag("x")] | ...``) by tag; {} for other types."""
+    members: dict[str, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        model = typing.get_args(arg)[0] if typing.get_origin(arg) is typing.Annotated else arg
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Tag) and isinstance(model, type) and issubclass(model, BaseModel):
+                members[meta.tag] = model
+    return members
+
+
 def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of ``loc`` (for 'did you mean' suggestions)."""
     options: list[Any] = [model]
+    tags: dict[str, type[BaseModel]] = {}
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        tagged = [m for m in options if part in _UNION_TAGS and _kind_of(m) == part]
-        if tagged:
-            options = tagged
+        if part in tags:  # pydantic names the member of a tagged union it tried
+            options, tags = [tags[part]], {}
             continue
         owner = next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
         field = owner.model_fields.get(part) if owner else None
         if field is None:
             return None
+        tags = _tagged(field.annotation)
         options = _models_in(field.annotation)
     return next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
 
@@ -190,15 +229,27 @@ def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseMode
 def _models_in(annotation: Any) -> list[Any]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
-def _kind_of(model: Any) -> str | None:
-    field = (
-        model.model_fields.get("kind") if isinstance(model, type) and issubclass(model, BaseModel) else None
-    )
-    args = getattr(field.annotation, "__args__", ()) if field else ()
-    return str(args[0]) if args else None
+def _drop_tags(model: type[BaseModel], loc: Sequence[str | int]) -> list[str | int]:
+    """``loc`` without the union tags pydantic puts in it: ``frontend.openai.port`` -> ``frontend.port``."""
+    out: list[str | int] = []
+    tags: dict[str, type[BaseModel]] = {}
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, str) and part in tags:
+            current, tags = tags[part], {}
+            continue
+        out.append(part)
+        field = current.model_fields.get(part) if current is not None and isinstance(part, str) else None
+        if field is not None:
+            tags = _tagged(field.annotation)
+            models = _models_in(field.annotation)
+            current = models[0] if len(models) == 1 else None
+        elif not isinstance(part, int):
+            current, tags = None, {}
+    return out
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
@@ -206,9 +257,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
     lines = []
     for error in exc.errors(include_url=False):
         full_loc = list(error["loc"])
-        # pydantic names the member of the frontend union it tried: frontend.openai.port -> frontend.port
-        tagged = len(full_loc) > 1 and full_loc[0] == "frontend" and full_loc[1] in _UNION_TAGS
-        loc = full_loc[:1] + full_loc[2:] if tagged else full_loc
+        loc = _drop_tags(model, full_loc)
         message = error["msg"]
         if error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
             loc, message = loc[:-1], f"key {loc[-1]} is not a string (quote it)"
@@ -226,9 +275,6 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
             message = "required key is missing"
         lines.append(f"{source}: {_dotted(loc)}: {message}")
     return "\n".join(lines)
-
-
-_UNION_TAGS = {"cli", "openai", "chainlit"}
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -2,7 +2,7 @@
 
 * :class:`Metrics`: every Prometheus metric of qwenrun in one registry: the OpenAI server's
   (requests, tokens, tool calls, latency) and the agent's (turns, model and tool call durations,
-  session store writes). The server's ``/metrics`` exposes one per app (:func:`bind_metrics`).
+  session store writes). The server's ``/metrics`` exposes one per app (it binds them to its agent).
 * :class:`Telemetry`: what an :class:`~qwenrun.agent.Agent` reports each turn to: spans
   ``qwenrun.turn`` > ``qwenrun.model_call`` / ``qwenrun.tool_call`` when a tracer is given or
   OpenTelemetry is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` and the ``opentelemetry`` extra),
@@ -26,7 +26,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from qwenrun.agent import Agent
     from qwenrun.events import Final, ToolResult, Usage
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "Metrics",
     "SessionFilter",
     "Telemetry",
-    "bind_metrics",
     "configure_logging",
     "environment_tracer",
 ]
@@ -118,7 +116,7 @@ class Metrics:
         self.tool_calls.labels(self.tool_label(name), mode).inc()
 
     def observe_store_write(self, seconds: float, records: int, failed: bool) -> None:
-        """A :class:`~qwenrun.sqlite_store.SQLiteStore` ``on_write`` observer."""
+        """A :class:`~qwenrun.sessions.sqlite.SQLiteStore` ``on_write`` observer."""
         self.store_writes.observe(seconds)
         self.store_records.labels("lost" if failed else "ok").inc(records)
 
@@ -127,13 +125,6 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def bind_metrics(agent: Agent, metrics: Metrics) -> None:
-    """Report ``agent``'s turns, model and tool calls and session store writes to ``metrics``."""
-    agent.telemetry = Telemetry(agent.telemetry.tracer, metrics)
-    if agent.store is not None and hasattr(agent.store, "on_write"):
-        agent.store.on_write = metrics.observe_store_write
 
 
 # -- OpenTelemetry ------------------------------------------------------------------------------
@@ -162,7 +153,7 @@ def environment_tracer() -> Any | None:
     configured = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
     if not configured and (not endpoint or not _export_over_otlp(trace)):
         return None
-    from qwenrun import __version__
+    from qwenrun.version import __version__
 
     return trace.get_tracer("qwenrun", __version__)
 

@@ -2,7 +2,7 @@
 
 A regression harness for prompt, model and tool changes: :func:`recorded_turns` reads each turn's
 user message and the tool calls the model made (name and arguments, in order) from a
-:class:`~qwenrun.store.StoredSession`; :func:`replay` runs the same user messages, in order, in a
+:class:`~qwenrun.sessions.store.StoredSession`; :func:`replay` runs the same user messages, in order, in a
 fresh session of the given agent and :func:`compare` lines the two call lists up turn by turn
 (``difflib``: calls kept, removed, added). With ``recorded_tools`` the tools answer a call that
 was recorded with its recorded result (others run for real), so tool output does not drift.
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from qwenrun.agent import Agent
 from qwenrun.events import Final, ToolCall
-from qwenrun.store import StoredSession
+from qwenrun.sessions.store import StoredSession
 from qwenrun.tools import Tool
 
 __all__ = ["Diff", "RecordedTurn", "TurnDiff", "compare", "format_call", "recorded_turns", "replay"]

@@ -8,22 +8,22 @@ streaming code paths run for real. Every request is recorded in ``calls``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenrun.agent import FORCED_PREFILL
-from qwenrun.config import SamplingSpec
-from qwenrun.engine import Constraint, Delta, Engine
+from qwenrun.engines.base import Constraint, Delta, Engine, Health, Request
 from qwenrun.errors import EngineError
+from qwenrun.hermes import FORCED_PREFILL, forced_call
 
 __all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "literal_regex", "tool_call_text"]
 
 
 @dataclass(slots=True)
 class ModelRequest:
-    """What the agent asked the engine for in one call."""
+    """What the agent asked the engine for in one call (a plain copy of the :class:`Request`)."""
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
@@ -31,13 +31,14 @@ class ModelRequest:
     prefill: str
     overrides: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True
+    tool_choice: str = "auto"
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
 
 
 class ScriptedEngine:
-    """An :class:`qwenrun.engine.Engine` whose answers come from a script."""
+    """An :class:`qwenrun.engines.vllm.Engine` whose answers come from a script."""
 
     def __init__(
         self,
@@ -63,34 +64,41 @@ class ScriptedEngine:
     async def shutdown(self) -> None:
         self.started = False
 
-    async def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-        incremental: bool = True,
-    ) -> AsyncIterator[Delta]:
+    def health(self) -> Health:
+        if self.dead:
+            return "dead"
+        return "ready" if self.started else "stopped"
+
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:
         if self.dead:
             raise EngineError("the scripted engine is dead")
-        request = ModelRequest(list(messages), tools, constraint, prefill, dict(overrides or {}), incremental)
-        self.calls.append(request)
+        constraint, prefill = request.constraint, request.prefill
+        if constraint is None and not prefill and request.tools:  # as VLLMEngine forces a call
+            schema, prefill = forced_call(request.tools, request.tool_choice)
+            constraint = Constraint(json=schema) if schema is not None else None
+        record = ModelRequest(
+            list(request.messages),
+            list(request.tools) if request.tools is not None else None,
+            constraint,
+            prefill,
+            dict(request.overrides),
+            request.incremental,
+            request.tool_choice,
+        )
+        self.calls.append(record)
         if callable(self._script):
-            reply = self._script(request)
+            reply = self._script(record)
         elif self._replies:
             reply = self._replies.pop(0)
         else:
             raise EngineError(f"the script has no reply left for call {len(self.calls)}")
-        if prefill and reply.startswith(prefill):
-            reply = reply[len(prefill) :]
-        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages)
+        reply = reply.removeprefix(prefill)  # the answer starts with the prefill, sent as one delta
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in record.messages)
         self.active += 1
         try:
             sent = 0
+            if prefill:
+                yield Delta(prefill, None, prompt_tokens, 0)
             for start in range(0, len(reply), self.chunk_size):
                 await asyncio.sleep(self.delay_s)
                 chunk = reply[start : start + self.chunk_size]
@@ -126,8 +134,9 @@ def literal_regex(text: str) -> str:
 class PinnedEngine:
     """A real engine whose tool calls are pinned to exact text (for random-weight models).
 
-    A call the agent forces (it prefills ``<tool_call>\\n`` under a constraint) must continue
-    with ``continuation`` (the call's JSON, or several blocks) by a regex; with ``every_call``, an
+    A call the agent forces (``tool_choice`` required or a name) is prefilled with ``<tool_call>\\n``
+    and continues with ``continuation`` (the call's JSON, or several blocks) by a regex; with
+    ``every_call``, an
     unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
     ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length). The wrapped
     engine's stream is returned as is, so pinning adds no per-token cost. Every request's
@@ -162,34 +171,21 @@ class PinnedEngine:
     async def shutdown(self) -> None:  # the owner of the wrapped engine shuts it down
         pass
 
-    def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-        incremental: bool = True,
-    ) -> AsyncIterator[Delta]:
+    def health(self) -> Health:
+        return self.engine.health()
+
+    def generate(self, request: Request) -> AsyncIterator[Delta]:
         if self._keep:
-            self.requests.append(messages)
+            self.requests.append(list(request.messages))
         extra = {"max_tokens": self._call_max_tokens}
-        if constraint is not None:  # the agent prefilled "<tool_call>\n": pin the rest
+        constraint: Constraint | None
+        if request.tool_choice not in ("auto", "none") and request.tools:  # forced: pin the rest
             constraint, prefill = self._forced, self._prefill
         elif self.every_call:  # a call the agent did not force: the model writes the whole block
             constraint, prefill = self._whole, ""
         else:
-            extra = self._answer
-        return self.engine.generate(
-            messages,
-            tools=tools,
-            sampling=sampling,
-            overrides={**(overrides or {}), **extra},
-            constraint=constraint,
-            prefill=prefill,
-            request_id=request_id,
-            incremental=incremental,
+            constraint, prefill, extra = request.constraint, request.prefill, self._answer
+        pinned = dataclasses.replace(
+            request, constraint=constraint, prefill=prefill, overrides={**request.overrides, **extra}
         )
+        return self.engine.generate(pinned)

@@ -1,4 +1,5 @@
-"""A tool: a typed Python function, its JSON schema, argument validation and the call itself.
+"""A tool: a typed Python function, its JSON schema, argument validation and the call itself, and
+:func:`run_call`, which runs one call of the model under a time limit and always returns a result.
 
 The schema comes from the signature and the Google/NumPy/reST docstring through pydantic's public
 API (``create_model`` + ``model_json_schema``). A keyword-only parameter named ``settings`` annotated
@@ -14,7 +15,9 @@ import contextvars
 import functools
 import inspect
 import json
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -24,8 +27,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from qwenrun.errors import PluginError, ToolError
+from qwenrun.events import ToolResult
+from qwenrun.hermes import ToolCall
 
-__all__ = ["Tool", "format_result"]
+__all__ = ["Tool", "format_result", "run_call"]
+
+log = logging.getLogger(__name__)
 
 SETTINGS_PARAMETER = "settings"
 
@@ -233,3 +240,57 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     cleaned: dict[str, Any] = clean(schema)
     cleaned.setdefault("properties", {})
     return cleaned
+
+
+CANCEL_GRACE_S = 0.5
+
+
+async def run_call(tools: Mapping[str, Tool], call: ToolCall, *, timeout_s: float, limit: int) -> ToolResult:
+    """Run the model's ``call`` of one of ``tools`` under its time limit (the tool's own, else
+    ``timeout_s``). Every failure (unknown tool, bad arguments, an exception, the time limit)
+    becomes an ``Error: ...`` result the model can read; only cancelling the caller propagates."""
+    tool = tools.get(call.name)
+    started = time.perf_counter()
+    if tool is None:
+        known = ", ".join(tools) or "none"
+        return ToolResult(call.id, call.name, f"Error: unknown tool {call.name!r}; available: {known}", True)
+    timeout = tool.timeout_s or timeout_s
+    task = asyncio.ensure_future(tool.call(call.arguments))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:  # the turn is cancelled, and with it the tool call
+        task.cancel()
+        raise
+    if not done:
+        await _abandon(task, tool.name)
+        content, is_error = f"Error: {tool.name} timed out after {timeout:g} s", True
+    else:
+        try:
+            content, is_error = format_result(task.result(), limit), False
+        except asyncio.CancelledError:  # raised by the tool itself: this turn was not cancelled
+            content, is_error = f"Error: {tool.name} was cancelled", True
+        except ToolError as exc:
+            content, is_error = f"Error: {exc}", True
+        except Exception as exc:  # a tool's own failure is data for the model, not a crash
+            content, is_error = format_result(f"Error: {_describe(exc)}", limit), True
+    return ToolResult(call.id, call.name, content, is_error, time.perf_counter() - started)
+
+
+async def _abandon(task: asyncio.Future[Any], name: str) -> None:
+    """Cancel a tool call past its time limit and give it a moment to clean up; unlike
+    ``asyncio.wait_for``, never wait longer: a tool that swallows the cancellation would hold
+    the turn forever. It is left running (and logged); the turn goes on."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nothing unretrieved
+    finished, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+    if not finished:
+        log.warning("tool %s ignores cancellation; it was abandoned and may still be running", name)
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: message``, even for an exception whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception as problem:
+        text = f"(the message cannot be printed: {type(problem).__name__})"
+    return f"{type(exc).__name__}: {text}"

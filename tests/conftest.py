@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 
 from qwenrun.config import AgentSpec
-from qwenrun.engine import VLLMEngine
+from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from qwenrun.agent import ANSWER_NOTE, FORCED_PREFILL, Agent, forced_call
+from qwenrun.agent import ANSWER_NOTE, Agent
 from qwenrun.config import AgentSpec
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.hermes import FORCED_PREFILL, forced_call
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.tools import Tool
 
@@ -159,7 +160,7 @@ async def test_malformed_call_is_repaired_with_a_forced_call() -> None:
     repairs = [e for e in events if isinstance(e, Repair)]
     assert len(repairs) == 1 and "retrying with a forced get_current_weather call" in repairs[0].reason
     assert [e.arguments for e in events if isinstance(e, ToolCall)] == [{"city": "广州"}]
-    assert engine.calls[1].prefill == FORCED_PREFILL
+    assert (engine.calls[1].tool_choice, engine.calls[1].prefill) == ("get_current_weather", FORCED_PREFILL)
     assert engine.calls[1].constraint is not None
     assert engine.calls[1].constraint.json == {
         "type": "object",
@@ -203,24 +204,22 @@ async def test_named_tool_choice() -> None:
         Tool.from_function(get_current_weather).openai_schema(),
         Tool.from_function(slow).openai_schema(),
     ]
-    constraint, prefill = forced_call(tools, "slow")
+    schema, prefill = forced_call(tools, "slow")
     assert prefill == FORCED_PREFILL
-    assert constraint is not None and constraint.json is not None
-    assert constraint.json["properties"]["name"] == {"enum": ["slow"]}
+    assert schema is not None and schema["properties"]["name"] == {"enum": ["slow"]}
     assert forced_call(tools, "auto") == (None, "")
+    assert forced_call(tools, "no_such_tool") == (None, "")
 
 
-async def test_agent_forced_call_is_cached_until_the_tools_change() -> None:
+async def test_tool_schemas_stay_the_same_object_until_the_tools_change() -> None:
     agent, engine = make_agent([tool_call_text("slow", {"seconds": 0}), "done"])
-    first = agent.forced_call("required")
-    assert agent.forced_call("required") is first  # cached: built once per choice
-    assert first == forced_call(agent.tool_schemas(), "required")
+    first = agent.tool_schemas()
+    assert agent.tool_schemas() is first  # an engine may cache what it derives from them
     assert (await agent.session().ask("q", tool_choice="required")).text == "done"
-    assert engine.calls[0].constraint == first[0]
+    assert engine.calls[0].tool_choice == "required"
     del agent.tools["slow"]
-    second = agent.forced_call("required")
-    assert second != first and second == forced_call(agent.tool_schemas(), "required")
-    assert agent.forced_call("slow") == (None, "")  # no such tool any more: nothing forced
+    second = agent.tool_schemas()
+    assert second is not first and [t["function"]["name"] for t in second] == ["get_current_weather", "boom"]
 
 
 async def test_ask_gives_the_final_event_of_stream() -> None:

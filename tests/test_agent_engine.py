@@ -14,7 +14,7 @@ import pytest
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engine import VLLMEngine
+from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.events import Event, Final, ToolCall, ToolResult
 from qwenrun.plugins import load_tools
 from qwenrun.testing import PinnedEngine

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qwenrun import __version__, cli
+from qwenrun import __version__
 from qwenrun.agent import Agent
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
 from qwenrun.testing import ScriptedEngine, tool_call_text
 
@@ -48,13 +50,13 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> list[ScriptedEngine]:
 
 
 def test_version(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["--version"])
+    result = runner.invoke(cli_main, ["--version"])
     assert result.exit_code == 0
     assert result.output == f"qwenrun, version {__version__}\n"
 
 
 def test_validate_every_shipped_agent(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["validate", *AGENTS])
+    result = runner.invoke(cli_main, ["validate", *AGENTS])
     assert result.exit_code == 0, result.output
     assert result.output.count(": ok (") == len(AGENTS)
 
@@ -62,7 +64,7 @@ def test_validate_every_shipped_agent(runner: CliRunner) -> None:
 def test_validate_reports_bad_files_with_exit_code_2(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: x}\nengine: {max_num_seqs: 0}\n")
-    result = runner.invoke(cli.main, ["validate", str(bad)])
+    result = runner.invoke(cli_main, ["validate", str(bad)])
     assert result.exit_code == 2
     assert result.output == f"Error: {bad}: engine.max_num_seqs: Input should be greater than 0\n"
     assert "Traceback" not in result.output
@@ -71,7 +73,7 @@ def test_validate_reports_bad_files_with_exit_code_2(runner: CliRunner, tmp_path
 def test_validate_unknown_tool_lists_installed_ones(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "tool.yaml"
     bad.write_text("model: {path: x}\ntools: [get_weather]\n")
-    result = runner.invoke(cli.main, ["validate", str(bad)])
+    result = runner.invoke(cli_main, ["validate", str(bad)])
     assert result.exit_code == 2
     assert result.output.startswith(
         f"Error: {bad}: tools[0].name: unknown tool 'get_weather'; did you mean 'get_current_weather'? "
@@ -83,7 +85,7 @@ def test_validate_unknown_tool_lists_installed_ones(runner: CliRunner, tmp_path:
 def test_validate_bad_tool_settings(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "settings.yaml"
     bad.write_text("model: {path: x}\ntools: [{name: get_current_weather, settings: {backend: bing}}]\n")
-    result = runner.invoke(cli.main, ["validate", str(bad)])
+    result = runner.invoke(cli_main, ["validate", str(bad)])
     assert result.exit_code == 2
     assert result.output == (
         f"Error: {bad}: tools[0].settings.backend: Input should be 'mock' or 'open-meteo'\n"
@@ -91,7 +93,7 @@ def test_validate_bad_tool_settings(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_validate_with_set_override(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["validate", WEATHER, "--set", "engine.max_num_seqs=0"])
+    result = runner.invoke(cli_main, ["validate", WEATHER, "--set", "engine.max_num_seqs=0"])
     assert result.exit_code == 2
     assert "engine.max_num_seqs: Input should be greater than 0" in result.output
 
@@ -117,7 +119,7 @@ def test_validate_is_fast_and_imports_no_vllm_or_torch() -> None:
 
 
 def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["schema"])
+    result = runner.invoke(cli_main, ["schema"])
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -137,7 +139,7 @@ def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:
 
 
 def test_tools_lists_the_installed_plugins(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["tools"])
+    result = runner.invoke(cli_main, ["tools"])
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert {"calculate", "get_current_weather", "search_documents"} <= set(lines)
@@ -145,17 +147,17 @@ def test_tools_lists_the_installed_plugins(runner: CliRunner) -> None:
 
 
 def test_tools_show_prints_the_schema(runner: CliRunner) -> None:
-    result = runner.invoke(cli.main, ["tools", "show", "get_current_weather"])
+    result = runner.invoke(cli_main, ["tools", "show", "get_current_weather"])
     assert result.exit_code == 0, result.output
     schema = json.loads(result.output)
     assert schema["function"]["name"] == "get_current_weather"
     assert schema["function"]["parameters"]["required"] == ["city"]
-    missing = runner.invoke(cli.main, ["tools", "show", "nope"])
+    missing = runner.invoke(cli_main, ["tools", "show", "nope"])
     assert missing.exit_code == 1 and "unknown tool 'nope'" in missing.output
 
 
 def test_run_once_streams_the_weather_flow(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
-    result = runner.invoke(cli.main, ["run", WEATHER, "-p", "广州天气情况如何?"])
+    result = runner.invoke(cli_main, ["run", WEATHER, "-p", "广州天气情况如何?"])
     assert result.exit_code == 0, result.output
     assert '→ get_current_weather(city="广州")' in result.output
     assert "← 目前广州多云到晴，气温28~31℃，吹轻微的偏北风。" in result.output
@@ -163,7 +165,7 @@ def test_run_once_streams_the_weather_flow(runner: CliRunner, scripted: list[Scr
 
 
 def test_run_json_prints_events(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
-    result = runner.invoke(cli.main, ["run", WEATHER, "-p", "广州天气情况如何?", "--json"])
+    result = runner.invoke(cli_main, ["run", WEATHER, "-p", "广州天气情况如何?", "--json"])
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     types = [e["type"] for e in events]
@@ -175,7 +177,7 @@ def test_run_json_prints_events(runner: CliRunner, scripted: list[ScriptedEngine
 
 def test_repl_keeps_history_resets_and_exits(runner: CliRunner, scripted: list[ScriptedEngine]) -> None:
     stdin = "广州天气情况如何?\n\n/reset\n还有呢?\n/exit\n"
-    result = runner.invoke(cli.main, ["up", WEATHER], input=stdin)
+    result = runner.invoke(cli_main, ["up", WEATHER], input=stdin)
     assert result.exit_code == 0, result.output
     assert result.output.count("→ get_current_weather") == 2
     assert "(conversation cleared)" in result.output
@@ -187,6 +189,6 @@ def test_repl_keeps_history_resets_and_exits(runner: CliRunner, scripted: list[S
 def test_up_with_a_bad_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: x}\nfrontend: {kind: openai, port: 99999}\n")
-    result = runner.invoke(cli.main, ["up", str(bad)])
+    result = runner.invoke(cli_main, ["up", str(bad)])
     assert result.exit_code == 2
     assert result.output == f"Error: {bad}: frontend.port: Input should be less than or equal to 65535\n"

@@ -125,7 +125,7 @@ def test_unknown_keys_suggest_the_closest_valid_key() -> None:
     lines = message.splitlines()
     assert lines[0].startswith(
         "agent.yaml: engine.gpu_memory_utilisation: unknown key 'gpu_memory_utilisation'; "
-        "did you mean 'gpu_memory_utilization'? (valid keys: dtype, "
+        "did you mean 'gpu_memory_utilization'? (valid keys: kind, dtype, "
     )
     assert lines[1].startswith("agent.yaml: frontend.portt: unknown key 'portt'; did you mean 'port'? ")
     assert "api_key_env" in lines[1]

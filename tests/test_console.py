@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     import asyncio
     from qwenrun.agent import Agent
     from qwenrun.config import AgentSpec
-    from qwenrun.console import repl
+    from qwenrun.frontends.console import repl
     from qwenrun.testing import ScriptedEngine
 
     def script(request):

@@ -1,4 +1,4 @@
-"""qwenrun.engine: spec -> vLLM arguments (fast), and the real engine on the tiny model."""
+"""qwenrun.engines.vllm: spec -> vLLM arguments (fast), and the real engine on the tiny model."""
 
 from __future__ import annotations
 
@@ -16,16 +16,10 @@ import pytest
 from weather import weather_tool
 
 from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engine import (
-    Constraint,
-    Delta,
-    Engine,
-    VLLMEngine,
-    _template_messages,
-    engine_kwargs,
-    sampling_kwargs,
-)
+from qwenrun.engines.base import Constraint, Delta, Engine, Request
+from qwenrun.engines.vllm import VLLMEngine, _template_messages, engine_kwargs, sampling_kwargs
 from qwenrun.errors import ConfigError, EngineError
+from qwenrun.hermes import parse
 from qwenrun.testing import literal_regex
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
@@ -48,11 +42,16 @@ async def _collect(stream: Any) -> list[Delta]:
     return [delta async for delta in stream]
 
 
+def generate(engine: Engine, messages: list[dict[str, Any]], **options: Any) -> Any:
+    """``engine.generate`` of a :class:`Request` with these fields."""
+    return engine.generate(Request(messages=messages, **options))
+
+
 # -- engine_kwargs / sampling_kwargs -------------------------------------------------------------
 
 
 def test_import_does_not_load_vllm() -> None:
-    code = "import sys, qwenrun.engine; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
+    code = "import sys, qwenrun.engines.vllm; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -100,10 +99,10 @@ def test_engine_kwargs_unknown_extra_key() -> None:
 def test_engine_kwargs_drops_fields_this_vllm_lacks(caplog: pytest.LogCaptureFixture) -> None:
     if "swap_space" in _arg_names():
         pytest.skip("this vLLM still has swap_space")
-    with caplog.at_level(logging.WARNING, logger="qwenrun.engine"):
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm"):
         assert "swap_space" not in engine_kwargs(_spec())
     assert not caplog.records  # the default is dropped quietly
-    with caplog.at_level(logging.WARNING, logger="qwenrun.engine"):
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm"):
         assert "swap_space" not in engine_kwargs(_spec({"swap_space": 4}))
     assert any("engine.swap_space" in record.getMessage() for record in caplog.records)
 
@@ -156,7 +155,7 @@ async def test_unstarted_engine() -> None:
     engine = VLLMEngine(_spec())
     assert isinstance(engine, Engine) and engine.model_name == "/models/qwen"
     with pytest.raises(EngineError, match="not started"):
-        await _collect(engine.generate(USER))
+        await _collect(generate(engine, USER))
     await engine.shutdown()  # no-op
 
 
@@ -198,18 +197,18 @@ def _fake_engine(fake: _FakeVLLM) -> VLLMEngine:
 async def test_engine_death_is_an_engine_error() -> None:
     engine = _fake_engine(_FakeVLLM(EngineDeadError("boom")))
     with pytest.raises(EngineError, match="engine has died"):
-        await _collect(engine.generate(USER))
+        await _collect(generate(engine, USER))
     with pytest.raises(EngineError, match="engine has died"):  # and stays dead
-        await _collect(engine.generate(USER))
+        await _collect(generate(engine, USER))
     rejected = _fake_engine(_FakeVLLM(ValueError("bad request")))
     with pytest.raises(EngineError, match="ValueError: bad request"):
-        await _collect(rejected.generate(USER))
+        await _collect(generate(rejected, USER))
 
 
 async def test_stopping_early_calls_abort() -> None:
     fake = _FakeVLLM()
     engine = _fake_engine(fake)
-    async with contextlib.aclosing(engine.generate(USER, request_id="r1")) as stream:
+    async with contextlib.aclosing(generate(engine, USER, request_id="r1")) as stream:
         async for _ in stream:
             break
     assert fake.aborted == ["r1"]
@@ -231,14 +230,14 @@ async def test_start_failure_is_an_engine_error(tmp_path: Any, monkeypatch: pyte
 async def test_streaming_deltas(engine: VLLMEngine) -> None:
     assert engine.max_model_len == 2048 and engine.model_name == "tiny-qwen2"
     await engine.start()  # idempotent
-    deltas = await _collect(engine.generate(USER))
+    deltas = await _collect(generate(engine, USER))
     assert len(deltas) > 1
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert deltas[-1].finish_reason in ("stop", "length")
     counts = [d.completion_tokens for d in deltas]
     assert counts == sorted(counts) and counts[-1] <= 32
     assert len({d.prompt_tokens for d in deltas}) == 1 and deltas[0].prompt_tokens > 10
-    again = await _collect(engine.generate(USER))  # greedy: the same text
+    again = await _collect(generate(engine, USER))  # greedy: the same text
     assert "".join(d.text for d in again) == "".join(d.text for d in deltas)
     assert deltas[-1].finish_reason == "length" or counts[-1] < 32
 
@@ -247,22 +246,24 @@ async def test_streaming_deltas(engine: VLLMEngine) -> None:
 async def test_not_incremental_is_one_delta_with_the_same_text(engine: VLLMEngine) -> None:
     """``incremental=False`` (vLLM's FINAL_ONLY): the whole completion in one delta, the same
     greedy text and counts as the streamed deltas."""
-    streamed = await _collect(engine.generate(USER))
-    whole = await _collect(engine.generate(USER, incremental=False))
+    streamed = await _collect(generate(engine, USER))
+    whole = await _collect(generate(engine, USER, incremental=False))
     assert len(whole) == 1 and len(streamed) > 1
     assert whole[0].text == "".join(d.text for d in streamed)
     assert (whole[0].finish_reason, whole[0].prompt_tokens, whole[0].completion_tokens) == (
-        streamed[-1].finish_reason, streamed[-1].prompt_tokens, streamed[-1].completion_tokens
+        streamed[-1].finish_reason,
+        streamed[-1].prompt_tokens,
+        streamed[-1].completion_tokens,
     )
-    call = await _collect(engine.generate(USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX),
+    call = await _collect(generate(engine, USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX),
                                           overrides={"max_tokens": 100}, incremental=False))  # fmt: skip
     assert [(d.text, d.finish_reason) for d in call] == [(CALL, "stop")]  # the end token is removed
 
 
 @pytest.mark.engine
 async def test_regex_constraint_emits_the_tool_call(engine: VLLMEngine) -> None:
-    stream = engine.generate(
-        USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX), overrides={"max_tokens": 100}
+    stream = generate(
+        engine, USER, tools=TOOLS, constraint=Constraint(regex=CALL_REGEX), overrides={"max_tokens": 100}
     )
     deltas = await _collect(stream)
     assert "".join(d.text for d in deltas) == CALL
@@ -282,7 +283,7 @@ async def test_json_constraint(engine: VLLMEngine) -> None:
         "required": ["city", "days", "metric", "fields"],
         "additionalProperties": False,
     }
-    stream = engine.generate(USER, constraint=Constraint(json=schema), overrides={"max_tokens": 100})
+    stream = generate(engine, USER, constraint=Constraint(json=schema), overrides={"max_tokens": 100})
     deltas = await _collect(stream)
     text = "".join(d.text for d in deltas)
     assert deltas[-1].finish_reason == "stop", text
@@ -300,7 +301,7 @@ async def test_json_constraint_bounded_free_string(engine: VLLMEngine) -> None:
         "properties": {"note": {"type": "string", "maxLength": 8}},
         "required": ["note"],
     }
-    stream = engine.generate(USER, constraint=Constraint(json=schema), overrides={"max_tokens": 100})
+    stream = generate(engine, USER, constraint=Constraint(json=schema), overrides={"max_tokens": 100})
     deltas = await _collect(stream)
     text = "".join(d.text for d in deltas)
     assert deltas[-1].finish_reason == "stop", text
@@ -310,7 +311,7 @@ async def test_json_constraint_bounded_free_string(engine: VLLMEngine) -> None:
 
 @pytest.mark.engine
 async def test_choice_constraint(engine: VLLMEngine) -> None:
-    deltas = await _collect(engine.generate(USER, constraint=Constraint(choice=["yes", "no"])))
+    deltas = await _collect(generate(engine, USER, constraint=Constraint(choice=["yes", "no"])))
     assert "".join(d.text for d in deltas) in ("yes", "no")
 
 
@@ -318,13 +319,34 @@ async def test_choice_constraint(engine: VLLMEngine) -> None:
 async def test_prefill(engine: VLLMEngine) -> None:
     prefill = '<tool_call>\n{"name": "get_current_weather", "arguments": '
     assert engine.render(USER, TOOLS, prefill).endswith("<|im_start|>assistant\n" + prefill)
-    plain = await _collect(engine.generate(USER, tools=TOOLS))
+    plain = await _collect(generate(engine, USER, tools=TOOLS))
     schema = {"type": "object", "properties": {"city": {"enum": ["广州"]}}, "required": ["city"]}
     deltas = await _collect(
-        engine.generate(USER, tools=TOOLS, prefill=prefill, constraint=Constraint(json=schema))
+        generate(engine, USER, tools=TOOLS, prefill=prefill, constraint=Constraint(json=schema))
     )
-    assert "".join(d.text for d in deltas) == '{"city": "广州"}'  # the prefill itself is not repeated
+    assert "".join(d.text for d in deltas) == prefill + '{"city": "广州"}'  # the answer starts with it
+    assert deltas[0].text == prefill and deltas[0].completion_tokens == 0
     assert deltas[-1].prompt_tokens > plain[-1].prompt_tokens
+
+
+@pytest.mark.engine
+async def test_a_forced_tool_choice_is_a_prefilled_grammar_call(engine: VLLMEngine) -> None:
+    tools = [weather_tool()]
+    deltas = await _collect(
+        generate(engine, USER, tools=tools, tool_choice="get_current_weather", overrides={"max_tokens": 60})
+    )
+    text = "".join(d.text for d in deltas)
+    assert text.startswith("<tool_call>\n")
+    (call,) = parse(text).tool_calls
+    assert call.ok and call.name == "get_current_weather" and isinstance(call.arguments.get("city"), str)
+    # the grammar is built once per tools list and choice, then reused
+    assert (
+        engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0]
+        is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0])
+    )
+    other = engine._forcing(Request(messages=USER, tools=[weather_tool()], tool_choice="required"))[0]
+    assert other is not None and other.json is not None
+    assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto")) == (None, "")
 
 
 @pytest.mark.engine
@@ -349,7 +371,7 @@ async def test_conversation_with_tool_calls(engine: VLLMEngine) -> None:
     assert f"<|im_start|>assistant\n{CALL}<|im_end|>\n" in prompt
     assert '<|im_start|>user\n<tool_response>\n{"temperature": 28}\n</tool_response><|im_end|>\n' in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
-    deltas = await _collect(engine.generate(messages, tools=TOOLS))
+    deltas = await _collect(generate(engine, messages, tools=TOOLS))
     assert deltas[-1].finish_reason in ("stop", "length")
 
 
@@ -357,7 +379,7 @@ async def test_conversation_with_tool_calls(engine: VLLMEngine) -> None:
 async def test_concurrent_requests(engine: VLLMEngine) -> None:
     conversations = [[{"role": "user", "content": f"第{i}个问题：广州天气情况如何？"}] for i in range(16)]
     results = await asyncio.wait_for(
-        asyncio.gather(*(_collect(engine.generate(c)) for c in conversations)), timeout=300
+        asyncio.gather(*(_collect(generate(engine, c)) for c in conversations)), timeout=300
     )
     assert len(results) == 16
     assert all(r[-1].finish_reason in ("stop", "length") for r in results)
@@ -376,13 +398,13 @@ async def _drained(engine: VLLMEngine) -> None:
 @pytest.mark.engine
 async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
     long = {"max_tokens": 1900, "ignore_eos": True}
-    async with contextlib.aclosing(engine.generate(USER, overrides=long)) as stream:
+    async with contextlib.aclosing(generate(engine, USER, overrides=long)) as stream:
         async for delta in stream:
             if delta.completion_tokens >= 3:
                 break
     await _drained(engine)
 
-    async for delta in engine.generate(USER, overrides=long):  # a plain break, closed by the GC hook
+    async for delta in generate(engine, USER, overrides=long):  # a plain break, closed by the GC hook
         if delta.completion_tokens >= 3:
             break
     await _drained(engine)
@@ -390,7 +412,7 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
     seen = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in engine.generate(USER, overrides=long):
+        async for _ in generate(engine, USER, overrides=long):
             seen.set()
 
     task = asyncio.create_task(consume())
@@ -400,7 +422,7 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
         await task
     await _drained(engine)
 
-    deltas = await _collect(engine.generate(USER, overrides={"max_tokens": 4}))  # still serving
+    deltas = await _collect(generate(engine, USER, overrides={"max_tokens": 4}))  # still serving
     assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 4
 
 
@@ -408,7 +430,7 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
 async def test_prompt_too_long(engine: VLLMEngine) -> None:
     huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
     with pytest.raises(EngineError, match="max_model_len is 2048"):
-        await asyncio.wait_for(_collect(engine.generate(huge)), timeout=30)
+        await asyncio.wait_for(_collect(generate(engine, huge)), timeout=30)
 
 
 @pytest.mark.engine
@@ -418,8 +440,8 @@ async def test_prompt_near_the_limit_is_capped(engine: VLLMEngine) -> None:
     base = len(tokenizer.encode(engine.render([{"role": "user", "content": words}])))
     content = words + " 1" * ((2048 - 5 - base) // 2)
     deltas = await _collect(
-        engine.generate(
-            [{"role": "user", "content": content}], overrides={"max_tokens": 32, "ignore_eos": True}
+        generate(
+            engine, [{"role": "user", "content": content}], overrides={"max_tokens": 32, "ignore_eos": True}
         )
     )
     assert deltas[-1].finish_reason == "length"

@@ -20,21 +20,22 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from qwenrun import cli
 from qwenrun.agent import Agent
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
 from qwenrun.errors import EngineError
+from qwenrun.frontends.openai import create_app
+from qwenrun.frontends.openai.metrics import bind_metrics
 from qwenrun.observability import (
     SESSION_ID,
     JsonFormatter,
     Metrics,
     SessionFilter,
     Telemetry,
-    bind_metrics,
     environment_tracer,
 )
-from qwenrun.server import create_app
-from qwenrun.sqlite_store import SQLiteStore
+from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +245,7 @@ def test_cli_log_format_json_has_the_session_id(monkeypatch: pytest.MonkeyPatch,
     level, before = root.level, list(root.handlers)
     try:
         result = CliRunner().invoke(
-            cli.main, ["-v", "--log-format", "json", "run", str(agent_file), "-p", "hi"]
+            cli_main, ["-v", "--log-format", "json", "run", str(agent_file), "-p", "hi"]
         )
     finally:
         for handler in root.handlers:

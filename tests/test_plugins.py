@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qwenrun import cli, plugins
+from qwenrun import plugins
+from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, PluginError
 
@@ -141,7 +142,7 @@ def test_broken_plugins_are_reported_and_skipped(broken_plugin: Path) -> None:
 
 
 def test_tools_doctor_command(broken_plugin: Path) -> None:
-    result = CliRunner().invoke(cli.main, ["tools", "--doctor"])
+    result = CliRunner().invoke(cli_main, ["tools", "--doctor"])
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert (
@@ -150,7 +151,7 @@ def test_tools_doctor_command(broken_plugin: Path) -> None:
     )
     assert "ok     calculate (qwenrun-calculator 0.1.0)" in lines
     assert lines[-1] == "Error: 2 broken tool(s); they are skipped when agents load"
-    listing = CliRunner().invoke(cli.main, ["tools"])
+    listing = CliRunner().invoke(cli_main, ["tools"])
     assert listing.exit_code == 0
     assert "(broken: ImportError; see qwenrun tools --doctor)" in listing.output
     assert "(broken: PluginError; see qwenrun tools --doctor)" in listing.output

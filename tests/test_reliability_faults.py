@@ -35,14 +35,16 @@ from fastapi import FastAPI
 from loopback import serve_in_loop
 from test_reliability_doc import figure, record
 
-from qwenrun import cli
-from qwenrun import engine as engine_module
 from qwenrun.agent import Agent
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
-from qwenrun.engine import Delta, VLLMEngine
+from qwenrun.engines import vllm as engine_module
+from qwenrun.engines.base import Delta, Request
+from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.errors import EngineError
 from qwenrun.events import Final, ToolResult
-from qwenrun.server import create_app
+from qwenrun.frontends.openai import create_app
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,7 +331,7 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive() -> None:
         import asyncio, threading
         from qwenrun.agent import Agent
         from qwenrun.config import AgentSpec
-        from qwenrun.console import run_once
+        from qwenrun.frontends.console import run_once
         from qwenrun.testing import ScriptedEngine, tool_call_text
 
         def hang() -> str:
@@ -366,11 +368,11 @@ class DyingEngine(ScriptedEngine):
         super().__init__(lambda request: ANSWER)
         self.after, self.refuse = after, refuse
 
-    async def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> AsyncIterator[Delta]:  # type: ignore[override]
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:  # type: ignore[override]
         if self.refuse:
             raise EngineError("the engine refuses this request")
         sent = 0
-        async for delta in super().generate(messages, **kwargs):
+        async for delta in super().generate(request):
             if sent == self.after:
                 self.dead = True
                 raise EngineError("the engine died mid-answer")
@@ -497,7 +499,7 @@ async def test_agent_engine_dies_mid_answer() -> None:
 @engine_fault
 def test_cli_run_reports_a_dying_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, DyingEngine(after=2), tools=[]))
-    result = CliRunner().invoke(cli.main, ["run", str(ROOT / "agents" / "weather.yaml"), "-p", "hi"])
+    result = CliRunner().invoke(cli_main, ["run", str(ROOT / "agents" / "weather.yaml"), "-p", "hi"])
     assert result.exit_code == 1, result.output
     assert result.output.endswith("Error: the engine died mid-answer\n")
     assert "a long" in result.output and "Traceback" not in result.output
@@ -506,7 +508,7 @@ def test_cli_run_reports_a_dying_engine(monkeypatch: pytest.MonkeyPatch) -> None
 @engine_fault
 def test_cli_repl_reports_a_dying_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, DyingEngine(after=2), tools=[]))
-    result = CliRunner().invoke(cli.main, ["up", str(ROOT / "agents" / "weather.yaml")], input="hi\nagain\n")
+    result = CliRunner().invoke(cli_main, ["up", str(ROOT / "agents" / "weather.yaml")], input="hi\nagain\n")
     assert result.exit_code == 1, result.output
     assert result.output.endswith("Error: the engine died mid-answer\n")
 
@@ -520,7 +522,7 @@ def test_cli_run_reports_a_dead_vllm_engine(monkeypatch: pytest.MonkeyPatch) -> 
         return Agent(spec, engines[-1], tools=[])
 
     monkeypatch.setattr(cli, "make_agent", make_agent)
-    result = CliRunner().invoke(cli.main, ["run", str(ROOT / "agents" / "weather.yaml"), "-p", "hi"])
+    result = CliRunner().invoke(cli_main, ["run", str(ROOT / "agents" / "weather.yaml"), "-p", "hi"])
     assert result.exit_code == 1, result.output
     assert result.output.endswith(
         "Error: the vLLM engine has died (EngineDeadError: EngineCore encountered an issue); restart qwenrun\n"

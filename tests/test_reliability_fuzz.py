@@ -37,9 +37,9 @@ from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engine import Delta
+from qwenrun.engines.base import Delta, Request
 from qwenrun.errors import ConfigError, EngineError
-from qwenrun.server import create_app
+from qwenrun.frontends.openai import create_app
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -432,14 +432,15 @@ class FuzzEngine(ScriptedEngine):
         ]
         return options[_digest(request.messages) % len(options)]
 
-    async def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> AsyncIterator[Delta]:  # type: ignore[override]
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:  # type: ignore[override]
+        messages = list(request.messages)
         json.dumps(messages, ensure_ascii=False).encode("utf-8")  # what a tokenizer needs
         mode = _digest(messages) % 10 if str(messages[-1].get("content")) != CANARY else 9
         if mode == 0:
             self.failures += 1
             raise EngineError("the fuzz engine refuses this request")
         sent = 0
-        async for delta in super().generate(messages, **kwargs):
+        async for delta in super().generate(request):
             if mode in (1, 2) and sent == 2:
                 self.failures += 1
                 raise EngineError("the fuzz engine died mid-answer")
@@ -635,7 +636,7 @@ BOMB = "model: {path: x}\nengine:\n  extra: {" + ", ".join(
         # a control character: the message had no line and a second, unprefixed line
         ("model: {path: x}\n# \x1f\n", r"YAML syntax error at line 2, column 3: unacceptable character #x001f: special characters are not allowed"),
         # a key named like a front end was dropped from the path (an IndexError at the top level)
-        ("model: {path: x}\nopenai: 1\n", r"openai: unknown key 'openai' \(valid keys: model, .*\)"),
+        ("model: {path: x}\nopenai: 1\n", r"openai: unknown key 'openai' \(valid keys: version, model, .*\)"),
         ("model: {path: x, cli: 1}\n", r"model\.cli: unknown key 'cli' \(valid keys: path, tokenizer, revision, served_model_name, trust_remote_code\)"),
         # keys that are not plain names, and keys that are not strings
         ("model: {path: x}\n\"\\r\": 1\n", r"\['\\r'\]: unknown key '\\r' \(valid keys: .*\)"),

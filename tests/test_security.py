@@ -19,11 +19,13 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 from loopback import serve_in_loop
 
-from qwenrun import cli
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec, ChainlitFrontend, OpenAIFrontend
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
+from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError
-from qwenrun.server import create_app, serve
+from qwenrun.frontends import ChainlitFrontend, OpenAIFrontend
+from qwenrun.frontends.openai import create_app, serve
 from qwenrun.testing import ModelRequest, ScriptedEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +164,7 @@ def test_a_key_given_instead_of_its_variable_name_is_never_printed(monkeypatch: 
     agent_file = ROOT / "agents" / "calculator.yaml"  # frontend openai, api_key_env: QWENRUN_API_KEY
     monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, ScriptedEngine([]), tools=[]))
     result = CliRunner().invoke(
-        cli.main, ["up", str(agent_file), "--set", f"frontend.api_key_env=${{{SECRET_ENV}}}"]
+        cli_main, ["up", str(agent_file), "--set", f"frontend.api_key_env=${{{SECRET_ENV}}}"]
     )
     assert result.exit_code == 2 and SECRET not in result.output
     assert "must be the name of the environment variable that holds the key" in result.output
@@ -232,7 +234,7 @@ def test_the_system_prompt_template_is_sandboxed(template: str, problem: str, tm
     assert error_of(text) == f"agent.yaml: agent.system_prompt: {problem}"
     agent_file = tmp_path / "template.yaml"
     agent_file.write_text(text)
-    result = CliRunner().invoke(cli.main, ["validate", str(agent_file)])
+    result = CliRunner().invoke(cli_main, ["validate", str(agent_file)])
     assert result.exit_code == 2 and result.output == f"Error: {agent_file}: agent.system_prompt: {problem}\n"
 
 
@@ -298,7 +300,7 @@ def test_tools_are_only_installed_entry_points(
 ) -> None:
     agent_file = tmp_path / "agent.yaml"
     agent_file.write_text(yaml.safe_dump({"model": {"path": "m"}, "tools": [name]}))
-    result = CliRunner().invoke(cli.main, ["validate", str(agent_file)])
+    result = CliRunner().invoke(cli_main, ["validate", str(agent_file)])
     assert result.exit_code == 2 and result.output.startswith(f"Error: {agent_file}: {problem}")
     with contextlib.suppress(ConfigError):  # the pattern fails already here
         spec = AgentSpec.from_file(agent_file)
@@ -343,7 +345,7 @@ def test_secrets_stay_out_of_validate_output_and_logs(
     agent_file = tmp_path / "agent.yaml"
     agent_file.write_text(yaml.safe_dump(document, allow_unicode=True))
     caplog.set_level(logging.DEBUG)
-    result = CliRunner().invoke(cli.main, ["-vv", "validate", str(agent_file)])
+    result = CliRunner().invoke(cli_main, ["-vv", "validate", str(agent_file)])
     if problem:
         assert result.exit_code == 2 and result.output == f"Error: {agent_file}: {problem}\n"
     else:

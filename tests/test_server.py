@@ -24,11 +24,12 @@ from fastapi import FastAPI
 from openai import AsyncOpenAI, OpenAI
 from weather import weather_tool
 
-from qwenrun.agent import FORCED_PREFILL, Agent
+from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engine import Constraint, Delta
+from qwenrun.engines.base import Constraint, Delta, Request
 from qwenrun.errors import ConfigError, EngineError
-from qwenrun.server import create_app, serve
+from qwenrun.frontends.openai import create_app, serve
+from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 SERVED = "Qwen2.5-7B-Instruct"
@@ -599,9 +600,9 @@ async def test_health_is_503_before_start_and_after_an_engine_failure() -> None:
 class BreakingEngine(ScriptedEngine):
     """Dies after two deltas of every answer."""
 
-    async def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> AsyncIterator[Delta]:  # type: ignore[override]
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:  # type: ignore[override]
         sent = 0
-        async for delta in super().generate(messages, **kwargs):
+        async for delta in super().generate(request):
             if sent == 2:
                 raise EngineError("the engine died mid-answer")
             sent += 1
@@ -633,7 +634,7 @@ async def test_engine_error_mid_request() -> None:
 
 
 async def test_keep_alive_pings_during_a_slow_tool(monkeypatch: pytest.MonkeyPatch) -> None:
-    import qwenrun.server.app as server_app
+    import qwenrun.frontends.openai.app as server_app
 
     async def slow_weather(city: str) -> str:
         """Get the weather, slowly."""
@@ -724,7 +725,7 @@ def test_serve_warns_on_public_host_without_key(
         ScriptedEngine([]),
         tools=[],
     )
-    with caplog.at_level(logging.WARNING, logger="qwenrun.server"):
+    with caplog.at_level(logging.WARNING, logger="qwenrun.frontends.openai"):
         serve(agent)
     assert ran["host"] == host and ran["port"] == 8123
     assert ("without an API key" in caplog.text) == warned
@@ -945,5 +946,5 @@ def test_import_does_not_load_vllm() -> None:
     import subprocess
     import sys
 
-    code = "import sys, qwenrun.server; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
+    code = "import sys, qwenrun.frontends.openai; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ}).returncode == 0

@@ -23,8 +23,8 @@ from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engine import VLLMEngine
-from qwenrun.server import create_app
+from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.frontends.openai import create_app
 
 pytestmark = pytest.mark.engine
 

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from qwenrun import cli
 from qwenrun.agent import Agent
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
 from qwenrun.replay import compare, format_call, recorded_turns
-from qwenrun.sqlite_store import SQLiteStore
-from qwenrun.store import DB_ENV, SessionInfo, open_store
+from qwenrun.sessions import open_store
+from qwenrun.sessions.sqlite import SQLiteStore
+from qwenrun.sessions.store import DB_ENV, SessionInfo
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 CALLS: list[str] = []  # what the weather tool was asked, in order
@@ -71,7 +73,7 @@ class Harness:
         return agent
 
     def invoke(self, *args: str, input: str | None = None) -> Result:
-        return self.runner.invoke(cli.main, list(args), input=input)
+        return self.runner.invoke(cli_main, list(args), input=input)
 
     def chat(self, *lines: str) -> str:
         """A REPL session; returns its id."""

@@ -16,13 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from qwenrun import cli
 from qwenrun.agent import Agent
+from qwenrun.cli import common as cli
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError
-from qwenrun.server import create_app
-from qwenrun.sqlite_store import SQLiteStore
-from qwenrun.store import DB_ENV, SessionInfo, SessionStore, open_store, store_path, valid_session_id
+from qwenrun.frontends.openai import create_app
+from qwenrun.sessions import open_store
+from qwenrun.sessions.sqlite import SQLiteStore
+from qwenrun.sessions.store import DB_ENV, SessionInfo, SessionStore, store_path, valid_session_id
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 
@@ -468,7 +469,7 @@ async def test_server_session_header_errors(store: SQLiteStore) -> None:
 
 
 async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLiteStore) -> None:
-    from qwenrun import web
+    from qwenrun.frontends import chainlit as web
 
     web.import_chainlit()  # first: it imports chainlit quietly, under a private app root
     spec = make_spec(frontend={"kind": "chainlit"})

@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from qwenrun import web
 from qwenrun.agent import Agent
 from qwenrun.cli import main
-from qwenrun.config import AgentSpec, ChainlitFrontend
+from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.events import Final, TextDelta
+from qwenrun.frontends import ChainlitFrontend
+from qwenrun.frontends import chainlit as web
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def test_chainlit_gets_a_private_app_root(cl: Any, config: Any) -> None:
 
 
 async def test_title_description_starters_from_yaml(cl: Any, config: Any) -> None:
-    app = web.build_app(make_agent())
+    app = web.build_app(make_agent()).asgi
     assert app is sys.modules["chainlit.server"].app
     assert config.ui.name == "Weather test"
     assert config.ui.description == "Weather agent for tests"
@@ -299,7 +300,7 @@ def test_missing_chainlit_is_a_helpful_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_serve_builds_the_agent_of_the_file(cl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[tuple[Agent, dict[str, Any]]] = []
-    monkeypatch.setattr(web, "run", lambda agent, **kwargs: served.append((agent, kwargs)))
+    monkeypatch.setattr(web, "serve", lambda agent, **kwargs: served.append((agent, kwargs)))
     path = ROOT / "agents" / "weather-chat.yaml"
     result = CliRunner().invoke(main, ["up", str(path), "--set", "frontend.port=8123"])
     assert result.exit_code == 0, result.output
@@ -505,15 +506,15 @@ def test_reload_agent_keeps_the_engine(cl: Any, config: Any, tmp_path: Path) -> 
     path = tmp_path / "agent.yaml"
     path.write_text(YAML, encoding="utf-8")
     old = make_agent(yaml=YAML)
-    web.build_app(old)
+    chat = web.build_app(old)
     path.write_text(YAML.replace("title: Weather test", "title: Weather v2"), encoding="utf-8")
-    assert web.reload_agent(path) is True
-    new = web._current_agent()
+    assert web.reload_agent(chat, path) is True
+    new = chat.agent
     assert new is not old and new.engine is old.engine and config.ui.name == "Weather v2"
     assert list(new.tools.values()) == list(old.tools.values())  # tools section unchanged: kept
     path.write_text(YAML.replace("path: scripted-qwen", "path: other-model"), encoding="utf-8")
-    assert web.reload_agent(path) is False  # a new model needs a restart
-    assert web._current_agent() is new
+    assert web.reload_agent(chat, path) is False  # a new model needs a restart
+    assert chat.agent is new
     path.write_text("model: [", encoding="utf-8")
     with pytest.raises(ConfigError, match="YAML syntax error"):
-        web.reload_agent(path)
+        web.reload_agent(chat, path)

@@ -97,16 +97,16 @@ def script(request: ModelRequest) -> str:
 
 
 def serve_scripted(path: str, port: int) -> None:
-    from qwenrun import web
     from qwenrun.agent import Agent
     from qwenrun.config import AgentSpec
+    from qwenrun.frontends import chainlit as web
     from qwenrun.testing import ScriptedEngine
 
     spec = AgentSpec.from_file(path)
     agent = Agent(
         spec, engine=ScriptedEngine(script, chunk_size=3, delay_s=0.02), tools=[get_current_weather]
     )
-    web.run(agent, port=port, watch_file=path)
+    web.serve(agent, port=port, watch_file=path)
 
 
 # -- helpers ---------------------------------------------------------------------------------

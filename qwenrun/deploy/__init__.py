@@ -4,7 +4,7 @@ qwenrun adds no distribution of its own: a pod runs ``qwenrun up`` on the agent 
 the engine over the pod's GPUs (``tensor/pipeline/data_parallel_size``) or over a Ray cluster that
 KubeRay runs (``distributed_executor_backend: ray``), and Kubernetes does replicas, probes and
 autoscaling. :func:`plan_k8s` builds the manifests as Python dicts, :func:`write_manifests`
-writes them as YAML. ``qwenrun deploy k8s`` (:mod:`qwenrun.deploy.cli`) is the command line.
+writes them as YAML. ``qwenrun deploy k8s`` (:mod:`qwenrun.cli.deploy`) is the command line.
 """
 
 from __future__ import annotations

@@ -21,10 +21,13 @@ from typing import Any, Literal
 
 import yaml
 
-from qwenrun import __version__
-from qwenrun.config import AgentSpec, OpenAIFrontend, apply_overrides
+from qwenrun.config import AgentSpec
 from qwenrun.deploy.files import dump_yaml
+from qwenrun.engines import VLLMEngineSpec
 from qwenrun.errors import QwenrunError
+from qwenrun.frontends import OpenAIFrontend
+from qwenrun.loading import apply_overrides
+from qwenrun.version import __version__
 
 __all__ = [
     "AGENT_PATH",
@@ -40,7 +43,7 @@ __all__ = [
 DEFAULT_IMAGE = f"qwenrun-server:{__version__}"
 AGENT_PATH = "/etc/qwenrun/agent.yaml"
 IN_FLIGHT_METRIC = "qwenrun_requests_in_flight"
-"""The gauge of :mod:`qwenrun.server.metrics` the autoscaler follows (through a metrics adapter)."""
+"""The gauge of :mod:`qwenrun.frontends.openai.metrics` the autoscaler follows (through a metrics adapter)."""
 API_KEY_ENV = "QWENRUN_API_KEY"
 API_KEY_SECRET_KEY = "api-key"
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -121,6 +124,10 @@ class K8sPlan:
     def ray(self) -> bool:
         return "raycluster.yaml" in self.manifests
 
+    @property
+    def engine(self) -> VLLMEngineSpec:
+        return _vllm(self.spec)
+
 
 # -- the agent file as the pod runs it --------------------------------------------------------
 
@@ -146,8 +153,17 @@ def _pod_agent(path: str, overrides: Sequence[str], options: K8sOptions) -> tupl
     return data, changes
 
 
+def _vllm(spec: AgentSpec) -> VLLMEngineSpec:
+    if not isinstance(spec.engine, VLLMEngineSpec):
+        raise DeployError(
+            f"{spec.source}: engine.kind: {spec.engine.kind!r}: `qwenrun deploy k8s` deploys an agent "
+            "with its vLLM engine (engine.kind vllm); this agent's model runs elsewhere"
+        )
+    return spec.engine
+
+
 def _uses_ray(spec: AgentSpec) -> bool:
-    engine = spec.engine
+    engine = _vllm(spec)
     return engine.distributed_executor_backend == "ray" or engine.extra.get("data_parallel_backend") == "ray"
 
 
@@ -155,7 +171,7 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
     """The manifests that serve the agent of ``path`` (with ``--set`` ``overrides``) on Kubernetes."""
     options = options or K8sOptions()
     original = AgentSpec.from_file(path, overrides)  # every file error, reported as `qwenrun up` would
-    engine = original.engine
+    engine = _vllm(original)
     if engine.distributed_executor_backend == "external_launcher":
         raise DeployError(
             f"{path}: engine.distributed_executor_backend 'external_launcher' expects torchrun to start "
@@ -281,7 +297,7 @@ class _Builder:
         }  # fmt: skip
 
     def autoscaler(self) -> dict[str, Any]:
-        options, engine = self.options, self.plan.spec.engine
+        options, engine = self.options, self.plan.engine
         target = options.target_in_flight or max(1, engine.max_num_seqs * engine.data_parallel_size // 2)
         return {
             "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": self.metadata(),

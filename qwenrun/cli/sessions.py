@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from qwenrun.sqlite_store import SQLiteStore
-from qwenrun.store import Record, SessionInfo, SessionStore, StoredSession, default_path
+from qwenrun.cli import common
+from qwenrun.cli.common import errors, load_spec
+from qwenrun.sessions.sqlite import SQLiteStore
+from qwenrun.sessions.store import Record, SessionInfo, StoredSession, default_path, store_path
 
 if TYPE_CHECKING:
     from qwenrun.agent import Agent
 
-__all__ = ["replay", "require_session", "sessions"]
+__all__ = ["replay", "sessions"]
 
 db_option = click.option("--db", type=click.Path(dir_okay=False), help="The session database (SQLite file).")
 file_option = click.option(
@@ -35,11 +37,8 @@ def _store_path(db: str | None, agent_file: str | None) -> str:
     if db:
         return os.path.expanduser(db)
     if agent_file:
-        from qwenrun.cli import _errors, _load
-        from qwenrun.store import store_path
-
-        with _errors():
-            return store_path(_load(agent_file, ()))
+        with errors():
+            return store_path(load_spec(agent_file, ()))
     return os.path.expanduser(default_path())
 
 
@@ -58,15 +57,6 @@ def _get(path: str, session_id: str) -> StoredSession:
     if stored is None:
         raise click.ClickException(f"no session {session_id!r} in {path}; see `qwenrun sessions list`")
     return stored
-
-
-def require_session(store: SessionStore | None, session_id: str) -> None:
-    """Fail (a ClickException) unless ``store`` holds the session ``session_id``."""
-    if store is None:
-        raise click.ClickException("sessions are not recorded for this agent (sessions.enabled: false)")
-    if store.load(session_id) is None:
-        where = getattr(store, "path", "the session store")
-        raise click.ClickException(f"no session {session_id!r} in {where}; see `qwenrun sessions list`")
 
 
 def _when(timestamp: float) -> str:
@@ -219,7 +209,7 @@ def replay(
 ) -> None:
     """Re-run a session's user turns against the agent (FILE, else the recorded one) and show where
     the tool calls differ. Exit code 1 when they do."""
-    from qwenrun import cli
+    from qwenrun.frontends.base import run_agent
     from qwenrun.replay import recorded_turns
     from qwenrun.replay import replay as run_replay
 
@@ -228,14 +218,14 @@ def replay(
     if file is None:
         raise click.ClickException(f"session {session_id!r} was recorded without a file: give the FILE")
     turns = recorded_turns(stored)
-    with cli._errors():
-        agent = cli.make_agent(cli._load(file, [*overrides, "sessions.enabled=false"]))
+    with errors():
+        agent = common.make_agent(load_spec(file, [*overrides, "sessions.enabled=false"]))
         result: list[Any] = []
 
         async def body(agent: Agent) -> None:
             result.append(await run_replay(agent, turns, recorded_tools=tool_mode == "recorded"))
 
-        cli._run_async(agent, body)
+        run_agent(agent, body)
     diff = result[0]
     click.echo(f"Replaying session {session_id} ({len(turns)} turns) with {file}")
     for turn in diff.turns:

@@ -1,68 +1,32 @@
-"""The ``qwenrun`` command line (Click). The only place that turns qwenrun errors into exit codes.
+"""The ``qwenrun`` group and its agent commands: ``validate``, ``schema``, ``up``, ``run``,
+``tools``, ``tiny-model``; ``sessions``, ``replay`` and ``deploy`` are added from their modules.
 
-``validate`` and ``schema`` never import vLLM or torch; ``up`` dispatches on ``frontend.kind``.
+``validate`` and ``schema`` never import vLLM or torch; ``up`` hands the file to the front end
+its ``frontend.kind`` names (:func:`qwenrun.frontends.base.launch`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from qwenrun import __version__
+from qwenrun.cli import common
+from qwenrun.cli.common import ConfigProblem, errors, load_spec, set_option
+from qwenrun.cli.deploy import deploy
+from qwenrun.cli.sessions import replay, sessions
 from qwenrun.config import AgentSpec
-from qwenrun.deploy.cli import deploy
-from qwenrun.errors import ConfigError, QwenrunError
+from qwenrun.errors import QwenrunError
 from qwenrun.observability import configure_logging
-from qwenrun.sessions_cli import replay, sessions
+from qwenrun.version import __version__
 
 if TYPE_CHECKING:
     from qwenrun.agent import Agent
 
 __all__ = ["main"]
-
-
-class ConfigProblem(click.ClickException):
-    """A bad agent file: printed without a traceback, exit code 2."""
-
-    exit_code = 2
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except ConfigError as exc:
-        raise ConfigProblem(str(exc)) from None
-    except QwenrunError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _load(path: str, overrides: Sequence[str]) -> AgentSpec:
-    return AgentSpec.from_file(path, overrides)
-
-
-def make_agent(spec: AgentSpec) -> Agent:
-    """Build the agent of a spec (tests replace this to run without vLLM)."""
-    from qwenrun.agent import Agent
-    from qwenrun.store import open_store
-
-    return Agent(spec, strict_plugins=False, store=open_store(spec))
-
-
-set_option = click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a value of the file, e.g. --set engine.max_num_seqs=8 (repeatable).",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,7 +54,7 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     problems = []
     for path in files:
         try:
-            spec = _load(path, overrides)
+            spec = load_spec(path, overrides)
             load_tools(spec, strict=True)
         except QwenrunError as exc:
             problems.append(str(exc))
@@ -115,28 +79,11 @@ def schema() -> None:
 @click.option("--resume", metavar="SESSION_ID", help="Continue a recorded session (cli front end).")
 def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Start the agent with the front end its file names (cli, chainlit or openai)."""
-    with _errors():
-        spec = _load(file, overrides)
-        kind = spec.frontend.kind
-        if resume is not None and kind != "cli":
-            raise click.UsageError(f"--resume is for frontend.kind cli, not {kind}")
-        if kind == "chainlit":
-            from qwenrun.web import serve as serve_web
+    from qwenrun.frontends.base import Launch, launch
 
-            serve_web(file, overrides)
-            return
-        agent = make_agent(spec)
-        if kind == "openai":
-            from qwenrun.server import serve as serve_http
-
-            serve_http(agent)
-            return
-        from qwenrun.console import repl
-        from qwenrun.sessions_cli import require_session
-
-        if resume is not None:
-            require_session(agent.store, resume)
-        _run_async(agent, lambda agent: repl(agent, resume=resume))
+    with errors():
+        spec = load_spec(file, overrides)
+        launch(Launch(spec, file, overrides, resume, make_agent=common.make_agent))
 
 
 @main.command()
@@ -146,28 +93,16 @@ def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
 @set_option
 def run(file: str, prompt: str, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Answer one question and exit."""
-    from qwenrun.console import run_once
+    from qwenrun.frontends.base import run_agent
+    from qwenrun.frontends.console import run_once
 
-    with _errors():
-        agent = make_agent(_load(file, overrides))
+    with errors():
+        agent = common.make_agent(load_spec(file, overrides))
 
         async def once(agent: Agent) -> None:
             await run_once(agent, prompt, as_json=as_json)
 
-        _run_async(agent, once)
-
-
-def _run_async(agent: Agent, body: Callable[[Agent], Any]) -> None:
-    async def main_task() -> None:
-        from qwenrun.console import start_with_status
-
-        try:
-            await start_with_status(agent)
-            await body(agent)
-        finally:
-            await agent.shutdown()
-
-    asyncio.run(main_task())
+        run_agent(agent, once)
 
 
 @main.group(invoke_without_command=True)
@@ -217,7 +152,7 @@ def tools_show(name: str) -> None:
     entry = plugins.installed_tools().get(name)
     if entry is None:
         raise click.ClickException(f"unknown tool {name!r}; see `qwenrun tools`")
-    with _errors():
+    with errors():
         tool = entry.load()
     click.echo(json.dumps(tool.openai_schema(), indent=2, ensure_ascii=False))
 

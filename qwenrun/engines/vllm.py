@@ -1,10 +1,10 @@
-"""The inference engine: the one module of qwenrun that talks to vLLM.
+"""``engine.kind: vllm``: vLLM's async engine in this process; the one module that imports vLLM.
 
-:class:`Engine` is the protocol the agent loop and the front ends use: ``generate()`` renders an
-OpenAI-style conversation with the model's chat template and streams the completion as
-:class:`Delta` objects. :class:`VLLMEngine` implements it with vLLM's in-process async engine.
-vLLM is imported lazily, inside functions, so ``import qwenrun.engine`` stays cheap.
-:func:`engine_kwargs` and :func:`sampling_kwargs` turn the agent spec into vLLM arguments.
+:class:`VLLMEngine` renders the conversation with the model's chat template, forces tool calls with
+a prefilled ``<tool_call>`` and a structured-output grammar (:func:`qwenrun.hermes.forced_call`),
+and streams vLLM's output as :class:`~qwenrun.engines.base.Delta` objects. vLLM is imported lazily,
+inside functions, so that importing this module stays cheap. :func:`engine_kwargs` and
+:func:`sampling_kwargs` turn the agent spec into vLLM arguments.
 """
 
 from __future__ import annotations
@@ -19,74 +19,28 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
+from qwenrun import hermes
 from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.engines import VLLMEngineSpec
+from qwenrun.engines.base import Constraint, Delta, Health, Request
+from qwenrun.errors import ConfigError, EngineError, RequestError
 
-__all__ = ["Constraint", "Delta", "Engine", "VLLMEngine", "engine_kwargs", "sampling_kwargs"]
+__all__ = ["VLLMEngine", "engine_kwargs", "sampling_kwargs"]
 
 log = logging.getLogger(__name__)
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_NOT_ENGINE_ARGS = frozenset({"available_devices", "gpus_per_node", "env", "extra"})
+_NOT_ENGINE_ARGS = frozenset({"kind", "available_devices", "gpus_per_node", "env", "extra"})
 
 
-@dataclass(frozen=True, slots=True)
-class Constraint:
-    """A structured-output constraint of one model call (exactly one field set)."""
-
-    regex: str | None = None
-    json: dict[str, Any] | None = None
-    grammar: str | None = None
-    choice: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"Constraint needs exactly one of regex, json, grammar, choice; got {given}")
-
-
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x as much, once per streamed token
-class Delta:
-    """A piece of a streamed completion (treat it as read-only)."""
-
-    text: str
-    """New text since the previous delta; special tokens kept; never includes the prefill."""
-    finish_reason: str | None = None
-    """None while running; "stop", "length" or "abort" on the last delta."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    """Cumulative count so far."""
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What the agent loop needs from an inference engine."""
-
-    model_name: str
-
-    async def start(self) -> None: ...
-
-    def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-        incremental: bool = True,
-    ) -> AsyncIterator[Delta]:
-        """Stream the completion. ``incremental=False`` says the caller needs only the whole
-        text: an engine may then send it as one delta at the end (saving a delta per token)."""
-        ...
-
-    async def shutdown(self) -> None: ...
+def vllm_spec(spec: AgentSpec) -> VLLMEngineSpec:
+    """``spec.engine``, which must be a vLLM one."""
+    if not isinstance(spec.engine, VLLMEngineSpec):
+        raise ConfigError(f"{spec.source}: engine.kind: expected 'vllm', got {spec.engine.kind!r}")
+    return spec.engine
 
 
 # -- spec -> vLLM arguments -------------------------------------------------------------------
@@ -112,6 +66,7 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
     default applies. An unknown key in ``engine.extra`` is a :class:`ConfigError` with a suggestion.
     """
     known = _engine_arg_defaults()
+    engine = vllm_spec(spec)
     model = spec.model
     wanted: dict[str, Any] = {
         "model": model.path,
@@ -120,10 +75,10 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
         "served_model_name": model.served_model_name,
         "trust_remote_code": model.trust_remote_code,
     }
-    explicit = spec.engine.model_fields_set
-    for name in type(spec.engine).model_fields:
+    explicit = engine.model_fields_set
+    for name in type(engine).model_fields:
         if name not in _NOT_ENGINE_ARGS:
-            wanted[name] = getattr(spec.engine, name)
+            wanted[name] = getattr(engine, name)
     kwargs: dict[str, Any] = {}
     for name, value in wanted.items():
         if name not in known:
@@ -143,7 +98,7 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
         # Compact JSON under json constraints. vLLM >= 0.11 reads this flag only from the engine
         # config, where it needs an explicit backend; xgrammar is what "auto" picks for almost all.
         kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-    for key, value in spec.engine.extra.items():
+    for key, value in engine.extra.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -192,7 +147,7 @@ def _text(content: Any) -> str:
     return str(content)
 
 
-def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``messages`` as chat templates expect them: text content, and tool-call
     arguments as objects rather than the JSON strings of the OpenAI format."""
     result = []
@@ -226,16 +181,20 @@ def _tokens_prompt(prompt_ids: list[int]) -> dict[str, Any]:
 
 
 class VLLMEngine:
-    """:class:`Engine` on vLLM's async engine, in this process (the engine core is a child)."""
+    """:class:`~qwenrun.engines.base.Engine` on vLLM's async engine, in this process (the engine
+    core is a child process)."""
 
     def __init__(self, spec: AgentSpec) -> None:
         self.spec = spec
+        self.settings = vllm_spec(spec)
         self.model_name: str = spec.served_model_name
-        self.max_model_len: int | None = spec.engine.max_model_len
+        self.max_model_len: int | None = self.settings.max_model_len
         self._engine: Any = None
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
         self._dead = False
+        # forced-call constraints by (id of the tools list, choice), with the list they were made for
+        self._forced: dict[tuple[int, str], tuple[object, Constraint | None, str]] = {}
 
     @property
     def started(self) -> bool:
@@ -248,12 +207,17 @@ class VLLMEngine:
         OpenAI server's ``/health`` answers 503 while this is True."""
         return self._dead or bool(self._engine is not None and getattr(self._engine, "errored", False))
 
+    def health(self) -> Health:
+        if self.errored:
+            return "dead"
+        return "ready" if self._engine is not None else "stopped"
+
     async def start(self) -> None:
         """Set ``engine.env``, then build and start the engine (once; later calls return)."""
         async with self._lock:
             if self._engine is not None:
                 return
-            os.environ.update(self.spec.engine.env)
+            os.environ.update(self.settings.env)
             kwargs = engine_kwargs(self.spec)
             try:
                 from vllm import AsyncEngineArgs
@@ -309,14 +273,20 @@ class VLLMEngine:
         return self._tokenizer
 
     def render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefill: str = ""
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        prefill: str = "",
     ) -> str:
         """The prompt text of ``messages`` (chat template, generation prompt, then ``prefill``)."""
         if self._tokenizer is None:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         try:
             text = self._tokenizer.apply_chat_template(
-                _template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=False
+                _template_messages(messages),
+                tools=list(tools or ()) or None,
+                add_generation_prompt=True,
+                tokenize=False,
             )
         except Exception as exc:
             raise EngineError(f"cannot render the conversation: {type(exc).__name__}: {exc}") from exc
@@ -356,21 +326,27 @@ class VLLMEngine:
         except Exception as exc:
             raise EngineError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
 
-    async def generate(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        sampling: SamplingSpec | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        constraint: Constraint | None = None,
-        prefill: str = "",
-        request_id: str | None = None,
-        incremental: bool = True,
-    ) -> AsyncIterator[Delta]:
-        """Stream the model's continuation of ``messages`` (after ``prefill``) as deltas; with
-        ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what
-        ``vllm serve`` uses for non-streaming requests).
+    def _forcing(self, request: Request) -> tuple[Constraint | None, str]:
+        """The constraint and prefill of ``request``: its own, else those of a forced call."""
+        if request.constraint is not None or request.prefill:
+            return request.constraint, request.prefill
+        tools, choice = request.tools, request.tool_choice
+        if choice in ("auto", "none") or not tools:
+            return None, ""
+        cached = self._forced.get((id(tools), choice))
+        if cached is not None and cached[0] is tools:  # an agent passes the same list every call
+            return cached[1], cached[2]
+        schema, prefill = hermes.forced_call(tools, choice)
+        forced = (Constraint(json=schema), prefill) if schema is not None else (None, "")
+        if len(self._forced) >= 64:
+            self._forced.clear()
+        self._forced[(id(tools), choice)] = (tools, *forced)  # keeps `tools` alive: its id stays its own
+        return forced
+
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:
+        """Stream the answer to ``request`` as deltas (the first starts with the prefill); with
+        ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what ``vllm
+        serve`` uses for non-streaming requests).
 
         Stopping early (``break``, ``aclose()``, cancellation) aborts the vLLM request; consume
         with ``contextlib.aclosing`` to make that immediate rather than at garbage collection.
@@ -380,20 +356,26 @@ class VLLMEngine:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         if self.errored:
             raise EngineError("the vLLM engine has died; restart qwenrun")
-        text = self.render(messages, tools, prefill)
+        constraint, prefill = self._forcing(request)
+        text = self.render(request.messages, request.tools, prefill)
         prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
         limit = self.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
-            raise EngineError(
+            raise RequestError(
                 f"the prompt is {len(prompt_ids)} tokens, but max_model_len is {limit} "
-                "(the prompt and at least one new token must fit): shorten the conversation"
-            )
-        params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids), incremental)
-        request_id = request_id or f"qwenrun-{uuid.uuid4().hex}"
+                "(the prompt and at least one new token must fit): shorten the conversation",
+                param="messages", code="context_length_exceeded",
+            )  # fmt: skip
+        params = self._sampling_params(
+            request.sampling, request.overrides, constraint, len(prompt_ids), request.incremental
+        )
+        request_id = request.request_id or f"qwenrun-{uuid.uuid4().hex}"
         stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
         finished = False
         completion_tokens = 0
         try:
+            if prefill and request.incremental:
+                yield Delta(prefill, None, len(prompt_ids), 0)
             while not finished:
                 try:
                     output = await stream.__anext__()
@@ -417,6 +399,8 @@ class VLLMEngine:
                         raise EngineError(f"vLLM failed request {request_id} (retryable engine error)")
                     if reason not in ("stop", "length", "abort"):
                         reason = "stop"
+                    if prefill and not request.incremental:
+                        piece = prefill + piece
                 yield Delta(piece, reason, len(prompt_ids), completion_tokens)
         finally:
             if not finished:  # the consumer stopped early: free the sequence's slot now

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front end (``frontend.kind: openai``): FastAPI app and uvicorn runner.
 
-Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.server.chat` in the middle,
+Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.frontends.openai.chat` in the middle,
 OpenAI JSON or server-sent events out. Every failure is an OpenAI error body with a 4xx/5xx
 status; an engine failure is a 503 (or, once a stream has started, an ``error`` event).
 """
@@ -27,17 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec, OpenAIFrontend
+from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError
+from qwenrun.frontends import OpenAIFrontend
+from qwenrun.frontends.openai import chat
+from qwenrun.frontends.openai.metrics import Metrics, MetricsMiddleware, bind_metrics
+from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.loading import secret_from_env
-from qwenrun.observability import bind_metrics
-from qwenrun.server import chat
-from qwenrun.server.metrics import Metrics, MetricsMiddleware
-from qwenrun.server.schemas import APIError, ChatCompletionRequest, invalid_request
 
 __all__ = ["create_app", "serve"]
 
-log = logging.getLogger("qwenrun.server")
+log = logging.getLogger("qwenrun.frontends.openai")
 T = TypeVar("T")
 PING_S = 15  # SSE keep-alive comments while a tool step runs (proxies drop idle connections)
 
@@ -61,11 +61,6 @@ def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
     return secret_from_env(name, f"{source}: frontend.api_key_env", "key", "QWENRUN_API_KEY", hint)
 
 
-def _engine_failed(agent: Agent) -> bool:
-    engine = agent.engine
-    return bool(getattr(engine, "dead", False) or getattr(engine, "errored", False))
-
-
 def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     """The app for ``agent``. Its lifespan starts the engine (``await agent.start()``) and, unless
     ``shutdown_engine`` is False (an engine shared with other code), shuts it down at the end."""
@@ -76,6 +71,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     if agent.name == served:
         raise ConfigError(f"{spec.source}: agent.name {agent.name!r} must differ from the served model name")
     metrics = Metrics()
+    busy: set[str] = set()  # stored sessions with a turn in progress (X-Qwenrun-Session)
     bind_metrics(agent, metrics)  # the agent's turns, tool calls and session writes show on /metrics
     ready = False
     started_at = int(time.time())
@@ -151,7 +147,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if ready and not _engine_failed(agent):
+        if ready and agent.engine.health() == "ready":
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
@@ -189,7 +185,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
                 raise APIError(400, f"{chat.SESSION_HEADER} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, req, frontend, reply.id)
         else:
-            pieces = chat.agent_turn(agent, req, frontend, session_id)
+            pieces = chat.agent_turn(agent, req, frontend, session_id, busy)
         observed = _observe(metrics, mode, pieces)
         if not req.stream:
             collected = await _unless_disconnected(request, _collect(observed))

@@ -1,4 +1,4 @@
-"""``qwenrun deploy``: the command line of :mod:`qwenrun.deploy` (registered by :mod:`qwenrun.cli`).
+"""``qwenrun deploy``: the command line of :mod:`qwenrun.deploy` (registered by :mod:`qwenrun.cli.main`).
 
 Exit codes as in the rest of the CLI: 2 for a bad agent file or a bad option, 1 for an agent that
 cannot be deployed as asked. Warnings go to stderr, the files written and the next steps to stdout.
@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import click
 
+from qwenrun.cli.common import errors
 from qwenrun.deploy.files import render_all, write_manifests
 from qwenrun.deploy.k8s import DEFAULT_IMAGE, K8sOptions, ModelVolume, plan_k8s
-from qwenrun.errors import ConfigError, QwenrunError
 
 __all__ = ["deploy"]
-
-
-class _BadAgentFile(click.ClickException):
-    exit_code = 2
 
 
 def _model_volume(ctx: click.Context, param: click.Parameter, value: str | None) -> ModelVolume | None:
@@ -97,7 +93,7 @@ def k8s(
         api_key=not no_api_key, api_key_secret=api_key_secret, ray=ray, cpu=cpu, memory=memory,
         shm_size=shm_size, startup_timeout_s=startup_timeout, grace_period_s=grace_period,
     )  # fmt: skip
-    try:
+    with errors():
         plan = plan_k8s(file, overrides, options)
         for warning in plan.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -107,11 +103,7 @@ def k8s(
         directory = output or f"k8s/{plan.name}"
         for path in write_manifests(plan.manifests, directory):
             click.echo(f"wrote {path}")
-    except ConfigError as exc:
-        raise _BadAgentFile(str(exc)) from None
-    except QwenrunError as exc:
-        raise click.ClickException(str(exc)) from None
-    engine = plan.spec.engine
+    engine = plan.engine
     sizes = engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.data_parallel_size
     kind = "a KubeRay RayCluster" if plan.ray else "a Deployment"
     click.echo(f"{plan.name}: {kind}, TP x PP x DP = {' x '.join(map(str, sizes))}")

@@ -1,4 +1,4 @@
-"""The SQLite :class:`~qwenrun.store.SessionStore` (``sessions.store: sqlite``, the default).
+"""The SQLite :class:`~qwenrun.sessions.store.SessionStore` (``sessions.store: sqlite``, the default).
 
 :class:`SQLiteStore` never makes its caller wait for the disk: ``append`` serialises the message
 and queues it; one writer thread commits what is queued in one transaction (WAL journal, a busy
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.store import Record, RecordKind, SessionInfo, StoredSession
+from qwenrun.sessions.store import Record, RecordKind, SessionInfo, StoredSession
 
 __all__ = ["SQLiteStore", "WriteObserver"]
 

@@ -14,13 +14,25 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenrun.observability import LATENCY_BUCKETS, MAX_TOOL_LABELS, Metrics
+from qwenrun.agent import Agent
+from qwenrun.observability import LATENCY_BUCKETS, MAX_TOOL_LABELS, Metrics, Telemetry
 
-__all__ = ["LATENCY_BUCKETS", "MAX_TOOL_LABELS", "MODE_KEY", "STATUS_KEY", "Metrics", "MetricsMiddleware"]
+__all__ = [
+    "LATENCY_BUCKETS", "MAX_TOOL_LABELS", "MODE_KEY", "STATUS_KEY", "Metrics", "MetricsMiddleware",
+    "bind_metrics",
+]  # fmt: skip
 
 MODE_KEY = "qwenrun_mode"
 STATUS_KEY = "qwenrun_status"
 ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def bind_metrics(agent: Agent, metrics: Metrics) -> None:
+    """Report ``agent``'s turns, model and tool calls and session store writes to ``metrics`` (the
+    front end binds its metrics to the agent it serves; the agent knows nothing of them)."""
+    agent.telemetry = Telemetry(agent.telemetry.tracer, metrics)
+    if agent.store is not None and hasattr(agent.store, "on_write"):
+        agent.store.on_write = metrics.observe_store_write
 
 
 def _endpoint(path: str) -> str:

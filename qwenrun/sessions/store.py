@@ -6,7 +6,7 @@ in OpenAI format, each with metadata: usage, timing) and the events of its turns
 the turn's usage, ``error``, ``cancelled``). :meth:`SessionStore.load` gives the history back to
 resume the session; every front end (REPL, Chainlit, OpenAI server) writes to the same store.
 
-The SQLite implementation, :class:`~qwenrun.sqlite_store.SQLiteStore`, is the default
+The SQLite implementation, :class:`~qwenrun.sessions.sqlite.SQLiteStore`, is the default
 (``sessions.store: sqlite``); another store implements the same protocol.
 """
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DB_ENV", "Record", "RecordKind", "SessionInfo", "SessionStore", "StoredSession",
-    "default_path", "open_store", "session_info", "store_path", "turn_record", "usage_meta",
+    "default_path", "session_info", "store_path", "turn_record", "usage_meta",
     "valid_session_id",
 ]  # fmt: skip
 
@@ -162,12 +162,3 @@ def store_path(spec: AgentSpec) -> str:
     if not os.path.isabs(path) and not spec.source.startswith("<"):
         path = os.path.join(os.path.dirname(os.path.abspath(spec.source)), path)
     return path
-
-
-def open_store(spec: AgentSpec) -> SessionStore | None:
-    """The store a spec's ``sessions`` section names, or None when ``sessions.enabled`` is false."""
-    if not spec.sessions.enabled:
-        return None
-    from qwenrun.sqlite_store import SQLiteStore
-
-    return SQLiteStore(store_path(spec))

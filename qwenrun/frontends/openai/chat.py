@@ -22,14 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun import hermes
-from qwenrun.agent import Agent, Session, forced_call
-from qwenrun.config import OpenAIFrontend
+from qwenrun.agent import Agent, Session
+from qwenrun.engines.base import OutputReader, Request
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
-from qwenrun.server.schemas import APIError, ChatCompletionRequest, UserMessage, engine_message, text_of
-from qwenrun.store import valid_session_id
+from qwenrun.frontends import OpenAIFrontend
+from qwenrun.frontends.openai.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    UserMessage,
+    engine_message,
+    text_of,
+)
+from qwenrun.sessions.store import valid_session_id
 
 SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
-_busy: set[str] = set()  # stored sessions with a turn in progress in this process
 
 __all__ = [
     "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks", "closing",
@@ -166,16 +172,13 @@ def passthrough(
     tools = request.tool_dicts()
     names = [tool["function"]["name"] for tool in tools]
     choice = _choice(request, names, "auto" if tools else "none")
-    constraint, prefill = forced_call(tools, choice)
     sent_tools = tools if tools and choice != "none" else None
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
 
     async def pieces() -> Pieces:
         lenient = names if sent_tools and agent.spec.agent.lenient_tool_calls else None
-        parser = hermes.StreamParser(tools=lenient) if sent_tools else None
-        if parser is not None:
-            parser.feed(prefill)  # the engine continues after the prefill <tool_call>\n
+        reader = OutputReader(hermes.StreamParser(tools=lenient)) if sent_tools else None
         trim, calls, finish, prompt, completion = _Trim(), 0, "stop", 0, 0
 
         def translate(items: list[str | hermes.ToolCall]) -> list[Piece]:
@@ -196,17 +199,19 @@ def passthrough(
             return out
 
         stream = agent.engine.generate(
-            messages, tools=sent_tools, sampling=agent.spec.sampling,
-            overrides=overrides(request, agent, frontend), constraint=constraint, prefill=prefill,
-            request_id=request_id, incremental=bool(request.stream),  # non-streaming: one delta
+            Request(
+                messages=messages, tools=sent_tools, tool_choice=choice, sampling=agent.spec.sampling,
+                overrides=overrides(request, agent, frontend), request_id=request_id,
+                incremental=bool(request.stream),  # non-streaming: one delta
+            )
         )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
-                for piece in translate(parser.feed(delta.text) if parser else [delta.text]):
+                for piece in translate(reader.feed(delta) if reader else [delta.text]):
                     yield piece
-        for piece in translate(parser.finish() if parser else []):
+        for piece in translate(reader.finish() if reader else []):
             yield piece
         reason = "tool_calls" if calls else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
@@ -218,13 +223,19 @@ def passthrough(
 
 
 def agent_turn(
-    agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, session_id: str | None = None
+    agent: Agent,
+    request: ChatCompletionRequest,
+    frontend: OpenAIFrontend,
+    session_id: str | None = None,
+    busy: set[str] | None = None,
 ) -> Pieces:
     """Validate an agent-mode request, then return the pieces of one agent turn.
 
     With ``session_id`` (the ``X-Qwenrun-Session`` header) the turn continues that stored session
     (a new one if the id is unknown) and is recorded; the request's earlier messages are ignored.
+    ``busy``: the app's stored sessions with a turn in progress (a second request for one is a 409).
     """
+    busy = set() if busy is None else busy
     if request.tools:
         raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
@@ -243,9 +254,9 @@ def agent_turn(
 
     async def pieces() -> Pieces:
         trim = _Trim()
-        session = stateless if session_id is None else await _claim(agent, session_id)
+        session = stateless if session_id is None else await _claim(agent, session_id, busy)
         events = session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)
-        async with closing(events), _released(session_id):
+        async with closing(events), _released(session_id, busy):
             async for event in events:
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
@@ -270,26 +281,26 @@ def _check_session_id(agent: Agent, session_id: str) -> None:
                        code="invalid_session_id")  # fmt: skip
 
 
-async def _claim(agent: Agent, session_id: str) -> Session:
+async def _claim(agent: Agent, session_id: str, busy: set[str]) -> Session:
     """The stored session, resumed (read in a thread); 409 while a request runs a turn of it."""
-    if session_id in _busy:
+    if session_id in busy:
         raise APIError(409, f"session {session_id!r} has a turn in progress; retry when it ends",
                        type="conflict_error", code="session_busy")  # fmt: skip
-    _busy.add(session_id)
+    busy.add(session_id)
     try:
         return await asyncio.to_thread(agent.session, session_id)
     except BaseException:
-        _busy.discard(session_id)
+        busy.discard(session_id)
         raise
 
 
 @asynccontextmanager
-async def _released(session_id: str | None) -> AsyncIterator[None]:
+async def _released(session_id: str | None, busy: set[str]) -> AsyncIterator[None]:
     try:
         yield
     finally:
         if session_id is not None:
-            _busy.discard(session_id)
+            busy.discard(session_id)
 
 
 # -- pieces -> OpenAI JSON ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ token by token; each tool call is a ``cl.Step`` of type ``tool`` under the turn'
 engine errors show in the chat; the stop button cancels the turn and the session stays usable.
 
 No ``app.py`` and no ``chainlit run``: :func:`build_app` registers the callbacks on Chainlit's
-(process-global) config and :func:`run` serves ``chainlit.server.app`` with uvicorn like
+(process-global) config and :func:`serve` serves ``chainlit.server.app`` with uvicorn like
 ``chainlit.cli.run_chainlit`` does, without its ``nest_asyncio.apply()``. Chainlit writes
 ``.chainlit/`` and ``.files/`` into its app root at import time, so it is imported with a private
 temporary root (unless ``CHAINLIT_APP_ROOT`` is set) and the working directory stays clean.
@@ -37,13 +37,15 @@ from typing import Any
 import click
 
 from qwenrun.agent import Agent, Session
-from qwenrun.config import AgentSpec, ChainlitFrontend
-from qwenrun.console import start_with_status
+from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
+from qwenrun.frontends import ChainlitFrontend
+from qwenrun.frontends.base import Launch, start_with_status
 from qwenrun.loading import secret_from_env
 
 __all__ = [
+    "ChatApp",
     "TurnView",
     "answer",
     "build_app",
@@ -62,8 +64,17 @@ SESSION_KEY = "qwenrun_session"
 TASK_KEY = "qwenrun_task"
 _HTML_UNSAFE = set('<>"')
 
-_agent: Agent | None = None  # the agent every chat session talks to (swapped by reload_agent)
-_owned_root: str | None = None  # the temporary app root qwenrun made for Chainlit, if any
+_owned_root: str | None = None  # the temporary app root qwenrun made for Chainlit's import, if any
+
+
+class ChatApp:
+    """The agent every chat session of the UI talks to (:func:`reload_agent` swaps it) and
+    Chainlit's ASGI app that serves it. Chainlit keeps its callbacks in process-wide config, so a
+    process serves one chat app; qwenrun keeps its own state here, not in module globals."""
+
+    def __init__(self, agent: Agent, asgi: Any) -> None:
+        self.agent = agent
+        self.asgi = asgi
 
 
 def import_chainlit() -> Any:
@@ -115,13 +126,12 @@ def check_password(front: ChainlitFrontend, expected: str, username: str, passwo
     return same_user and same_password
 
 
-def build_app(agent: Agent) -> Any:
-    """Register the chat callbacks of ``agent`` on Chainlit's global config; returns the ASGI app.
+def build_app(agent: Agent) -> ChatApp:
+    """Register the chat callbacks of ``agent`` on Chainlit's global config.
 
     Title, welcome text, starters and password login come from ``agent.spec.frontend``. Calling it
     again replaces the previous agent and settings (Chainlit has one app per process).
     """
-    global _agent
     spec = agent.spec
     front = _frontend(spec)
     title = _title(spec)
@@ -139,8 +149,10 @@ def build_app(agent: Agent) -> Any:
     if config.features.spontaneous_file_upload is not None:
         config.features.spontaneous_file_upload.enabled = False  # the agent reads text only
 
+    chat = ChatApp(agent, _import("chainlit.server").app)
+
     async def on_chat_start() -> None:
-        _new_session(cl)
+        _new_session(chat, cl)
         if front.welcome:
             # A system message keeps Chainlit's welcome screen (and its starters) on display.
             await cl.Message(content=front.welcome, author=title, type="system_message").send()
@@ -148,7 +160,7 @@ def build_app(agent: Agent) -> Any:
     async def on_message(message: Any) -> None:
         session = cl.user_session.get(SESSION_KEY)
         if not isinstance(session, Session):
-            session = _new_session(cl)
+            session = _new_session(chat, cl)
         cl.user_session.set(TASK_KEY, asyncio.current_task())
         try:
             await answer(session, str(message.content), TurnView(cl, title))
@@ -156,7 +168,7 @@ def build_app(agent: Agent) -> Any:
             cl.user_session.set(TASK_KEY, None)
 
     async def on_chat_resume(thread: Any) -> None:
-        _new_session(cl)
+        _new_session(chat, cl)
 
     async def on_stop() -> None:
         # Chainlit cancels its current task too; this makes sure it is the running turn.
@@ -169,7 +181,7 @@ def build_app(agent: Agent) -> Any:
 
     async def on_app_shutdown() -> None:
         # Chainlit's lifespan ends with os._exit(0): this is the last chance to stop the engine.
-        await _current_agent().shutdown()
+        await chat.agent.shutdown()
         if _owned_root is not None:  # atexit does not run after os._exit
             shutil.rmtree(_owned_root, ignore_errors=True)
 
@@ -192,8 +204,7 @@ def build_app(agent: Agent) -> Any:
             os.environ[AUTH_SECRET_ENV] = secrets.token_urlsafe(48)
     else:
         config.code.password_auth_callback = None
-    _agent = agent
-    return _import("chainlit.server").app
+    return chat
 
 
 def _quiet(record: logging.LogRecord) -> bool:
@@ -201,15 +212,9 @@ def _quiet(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Translated markdown file")
 
 
-def _current_agent() -> Agent:
-    if _agent is None:
-        raise RuntimeError("qwenrun.web.build_app(agent) has not been called")
-    return _agent
-
-
-def _new_session(cl: Any) -> Session:
+def _new_session(chat: ChatApp, cl: Any) -> Session:
     # The chat's thread id: a thread Chainlit resumes (with a data layer) gets its stored history.
-    session = _current_agent().session(cl.context.session.thread_id)
+    session = chat.agent.session(cl.context.session.thread_id)
     cl.user_session.set(SESSION_KEY, session)
     return session
 
@@ -323,14 +328,14 @@ def _now() -> str:
     return datetime.now(UTC).replace(tzinfo=None).isoformat() + "Z"
 
 
-def reload_agent(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> bool:
+def reload_agent(chat: ChatApp, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> bool:
     """Rebuild the served agent from its (edited) file, keeping the running engine.
 
     Returns False, keeping the old agent, when ``model`` or ``engine`` changed (that needs a
     restart). Tools are reloaded only when the ``tools`` section changed. Raises ConfigError for an
     invalid file.
     """
-    old = _current_agent()
+    old = chat.agent
     spec = AgentSpec.from_file(path, overrides)
     front = _frontend(spec)
     if spec.model != old.spec.model or spec.engine != old.spec.engine:
@@ -340,11 +345,12 @@ def reload_agent(path: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
     if (front.host, front.port) != (old_front.host, old_front.port):
         log.warning("%s: frontend host/port changed; restart `qwenrun up` to apply", path)
     tools = list(old.tools.values()) if spec.tools == old.spec.tools else None
-    build_app(Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store))
+    new = Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store)
+    chat.agent = build_app(new).agent  # the callbacks are registered again for the new settings
     return True
 
 
-async def _watch(path: Path, overrides: Sequence[str]) -> None:
+async def _watch(chat: ChatApp, path: Path, overrides: Sequence[str]) -> None:
     """``frontend.watch``: reload the agent when its file changes, then reload open browser tabs."""
     from watchfiles import awatch
 
@@ -354,7 +360,7 @@ async def _watch(path: Path, overrides: Sequence[str]) -> None:
         path.parent, watch_filter=lambda _change, changed: Path(changed).name == name
     ):
         try:
-            reloaded = reload_agent(path, overrides)
+            reloaded = reload_agent(chat, path, overrides)
         except QwenrunError as exc:
             log.error("%s (the running agent is kept)", exc)
             continue
@@ -377,7 +383,36 @@ def _check_port(spec: AgentSpec, host: str, port: int) -> None:
         ) from None
 
 
-def run(
+async def _serve(chat: ChatApp, host: str, port: int, watch: Path | None, overrides: Sequence[str]) -> None:
+    import uvicorn
+
+    config = _import("chainlit.config").config
+    ensure_jwt_secret = _import("chainlit.auth").ensure_jwt_secret
+    await start_with_status(chat.agent)
+    config.run.host, config.run.port = host, port
+    ensure_jwt_secret()
+    click.echo(f"Chat UI on http://{host}:{port} (Ctrl-C stops)", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            chat.asgi,
+            host=host,
+            port=port,
+            ws=os.environ.get("UVICORN_WS_PROTOCOL", "auto"),
+            ws_per_message_deflate=os.environ.get("UVICORN_WS_PER_MESSAGE_DEFLATE", "true").lower()
+            in ("true", "1", "yes"),
+            log_level="warning",
+        )
+    )
+    watcher = asyncio.create_task(_watch(chat, watch, overrides)) if watch is not None else None
+    try:
+        await server.serve()
+    finally:  # reached when the server fails to start; a normal shutdown exits in Chainlit's lifespan
+        if watcher is not None:
+            watcher.cancel()
+        await chat.agent.shutdown()
+
+
+def serve(
     agent: Agent,
     *,
     host: str | None = None,
@@ -394,46 +429,13 @@ def run(
     front = _frontend(agent.spec)
     host = host or front.host
     port = front.port if port is None else port
-    build_app(agent)
+    chat = build_app(agent)
     _check_port(agent.spec, host, port)
     watch = Path(watch_file) if front.watch and watch_file is not None else None
-    asyncio.run(_serve(agent, host, port, watch, tuple(overrides)))
+    asyncio.run(_serve(chat, host, port, watch, tuple(overrides)))
 
 
-async def _serve(agent: Agent, host: str, port: int, watch: Path | None, overrides: Sequence[str]) -> None:
-    import uvicorn
-
-    config = _import("chainlit.config").config
-    app = _import("chainlit.server").app
-    ensure_jwt_secret = _import("chainlit.auth").ensure_jwt_secret
-    await start_with_status(agent)
-    config.run.host, config.run.port = host, port
-    ensure_jwt_secret()
-    click.echo(f"Chat UI on http://{host}:{port} (Ctrl-C stops)", err=True)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            ws=os.environ.get("UVICORN_WS_PROTOCOL", "auto"),
-            ws_per_message_deflate=os.environ.get("UVICORN_WS_PER_MESSAGE_DEFLATE", "true").lower()
-            in ("true", "1", "yes"),
-            log_level="warning",
-        )
-    )
-    watcher = asyncio.create_task(_watch(watch, overrides)) if watch is not None else None
-    try:
-        await server.serve()
-    finally:  # reached when the server fails to start; a normal shutdown exits in Chainlit's lifespan
-        if watcher is not None:
-            watcher.cancel()
-        await _current_agent().shutdown()
-
-
-def serve(file: str | os.PathLike[str], overrides: Sequence[str] = ()) -> None:
-    """``qwenrun up FILE`` for ``frontend.kind: chainlit``: load the agent and serve its chat UI."""
-    spec = AgentSpec.from_file(file, overrides)
+def run(launch: Launch) -> None:
+    """``qwenrun up FILE`` for ``frontend.kind: chainlit``: serve the agent's chat UI."""
     import_chainlit()  # a missing extra fails here, before any model loads
-    from qwenrun.store import open_store
-
-    run(Agent(spec, strict_plugins=False, store=open_store(spec)), watch_file=file, overrides=overrides)
+    serve(launch.make_agent(launch.spec), watch_file=launch.file, overrides=launch.overrides)

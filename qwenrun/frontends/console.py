@@ -11,15 +11,16 @@ import json
 import signal
 import sys
 import threading
-import time
 from typing import TextIO
 
 import click
 
 from qwenrun.agent import Agent, Session
+from qwenrun.errors import QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
+from qwenrun.frontends.base import Launch, run_agent
 
-__all__ = ["EventPrinter", "repl", "run_once"]
+__all__ = ["EventPrinter", "repl", "run", "run_once"]
 
 PROMPT = ">>> "
 
@@ -64,16 +65,22 @@ class EventPrinter:
             self._write(click.style(f"  ! {event.reason}\n", fg="yellow"))
 
 
-async def start_with_status(agent: Agent, out: TextIO | None = None) -> None:
-    """Start the engine with a status line on stderr."""
-    click.echo(f"Loading {agent.spec.model.path} (vLLM) ...", err=True)
-    started = time.perf_counter()
-    await agent.start()
-    click.echo(
-        f"Ready in {time.perf_counter() - started:.1f} s: agent {agent.name!r}, "
-        f"tools: {', '.join(agent.tools) or 'none'}.",
-        err=True,
-    )
+def run(launch: Launch) -> None:
+    """``qwenrun up FILE`` for ``frontend.kind: cli``: the REPL (``launch.resume``: continue that
+    recorded session)."""
+    agent = launch.make_agent(launch.spec)
+    resume = launch.resume
+    if resume is not None:
+        if agent.store is None:
+            raise QwenrunError("sessions are not recorded for this agent (sessions.enabled: false)")
+        if agent.store.load(resume) is None:
+            where = getattr(agent.store, "path", "the session store")
+            raise QwenrunError(f"no session {resume!r} in {where}; see `qwenrun sessions list`")
+
+    async def body(agent: Agent) -> None:
+        await repl(agent, resume=resume)
+
+    run_agent(agent, body)
 
 
 async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final:

@@ -1,0 +1,242 @@
+"""``engine.kind: openai``: the model runs behind an existing OpenAI-compatible endpoint.
+
+``vllm serve``, a vLLM cluster behind Ray Serve or Kubernetes, or another qwenrun's ``openai``
+front end: the agent (tools, sessions, front ends, events) runs here, the engine there. Requests go
+through the official ``openai`` client as streamed chat completions.
+
+What differs from the in-process engine:
+
+* Tool calls come back as the endpoint parsed them (``tool_calls``; the endpoint needs its tool
+  parser, e.g. ``vllm serve --enable-auto-tool-choice --tool-call-parser hermes``), and text as
+  text. qwenrun still reads calls the endpoint left in the text (bare JSON, tags).
+* A forced call (``tool_choice`` ``required`` or a name, and the agent's repair of a malformed
+  call) is the endpoint's ``tool_choice``; a prefilled answer is not possible.
+* A JSON constraint is sent as ``response_format`` (``json_schema``); regex, grammar and choice
+  constraints as vLLM's ``structured_outputs`` (vLLM endpoints only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from qwenrun.config import AgentSpec, SamplingSpec
+from qwenrun.engines import OpenAIEngineSpec
+from qwenrun.engines.base import Constraint, Delta, Health, Request
+from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
+from qwenrun.hermes import ToolCall, new_call_id, parse
+from qwenrun.loading import secret_from_env
+
+__all__ = ["OpenAIEngine", "request_body"]
+
+log = logging.getLogger(__name__)
+
+# SamplingSpec/override fields the OpenAI API has; the others go to vLLM as extra body fields.
+_OPENAI_FIELDS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+)
+
+
+def _settings(spec: AgentSpec) -> OpenAIEngineSpec:
+    if not isinstance(spec.engine, OpenAIEngineSpec):
+        raise ConfigError(f"{spec.source}: engine.kind: expected 'openai', got {spec.engine.kind!r}")
+    return spec.engine
+
+
+def _sampling(sampling: SamplingSpec, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "repetition_penalty": sampling.repetition_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+    }
+    if sampling.stop:
+        values["stop"] = list(sampling.stop)
+    if sampling.top_k is not None:
+        values["top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        values["seed"] = sampling.seed
+    values.update(sampling.extra)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return values
+
+
+def _constraint(constraint: Constraint) -> dict[str, Any]:
+    if constraint.json is not None:
+        schema = {"name": "answer", "schema": constraint.json}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    kind = (
+        "regex" if constraint.regex is not None else "grammar" if constraint.grammar is not None else "choice"
+    )
+    return {"structured_outputs": {kind: getattr(constraint, kind)}}
+
+
+def request_body(
+    request: Request, model: str, sampling: SamplingSpec, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The JSON body of the streamed chat completion for ``request``."""
+    body: dict[str, Any] = {"model": model, "messages": list(request.messages), "stream": True,
+                            "stream_options": {"include_usage": True}}  # fmt: skip
+    values = _sampling(request.sampling or sampling, request.overrides)
+    vendor = {key: value for key, value in values.items() if key not in _OPENAI_FIELDS}
+    body.update({key: value for key, value in values.items() if key in _OPENAI_FIELDS})
+    if request.tools:
+        body["tools"] = list(request.tools)
+        choice = request.tool_choice
+        named = {"type": "function", "function": {"name": choice}}
+        body["tool_choice"] = choice if choice in ("auto", "none", "required") else named
+    if request.constraint is not None:
+        for key, value in _constraint(request.constraint).items():
+            (body if key == "response_format" else vendor)[key] = value
+    return {**body, **vendor, **extra}
+
+
+class _Calls:
+    """Tool calls of a streamed answer, assembled from their deltas by index."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for item in deltas or ():
+            part = self.parts.setdefault(item.index, {"id": "", "name": "", "arguments": ""})
+            part["id"] = item.id or part["id"]
+            function = item.function
+            if function is not None:
+                part["name"] = function.name or part["name"]
+                part["arguments"] += function.arguments or ""
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        return tuple(_call(self.parts[index]) for index in sorted(self.parts))
+
+
+def _call(part: dict[str, str]) -> ToolCall:
+    """A :class:`ToolCall` of an endpoint's call, read like a Hermes block (never raises)."""
+    raw = json.dumps({"name": part["name"], "arguments": part["arguments"] or "{}"}, ensure_ascii=False)
+    (read,) = parse(f"<tool_call>{raw}</tool_call>").tool_calls
+    return ToolCall(part["id"] or new_call_id(), read.name or part["name"], read.arguments, raw, read.error)
+
+
+class OpenAIEngine:
+    """:class:`~qwenrun.engines.base.Engine` on a remote OpenAI-compatible endpoint."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        self.settings = _settings(spec)
+        self.model_name: str = spec.served_model_name
+        self.remote_model = self.settings.model or spec.served_model_name
+        self._client: Any = None
+
+    def health(self) -> Health:
+        return "ready" if self._client is not None else "stopped"
+
+    async def start(self) -> None:
+        """Connect and check that the endpoint serves the model (``GET /v1/models``)."""
+        if self._client is not None:
+            return
+        try:
+            import openai
+        except ImportError as exc:
+            raise MissingExtraError("openai", "openai") from exc
+        settings = self.settings
+        key = "EMPTY"  # what vLLM accepts when it runs without --api-key
+        if settings.api_key_env:
+            where = f"{self.spec.source}: engine.api_key_env"
+            hint = f"export {settings.api_key_env}=<key> or remove api_key_env"
+            key = secret_from_env(settings.api_key_env, where, "key", "VLLM_API_KEY", hint)
+        client = openai.AsyncOpenAI(
+            base_url=settings.base_url,
+            api_key=key,
+            timeout=settings.timeout_s,
+            max_retries=settings.max_retries,
+        )
+        try:
+            served = [model.id async for model in client.models.list()]
+        except openai.APIError as exc:
+            await client.close()
+            raise EngineError(
+                f"{self.spec.source}: engine: cannot use {settings.base_url}: {_reason(exc)}"
+            ) from exc
+        if self.remote_model not in served:
+            await client.close()
+            raise EngineError(
+                f"{self.spec.source}: engine: {settings.base_url} does not serve {self.remote_model!r} "
+                f"(it serves: {', '.join(served) or 'nothing'}); set engine.model or model.served_model_name"
+            )
+        self._client = client
+        log.info("remote engine ready: %s at %s", self.remote_model, settings.base_url)
+
+    async def shutdown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:
+        """Stream the endpoint's answer; its tool calls come in the last delta."""
+        import openai
+
+        client = self._client
+        if client is None:
+            raise EngineError("the engine is not started; call `await engine.start()` first")
+        if request.prefill:
+            raise RequestError(
+                "engine.kind openai cannot continue a prefilled answer (an in-process engine can)"
+            )
+        body = request_body(request, self.remote_model, self.spec.sampling, self.settings.extra_body)
+        model, messages = body.pop("model"), body.pop("messages")
+        standard = {key: body.pop(key) for key in list(body) if key in _STANDARD}
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, extra_body=body, **standard
+            )
+        except openai.APIError as exc:
+            raise _error(exc) from exc
+        calls, prompt, completion, finish, held = _Calls(), 0, 0, "stop", ""
+        try:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    prompt, completion = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    calls.add(choice.delta.tool_calls)
+                    text = choice.delta.content or ""
+                    finish = choice.finish_reason or finish
+                    if text and request.incremental:
+                        yield Delta(text, None, prompt, completion)
+                    elif text:
+                        held += text
+        except openai.APIError as exc:
+            raise _error(exc) from exc
+        finally:
+            await stream.close()  # a consumer that stops early closes the connection: vLLM aborts
+        reason = {"tool_calls": "stop", "function_call": "stop"}.get(finish, finish)
+        yield Delta(
+            held, reason if reason in ("stop", "length") else "stop", prompt, completion, calls.calls()
+        )
+
+
+_STANDARD = frozenset(
+    {"stream", "stream_options", "tools", "tool_choice", "response_format", *_OPENAI_FIELDS}
+)
+
+
+def _reason(exc: Exception) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    status = getattr(exc, "status_code", None)
+    return f"HTTP {status}: {message}" if status else f"{type(exc).__name__}: {message}"
+
+
+def _error(exc: Exception) -> EngineError | RequestError:
+    status = getattr(exc, "status_code", None)
+    if status is not None and 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
+        return RequestError(f"the endpoint refused the request: {_reason(exc)}")
+    return EngineError(f"the remote engine failed: {_reason(exc)}")

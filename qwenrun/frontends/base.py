@@ -1,0 +1,81 @@
+"""What every front end gets and shares: the :class:`Launch` of ``qwenrun up``, running it
+(:func:`launch`), and starting an agent with a status line (:func:`start_with_status`).
+
+A front end is a module with ``run(launch: Launch) -> None`` that serves until it is stopped; it
+builds its agent with ``launch.make_agent`` (the CLI's, which tests replace) and keeps its state
+in its own objects, never in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.errors import ConfigError
+from qwenrun.frontends import FRONTENDS
+from qwenrun.sessions import open_store
+
+__all__ = ["Launch", "default_agent", "launch", "run_agent", "start_with_status"]
+
+
+def default_agent(spec: AgentSpec) -> Agent:
+    """The agent of a spec as ``qwenrun up`` builds it: its plugins (a broken one is skipped and
+    logged), its engine, and the session store its file names."""
+    return Agent(spec, strict_plugins=False, store=open_store(spec))
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What ``qwenrun up FILE`` hands to the front end ``frontend.kind`` names."""
+
+    spec: AgentSpec
+    file: str | None = None  # the agent file (a front end may watch it); None: built in code
+    overrides: tuple[str, ...] = ()  # the --set overrides it was loaded with
+    resume: str | None = None  # a recorded session to continue (front ends with `resumes`)
+    make_agent: Callable[[AgentSpec], Agent] = field(default=default_agent)
+
+
+def launch(options: Launch) -> None:
+    """Run the front end of ``options.spec`` until it stops."""
+    kind = options.spec.frontend.kind
+    row = FRONTENDS.get(kind)
+    if row is None:  # the config's union and the table disagree: a programming error
+        raise ConfigError(f"{options.spec.source}: frontend.kind: no front end {kind!r}")
+    if options.resume is not None and not row.resumes:
+        raise ConfigError(f"--resume is for frontend.kind cli, not {kind}")
+    module, _, name = row.target.partition(":")
+    run: Callable[[Launch], None] = getattr(importlib.import_module(module), name)
+    run(options)
+
+
+async def start_with_status(agent: Agent) -> None:
+    """Start the engine with a status line on stderr."""
+    click.echo(f"Loading {agent.spec.model.path} ({agent.spec.engine.kind}) ...", err=True)
+    started = time.perf_counter()
+    await agent.start()
+    click.echo(
+        f"Ready in {time.perf_counter() - started:.1f} s: agent {agent.name!r}, "
+        f"tools: {', '.join(agent.tools) or 'none'}.",
+        err=True,
+    )
+
+
+def run_agent(agent: Agent, body: Callable[[Agent], Awaitable[Any]]) -> None:
+    """Start ``agent`` (with a status line), run ``body(agent)``, shut the agent down; blocking."""
+
+    async def main() -> None:
+        try:
+            await start_with_status(agent)
+            await body(agent)
+        finally:
+            await agent.shutdown()
+
+    asyncio.run(main())

@@ -1,0 +1,23 @@
+"""Sessions that last: the store protocol and its records (:mod:`qwenrun.sessions.store`), the
+SQLite store (:mod:`qwenrun.sessions.sqlite`), and :func:`open_store`, the store an agent file names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qwenrun.sessions.store import SessionStore, store_path
+
+if TYPE_CHECKING:
+    from qwenrun.config import AgentSpec
+
+__all__ = ["open_store"]
+
+
+def open_store(spec: AgentSpec) -> SessionStore | None:
+    """The store a spec's ``sessions`` section names, or None when ``sessions.enabled`` is false."""
+    if not spec.sessions.enabled:
+        return None
+    from qwenrun.sessions.sqlite import SQLiteStore
+
+    return SQLiteStore(store_path(spec))

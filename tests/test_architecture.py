@@ -1,0 +1,176 @@
+"""The shape of the package: no import circles, no private names across modules, registries that
+agree with the agent file's schema, and cheap imports where they must be cheap.
+
+The import graph is read from the source (every ``import`` statement, those inside functions and
+under ``TYPE_CHECKING`` included), module by module, as the redesign issue counted it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwenrun.config import AgentSpec
+from qwenrun.engines import ENGINES
+from qwenrun.frontends import FRONTENDS
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qwenrun"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str) -> Iterator[tuple[str, str, bool]]:
+    """(imported qwenrun module, imported name or "", whether the name is private) of ``name``."""
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("qwenrun"):
+                    yield alias.name, "", False
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base]).strip(".")
+            if not base.startswith("qwenrun"):
+                continue
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                if submodule in MODULES:
+                    yield submodule, "", False
+                else:
+                    yield base, alias.name, alias.name.startswith("_") and not alias.name.startswith("__")
+
+
+def graph() -> dict[str, set[str]]:
+    return {
+        name: {target for target, _, _ in imports_of(name) if target in MODULES and target != name}
+        for name in MODULES
+    }
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_there_is_no_import_circle() -> None:
+    assert cycles(graph()) == []
+
+
+def test_the_cycle_finder_finds_a_circle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_private_names_of_another() -> None:
+    private = [
+        f"{name} imports {target}.{imported}"
+        for name in MODULES
+        for target, imported, is_private in imports_of(name)
+        if is_private
+    ]
+    assert private == []
+
+
+@pytest.mark.parametrize("lower", ["qwenrun.agent", "qwenrun.engines", "qwenrun.config", "qwenrun.hermes"])
+def test_lower_layers_never_import_the_front_ends_or_the_cli(lower: str) -> None:
+    edges = graph()
+    offenders = [
+        f"{name} -> {target}"
+        for name in edges
+        if name == lower or name.startswith(lower + ".")
+        for target in edges[name]
+        if target.startswith(("qwenrun.cli", "qwenrun.frontends."))  # the kinds table itself is fine
+    ]
+    assert offenders == []
+
+
+def _tags(field: str) -> set[str]:
+    annotation = AgentSpec.model_fields[field].annotation
+    return {
+        meta.tag
+        for arg in typing.get_args(annotation)
+        for meta in getattr(arg, "__metadata__", ())
+        if hasattr(meta, "tag")
+    }
+
+
+def test_the_engine_table_and_the_schema_agree() -> None:
+    assert _tags("engine") == set(ENGINES)
+    for kind, row in ENGINES.items():
+        assert row.spec.model_fields["kind"].annotation == typing.Literal[kind]
+        module, _, name = row.target.partition(":")
+        assert module in MODULES and f"class {name}" in MODULES[module].read_text(encoding="utf-8")
+
+
+def test_the_frontend_table_and_the_schema_agree() -> None:
+    assert _tags("frontend") == set(FRONTENDS)
+    for kind, row in FRONTENDS.items():
+        assert row.spec.model_fields["kind"].annotation == typing.Literal[kind]
+        module, _, name = row.target.partition(":")
+        assert module in MODULES and f"def {name}(launch: Launch)" in MODULES[module].read_text(
+            encoding="utf-8"
+        )
+
+
+def test_kinds_default_to_vllm_and_cli() -> None:
+    spec = AgentSpec.from_dict({"model": {"path": "m"}, "engine": {"max_num_seqs": 4}, "frontend": {}})
+    assert (spec.engine.kind, spec.frontend.kind) == ("vllm", "cli")
+
+
+@pytest.mark.parametrize(
+    "module", ["qwenrun", "qwenrun.config", "qwenrun.agent", "qwenrun.engines.base", "qwenrun.engines.vllm",
+               "qwenrun.engines.openai", "qwenrun.frontends.base", "qwenrun.cli"],
+)  # fmt: skip
+def test_importing_does_not_load_vllm_torch_or_the_front_end_extras(module: str) -> None:
+    heavy = ("vllm", "torch", "chainlit", "fastapi", "openai")
+    code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+
+
+def test_modules_stay_small_and_say_their_role() -> None:
+    for name, path in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        assert ast.get_docstring(ast.parse(text)), f"{name} has no docstring"
+        assert len(text.splitlines()) <= 500, f"{name} has {len(text.splitlines())} lines"
