@@ -136,9 +136,10 @@ class PinnedEngine:
 
     A call the agent forces (``tool_choice`` required or a name) is prefilled with ``<tool_call>\\n``
     and continues with ``continuation`` (the call's JSON, or several blocks) by a regex; with
-    ``every_call``, an
-    unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
-    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length). The wrapped
+    ``every_call``, an unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
+    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length). ``prefill=False``
+    for an engine that cannot prefill (``engine.kind: openai``): a forced call is then the whole
+    block by a regex, with the endpoint's ``tool_choice`` left at ``auto``. The wrapped
     engine's stream is returned as is, so pinning adds no per-token cost. Every request's
     messages are kept in ``requests``.
     """
@@ -152,6 +153,7 @@ class PinnedEngine:
         call_max_tokens: int = 160,
         answer_overrides: Mapping[str, Any] | None = None,
         keep_requests: bool = True,
+        prefill: bool = True,
     ) -> None:
         self.engine = engine
         self.model_name = engine.model_name
@@ -164,6 +166,7 @@ class PinnedEngine:
         self._prefill = FORCED_PREFILL
         self._call_max_tokens = call_max_tokens
         self._answer = dict(answer_overrides or {})
+        self._can_prefill = prefill
 
     async def start(self) -> None:
         await self.engine.start()
@@ -179,13 +182,19 @@ class PinnedEngine:
             self.requests.append(list(request.messages))
         extra = {"max_tokens": self._call_max_tokens}
         constraint: Constraint | None
-        if request.tool_choice not in ("auto", "none") and request.tools:  # forced: pin the rest
+        choice = request.tool_choice
+        forced = choice not in ("auto", "none") and bool(request.tools)
+        if forced and self._can_prefill:  # pin what follows the prefilled "<tool_call>\n"
             constraint, prefill = self._forced, self._prefill
-        elif self.every_call:  # a call the agent did not force: the model writes the whole block
-            constraint, prefill = self._whole, ""
+        elif forced or self.every_call:  # the model writes the whole block
+            constraint, prefill, choice = self._whole, "", "auto"
         else:
             constraint, prefill, extra = request.constraint, request.prefill, self._answer
         pinned = dataclasses.replace(
-            request, constraint=constraint, prefill=prefill, overrides={**request.overrides, **extra}
+            request,
+            tool_choice=choice,
+            constraint=constraint,
+            prefill=prefill,
+            overrides={**request.overrides, **extra},
         )
         return self.engine.generate(pinned)

@@ -331,9 +331,9 @@ async def test_prefill(engine: VLLMEngine) -> None:
 
 @pytest.mark.engine
 async def test_a_forced_tool_choice_is_a_prefilled_grammar_call(engine: VLLMEngine) -> None:
-    tools = [weather_tool()]
+    tools = [weather_tool({"type": "string", "maxLength": 8})]  # random weights: a short junk city
     deltas = await _collect(
-        generate(engine, USER, tools=tools, tool_choice="get_current_weather", overrides={"max_tokens": 60})
+        generate(engine, USER, tools=tools, tool_choice="get_current_weather", overrides={"max_tokens": 80})
     )
     text = "".join(d.text for d in deltas)
     assert text.startswith("<tool_call>\n")
@@ -344,7 +344,7 @@ async def test_a_forced_tool_choice_is_a_prefilled_grammar_call(engine: VLLMEngi
         engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0]
         is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0])
     )
-    other = engine._forcing(Request(messages=USER, tools=[weather_tool()], tool_choice="required"))[0]
+    other = engine._forcing(Request(messages=USER, tools=list(tools), tool_choice="required"))[0]
     assert other is not None and other.json is not None
     assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto")) == (None, "")
 

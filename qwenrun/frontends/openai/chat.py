@@ -23,7 +23,7 @@ from typing import Any
 
 from qwenrun import hermes
 from qwenrun.agent import Agent, Session
-from qwenrun.engines.base import OutputReader, Request
+from qwenrun.engines.base import Constraint, OutputReader, Request
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai.schemas import (
@@ -165,6 +165,16 @@ def _choice(request: ChatCompletionRequest, names: list[str], default: str) -> s
 # -- pass-through mode ----------------------------------------------------------------------------
 
 
+def _constraint(request: ChatCompletionRequest) -> Constraint | None:
+    """vLLM's ``structured_outputs`` of the request as an engine constraint."""
+    wanted = request.structured_outputs
+    if wanted is None:
+        return None
+    return Constraint(
+        regex=wanted.regex, json=wanted.json_schema, grammar=wanted.grammar, choice=wanted.choice
+    )
+
+
 def passthrough(
     agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, request_id: str
 ) -> Pieces:
@@ -173,6 +183,7 @@ def passthrough(
     names = [tool["function"]["name"] for tool in tools]
     choice = _choice(request, names, "auto" if tools else "none")
     sent_tools = tools if tools and choice != "none" else None
+    constraint = _constraint(request)
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
 
@@ -201,7 +212,7 @@ def passthrough(
         stream = agent.engine.generate(
             Request(
                 messages=messages, tools=sent_tools, tool_choice=choice, sampling=agent.spec.sampling,
-                overrides=overrides(request, agent, frontend), request_id=request_id,
+                overrides=overrides(request, agent, frontend), constraint=constraint, request_id=request_id,
                 incremental=bool(request.stream),  # non-streaming: one delta
             )
         )  # fmt: skip

@@ -179,6 +179,27 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class StructuredOutputs(_Model):
+    """vLLM's ``structured_outputs`` (``extra_body``): exactly one constraint on the answer."""
+
+    regex: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="json")
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("regex", "json", "grammar", "choice") if self.get(name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of regex, json, grammar, choice (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+    def get(self, name: str) -> Any:
+        return self.json_schema if name == "json" else getattr(self, name)
+
+
 class ChatCompletionRequest(_Model):
     """The body of ``POST /v1/chat/completions``."""
 
@@ -203,6 +224,7 @@ class ChatCompletionRequest(_Model):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -259,6 +281,7 @@ def engine_message(message: SystemMessage | UserMessage | AssistantMessage | Too
 _MODELS: Sequence[type[BaseModel]] = (
     ChatCompletionRequest, SystemMessage, UserMessage, AssistantMessage, ToolMessage, TextPart,
     ToolCallItem, FunctionCall, ToolDefinition, FunctionDefinition, NamedToolChoice, ToolName, StreamOptions,
+    StructuredOutputs,
 )  # fmt: skip
 _FIELDS = frozenset(name for model in _MODELS for name in model.model_fields)
 
