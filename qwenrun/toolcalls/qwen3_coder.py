@@ -54,6 +54,12 @@ _WS_RX = re.compile(r"\s*")
 _LITERAL_TAGS = (("open", OPEN), ("close", CLOSE), ("func_end", FUNC_END), ("param_end", PARAM_END))
 _NAMED_TAGS = (("func", FUNC), ("param", PARAM))
 _ALL_TAGS = (OPEN, CLOSE, FUNC_END, PARAM_END, FUNC, PARAM)
+# The tags that, after a closing tag inside a value, show that the closing tag is structural.
+_CONTINUATIONS = {
+    "param_end": ("param", "func_end", "close", "open"),
+    "func_end": ("close", "open"),
+    "close": ("open",),
+}
 
 
 class _State(Enum):
@@ -271,9 +277,7 @@ class Qwen3CoderParser:
             if isinstance(tag, _More):
                 self._tail = data[j:]
                 return -1
-            follows = tag[0] if tag is not None else ""
-            allowed = {"param_end": ("param", "func_end", "close", "open"), "func_end": ("close", "open")}
-            structural = follows in allowed.get(pending, ("open",))
+            structural = tag is not None and tag[0] in _CONTINUATIONS[pending]
         text = "".join(self._pending_text)
         self._pending, self._pending_text = None, []
         if not structural:
