@@ -1,4 +1,4 @@
-"""A tiny, random-weight Qwen2 model for tests and demos, built locally without any network.
+"""A tiny, random-weight Qwen model for tests and demos, built locally without any network.
 
 ``build_tiny_model(dir)`` writes a complete Hugging Face model directory that vLLM can serve:
 a 2-layer ``Qwen2ForCausalLM`` (hidden 256, vocab 4096, random weights, float32 safetensors),
@@ -8,7 +8,13 @@ tools, tool calls and tool responses render exactly as they do for the real mode
 The model talks nonsense, but it is fast, deterministic under greedy decoding, and exercises
 the same code paths (chat template, special tokens, structured outputs) as a real Qwen.
 
-CLI: ``python -m qwenrun.tiny DIR [--seed N] [--force]``.
+Flavours (``flavour=``): ``qwen2`` (the above), ``qwen3`` (a ``Qwen3ForCausalLM`` with Qwen3's
+chat template: ``<think>`` reasoning, ``enable_thinking``, Hermes calls) and ``qwen3_coder`` (the
+same model with Qwen3-Coder's template: XML calls). The Qwen3 flavours add ``<tool_response>``,
+``</tool_response>``, ``<think>`` and ``</think>`` as single added tokens, as Qwen3's tokenizer
+has them; their templates are in :mod:`qwenrun.tiny_templates`.
+
+CLI: ``python -m qwenrun.tiny DIR [--flavour NAME] [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -23,14 +29,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TOOL_TOKENS", "VOCAB_SIZE", "build_tiny_model", "main"]
+from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
+
+__all__ = [
+    "CHAT_TEMPLATE", "FLAVOURS", "QWEN3_TOKENS", "SPECIAL_TOKENS", "TOOL_TOKENS", "VOCAB_SIZE",
+    "build_tiny_model", "main",
+]  # fmt: skip
 
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # added tokens, but not special: they survive decoding
+QWEN3_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")  # added in Qwen3, too
+FLAVOURS = ("qwen2", "qwen3", "qwen3_coder")
 _FILES = (
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
 )  # fmt: skip
+_MARKER = "qwenrun-tiny.json"  # {"flavour": ...}; a model directory without it is a qwen2 one
 
 # The chat template of Qwen2.5-Instruct, verbatim.
 CHAT_TEMPLATE = """{%- if tools %}
@@ -128,9 +142,31 @@ _KEYS = ("city", "unit", "date", "query", "expression", "location", "days", "top
 _VALUES = ("celsius", "fahrenheit", "today", "tomorrow", "weather", "1 + 2", "sunny", "rain", "cloudy")
 
 
-def _corpus(seed: int) -> Iterator[str]:
-    """Deterministic training text: the embedded passages, chat-formatted JSON tool calls, numbers
-    and (last, rarest) pseudo-words, so BPE always has enough merges to fill the vocabulary."""
+def _added_tokens(flavour: str) -> tuple[str, ...]:
+    return TOOL_TOKENS if flavour == "qwen2" else (*TOOL_TOKENS, *QWEN3_TOKENS)
+
+
+def _template(flavour: str) -> str:
+    return {"qwen2": CHAT_TEMPLATE, "qwen3": QWEN3_TEMPLATE, "qwen3_coder": QWEN3_CODER_TEMPLATE}[flavour]
+
+
+def _flavour_corpus(rng: random.Random, flavour: str) -> Iterator[str]:
+    """Qwen3 flavours: thinking blocks, and (qwen3_coder) XML tool calls."""
+    for _ in range(1500):
+        name, city = rng.choice(_TOOLS), rng.choice(_CITIES)
+        yield f"<think>\nThe user asks about the weather in {city}. I will call {name}.\n</think>\n\n"
+        if flavour == "qwen3_coder":
+            key, value = rng.choice(_KEYS), rng.choice((*_VALUES, *_CITIES))
+            yield (
+                f"<tool_call>\n<function={name}>\n<parameter=city>\n{city}\n</parameter>\n"
+                f"<parameter={key}>\n{value}\n</parameter>\n</function>\n</tool_call>"
+            )
+
+
+def _corpus(seed: int, flavour: str = "qwen2") -> Iterator[str]:
+    """Deterministic training text: the embedded passages, chat-formatted JSON tool calls, numbers,
+    the flavour's own formats and (last, rarest) pseudo-words, so BPE always has enough merges to
+    fill the vocabulary."""
     rng = random.Random(seed)
     for _ in range(40):
         yield _ENGLISH
@@ -148,13 +184,15 @@ def _corpus(seed: int) -> Iterator[str]:
         yield f"<tool_call>\n{call}\n</tool_call><|im_end|>\n"
         yield f"<tools>\n{json.dumps(tool, ensure_ascii=False)}\n</tools>\n"
         yield f"<tool_response>\n{json.dumps({'temperature': rng.randint(-10, 40)})}\n</tool_response>\n"
+    if flavour != "qwen2":
+        yield from _flavour_corpus(rng, flavour)
     letters = "abcdefghijklmnopqrstuvwxyz"
     for _ in range(20000):
         word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 9)))
         yield f" {word}" * 2
 
 
-def _train_tokenizer(seed: int) -> object:
+def _train_tokenizer(seed: int, flavour: str) -> object:
     from tokenizers import (
         AddedToken,
         Regex,
@@ -178,26 +216,26 @@ def _train_tokenizer(seed: int) -> object:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(TOOL_TOKENS),
+        vocab_size=VOCAB_SIZE - len(_added_tokens(flavour)),
         special_tokens=[AddedToken(tok, special=True, normalized=False) for tok in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
-    tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in TOOL_TOKENS])
+    tokenizer.train_from_iterator(_corpus(seed, flavour), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in _added_tokens(flavour)])
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != VOCAB_SIZE:
         raise RuntimeError(f"tiny tokenizer has {size} tokens, expected {VOCAB_SIZE}")
     return tokenizer
 
 
-def _write_tokenizer(tokenizer: object, directory: Path) -> dict[str, int]:
+def _write_tokenizer(tokenizer: object, directory: Path, flavour: str) -> dict[str, int]:
     from tokenizers import Tokenizer
 
     assert isinstance(tokenizer, Tokenizer)
     tokenizer.save(str(directory / "tokenizer.json"))
     ids: dict[str, int] = {}
-    for tok in (*SPECIAL_TOKENS, *TOOL_TOKENS):
+    for tok in (*SPECIAL_TOKENS, *_added_tokens(flavour)):
         token_id = tokenizer.token_to_id(tok)
         assert token_id is not None, tok
         ids[tok] = token_id
@@ -206,7 +244,7 @@ def _write_tokenizer(tokenizer: object, directory: Path) -> dict[str, int]:
             "content": tok, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": tok in SPECIAL_TOKENS,
         }
-        for tok in (*SPECIAL_TOKENS, *TOOL_TOKENS)
+        for tok in (*SPECIAL_TOKENS, *_added_tokens(flavour))
     }  # fmt: skip
     config = {
         "add_bos_token": False,
@@ -214,7 +252,7 @@ def _write_tokenizer(tokenizer: object, directory: Path) -> dict[str, int]:
         "added_tokens_decoder": added,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": _template(flavour),
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
@@ -228,10 +266,10 @@ def _write_tokenizer(tokenizer: object, directory: Path) -> dict[str, int]:
     return ids
 
 
-def _write_model(directory: Path, ids: dict[str, int], seed: int) -> None:
+def _write_model(directory: Path, ids: dict[str, int], seed: int, flavour: str) -> None:
     import torch
     from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     params: dict[str, Any] = {
         "vocab_size": VOCAB_SIZE,
@@ -248,17 +286,19 @@ def _write_model(directory: Path, ids: dict[str, int], seed: int) -> None:
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
-    config = Qwen2Config(**params)
+    qwen3 = flavour != "qwen2"
+    config: Any = (Qwen3Config if qwen3 else Qwen2Config)(**params)
     config.dtype = "float32"
+    model_class: Any = Qwen3ForCausalLM if qwen3 else Qwen2ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     state = {name: t.detach().to(torch.float32).contiguous() for name, t in model.state_dict().items()}
     state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "model.safetensors").chmod(0o644)
     data = config.to_dict()
-    data["architectures"] = ["Qwen2ForCausalLM"]
+    data["architectures"] = ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"]
     data["torch_dtype"] = data["dtype"] = "float32"  # older transformers read torch_dtype
     for key in ("id2label", "label2id", "_name_or_path"):
         data.pop(key, None)
@@ -269,34 +309,50 @@ def _write_model(directory: Path, ids: dict[str, int], seed: int) -> None:
         "pad_token_id": ids["<|endoftext|>"],
     }
     _write_json(directory / "generation_config.json", generation)
+    _write_json(directory / _MARKER, {"flavour": flavour, "seed": seed})
 
 
 def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def _complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _FILES)
+def _complete(path: Path, flavour: str) -> bool:
+    """All files are there, of this flavour."""
+    if not all((path / name).is_file() for name in _FILES):
+        return False
+    try:
+        built = json.loads((path / _MARKER).read_text(encoding="utf-8")).get("flavour")
+    except FileNotFoundError:
+        built = "qwen2"  # built before flavours existed
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(built == flavour)
 
 
-def build_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False) -> Path:
-    """Write the tiny model into ``path`` unless a complete one is there already; return the path.
+def build_tiny_model(
+    path: str | os.PathLike[str], *, seed: int = 0, force: bool = False, flavour: str = "qwen2"
+) -> Path:
+    """Write the tiny model of ``flavour`` (one of ``FLAVOURS``) into ``path`` unless a complete
+    one of that flavour is there already; return the path.
 
     The directory is built in a temporary sibling and renamed into place, so a concurrent reader
-    never sees half a model. ``force`` rebuilds it; an incomplete directory is always rebuilt.
+    never sees half a model. ``force`` rebuilds it; an incomplete directory, or one of another
+    flavour, is always rebuilt. An unknown flavour is a ValueError naming the known ones.
     """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown tiny model flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
     target = Path(path).expanduser().resolve()
-    if _complete(target) and not force:
+    if _complete(target, flavour) and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         work.chmod(0o755)
-        tokenizer = _train_tokenizer(seed)
-        ids = _write_tokenizer(tokenizer, work)
-        _write_model(work, ids, seed)
+        tokenizer = _train_tokenizer(seed, flavour)
+        ids = _write_tokenizer(tokenizer, work, flavour)
+        _write_model(work, ids, seed, flavour)
         if target.exists() or target.is_symlink():
-            if _complete(target) and not force:  # another process won the race
+            if _complete(target, flavour) and not force:  # another process won the race
                 return target
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "model")
@@ -304,7 +360,7 @@ def build_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool
         try:
             os.replace(work, target)
         except OSError:  # a concurrent builder renamed its copy first
-            if not _complete(target):
+            if not _complete(target, flavour):
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -314,10 +370,11 @@ def build_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwenrun.tiny", description="Build the tiny test model.")
     parser.add_argument("directory", help="where to write the model (kept if already complete)")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="qwen2", help="chat template and format")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the model exists")
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.directory, seed=args.seed, force=args.force))
+    print(build_tiny_model(args.directory, seed=args.seed, force=args.force, flavour=args.flavour))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny Qwen2 model (built once, cached in .cache/tiny-qwen2), its agent
-spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs)."""
+spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs);
+the tiny model's Qwen3 flavours (.cache/tiny-qwen3, .cache/tiny-qwen3-coder)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_model_dir() -> Path:
     """The tiny model, built on first use into the git-ignored ``.cache/tiny-qwen2``."""
     return build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir() -> Path:
+    """The tiny model's qwen3 flavour (Qwen3's template: thinking, Hermes calls)."""
+    return build_tiny_model(ROOT / ".cache" / "tiny-qwen3", flavour="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_coder_dir() -> Path:
+    """The tiny model's qwen3_coder flavour (Qwen3-Coder's template: XML calls)."""
+    return build_tiny_model(ROOT / ".cache" / "tiny-qwen3-coder", flavour="qwen3_coder")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,46 @@
+"""Reading model output: thinking, and tool calls in each format Qwen models write.
+
+Pure and stdlib-only (no vLLM, no torch). :class:`OutputParser` / :func:`parse_output` read one
+completion into reasoning, answer text and tool calls; ``PARSERS`` maps a format name to its
+parser class; :func:`detect_format` picks the format from a model's chat template.
+"""
+
+from __future__ import annotations
+
+from qwenrun.hermes import ParseResult, ToolCall, new_call_id
+from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
+from qwenrun.toolcalls.formats import AUTO, PARSERS, HermesParser, detect_format, new_parser, resolve_format
+from qwenrun.toolcalls.output import OutputEvent, OutputParser, ParsedOutput, parse_output
+from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
+from qwenrun.toolcalls.thinking import (
+    Reasoning,
+    ThinkingParser,
+    ThinkingResult,
+    prompt_opens_thinking,
+    split_thinking,
+)
+
+__all__ = [
+    "AUTO",
+    "PARSERS",
+    "CallEvent",
+    "HermesParser",
+    "OutputEvent",
+    "OutputParser",
+    "ParseResult",
+    "ParsedOutput",
+    "Qwen3CoderParser",
+    "Reasoning",
+    "ThinkingParser",
+    "ThinkingResult",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallParser",
+    "detect_format",
+    "new_call_id",
+    "new_parser",
+    "parse_output",
+    "prompt_opens_thinking",
+    "resolve_format",
+    "split_thinking",
+]

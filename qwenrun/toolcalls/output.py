@@ -1,0 +1,132 @@
+"""One model output -> reasoning, answer text and tool calls: thinking first, then calls.
+
+:class:`OutputParser` is what the agent loop, the OpenAI server and ``qwenrun parse`` run on a
+completion: :class:`~qwenrun.toolcalls.thinking.ThinkingParser` splits off the ``<think>`` block
+and only the answer text goes on to the tool-call parser of the model's format, so a call written
+after ``</think>`` is a call (vLLM #39056, #42021) and one inside the block is never run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, cast
+
+from qwenrun.hermes import IdFactory, ToolCall, new_call_id
+from qwenrun.toolcalls.base import CallEvent, ToolCallDelta
+from qwenrun.toolcalls.formats import new_parser
+from qwenrun.toolcalls.thinking import Reasoning, ThinkingParser
+
+__all__ = ["OutputEvent", "OutputParser", "ParsedOutput", "parse_output"]
+
+OutputEvent: TypeAlias = str | Reasoning | ToolCallDelta | ToolCall
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedOutput:
+    content: str  # the answer text, stripped
+    reasoning: str  # the thinking, stripped ("" without a <think> block)
+    tool_calls: list[ToolCall]
+
+    @property
+    def malformed(self) -> list[ToolCall]:
+        return [call for call in self.tool_calls if call.error is not None]
+
+    @property
+    def call_in_reasoning(self) -> bool:
+        """The reasoning holds a ``<tool_call>`` tag: a call the model thought of but did not make."""
+        return "<tool_call>" in self.reasoning
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"content", "reasoning", "tool_calls"}`` with OpenAI-style calls (arguments as a JSON
+        string); a malformed call also has ``error`` and the ``raw`` text it came from."""
+        calls = []
+        for call in self.tool_calls:
+            item: dict[str, Any] = {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json()},
+            }
+            if call.error is not None:
+                item.update(error=call.error, raw=call.raw)
+            calls.append(item)
+        return {"content": self.content, "reasoning": self.reasoning, "tool_calls": calls}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+class OutputParser:
+    """Incremental parser of one completion. ``format``: a name of ``toolcalls.PARSERS``;
+    ``tools``: the request's OpenAI tools; ``thinking=False`` reads ``<think>`` as plain text;
+    ``start_in_reasoning``: the prompt ended inside ``<think>`` (see ``prompt_opens_thinking``)."""
+
+    def __init__(
+        self,
+        format: str = "hermes",
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        thinking: bool = True,
+        start_in_reasoning: bool = False,
+        new_id: IdFactory = new_call_id,
+    ) -> None:
+        self._calls = new_parser(format, tools, new_id)
+        self._thinking = ThinkingParser(start_in_reasoning=start_in_reasoning) if thinking else None
+        self._reasoning = ""
+        self._finished = False
+
+    def feed(self, chunk: str) -> list[OutputEvent]:
+        if self._finished:
+            raise RuntimeError("OutputParser.feed() called after finish()")
+        thinking = self._thinking
+        if thinking is None:  # the answer: the hot path
+            return cast(list[OutputEvent], self._calls.feed(chunk))
+        out = self._route(thinking.feed(chunk), [])
+        if thinking.answering:  # the rest goes straight to the call parser
+            self._reasoning, self._thinking = thinking.result().reasoning, None
+        return out
+
+    def finish(self) -> list[OutputEvent]:
+        if self._finished:
+            return []
+        self._finished = True
+        out: list[OutputEvent] = []
+        if self._thinking is not None:
+            out = self._route(self._thinking.finish(), out)
+            self._reasoning, self._thinking = self._thinking.result().reasoning, None
+        out.extend(self._calls.finish())
+        return out
+
+    def result(self) -> ParsedOutput:
+        """The parse so far; after ``finish()`` equal to ``parse_output(full_text, ...)``."""
+        calls = self._calls.result()
+        reasoning = self._thinking.result().reasoning if self._thinking is not None else self._reasoning
+        return ParsedOutput(calls.content, reasoning, calls.tool_calls)
+
+    def _route(self, events: list[str | Reasoning], out: list[OutputEvent]) -> list[OutputEvent]:
+        for event in events:
+            if isinstance(event, str):
+                found: list[CallEvent] = self._calls.feed(event)
+                out.extend(found)
+            else:
+                out.append(event)
+        return out
+
+
+def parse_output(
+    text: str,
+    format: str = "hermes",
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    thinking: bool = True,
+    start_in_reasoning: bool = False,
+    new_id: IdFactory = new_call_id,
+) -> ParsedOutput:
+    """One-shot :class:`OutputParser`. Never raises (but an unknown ``format`` is a ValueError)."""
+    parser = OutputParser(
+        format, tools=tools, thinking=thinking, start_in_reasoning=start_in_reasoning, new_id=new_id
+    )
+    parser.feed(text)
+    parser.finish()
+    return parser.result()

@@ -1,0 +1,166 @@
+"""Qwen3's thinking: ``<think>…</think>`` read as reasoning, apart from the answer text.
+
+Qwen3 writes one thinking block at the very start of its output, then the answer (and tool
+calls). Two template styles exist, so the caller says where the output starts:
+
+* ``start_in_reasoning=False`` (Qwen3, Qwen3-2507 Instruct, Qwen2.5, Qwen3-Coder): the output is
+  answer text unless its first non-blank text is ``<think>``; that block is reasoning up to
+  ``</think>``. With ``enable_thinking=False`` the template already holds an empty
+  ``<think>\\n\\n</think>\\n\\n`` and the model writes the answer only.
+* ``start_in_reasoning=True`` (Qwen3 Thinking-2507 and later templates, whose prompt ends with
+  ``<think>\\n``): the output starts inside the block and only ``</think>`` appears (a repeated
+  opening ``<think>`` is dropped). :func:`prompt_opens_thinking` tells from the rendered prompt.
+
+A block left open at the end (output cut by ``max_tokens``) is all reasoning. After the block
+everything is answer text, tags included: only the first block counts, as in vLLM's ``qwen3``
+reasoning parser, so a tool argument that quotes ``<think>`` is not cut. Text inside the block is
+never a tool call: ``<tool_call>`` there is reasoning (a model thinking about a call has not
+made it). Leading blank text of each part and trailing blank text of the reasoning are dropped.
+Streaming and one-shot agree at every chunking; linear time; never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["Reasoning", "ThinkingParser", "ThinkingResult", "prompt_opens_thinking", "split_thinking"]
+
+THINK, END_THINK = "<think>", "</think>"
+_BLANK = re.compile(r"\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """A piece of the model's reasoning, in order (answer text comes as plain ``str``)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingResult:
+    reasoning: str  # without the tags, stripped
+    content: str  # everything else, as written (leading blank text dropped)
+
+
+class _State(Enum):
+    START = 0  # before the first non-blank text: a <think> opens reasoning, else answer
+    REASON_START = 1  # inside reasoning, before its first non-blank text: a <think> is dropped
+    REASON = 2
+    CONTENT = 3
+
+
+def _held(s: str, start: int, tag: str) -> int:
+    """Length of the longest suffix of ``s[start:]`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(s) - start), 0, -1):
+        if s.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """True when a rendered prompt ends inside an open ``<think>`` block (Qwen3 Thinking-2507
+    templates), so the model's output starts as reasoning."""
+    return prompt.rstrip().endswith(THINK)
+
+
+class ThinkingParser:
+    """Incremental splitter. ``feed`` returns ``str`` (answer text) and :class:`Reasoning`."""
+
+    def __init__(self, *, start_in_reasoning: bool = False) -> None:
+        self._state = _State.REASON_START if start_in_reasoning else _State.START
+        self._tail = ""
+        self._lead = True  # at the start of a part: blank text is dropped
+        self._blank: list[str] = []  # trailing blank reasoning held back
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self._out: list[str | Reasoning] = []
+        self._finished = False
+
+    def feed(self, chunk: str) -> list[str | Reasoning]:
+        if self._finished:
+            raise RuntimeError("ThinkingParser.feed() called after finish()")
+        if self._state is _State.CONTENT and not self._lead:  # the answer: the hot path
+            if chunk:
+                self._content.append(chunk)
+                return [chunk]
+            return []
+        return self._run(self._tail + chunk, final=False)
+
+    def finish(self) -> list[str | Reasoning]:
+        if self._finished:
+            return []
+        self._finished = True
+        return self._run(self._tail, final=True)
+
+    @property
+    def answering(self) -> bool:
+        """In the answer for good: every later chunk is answer text as it is."""
+        return self._state is _State.CONTENT and not self._lead
+
+    def result(self) -> ThinkingResult:
+        return ThinkingResult("".join(self._reasoning), "".join(self._content))
+
+    def _run(self, data: str, final: bool) -> list[str | Reasoning]:
+        self._out, self._tail = [], ""
+        i, n = 0, len(data)
+        while i < n:
+            state = self._state
+            if state is _State.CONTENT:
+                self._answer(data[i:])
+                return self._out
+            if state is _State.REASON:
+                k = data.find(END_THINK, i)
+                end = k if k >= 0 else n - (0 if final else _held(data, i, END_THINK))
+                self._think(data[i:end])
+                if k < 0:
+                    self._tail = data[end:]
+                    return self._out
+                self._state, self._lead, self._blank = _State.CONTENT, True, []
+                i = k + len(END_THINK)
+                continue
+            j = _BLANK.match(data, i).end()  # type: ignore[union-attr]  # START or REASON_START
+            if j == n:
+                return self._out  # blank text so far: dropped either way
+            if data.startswith(THINK, j):
+                self._state, self._lead = _State.REASON, True
+                i = j + len(THINK)
+            elif not final and THINK.startswith(data[j : j + len(THINK)]):
+                self._tail = data[j:]  # "<thi" at the end: wait
+                return self._out
+            else:
+                self._state = _State.REASON if state is _State.REASON_START else _State.CONTENT
+                i = j
+        return self._out
+
+    def _answer(self, text: str) -> None:
+        if self._lead:
+            text = text.lstrip()
+            self._lead = not text
+        if text:
+            self._content.append(text)
+            self._out.append(text)
+
+    def _think(self, text: str) -> None:
+        if self._lead:
+            text = text.lstrip()
+            self._lead = not text
+        if not text:
+            return
+        body = text.rstrip()
+        if not body:  # blank: held until more reasoning shows it is not trailing
+            self._blank.append(text)
+            return
+        piece = "".join(self._blank) + body
+        self._blank = [text[len(body) :]] if len(body) < len(text) else []
+        self._reasoning.append(piece)
+        self._out.append(Reasoning(piece))
+
+
+def split_thinking(text: str, *, start_in_reasoning: bool = False) -> ThinkingResult:
+    """One-shot :class:`ThinkingParser`: the reasoning and the answer text of one output."""
+    parser = ThinkingParser(start_in_reasoning=start_in_reasoning)
+    parser.feed(text)
+    parser.finish()
+    return parser.result()
