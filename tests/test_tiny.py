@@ -15,7 +15,8 @@ import pytest
 from weather import weather_tool
 
 from qwenrun.config import AgentSpec
-from qwenrun.engine import Constraint, VLLMEngine
+from qwenrun.engines.base import Constraint, Request
+from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.hermes import ToolCall
 from qwenrun.testing import literal_regex
 from qwenrun.tiny import (
@@ -309,8 +310,10 @@ def _flavour_spec(directory: Path) -> AgentSpec:
 async def _forced(engine: VLLMEngine, text: str, prefill: str = "") -> list[str]:
     """The engine's raw deltas when its output is pinned to ``text`` by a regex."""
     stream = engine.generate(
-        [{"role": "user", "content": "广州天气情况如何"}], tools=TOOLS, prefill=prefill,
-        constraint=Constraint(regex=literal_regex(text)),
+        Request(
+            messages=[{"role": "user", "content": "广州天气情况如何"}], tools=TOOLS, prefill=prefill,
+            constraint=Constraint(regex=literal_regex(text)),
+        )
     )  # fmt: skip
     deltas = [delta async for delta in stream]
     assert deltas[-1].finish_reason == "stop"
@@ -362,7 +365,8 @@ async def test_engine_thinking_and_call_are_read_back(flavour: str, call: str) -
         prompt = engine.render([{"role": "user", "content": "x"}], TOOLS, prefill="<think>\n")
         assert prompt_opens_thinking(prompt)
         pieces = await _forced(engine, f"{REASONING}\n</think>\n\n{call}", prefill="<think>\n")
-        result = _read(pieces, fmt, prompt)
+        assert pieces[0] == "<think>\n"  # the engine's answer starts with the prefill
+        result = _read(pieces[1:], fmt, prompt)
         assert (result.reasoning, result.content) == (REASONING, "")
         assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == expected
     finally:
