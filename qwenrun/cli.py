@@ -19,6 +19,7 @@ from qwenrun import __version__
 from qwenrun.config import AgentSpec
 from qwenrun.deploy.cli import deploy
 from qwenrun.errors import ConfigError, QwenrunError
+from qwenrun.models_cli import model
 from qwenrun.observability import configure_logging
 from qwenrun.sessions_cli import replay, sessions
 
@@ -234,6 +235,7 @@ def tiny_model(directory: str, force: bool) -> None:
 
 
 main.add_command(deploy)
+main.add_command(model)
 main.add_command(sessions)
 main.add_command(replay)
 

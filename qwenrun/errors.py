@@ -26,6 +26,22 @@ class EngineError(QwenrunError):
     """The inference engine failed to start, died, or rejected a request."""
 
 
+class ModelError(QwenrunError):
+    """A model could not be fetched, verified or converted (``qwenrun model``)."""
+
+
+class ChecksumError(ModelError):
+    """A downloaded file is not the one a recipe pins (size or sha256); the download is deleted."""
+
+
+class DownloadError(ModelError):
+    """The package registry is unreachable, or does not have a package a recipe needs."""
+
+
+class DiskFullError(ModelError):
+    """Not enough free space to download or convert a model; nothing partial is kept."""
+
+
 class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 
