@@ -1,5 +1,9 @@
 """Shared fixtures: the tiny Qwen2 model (built once, cached in .cache/tiny-qwen2), its agent
-spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs)."""
+spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs).
+
+The real-model tier (``@pytest.mark.real_model``): ``real_model_dir`` fetches Qwen2.5-Coder-0.5B
+through :mod:`qwenrun.models` into the shared cache (once per machine, about a minute), ``real_spec``
+is ``agents/weather-small.yaml`` on it, and ``real_engine`` one started engine for the session."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ os.environ["QWENRUN_SESSIONS_DB"] = os.path.join(
 )
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,7 @@ import pytest_asyncio
 
 from qwenrun.config import AgentSpec
 from qwenrun.engine import VLLMEngine
+from qwenrun.models import fetch
 from qwenrun.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +63,10 @@ def tiny_spec(tiny_model_dir: Path) -> AgentSpec:
     )
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
-    """One started engine for the whole session, shut down at the end."""
-    engine = VLLMEngine(tiny_spec)
+@asynccontextmanager
+async def started_engine(spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """A started engine of ``spec``, shut down (and its warnings silenced) on exit."""
+    engine = VLLMEngine(spec)
     with warnings.catch_warnings():
         # torch 2.13 warns when vLLM's config code imports torch.utils.mkldnn (torch's own code)
         warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
@@ -74,3 +80,29 @@ async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
             await engine.shutdown()
             await asyncio.sleep(0.1)  # let the cancelled output tasks finish
             gc.collect()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """One started engine for the whole session, shut down at the end."""
+    async with started_engine(tiny_spec) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, fetched and converted once into the cache (shared, atomic)."""
+    return fetch("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def real_spec(real_model_dir: Path) -> AgentSpec:
+    """``agents/weather-small.yaml`` on the fetched model (float32, temperature 0)."""
+    return AgentSpec.from_file(ROOT / "agents" / "weather-small.yaml", [f"model.path={real_model_dir}"])
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def real_engine(real_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """One started engine on the real model for the whole session (about 50 s to start here)."""
+    async with started_engine(real_spec) as engine:
+        yield engine
