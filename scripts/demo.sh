@@ -15,6 +15,8 @@ if [ "${1:-}" = --tiny ]; then
 fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# Only errors from vLLM and torch's C++ side: the question, the tool step and the answer stay readable.
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-ERROR} TORCH_CPP_LOG_LEVEL=${TORCH_CPP_LOG_LEVEL:-ERROR}
 if [ "$tiny" = 1 ]; then
     .venv/bin/qwenrun tiny-model .cache/tiny-qwen2
     agent=agents/weather-tiny.yaml
