@@ -64,7 +64,7 @@ def import_gguf(
     if not source.is_file():
         raise ModelError(f"{source}: no such GGUF file")
     estimate = _converted_size(source, dtype)
-    with locked(target, report), staging(target) as work:
+    with atomic_folder(target, report) as work:
         if target.exists() and any(target.iterdir()):
             raise ModelError(f"{target} exists and is not empty; give a new directory")
         check_free_space(target.parent, estimate, f"converting {source.name}")
@@ -161,26 +161,37 @@ def disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def staging(target: Path) -> Iterator[Path]:
-    """A hidden work directory beside ``target``, always removed; a full disk becomes DiskFullError."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def atomic_folder(target: Path, report: Report) -> Iterator[Path]:
+    """Hold the lock of ``target`` and yield a fresh hidden work folder beside it (always removed).
+
+    A full disk becomes :class:`DiskFullError`, any other OS error a :class:`ModelError` naming
+    ``target``; qwenrun's own errors pass through."""
+    try:
+        with _locked(target, report), _staging(target) as work:
+            yield work
+    except ModelError:
+        raise
+    except Exception as exc:
+        if disk_full(exc):
+            raise DiskFullError(f"no space left on device while writing {target}; nothing was kept") from exc
+        if isinstance(exc, OSError):
+            raise ModelError(f"could not write {target}: {exc}") from exc
+        raise
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed process
         shutil.rmtree(stale, ignore_errors=True)  # (safe: we hold the lock of this target)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield work
-    except DiskFullError:
-        raise
-    except Exception as exc:
-        if disk_full(exc):
-            raise DiskFullError(f"no space left on device while writing {target}; nothing was kept") from exc
-        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
-def locked(target: Path, report: Report) -> Iterator[None]:
+def _locked(target: Path, report: Report) -> Iterator[None]:
     """Hold ``.<target>.lock`` beside ``target`` (waits for another process writing the same folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a") as handle:

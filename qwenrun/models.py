@@ -26,14 +26,13 @@ from typing import Any, BinaryIO
 from qwenrun.convert import (
     MB,
     Report,
+    atomic_folder,
     check_free_space,
     convert,
     install,
     is_complete,
-    locked,
     quiet,
     refuse_foreign,
-    staging,
     write_marker,
 )
 from qwenrun.errors import ChecksumError, DiskFullError, DownloadError, ModelError
@@ -160,7 +159,7 @@ def fetch(
     target = (Path(directory).expanduser() if directory is not None else cache_dir() / spec.name).absolute()
     if is_complete(target, spec.sha256):
         return target
-    with locked(target, report), staging(target) as work:
+    with atomic_folder(target, report) as work:
         if is_complete(target, spec.sha256):  # another process finished it while we waited
             return target
         refuse_foreign(target)

@@ -112,6 +112,17 @@ def test_a_full_disk_mid_way_leaves_nothing(tiny_gguf: Path, tmp_path: Path, mon
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_other_os_errors_name_the_folder(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(gguf: Path, out: Path, dtype: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(out))
+
+    monkeypatch.setattr(convert, "convert", refused)
+    result = CliRunner().invoke(main, ["model", "import", str(tiny_gguf), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"\nError: could not write {tmp_path / 'out'}: [Errno 13] Permission denied: " in result.output
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "exc",
     [
