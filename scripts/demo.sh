@@ -28,4 +28,8 @@ fi
 if [ "${1:-run}" = up ]; then
     exec .venv/bin/qwenrun up "$agent"
 fi
-exec .venv/bin/qwenrun run "$agent" -p "${1:-广州天气情况如何?}"
+# Leave out the shutdown chatter printed after the answer (nanobind's leak report for triton's
+# bindings, multiprocessing's resource tracker); everything else on stderr passes.
+{ .venv/bin/qwenrun run "$agent" -p "${1:-广州天气情况如何?}" 2>&1 1>&3 3>&- |
+    sed -u -e '/^nanobind: /d' -e '/^ - leaked /d' -e '/^ - \.\.\. skipped remainder/d' \
+        -e '\|^See https://nanobind|d' -e '/resource_tracker/d' >&2; } 3>&1
