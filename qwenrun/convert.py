@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ Report = Callable[[str], None]
 MARKER = "qwenrun-model.json"
 MB = 1_000_000
 _MARGIN = 1.1  # free space asked for beyond the estimate
+_MODEL_ERROR, _DISK_FULL = 2, 3  # exit codes of the conversion child
 
 
 def quiet(message: str) -> None:
@@ -99,14 +102,36 @@ def _sha256(path: Path) -> str:
 
 
 def convert(gguf: Path, out: Path, dtype: str) -> None:
-    """Dequantize ``gguf`` with transformers and save model + tokenizer (with chat template) in ``out``."""
+    """Dequantize ``gguf`` into ``out`` in a child Python (``python -m qwenrun.convert``).
+
+    The child holds the ~3 GB the conversion needs and gives them back when it exits, so a
+    long-lived caller (a server, a test session) does not keep them; its progress goes to stderr.
+    """
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ModelError(f"dtype must be bfloat16, float16 or float32, not {dtype!r}")
+    command = [sys.executable, "-m", "qwenrun.convert", str(gguf), str(out), dtype]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode == 0:
+        return
+    said = done.stdout.strip().splitlines()
+    if done.returncode == _DISK_FULL:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+    if done.returncode == _MODEL_ERROR and said:
+        raise ModelError(said[-1])
+    if done.returncode < 0:
+        signal = -done.returncode
+        hint = " (out of memory? converting needs about 3 GB per GB of GGUF)" if signal == 9 else ""
+        raise ModelError(f"{gguf.name}: the conversion was killed by signal {signal}{hint}")
+    raise ModelError(f"{gguf.name}: the conversion failed (exit {done.returncode}); see its output above")
+
+
+def _convert_here(gguf: Path, out: Path, dtype: str) -> None:
+    """The conversion itself, with transformers (``gguf_file=``, ``GgufConfig(dequantize=True)``)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError as exc:
         raise ModelError(f"converting GGUF needs torch, transformers and gguf: {exc}") from exc
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ModelError(f"dtype must be bfloat16, float16 or float32, not {dtype!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -124,6 +149,22 @@ def convert(gguf: Path, out: Path, dtype: str) -> None:
         out / "tokenizer_config.json"
     ).read_text(encoding="utf-8"):
         raise ModelError(f"{gguf.name}: has no chat template (tokenizer.chat_template); agents need one")
+
+
+def _child(argv: list[str]) -> int:
+    """``python -m qwenrun.convert GGUF OUT DTYPE``: the child of :func:`convert`. A ModelError's
+    message goes to stdout (exit 2), a full disk is exit 3."""
+    gguf, out, dtype = argv
+    try:
+        _convert_here(Path(gguf), Path(out), dtype)
+    except ModelError as exc:
+        print(str(exc).replace("\n", " "), flush=True)
+        return _MODEL_ERROR
+    except Exception as exc:
+        if disk_full(exc):
+            return _DISK_FULL
+        raise
+    return 0
 
 
 def write_marker(out: Path, **fields: object) -> None:
@@ -224,3 +265,7 @@ def install(out: Path, target: Path) -> None:
         old = out.parent / "old"
         os.replace(target, old)
     os.replace(out, target)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child(sys.argv[1:]))

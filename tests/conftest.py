@@ -38,6 +38,12 @@ from qwenrun.tiny import build_tiny_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-model tier runs last: its engine, once started, lives to the end of the session, and
+    must not be running beside the tiny engine while the other tiers measure memory or time."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is not None)  # stable
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny model, built on first use into the git-ignored ``.cache/tiny-qwen2``."""

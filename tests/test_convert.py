@@ -31,6 +31,14 @@ def tiny_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-qwen2-f32.gguf")
 
 
+def write_some(out: Path) -> None:
+    """What a conversion leaves in its folder, in small (for the tests of the folder's handling)."""
+    out.mkdir()
+    (out / "config.json").write_text("{}", encoding="utf-8")
+    (out / "model.safetensors").write_bytes(b"\0" * 1024)
+    (out / "model.safetensors").chmod(0o600)  # as safetensors writes it
+
+
 def leftovers(parent: Path) -> list[str]:
     """Hidden work folders left beside the targets (lock files are kept on purpose)."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and ".partial-" in p.name)
@@ -86,6 +94,33 @@ def test_import_errors_name_the_file(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gguf_transformers_cannot_convert(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "nonesuch")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(main, ["model", "import", str(path), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "\nError: odd.gguf: transformers could not convert it: " in result.output, result.output
+    assert "nonesuch" in result.output
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_killed_conversion_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nkill -9 $$\n", encoding="utf-8")
+    python.chmod(0o755)
+    monkeypatch.setattr(convert.sys, "executable", str(python))
+    with pytest.raises(ModelError, match=r"^m\.gguf: the conversion was killed by signal 9 \(out of memory\? "):
+        convert.convert(tmp_path / "m.gguf", tmp_path / "out", "bfloat16")
+
+
 def test_free_space_is_checked_before_converting(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,10 +133,8 @@ def test_free_space_is_checked_before_converting(
 
 
 def test_a_full_disk_mid_way_leaves_nothing(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_convert = convert.convert
-
     def fills_the_disk(gguf: Path, out: Path, dtype: str) -> None:
-        real_convert(gguf, out, dtype)  # writes the folder, then the disk is "full"
+        write_some(out)  # half a folder, then the disk is "full"
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(convert, "convert", fills_the_disk)
@@ -143,10 +176,8 @@ def test_disk_full_is_recognised(exc: BaseException) -> None:
 def test_the_folder_appears_only_when_complete(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "out"
     seen: dict[str, Any] = {}
-    real_convert = convert.convert
-
     def watched(gguf: Path, out: Path, dtype: str) -> None:
-        real_convert(gguf, out, dtype)
+        write_some(out)  # (the real conversion is in test_import_round_trips_the_tiny_model)
         seen["target_during"] = target.exists()
         seen["work"] = out.parent.name
         seen["lock_held"] = _lock_is_held(tmp_path / ".out.lock")
