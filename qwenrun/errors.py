@@ -26,6 +26,11 @@ class EngineError(QwenrunError):
     """The inference engine failed to start, died, or rejected a request."""
 
 
+class EvalError(QwenrunError):
+    """An eval case file is unreadable or invalid, or benchmark data cannot be imported. The message
+    names the file, the line and the problem."""
+
+
 class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 
