@@ -139,10 +139,11 @@ def _convert(entry: dict[str, Any], answer: list[Any] | None, where: str) -> Cas
         raise EvalError(f"{where}: {case_id}: does not make a valid case: {problems}") from None
 
 
-def _refuse(category: str) -> None:
+def _refuse(category: str, where: str = "") -> None:
     for marker, reason in _UNSUPPORTED.items():
         if marker in category and not (marker == "relevance" and "irrelevance" in category):
-            raise EvalError(f"BFCL category {category!r} cannot be imported: {reason}")
+            prefix = f"{where}: " if where else ""
+            raise EvalError(f"{prefix}BFCL category {category!r} cannot be imported: {reason}")
 
 
 def read_category(questions: str, answers: str | None, *, where: str, answers_where: str = "") -> list[Case]:
@@ -156,7 +157,7 @@ def read_category(questions: str, answers: str | None, *, where: str, answers_wh
             truth[entry["id"]] = ground
     cases = []
     for number, entry in _lines(questions, where):
-        _refuse(_category_of(entry["id"]))
+        _refuse(_category_of(entry["id"]), f"{where}:{number}")
         answer = truth.get(entry["id"])
         if answer is None and "irrelevance" not in _category_of(entry["id"]):
             source = answers_where or "no possible-answer file"
@@ -183,18 +184,30 @@ def _read_text(source: Path, member: str) -> str | None:
         raise EvalError(f"{source}: not a bfcl-eval wheel or data folder: {exc}") from None
 
 
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalError(f"{path}: cannot read it: {exc}") from None
+
+
 def import_bfcl(source: str | os.PathLike[str], categories: list[str]) -> list[Case]:
     """The cases of ``categories`` from a bfcl-eval wheel, its ``bfcl_eval/data`` folder, or, with
     one category, a question file (its answers are ``possible_answer/<same name>`` beside it)."""
     path = Path(source)
     if not path.exists():
         raise EvalError(f"{source}: no such file or folder")
+    if path.is_file() and path.suffix in (".whl", ".zip") and not zipfile.is_zipfile(path):
+        raise EvalError(f"{source}: not a bfcl-eval wheel or data folder (not a zip file)")
     if path.is_file() and not zipfile.is_zipfile(path):
         answer_file = path.parent / "possible_answer" / path.name
-        text = path.read_text(encoding="utf-8")
-        answer_text = answer_file.read_text(encoding="utf-8") if answer_file.is_file() else None
+        text = _read_file(path)
+        answer_text = _read_file(answer_file) if answer_file.is_file() else None
         cases = read_category(text, answer_text, where=str(path), answers_where=str(answer_file))
-        return [case for case in cases if not categories or case.category in categories]
+        chosen = [case for case in cases if not categories or case.category in categories]
+        if not chosen:
+            raise EvalError(f"{source}: no case of category {', '.join(categories)}")
+        return chosen
     if not categories:
         raise EvalError(f"{source}: name the categories to import (e.g. --category simple_python)")
     cases = []
