@@ -32,7 +32,12 @@ def test_question_file_with_answers_beside_it() -> None:
     assert function.description == "Calculate the factorial of a given number." + PYTHON_HINT
     assert function.parameters == {
         "type": "object",
-        "properties": {"number": {"type": "integer", "description": "The number for which factorial needs to be calculated."}},
+        "properties": {
+            "number": {
+                "type": "integer",
+                "description": "The number for which factorial needs to be calculated.",
+            }
+        },
         "required": ["number"],
     }
     assert factorial.expected == [{"math_factorial": {"number": [5]}}]
@@ -42,7 +47,7 @@ def test_every_ground_truth_passes_its_own_check() -> None:
     cases = import_bfcl(DATA, ["simple_python", "multiple"])
     assert len(cases) == 8
     for case in cases:
-        (name, possible), = case.expected[0].items()
+        ((name, possible),) = case.expected[0].items()
         arguments = {key: values[0] for key, values in possible.items() if values[0] != ""}
         assert check(case, [(name, arguments)]).passed, case.id
     multiple = [c for c in cases if c.category == "multiple"]
@@ -59,7 +64,10 @@ def test_types_become_json_schema_as_bfcl_does_for_openai_models() -> None:
                 "speed": {"type": "float", "description": "km/h."},
                 "origin": {"type": "tuple", "items": {"type": "float"}, "description": "lat, lon"},
                 "options": {"type": "dict", "properties": {"avoid": {"type": "any", "description": "x"}}},
-                "stops": {"type": "array", "items": {"type": "dict", "properties": {"n": {"type": "integer"}}}},
+                "stops": {
+                    "type": "array",
+                    "items": {"type": "dict", "properties": {"n": {"type": "integer"}}},
+                },
                 "grid": {"type": "array", "items": {"type": "array", "items": {"type": "float"}}},
                 "note": {"description": "no type"},
                 "odd": {"type": "Bigint"},
@@ -74,7 +82,11 @@ def test_types_become_json_schema_as_bfcl_does_for_openai_models() -> None:
     assert function["description"] == "Plan a route." + PYTHON_HINT
     properties = function["parameters"]["properties"]
     assert function["parameters"]["type"] == "object"
-    assert properties["speed"] == {"type": "number", "format": "float", "description": "km/h. This is a float type value."}
+    assert properties["speed"] == {
+        "type": "number",
+        "format": "float",
+        "description": "km/h. This is a float type value.",
+    }
     assert properties["origin"] == {"type": "array", "items": {"type": "number"}, "description": "lat, lon"}
     assert properties["options"]["type"] == "object"
     assert properties["options"]["properties"]["avoid"]["type"] == "string"  # BFCL: "any" -> "string"
@@ -106,7 +118,10 @@ def bfcl_file(folder: Path, name: str, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
-ENTRY = {"question": [[{"role": "user", "content": "Hi"}]], "function": [json.loads(SIMPLE.read_text().splitlines()[1])["function"][0]]}
+ENTRY = {
+    "question": [[{"role": "user", "content": "Hi"}]],
+    "function": [json.loads(SIMPLE.read_text().splitlines()[1])["function"][0]],
+}
 
 
 def test_irrelevance_expects_no_call(tmp_path: Path) -> None:
@@ -122,14 +137,19 @@ def test_irrelevance_expects_no_call(tmp_path: Path) -> None:
         ({"id": "multi_turn_base_0", **ENTRY}, "'multi_turn_base' cannot be imported: multi-turn"),
         ({"id": "simple_java_0", **ENTRY}, "'simple_java' cannot be imported: Java"),
         ({"id": "live_relevance_0", **ENTRY}, "'live_relevance' cannot be imported: relevance"),
-        ({"id": "simple_python_9", **ENTRY, "question": [[], []]}, "2 turns; only single-turn questions import"),
-        ({"id": "simple_python_9", **ENTRY, "function": {}}, "\"function\" must be a list"),
+        (
+            {"id": "simple_python_9", **ENTRY, "question": [[], []]},
+            "2 turns; only single-turn questions import",
+        ),
+        ({"id": "simple_python_9", **ENTRY, "function": {}}, '"function" must be a list'),
     ],
 )
 def test_what_cannot_be_imported_is_named(tmp_path: Path, entry: dict[str, Any], message: str) -> None:
     path = bfcl_file(tmp_path, "BFCL_v4_x.json", [entry])
     truth = [{"math.factorial": {"number": [5]}}]
-    bfcl_file(tmp_path / "possible_answer", "BFCL_v4_x.json", [{"id": "simple_python_9", "ground_truth": truth}])
+    bfcl_file(
+        tmp_path / "possible_answer", "BFCL_v4_x.json", [{"id": "simple_python_9", "ground_truth": truth}]
+    )
     with pytest.raises(EvalError, match=r"BFCL_v4_x\.json") as info:
         import_bfcl(path, [])
     assert message in str(info.value)
@@ -152,7 +172,8 @@ def test_cli_writes_cases_that_load(tmp_path: Path) -> None:
     out = tmp_path / "cases.jsonl"
     wheel = make_wheel(tmp_path / "bfcl_eval-0-py3-none-any.whl")
     result = CliRunner().invoke(
-        cli.main, ["import-bfcl", str(wheel), "--category", "simple_python", "--category", "multiple", "-o", str(out)]
+        cli.main,
+        ["import-bfcl", str(wheel), "--category", "simple_python", "--category", "multiple", "-o", str(out)],
     )
     assert result.exit_code == 0, result.output
     assert f"wrote 8 cases (5 simple_python, 3 multiple) to {out}" in result.output

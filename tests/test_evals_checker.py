@@ -32,7 +32,9 @@ AREA = tool(
     },
     ["base", "height"],
 )
-AREA_CASE = case([AREA], [{"area": {"base": [10], "height": [5.0], "unit": ["units", ""], "exact": ["", True]}}])
+AREA_CASE = case(
+    [AREA], [{"area": {"base": [10], "height": [5.0], "unit": ["units", ""], "exact": ["", True]}}]
+)
 
 
 def passes(c: Case, *calls: tuple[str, dict[str, Any]]) -> bool:
@@ -64,7 +66,10 @@ def test_optional_marker_lets_an_argument_be_left_out() -> None:
 
 def test_required_and_unknown_arguments() -> None:
     assert check(AREA_CASE, [("area", {"base": 10})]).error_type == "missing_required"
-    assert check(AREA_CASE, [("area", {"base": 10, "height": 5, "color": "red"})]).error_type == "unexpected_param"
+    assert (
+        check(AREA_CASE, [("area", {"base": 10, "height": 5, "color": "red"})]).error_type
+        == "unexpected_param"
+    )
     # declared in the schema but absent from the expected call: unexpected too (BFCL)
     narrow = case([AREA], [{"area": {"base": [10], "height": [5.0]}}])
     assert check(narrow, [("area", {"base": 10, "height": 5, "unit": "cm"})]).error_type == "unexpected_param"
@@ -116,7 +121,10 @@ def test_objects_compare_key_by_key() -> None:
     )
     assert passes(c, ("book", {"options": {"room": "double"}}))
     assert passes(c, ("book", {"options": {"room": "Double", "breakfast": True}}))
-    assert check(c, [("book", {"options": {"room": "Double", "spa": True}})]).error_type == "value_error:dict_key"
+    assert (
+        check(c, [("book", {"options": {"room": "Double", "spa": True}})]).error_type
+        == "value_error:dict_key"
+    )
     assert check(c, [("book", {"options": {"room": "Single"}})]).error_type == "value_error:dict_value"
     assert check(c, [("book", {"options": {}})]).error_type == "value_error:dict_key"  # room is missing
 
@@ -128,7 +136,10 @@ def test_lists_of_objects() -> None:
     )
     assert passes(c, ("order", {"lines": [{"sku": "a1", "qty": 2}, {"sku": "B2"}]}))
     assert not passes(c, ("order", {"lines": [{"sku": "B2"}, {"sku": "a1", "qty": 2}]}))
-    assert check(c, [("order", {"lines": [{"sku": "a1", "qty": 2}]})]).error_type == "value_error:list_dict_count"
+    assert (
+        check(c, [("order", {"lines": [{"sku": "a1", "qty": 2}]})]).error_type
+        == "value_error:list_dict_count"
+    )
 
 
 def test_a_value_of_the_answers_type_is_a_variable_compared_exactly() -> None:

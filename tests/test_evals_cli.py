@@ -87,7 +87,10 @@ def report(files: tuple[str, str], *args: str) -> dict[str, Any]:
 
 def outcomes(data: dict[str, Any], reader: str) -> dict[str, tuple[bool, bool]]:
     """case id -> (passed, format failure) for one reader."""
-    return {c["id"]: (c["readers"][reader]["passed"], c["readers"][reader]["format_failure"]) for c in data["cases"]}
+    return {
+        c["id"]: (c["readers"][reader]["passed"], c["readers"][reader]["format_failure"])
+        for c in data["cases"]
+    }
 
 
 # What vLLM's Hermes parser makes of the same texts, on either path: tags only, strict JSON.
@@ -111,7 +114,11 @@ def test_via_agent(files: tuple[str, str]) -> None:
     assert by_id["tags"]["readers"]["qwenrun"]["calls"] == [["get_current_weather", {"city": "Paris"}]]
     assert "refuses this one" in by_id["error"]["error"]
     weather, irrelevance = data["categories"]
-    assert (weather["category"], weather["cases"], weather["passed"]) == ("weather", 4, {"qwenrun": 2, "vllm-hermes": 1})
+    assert (weather["category"], weather["cases"], weather["passed"]) == (
+        "weather",
+        4,
+        {"qwenrun": 2, "vllm-hermes": 1},
+    )
     assert weather["format_failures"] == {"qwenrun": 1, "vllm-hermes": 2}
     assert (irrelevance["cases"], irrelevance["errors"], irrelevance["passed"]["qwenrun"]) == (2, 1, 1)
     assert data["total"]["passed"] == {"qwenrun": 3, "vllm-hermes": 2}
