@@ -5,7 +5,9 @@ One bounded async loop per user turn (``max_iterations`` model calls), yielding 
 every tool failure becomes an ``Error: ...`` tool result the model can read. ``tool_choice``
 ``required`` / a tool name is enforced with structured outputs on the first model call of a turn
 (then it falls back to ``auto`` so the model can answer), and a malformed call is retried once with
-a grammar-forced call.
+a grammar-forced call. Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a
+call the model repeats with the same arguments in one turn is not run again: the model is asked for
+its answer with the tools off.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ __all__ = ["Agent", "Session", "forced_call"]
 log = logging.getLogger(__name__)
 
 FORCED_PREFILL = "<tool_call>\n"
+# Sent (not recorded) with the tools off when the model repeats a call it already made this turn:
+# small models copy the call again instead of answering from its result.
+ANSWER_NOTE = (
+    "Answer the user's question now from the tool results above, in plain language, without calling a tool."
+)
 
 
 class Agent:
@@ -79,6 +86,13 @@ class Agent:
     @property
     def name(self) -> str:
         return self.spec.agent.name
+
+    @property
+    def lenient_names(self) -> frozenset[str] | None:
+        """The tool names whose bare JSON calls are read (``agent.lenient_tool_calls``), or None."""
+        if not self.spec.agent.lenient_tool_calls or not self.tools:
+            return None
+        return frozenset(self.tools)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         return [tool.openai_schema() for tool in self.tools.values()]
@@ -214,17 +228,27 @@ class Session:
         total = Usage()
         tool_calls = 0
         iteration = 0
+        done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
+        note: str | None = None  # a transient instruction for the next model call only
         while iteration < spec.max_iterations:
             iteration += 1
             step = _Step()
             try:
-                async for event in self._model_call(choice, overrides, step, text):
+                async for event in self._model_call(choice, overrides, step, text, note):
                     yield event
             finally:
                 if not step.done and step.text:  # interrupted: keep what the user saw
                     self._record({"role": "assistant", "content": step.text}, {"interrupted": True})
             total += step.usage
             calls = [call for call in step.result.tool_calls if call.ok]
+            if calls and choice != "none":
+                fresh = [call for call in calls if _call_key(call) not in done]
+                if not fresh:  # the same call again (small models loop): answer with tools off
+                    log.debug("session %s: repeated tool call(s) %s; asking for the answer", self.id,
+                              ", ".join(call.name for call in calls))  # fmt: skip
+                    choice, note = "none", ANSWER_NOTE
+                    continue
+                calls = fresh
             if not calls or choice == "none":
                 content = step.result.content
                 meta = usage_meta(step.usage, step.finish_reason)
@@ -253,13 +277,14 @@ class Session:
                 )
                 yield result
             tool_calls += len(calls)
+            done.update(_call_key(call) for call in calls)
             choice = "auto"  # a forced tool_choice applies to the first call of a turn only
         note = f"(stopped after {spec.max_iterations} model calls without a final answer)"
         self._record({"role": "assistant", "content": note}, {"note": "max_iterations"})
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, overrides: dict[str, Any] | None, step: _Step, text: bool
+        self, choice: str, overrides: dict[str, Any] | None, step: _Step, text: bool, note: str | None = None
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text if ``text``."""
         agent, trace = self.agent, self._trace
@@ -268,13 +293,14 @@ class Session:
         repaired = False
         while True:
             span = trace.model_call(int(repaired))
-            parser = hermes.StreamParser()
+            parser = hermes.StreamParser(tools=agent.lenient_names if choice != "none" else None)
             parser.feed(prefill)
             started = time.perf_counter()
             last_prompt = last_completion = 0
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
+            extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
-                [{"role": "system", "content": agent.system_prompt}, *self.messages],
+                [{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
                 tools=tools,
                 sampling=agent.spec.sampling,
                 overrides=overrides,
@@ -436,6 +462,10 @@ def _intended_tool(call: hermes.ToolCall, tools: dict[str, Tool]) -> str:
         return call.name
     match = _NAME_IN_RAW.search(call.raw)
     return match.group(1) if match and match.group(1) in tools else "required"
+
+
+def _call_key(call: hermes.ToolCall) -> tuple[str, str]:
+    return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
 
 
 def _assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:

@@ -162,6 +162,12 @@ class AgentSettings(_Strict):
     timeout_s: float = Field(30, gt=0, description="Default time limit of one tool call.")
     max_tool_output_chars: PositiveInt = Field(16_000, description="Longer tool results are truncated.")
     repair_malformed_calls: bool = Field(True, description="Retry once with a grammar-forced call.")
+    lenient_tool_calls: bool = Field(
+        True,
+        description='Also read a call written as bare JSON ({"name": <a tool>, "arguments": {...}}, '
+        "a list of them, or one in a ```json fence) when that is the whole answer, as small models "
+        "write them; in the agent loop and the OpenAI server's pass-through mode.",
+    )
 
 
 class ToolSpec(_Strict):

@@ -17,6 +17,15 @@ Block boundaries (lessons from vLLM's hermes_tool_parser, issues #45167/#38168):
   After ``_MAX_RESCUES`` such re-reads the first tag seen closes the block (linear time bound).
 * ``<tool_call>`` outside a string inside a block closes it and opens a new one (a forgotten
   closing tag); an unclosed last block (e.g. cut by max_tokens) is parsed at the end.
+
+Bare JSON calls (``tools=`` the names of the declared tools): small Qwen models often answer with
+the call itself, ``{"name": ..., "arguments": {...}}``, sometimes in a ```` ```json ```` fence or as
+a list, instead of the tags. When the *whole* answer (there is no tagged block) is such a JSON value
+(or several, or fenced ones) and every object names a declared tool with an object (or no) argument
+list, it is read as those calls and the content is empty. Anything else stays text: a name that is
+not declared, text around the JSON, a non-object argument list. A broken object that still names a
+declared tool is a malformed call (the agent repairs it). While streaming, an answer that begins with
+``{``, ``[`` or ```` ``` ```` is held back until the end, since only then can it be told apart.
 """
 
 from __future__ import annotations
@@ -26,11 +35,11 @@ import json
 import re
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-__all__ = ["IdFactory", "ParseResult", "StreamParser", "ToolCall", "new_call_id", "parse"]
+__all__ = ["IdFactory", "ParseResult", "StreamParser", "ToolCall", "bare_calls", "new_call_id", "parse"]
 
 IdFactory: TypeAlias = Callable[[], str]
 
@@ -40,6 +49,8 @@ _OUT_RX = re.compile(r'"|<tool_call>|</tool_call>')  # tokens outside a JSON str
 _IN_RX = re.compile(r'\\[^\n]|"|\n|</tool_call>')  # tokens inside one
 _FENCE_RX = re.compile(r"\A```[\w+.-]*")
 _MAX_LITERAL = 100_000
+_FENCED_RX = re.compile(r"```[\w+.-]*[ \t]*\n?(.*?)```", re.DOTALL)  # one fenced block, lazily
+_BARE_NAME_RX = re.compile(r"""\A[\s\[]*\{\s*["']name["']\s*:\s*["']([^"'\n]{1,200})["']""")
 _MAX_RESCUES = 16
 _JSON = json.JSONDecoder(strict=False)  # strict=False: raw control chars (newlines) in strings
 
@@ -59,6 +70,7 @@ class ToolCall:
     arguments: dict[str, Any]  # {} if not recoverable; always JSON-serialisable
     raw: str
     error: str | None = None
+    bare: bool = False  # written as bare JSON, without the tags (``raw`` is the whole answer)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +121,11 @@ def _interpret(raw: str) -> tuple[str, dict[str, Any], str | None]:
     obj, err = _decode(s)
     if err is not None:
         return "", {}, err
+    return _fields(obj)
+
+
+def _fields(obj: Any) -> tuple[str, dict[str, Any], str | None]:
+    """(name, arguments, error) of a decoded call object."""
     if not isinstance(obj, dict):
         return "", {}, f"expected a JSON object, got {type(obj).__name__}"
     if "name" not in obj and isinstance(obj.get("function"), dict):
@@ -123,9 +140,9 @@ def _interpret(raw: str) -> tuple[str, dict[str, Any], str | None]:
         if not args.strip():
             args = {}
         else:
-            args, err = _decode(args.strip())
-            if err is not None:
-                return name, {}, f"arguments string: {err}"
+            args, error = _decode(args.strip())
+            if error is not None:
+                return name, {}, f"arguments string: {error}"
     if args is None:
         args = {}
     if not isinstance(args, dict):
@@ -137,6 +154,87 @@ def _interpret(raw: str) -> tuple[str, dict[str, Any], str | None]:
     except Exception as e:  # TypeError (a set, bytes, ...), RecursionError
         return name, {}, f"arguments are not JSON-serialisable: {type(e).__name__}"
     return name, args, None
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """The JSON values ``text`` consists of (whitespace or commas between them), else None."""
+    values: list[Any] = []
+    i, end = 0, len(text)
+    while True:
+        while i < end and (text[i].isspace() or text[i] == ","):
+            i += 1
+        if i == end:
+            return values
+        try:
+            value, i = _JSON.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            return None
+        values.append(value)
+
+
+def _unfenced(text: str) -> str | None:
+    """The bodies of the ```` ``` ```` blocks that ``text`` (stripped) consists of, joined; None if
+    there is anything but whitespace around them. Text that does not start with a fence is itself."""
+    if not text.startswith("```"):
+        return text
+    bodies, at = [], 0
+    for match in _FENCED_RX.finditer(text):
+        if text[at : match.start()].strip():
+            return None
+        bodies.append(match.group(1))
+        at = match.end()
+    if text[at:].strip() or not bodies:
+        return None
+    return "\n".join(bodies)
+
+
+def _literal(text: str) -> Any:
+    """A Python literal (``{'name': 'f'}``), or None; never raises."""
+    if len(text) > _MAX_LITERAL:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ast.literal_eval(text.strip())
+    except Exception:
+        return None
+
+
+def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_id) -> list[ToolCall] | None:
+    """The calls of an answer that is nothing but bare JSON calls of declared ``tools``: objects
+    ``{"name": <declared>, "arguments"|"parameters": {...}}`` (the arguments may be a JSON string of
+    an object), lists of them, in ```` ``` ```` fences or not. None when it is anything else, which
+    then stays text. Never raises."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "{[`" or not tools:
+        return None
+    body = _unfenced(stripped)
+    if body is None:
+        return None
+    values = _json_values(body) if len(body) <= 10 * _MAX_LITERAL else None
+    if values is None:
+        literal = _literal(body)
+        values = None if literal is None else [literal]
+    if values is None:  # broken JSON that clearly meant a declared tool: a malformed call
+        named = _BARE_NAME_RX.match(body)
+        if named and named.group(1) in tools:
+            _, error = _decode(body.strip())
+            return [ToolCall(new_id(), named.group(1), {}, text, error or "invalid JSON", bare=True)]
+        return None
+    objects = [item for value in values for item in (value if isinstance(value, list) else [value])]
+    calls = []
+    for obj in objects:
+        if isinstance(obj, dict) and "name" not in obj and isinstance(obj.get("function"), dict):
+            obj = obj["function"]
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in tools:
+            return None
+        if not isinstance(obj.get("arguments", obj.get("parameters")), dict | str):
+            return None
+        name, args, error = _fields(obj)
+        if error is not None:
+            return None
+        calls.append(ToolCall(new_id(), name, args, text, bare=True))
+    return calls or None
 
 
 def _held_prefix(s: str, start: int) -> int:
@@ -151,8 +249,12 @@ class StreamParser:
     """Incremental parser. ``feed`` returns events: ``str`` is text safe to show now (never part
     of a tag), ``ToolCall`` a block just closed. Work is linear in the total input length."""
 
-    def __init__(self, new_id: IdFactory = new_call_id) -> None:
+    def __init__(self, new_id: IdFactory = new_call_id, *, tools: Collection[str] | None = None) -> None:
         self._new_id = new_id
+        self._tools = frozenset(tools or ())
+        # Bare JSON calls: the text is held back while the answer may still be one (see module doc)
+        self._held: list[str] | None = [] if self._tools else None
+        self._head: str | None = ""  # the answer's first 3 non-blank characters while deciding
         self._tail = ""  # unscanned carry-over (a possible partial tag, a trailing backslash)
         self._in_block = False
         self._blk: list[str] = []  # text of the current block before the current chunk
@@ -167,8 +269,8 @@ class StreamParser:
     def feed(self, chunk: str) -> list[str | ToolCall]:
         if self._finished:
             raise RuntimeError("StreamParser.feed() called after finish()")
-        if not self._in_block and not self._tail and "<" not in chunk:  # plain text: the hot path
-            if chunk:
+        if not self._in_block and not self._tail and "<" not in chunk and self._held is None:
+            if chunk:  # plain text: the hot path
                 self._text.append(chunk)
                 return [chunk]
             return []
@@ -178,7 +280,39 @@ class StreamParser:
         if self._finished:
             return []
         self._finished = True
-        return self._run(self._tail, final=True)
+        out = self._run(self._tail, final=True)
+        if self._held is not None and self._held:
+            calls = bare_calls("".join(self._held), self._tools, self._new_id)
+            if calls is None:
+                self._release(out)
+            else:
+                self._text.clear()
+                self._calls.extend(calls)
+                out.extend(calls)
+        return out
+
+    def _say(self, text: str, out: list[str | ToolCall]) -> None:
+        """Text outside blocks: shown now, or held while the answer may be a bare JSON call."""
+        self._text.append(text)
+        if self._held is None:
+            out.append(text)
+            return
+        self._held.append(text)
+        if self._head is None:  # decided: the answer may be JSON, hold it to the end
+            return
+        self._head = (self._head + text).lstrip()[:3]
+        if self._head in ("", "`", "``"):  # undecided yet
+            return
+        if self._head[0] in "{[" or self._head == "```":
+            self._head = None
+        else:
+            self._release(out)
+
+    def _release(self, out: list[str | ToolCall]) -> None:
+        """Stop holding text back: show what was held and stream from now on."""
+        if self._held:
+            out.append("".join(self._held))
+        self._held = None
 
     def result(self) -> ParseResult:
         """The parse so far; after ``finish()`` equal to ``parse(full_text)``."""
@@ -199,11 +333,12 @@ class StreamParser:
                 k = data.find(OPEN, i)
                 end = k if k >= 0 else len(data) - (0 if final else _held_prefix(data, i))
                 if end > i:
-                    self._text.append(data[i:end])
-                    out.append(data[i:end])
+                    self._say(data[i:end], out)
                 if k < 0:
                     self._tail = data[end:]
                     return out
+                if self._held is not None:  # a tagged call: the answer is not a bare JSON call
+                    self._release(out)
                 self._in_block, i = True, k + len(OPEN)
                 bs = i
                 continue
@@ -249,9 +384,10 @@ class StreamParser:
         return text[end:] + data[upto:]
 
 
-def parse(text: str, new_id: IdFactory = new_call_id) -> ParseResult:
-    """Split Hermes-format model output into content and tool calls. Never raises."""
-    sp = StreamParser(new_id)
+def parse(text: str, new_id: IdFactory = new_call_id, *, tools: Collection[str] | None = None) -> ParseResult:
+    """Split Hermes-format model output into content and tool calls. Never raises. With ``tools``
+    (the declared tool names), an answer that is only bare JSON calls of them is read as calls."""
+    sp = StreamParser(new_id, tools=tools)
     sp.feed(text)
     sp.finish()
     return sp.result()

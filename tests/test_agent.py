@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qwenrun.agent import FORCED_PREFILL, Agent, forced_call
+from qwenrun.agent import ANSWER_NOTE, FORCED_PREFILL, Agent, forced_call
 from qwenrun.config import AgentSpec
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
@@ -135,8 +135,9 @@ async def test_tool_failures_become_error_results(call: str, expected: str) -> N
 
 
 async def test_max_iterations_stops_a_loop() -> None:
-    agent, engine = make_agent(
-        lambda request: tool_call_text("get_current_weather", {"city": "x"}), max_iterations=3
+    agent, engine = make_agent(  # a new city every time: not a repeated call
+        lambda request: tool_call_text("get_current_weather", {"city": f"x{len(request.messages)}"}),
+        max_iterations=3,
     )
     events = await collect(agent, "loop forever")
     final = events[-1]
@@ -232,9 +233,13 @@ async def test_ask_gives_the_final_event_of_stream() -> None:
     assert any(isinstance(event, TextDelta) for event in streamed)
     final = streamed[-1]
     assert isinstance(final, Final)
-    assert (asked.text, asked.stop_reason, asked.iterations, asked.tool_calls, asked.usage.completion_tokens) == (
-        final.text, final.stop_reason, final.iterations, final.tool_calls, final.usage.completion_tokens
-    )
+    assert (
+        asked.text,
+        asked.stop_reason,
+        asked.iterations,
+        asked.tool_calls,
+        asked.usage.completion_tokens,
+    ) == (final.text, final.stop_reason, final.iterations, final.tool_calls, final.usage.completion_tokens)
     assert asked.text == "广州今天多云到晴。<" and asked.tool_calls == 1
     assert asked_engine.calls[1].messages[2]["content"] == "先查一下。"  # the text before the call is kept
 
@@ -276,3 +281,62 @@ async def test_many_sessions_share_one_agent() -> None:
     agent, _ = make_agent(lambda r: f"echo {r.messages[-1]['content']}")
     finals = await asyncio.gather(*(agent.session().ask(f"q{i}") for i in range(50)))
     assert [f.text for f in finals] == [f"echo q{i}" for i in range(50)]
+
+
+# -- bare JSON calls and repeated calls ----------------------------------------------------------------
+
+BARE = '```json\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n```'
+
+
+async def test_bare_json_call_runs_the_tool() -> None:
+    agent, engine = make_agent([BARE, "广州多云到晴。"])
+    events = await collect(agent, "广州天气情况如何?")
+    (call,) = [e for e in events if isinstance(e, ToolCall)]
+    assert (call.name, call.arguments) == ("get_current_weather", {"city": "广州"})
+    (result,) = [e for e in events if isinstance(e, ToolResult)]
+    assert result.content == SEED_SENTENCE.format(city="广州")
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["广州多", "云到晴", "。"]  # streamed
+    assert isinstance(events[-1], Final) and events[-1].text == "广州多云到晴。"
+    assert engine.calls[1].messages[2]["tool_calls"][0]["function"]["name"] == "get_current_weather"
+
+
+async def test_bare_json_reading_can_be_switched_off() -> None:
+    agent, engine = make_agent([BARE], lenient_tool_calls=False)
+    events = await collect(agent, "广州天气情况如何?")
+    assert not [e for e in events if isinstance(e, ToolCall)]
+    assert isinstance(events[-1], Final) and events[-1].text == BARE
+    assert len(engine.calls) == 1
+
+
+async def test_bare_json_naming_an_undeclared_tool_is_an_answer() -> None:
+    text = '{"name": "format_disk", "arguments": {}}'
+    agent, _ = make_agent([text])
+    final = await agent.ask("hi")
+    assert (final.text, final.tool_calls) == (text, 0)
+
+
+async def test_a_repeated_call_is_not_run_again_and_the_answer_comes_with_tools_off() -> None:
+    agent, engine = make_agent([BARE, BARE, "广州多云到晴。"])
+    events = await collect(agent, "广州天气情况如何?")
+    assert len([e for e in events if isinstance(e, ToolResult)]) == 1  # run once
+    final = events[-1]
+    assert isinstance(final, Final) and final.text == "广州多云到晴。"
+    assert (final.iterations, final.tool_calls, final.usage.model_calls) == (3, 1, 3)
+    assert [call.tools is not None for call in engine.calls] == [True, True, False]  # tools off
+    # the repeat was not recorded; a transient note asks for the answer
+    assert engine.calls[2].messages == [*engine.calls[1].messages, {"role": "system", "content": ANSWER_NOTE}]
+    assert [m["role"] for m in engine.calls[1].messages] == ["system", "user", "assistant", "tool"]
+    assert [m["role"] for m in agent.session().messages] == []
+    final_history = [m["role"] for m in engine.calls[2].messages[:-1]]
+    assert final_history == ["system", "user", "assistant", "tool"]
+
+
+async def test_only_the_new_calls_of_a_partly_repeated_answer_run() -> None:
+    again = tool_call_text("get_current_weather", {"city": "广州"}) + tool_call_text(
+        "get_current_weather", {"city": "深圳"}
+    )
+    agent, engine = make_agent([BARE, again, "两地都多云。"])
+    events = await collect(agent, "广州和深圳天气?")
+    cities = [e.arguments["city"] for e in events if isinstance(e, ToolCall)]
+    assert cities == ["广州", "深圳"]
+    assert len(engine.calls[2].messages[-2]["tool_calls"]) == 1  # the repeat is left out

@@ -114,15 +114,22 @@ async def test_a_hanging_tool_is_cut_at_its_timeout(engine: VLLMEngine, tiny_spe
     assert isinstance(events[-1], Final) and events[-1].stop_reason in ("answer", "length")
 
 
-async def test_max_iterations_stops_a_tool_loop(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:
-    spec = weather_spec(tiny_spec, max_iterations=3)
+async def test_a_repeated_call_runs_once_and_max_iterations_bounds_the_loop(
+    engine: VLLMEngine, tiny_spec: AgentSpec
+) -> None:
     pinned = PinnedEngine(engine, call_json("get_current_weather", {"city": "广州"}), every_call=True)
-    agent = Agent(spec, pinned, load_tools(spec))
-    events = await run(agent, "loop")
+    spec = weather_spec(tiny_spec, max_iterations=2)
+    events = await run(Agent(spec, pinned, load_tools(spec)), "loop")
     final = events[-1]
-    assert isinstance(final, Final)
-    assert (final.stop_reason, final.iterations, final.tool_calls) == ("max_iterations", 3, 3)
-    assert len(pinned.requests) == 3
+    assert isinstance(final, Final)  # call, repeat (not run), then the limit
+    assert (final.stop_reason, final.iterations, final.tool_calls) == ("max_iterations", 2, 1)
+    assert len(pinned.requests) == 2
+    spec = weather_spec(tiny_spec, max_iterations=3)
+    events = await run(Agent(spec, pinned, load_tools(spec)), "loop")
+    final = events[-1]
+    assert isinstance(final, Final)  # the third call, with the tools off, is the answer
+    assert (final.stop_reason, final.iterations, final.tool_calls) == ("answer", 3, 1)
+    assert len([e for e in events if isinstance(e, ToolResult)]) == 1
 
 
 async def test_concurrent_sessions_on_one_engine(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:

@@ -284,3 +284,132 @@ def test_never_raises_on_pathological_input() -> None:
     huge_int = "<tool_call>{'name': 'f', 'arguments': {'a': " + "9" * 10_000 + "}}</tool_call>"
     assert parse(huge_int).tool_calls[0].error is not None
     assert_stream_agrees(deep[:2000] + deep[-20:], sizes=[1, 7, 300])
+
+
+# -- bare JSON calls (tools= the declared names) ----------------------------------------------------
+
+DECLARED = {"get_current_weather", "f", "g"}
+FENCED_WEATHER = '```json\n{\n  "name": "get_current_weather",\n  "arguments": {\n    "city": "广州"\n  }\n}\n```'
+# (id, text, content, [(name, arguments, error)]) with tools=DECLARED
+BARE_CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] = [
+    ("fenced_json", FENCED_WEATHER, "", [("get_current_weather", {"city": "广州"}, OK)]),
+    ("fence_without_language", '```\n{"name": "f", "arguments": {}}\n```', "", [("f", {}, OK)]),
+    ("bare_object", '  {"name": "f", "arguments": {"x": 1}}\n', "", [("f", {"x": 1}, OK)]),
+    ("parameters_key", '{"name": "f", "parameters": {"x": 1}}', "", [("f", {"x": 1}, OK)]),
+    ("arguments_as_string", '{"name": "f", "arguments": "{\\"x\\": 1}"}', "", [("f", {"x": 1}, OK)]),
+    ("extra_keys_kept_out", '{"name": "f", "arguments": {}, "id": "1"}', "", [("f", {}, OK)]),
+    (
+        "list_of_calls",
+        '[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"a": [1]}}]',
+        "",
+        [("f", {}, OK), ("g", {"a": [1]}, OK)],
+    ),
+    (
+        "objects_one_per_line",
+        '{"name": "f", "arguments": {}}\n{"name": "g", "arguments": {}}',
+        "",
+        [("f", {}, OK), ("g", {}, OK)],
+    ),
+    (
+        "two_fences",
+        '```json\n{"name": "f", "arguments": {}}\n```\n```json\n{"name": "g", "arguments": {}}\n```',
+        "",
+        [("f", {}, OK), ("g", {}, OK)],
+    ),
+    (
+        "openai_wrapper",
+        '{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}',
+        "",
+        [("f", {"a": 1}, OK)],
+    ),
+    ("python_literal", "{'name': 'f', 'arguments': {'a': True}}", "", [("f", {"a": True}, OK)]),
+    ("fence_in_argument", '{"name": "f", "arguments": {"s": "```py"}}', "", [("f", {"s": "```py"}, OK)]),
+    # never a call: an undeclared name, text around the JSON, arguments that are not an object
+    ("undeclared_name", '{"name": "rm_rf", "arguments": {}}', '{"name": "rm_rf", "arguments": {}}', []),
+    (
+        "one_undeclared_in_list",
+        '[{"name": "f", "arguments": {}}, {"name": "h", "arguments": {}}]',
+        '[{"name": "f", "arguments": {}}, {"name": "h", "arguments": {}}]',
+        [],
+    ),
+    (
+        "text_before",
+        'Sure: {"name": "f", "arguments": {}}',
+        'Sure: {"name": "f", "arguments": {}}',
+        [],
+    ),
+    (
+        "text_after_fence",
+        '```json\n{"name": "f", "arguments": {}}\n```\nThis gets it.',
+        '```json\n{"name": "f", "arguments": {}}\n```\nThis gets it.',
+        [],
+    ),
+    ("no_arguments_key", '{"name": "f"}', '{"name": "f"}', []),
+    ("arguments_list", '{"name": "f", "arguments": [1]}', '{"name": "f", "arguments": [1]}', []),
+    ("name_not_str", '{"name": ["f"], "arguments": {}}', '{"name": ["f"], "arguments": {}}', []),
+    ("plain_json_data", '{"city": "广州", "temp": 31}', '{"city": "广州", "temp": 31}', []),
+    ("json_scalar_list", "[1, 2, 3]", "[1, 2, 3]", []),
+    ("backtick_prose", "`f` is a tool", "`f` is a tool", []),
+    ("empty_fence", "```\n```", "```\n```", []),
+    # broken JSON that names a declared tool: a malformed call (the agent repairs it)
+    (
+        "truncated_object",
+        '{"name": "get_current_weather", "arguments": {"city": ',
+        "",
+        [("get_current_weather", {}, "invalid JSON at char 53: Expecting value")],
+    ),
+    # tags win: with a tagged call the JSON text is content
+    (
+        "tagged_call_and_json",
+        '{"name": "g", "arguments": {}}' + call("f", {}),
+        '{"name": "g", "arguments": {}}',
+        [("f", {}, OK)],
+    ),
+]
+
+
+def stream_with(text: str, size: int, tools: set[str]) -> tuple[list[str | ToolCall], ParseResult]:
+    sp = StreamParser(ids(), tools=tools)
+    events: list[str | ToolCall] = []
+    for k in range(0, len(text), size):
+        events += sp.feed(text[k : k + size])
+    events += sp.finish()
+    return events, sp.result()
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"), [c[1:] for c in BARE_CASES], ids=[c[0] for c in BARE_CASES]
+)
+def test_bare_json_case(text: str, content: str, calls: list[tuple[str, dict[str, Any], str | None]]) -> None:
+    result = parse(text, ids(), tools=DECLARED)
+    assert result.content == content
+    assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == calls
+    for size in range(1, len(text) + 1):
+        events, streamed = stream_with(text, size, DECLARED)
+        assert streamed == result, size
+        assert "".join(e for e in events if isinstance(e, str)).strip() == content
+        assert [e for e in events if isinstance(e, ToolCall)] == result.tool_calls
+
+
+def test_bare_json_is_off_without_tools() -> None:
+    assert parse(FENCED_WEATHER).tool_calls == []
+    assert parse(FENCED_WEATHER).content == FENCED_WEATHER
+    assert parse(FENCED_WEATHER, tools=()).tool_calls == []
+
+
+def test_bare_json_holds_back_only_what_may_be_a_call() -> None:
+    sp = StreamParser(ids(), tools=DECLARED)
+    assert sp.feed("  ") == []  # undecided
+    assert sp.feed("Hel") == ["  Hel"]  # prose: released at once, then streamed
+    assert sp.feed("lo") == ["lo"]
+    sp = StreamParser(ids(), tools=DECLARED)
+    assert sp.feed("`") == []
+    assert sp.feed("x` y") == ["`x` y"]  # inline code, not a fence
+    sp = StreamParser(ids(), tools=DECLARED)
+    assert sp.feed('{"name": "f", ') == []  # may be a call: held to the end
+    assert sp.feed('"arguments": {}}') == []
+    (done,) = sp.finish()
+    assert isinstance(done, ToolCall) and done.name == "f"
+    sp = StreamParser(ids(), tools=DECLARED)
+    assert sp.feed('{"a": 1}') == []
+    assert sp.feed(" and <tool_call>") == ['{"a": 1} and ']  # a tag: released

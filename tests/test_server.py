@@ -275,6 +275,58 @@ def test_malformed_call_comes_back_as_text(srv: Harness) -> None:
     assert out.choices[0].message.content == bad
 
 
+BARE_CALL = '```json\n{"name": "get_current_weather", "arguments": {"city": "深圳"}}\n```'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bare_json_call_becomes_tool_calls(srv: Harness, stream: bool) -> None:
+    srv.script = lambda request: BARE_CALL  # what small Qwen models write instead of the tags
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    with srv.sync_client() as client:
+        if not stream:
+            out = client.chat.completions.create(model=SERVED, messages=messages, tools=[WEATHER_TOOL])
+            choice = out.choices[0]
+            assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+            (call,) = choice.message.tool_calls or []
+            assert call.type == "function" and call.id.startswith("call_")
+            assert (call.function.name, json.loads(call.function.arguments)) == (
+                "get_current_weather",
+                {"city": "深圳"},
+            )
+            return
+        with client.chat.completions.create(
+            model=SERVED, messages=messages, tools=[WEATHER_TOOL], stream=True
+        ) as chunks:
+            received = list(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in received) == ""
+    calls = [t for c in received for t in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function is not None and calls[0].function.name == "get_current_weather"
+    assert json.loads(calls[1].function.arguments if calls[1].function else "") == {"city": "深圳"}
+    assert [c.choices[0].finish_reason for c in received if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_bare_json_is_text_for_an_undeclared_tool_or_without_tools(srv: Harness) -> None:
+    other = BARE_CALL.replace("get_current_weather", "delete_everything")
+    srv.replies[:] = [other, BARE_CALL]
+    with srv.sync_client() as client:
+        undeclared = client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
+        )
+        no_tools = client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "hi"}])
+    assert undeclared.choices[0].message.content == other and not undeclared.choices[0].message.tool_calls
+    assert no_tools.choices[0].message.content == BARE_CALL and not no_tools.choices[0].message.tool_calls
+
+
+def test_broken_bare_json_call_comes_back_as_it_was_written(srv: Harness) -> None:
+    broken = '{"name": "get_current_weather", "arguments": {"city": 深圳}}'
+    srv.replies[:] = [broken]
+    with srv.sync_client() as client:
+        out = client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
+        )
+    assert out.choices[0].message.content == broken and out.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize(
     ("tool_choice", "sends_tools", "forced_name"),
     [

@@ -172,7 +172,8 @@ def passthrough(
     single = request.parallel_tool_calls is False
 
     async def pieces() -> Pieces:
-        parser = hermes.StreamParser() if sent_tools else None
+        lenient = names if sent_tools and agent.spec.agent.lenient_tool_calls else None
+        parser = hermes.StreamParser(tools=lenient) if sent_tools else None
         if parser is not None:
             parser.feed(prefill)  # the engine continues after the prefill <tool_call>\n
         trim, calls, finish, prompt, completion = _Trim(), 0, "stop", 0, 0
@@ -186,7 +187,10 @@ def passthrough(
                         out.append(Call(calls, item))
                         calls += 1
                     continue
-                text = item if isinstance(item, str) else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"
+                if isinstance(item, str) or item.bare:
+                    text = item if isinstance(item, str) else item.raw
+                else:
+                    text = f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"
                 if text := trim(text):  # a malformed call is returned as text, as vLLM does
                     out.append(Text(text))
             return out
