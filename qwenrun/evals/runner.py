@@ -212,7 +212,11 @@ async def _server(spec: AgentSpec, recorder: Recorder) -> AsyncIterator[Callable
         async def ask(case: Case) -> Outcome:
             extra: dict[str, Any] = {}
             if case.tools:
-                extra = {"tools": case.openai_tools(), "tool_choice": _tool_choice(spec, case)}
+                extra = {
+                    "tools": case.openai_tools(),
+                    "tool_choice": _tool_choice(spec, case),
+                    "parallel_tool_calls": spec.agent.parallel_tool_calls,
+                }
             started = time.perf_counter()
             response = await client.chat.completions.create(
                 model=spec.served_model_name,
