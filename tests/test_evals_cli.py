@@ -105,8 +105,8 @@ def test_via_agent(files: tuple[str, str]) -> None:
     assert data["via"] == "agent"
     assert data["readers"] == ["qwenrun", "vllm-hermes"]
     assert outcomes(data, "vllm-hermes") == VLLM
-    # the agent repairs the malformed call with a grammar-forced one
-    assert outcomes(data, "qwenrun") == {**VLLM, "broken": (True, False)}
+    # qwenrun reads the fenced call, and the agent repairs the malformed one with a forced call
+    assert outcomes(data, "qwenrun") == {**VLLM, "fenced": (True, False), "broken": (True, False)}
     by_id = {c["id"]: c for c in data["cases"]}
     assert (by_id["broken"]["model_calls"], by_id["broken"]["repaired"]) == (2, True)
     assert by_id["broken"]["text"] == REPLIES["broken"]  # the first model call's raw text
@@ -117,11 +117,11 @@ def test_via_agent(files: tuple[str, str]) -> None:
     assert (weather["category"], weather["cases"], weather["passed"]) == (
         "weather",
         4,
-        {"qwenrun": 2, "vllm-hermes": 1},
+        {"qwenrun": 3, "vllm-hermes": 1},
     )
-    assert weather["format_failures"] == {"qwenrun": 1, "vllm-hermes": 2}
+    assert weather["format_failures"] == {"qwenrun": 0, "vllm-hermes": 2}
     assert (irrelevance["cases"], irrelevance["errors"], irrelevance["passed"]["qwenrun"]) == (2, 1, 1)
-    assert data["total"]["passed"] == {"qwenrun": 3, "vllm-hermes": 2}
+    assert data["total"]["passed"] == {"qwenrun": 4, "vllm-hermes": 2}
     assert data["meta"]["tool_choice"] == "auto"
 
 
@@ -129,7 +129,8 @@ def test_via_server(files: tuple[str, str]) -> None:
     data = report(files, "--via", "server")
     assert data["via"] == "server"
     assert outcomes(data, "vllm-hermes") == VLLM
-    assert outcomes(data, "qwenrun") == VLLM  # pass-through does not repair: the broken call stays text
+    # pass-through reads the fenced call too, but does not repair: the broken call stays text
+    assert outcomes(data, "qwenrun") == {**VLLM, "fenced": (True, False)}
     by_id = {c["id"]: c for c in data["cases"]}
     assert by_id["tags"]["text"] == REPLIES["tags"]
     assert "503" in by_id["error"]["error"]
@@ -142,10 +143,22 @@ def test_table_category_limit_and_progress(files: tuple[str, str]) -> None:
     assert lines[0] == "qwenrun eval: 2 cases via agent, model scripted"
     header, row = lines[1].split(), lines[2].split()
     assert header[:4] == ["category", "cases", "qwenrun", "format"]
-    assert row[:6] == ["weather", "2", "1/2", "(50.0%)", "1", "1/2"]
+    assert row[:8] == ["weather", "2", "2/2", "(100.0%)", "0", "1/2", "(50.0%)", "1"]
     assert "[2/2] " in result.stderr and "tags: qwenrun pass vllm-hermes pass" in result.stderr
     quiet = run(*files, "--limit", "1", "--quiet")
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_strict_reading_is_one_switch(files: tuple[str, str]) -> None:
+    """With agent.lenient_tool_calls off, qwenrun reads tags only, like vLLM (but still repairs)."""
+    data = report(files, "--set", "agent.lenient_tool_calls=false", "--category", "weather")
+    strict = {
+        "tags": (True, False),
+        "fenced": (False, True),
+        "wrong": (False, False),
+        "broken": (True, False),
+    }
+    assert outcomes(data, "qwenrun") == strict
 
 
 def test_bad_inputs_exit_2(files: tuple[str, str], tmp_path: Path) -> None:
