@@ -32,7 +32,7 @@ from qwenrun.engine import Constraint, Delta, Engine
 from qwenrun.errors import MissingExtraError, QwenrunError, ToolError
 from qwenrun.evals.cases import Case, FunctionTool
 from qwenrun.evals.checker import Call
-from qwenrun.events import Final, Repair, ToolCall, ToolResult
+from qwenrun.events import Final, Repair, ToolCall, ToolResult, Usage
 from qwenrun.observability import Telemetry
 from qwenrun.tools import Tool
 
@@ -145,11 +145,12 @@ async def _via_agent(spec: AgentSpec, recorder: Recorder, case: Case, telemetry:
             if isinstance(event, ToolCall):
                 decided = decided or time.perf_counter()
                 calls.append((event.name, event.arguments))
+            elif isinstance(event, Usage):  # one per model call, a repair included
+                model_calls += 1
             elif isinstance(event, Repair):
                 repaired = True
             elif isinstance(event, Final | ToolResult):
                 decided = decided or time.perf_counter()
-                model_calls = event.iterations if isinstance(event, Final) else 1 + int(repaired)
                 break
     text = recorder.first_text(case.id)
     return Outcome(case, text, calls, decided - started, max(model_calls, 1), repaired)
