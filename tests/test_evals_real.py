@@ -63,8 +63,9 @@ async def test_eval_on_a_bfcl_sample(real_engine: VLLMEngine, real_model_dir: Pa
         # every question of the sample asks for its one function: the model means to call it
         assert meant_a_call(result.text, case.tool_names), result.text
         assert result.latency_s > 0
-    qwenrun, vllm = report.total.passed["qwenrun"], report.total.passed["vllm-hermes"]
-    assert qwenrun >= vllm
-    assert report.total.format_failures["qwenrun"] <= report.total.format_failures["vllm-hermes"]
+    # The model writes fenced JSON calls (vLLM's Hermes parser reads none of them, see
+    # benchmarks/RESULTS.md); qwenrun reads every one, and at least 4 of the 5 are right.
+    assert report.total.format_failures["qwenrun"] == 0
+    assert report.total.passed["qwenrun"] >= max(4, report.total.passed["vllm-hermes"])
     table = report.table()
     assert f"qwenrun eval: 5 cases via {via}, model qwen2.5-coder-0.5b" in table
