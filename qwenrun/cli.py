@@ -19,6 +19,7 @@ from qwenrun import __version__
 from qwenrun.config import AgentSpec
 from qwenrun.deploy.cli import deploy
 from qwenrun.errors import ConfigError, QwenrunError
+from qwenrun.evals.cli import eval_command, import_bfcl_command
 from qwenrun.models_cli import model
 from qwenrun.observability import configure_logging
 from qwenrun.sessions_cli import replay, sessions
@@ -238,6 +239,8 @@ main.add_command(deploy)
 main.add_command(model)
 main.add_command(sessions)
 main.add_command(replay)
+main.add_command(eval_command)
+main.add_command(import_bfcl_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -42,6 +42,11 @@ class DiskFullError(ModelError):
     """Not enough free space to download or convert a model; nothing partial is kept."""
 
 
+class EvalError(QwenrunError):
+    """An eval case file is unreadable or invalid, or benchmark data cannot be imported. The message
+    names the file, the line and the problem."""
+
+
 class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 
