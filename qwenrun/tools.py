@@ -153,8 +153,8 @@ class Tool:
             kind = type(parameters).__name__
             raise PluginError(f"tool {name!r}: its input schema is a {kind}, not an object")
         if parameters.get("type", "object") != "object":
-            kind = parameters.get("type")
-            raise PluginError(f"tool {name!r}: its input schema has type {kind!r}, not 'object'")
+            declared = parameters.get("type")
+            raise PluginError(f"tool {name!r}: its input schema has type {declared!r}, not 'object'")
         try:
             checker = validator_for(parameters, default=Draft202012Validator)
             checker.check_schema(parameters)
