@@ -73,7 +73,7 @@ class Agent:
         for tool in tools:
             built = tool if isinstance(tool, Tool) else Tool.from_function(tool)
             self.tools[built.name] = built
-        self.mcp = mcp if mcp is not None else McpToolset(spec)  # the spec's MCP servers; tools at start
+        self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
 

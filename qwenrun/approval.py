@@ -24,6 +24,7 @@ __all__ = [
     "Approval",
     "ApprovalRequest",
     "Approver",
+    "escape",
     "fixed_approver",
     "review",
     "shown_call",
@@ -61,7 +62,7 @@ def fixed_approver(approve: bool) -> Approver:
     return answer
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
     """``text`` with control, format and other invisible code points written as ``\\uXXXX``, so
     that a terminal or a chat shows exactly what the model wrote (no ANSI sequences, no bidi
     overrides, no lines that fake a prompt)."""
@@ -81,7 +82,7 @@ def shown_call(name: str, arguments: dict[str, Any]) -> str:
         body = json.dumps(arguments, ensure_ascii=False, sort_keys=True, default=str)
     except (TypeError, ValueError, RecursionError):
         body = repr(arguments)
-    return _escape(f"{name}({body})")
+    return escape(f"{name}({body})")
 
 
 async def review(

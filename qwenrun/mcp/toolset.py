@@ -59,6 +59,12 @@ class McpToolset:
     def __bool__(self) -> bool:
         return bool(self.connections)
 
+    def attach(self, tools: dict[str, Tool]) -> McpToolset:
+        """Add the tools of servers that come up from now on to ``tools`` (an agent that shares
+        this toolset with the agent it replaces: a reloaded Chainlit agent)."""
+        self._tools = tools
+        return self
+
     async def start(self, tools: dict[str, Tool], *, strict: bool = True) -> None:
         """Start every server and add its tools to ``tools`` (the agent's, by name). With
         ``strict``, a tool name taken twice is a ConfigError (every server stopped first)."""
