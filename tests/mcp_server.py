@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.tools import Tool
 
 
@@ -81,8 +81,16 @@ def describe_env() -> str:
     return ",".join(sorted(os.environ))
 
 
+def whoami(ctx: Context) -> str:  # type: ignore[type-arg]
+    """The Authorization header of the HTTP request (streamable HTTP only)."""
+    request = ctx.request_context.request
+    return str(request.headers.get("authorization")) if request is not None else "(stdio)"
+
+
 def build(malformed: bool) -> FastMCP:
-    tools = [Tool.from_function(f) for f in (add, echo, note, fail, huge, hang, freeze, die, describe_env)]
+    tools = [
+        Tool.from_function(f) for f in (add, echo, note, fail, huge, hang, freeze, die, describe_env, whoami)
+    ]
     if malformed:
         broken = Tool.from_function(echo, name="broken_schema")
         broken.parameters = {"type": "object", "properties": {"text": {"type": "no-such-type"}}}

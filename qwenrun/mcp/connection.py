@@ -8,9 +8,10 @@ server that went away (the messages from it end: the process exited, the HTTP tr
 logs it, and starts it again after a backoff (0.5 s, doubling up to 30 s; back to 0.5 s once it
 came up). Leaving the stdio transport closes the server's stdin, waits 2 s, then sends SIGTERM and
 SIGKILL to its process group (the SDK's shutdown sequence). Each stdio server also gets a marker
-variable (``QWENRUN_MCP_SERVER``), and every process that still carries it once the server has gone
-(a child it started in a session of its own) is killed (Linux, by ``/proc``): :meth:`McpConnection.close`
-leaves no process of the server behind, hung, crashed or not.
+variable (:mod:`qwenrun.mcp.processes`): the supervisor watches the server's process (a child that
+keeps its stdout open would hide its death), and every process that still carries the marker once
+the server has gone is killed: :meth:`McpConnection.close` leaves no process of the server behind,
+hung, crashed or not.
 
 A call waits for a server that is starting and fails at once with the last error of one that is
 down. A call that ends without an answer (its time limit, a cancelled turn, a closed connection)
@@ -28,7 +29,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.loading import secret_from_env
+from qwenrun.mcp import processes
 from qwenrun.mcp.spec import McpStdioServer, McpToolsSpec
 from qwenrun.version import __version__
 
@@ -52,7 +53,7 @@ BACKOFF_MAX_S = 30.0
 PING_TIMEOUT_S = 5.0
 STDERR_LINES = 40
 MAX_TOOLS = 1000
-MARKER = "QWENRUN_MCP_SERVER"
+WATCH_S = 0.5  # how often the supervisor looks whether a stdio server's process still runs
 
 
 class ServerGone(Exception):
@@ -131,15 +132,15 @@ class McpConnection:
                 error, fatal = str(exc), True
             except Exception as exc:
                 error = describe(exc, self.spec.startup_timeout_s)
-            await asyncio.to_thread(self._reap)
+            await self._reap()
             if self._stopping:
                 break
             came_up, self._session = self.state == "ready", None
             delay = BACKOFF_FIRST_S if came_up else delay
-            self.failures += 1
             error += await self._stderr_tail()
             again = self.restart and not fatal
             self._set("down", error + (f" (next start in {delay:g} s)" if again else ""))
+            self.failures += 1
             what = "stopped" if came_up else "failed to start"
             log.warning("MCP server %r (%s) %s: %s%s", self.name, self.where, what, error,
                         f"; restarting in {delay:g} s" if again else "")  # fmt: skip
@@ -162,6 +163,7 @@ class McpConnection:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(gone.set)
             read, write = await self._open(stack)
+            pid = await self._server_pid()  # before any call: one that kills it may come at once
             session = await stack.enter_async_context(
                 ClientSession(
                     await self._watch(stack, read),
@@ -179,7 +181,12 @@ class McpConnection:
             if self.on_ready is not None:
                 self.on_ready(self)
             while True:
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), WATCH_S if pid else None)
+                except TimeoutError:
+                    if pid is None or processes.alive(pid):
+                        continue
+                    raise ServerGone("the server process exited") from None
                 self._wake.clear()
                 if self._stopping:
                     return
@@ -213,7 +220,7 @@ class McpConnection:
             from mcp import StdioServerParameters
             from mcp.client.stdio import stdio_client
 
-            env = {**server.env, MARKER: self._marker}
+            env = {**server.env, processes.MARKER: self._marker}
             for name in server.pass_env:
                 hint = f"MCP server {self.name!r} needs it (pass_env)"
                 env[name] = secret_from_env(name, f"{where}.pass_env", "value", "GITHUB_TOKEN", hint)
@@ -349,22 +356,18 @@ class McpConnection:
         self._drain.start()
         return os.fdopen(write_fd, "w")
 
-    def _reap(self) -> None:
-        """Kill what is left of a stdio server that has gone: every process that carries its marker."""
-        if not isinstance(self.spec.mcp, McpStdioServer) or not os.path.isdir("/proc"):
-            return
-        needle = f"{MARKER}={self._marker}".encode()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as environ:
-                    found = needle in environ.read().split(b"\0")
-                if found:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    log.warning("MCP server %r left process %s behind; it was killed", self.name, entry.name)
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
+    async def _server_pid(self) -> int | None:
+        """The pid of the stdio server's process (qwenrun's child that carries the marker)."""
+        if not isinstance(self.spec.mcp, McpStdioServer):
+            return None
+        found = await asyncio.to_thread(processes.marked, self._marker)
+        return next((pid for pid, parent in found if parent == os.getpid()), None)
+
+    async def _reap(self) -> None:
+        """Kill what is left of a stdio server that has gone: every process with its marker."""
+        if isinstance(self.spec.mcp, McpStdioServer):
+            for pid in await asyncio.to_thread(processes.kill_marked, self._marker):
+                log.warning("MCP server %r left process %s behind; it was killed", self.name, pid)
 
     async def _stderr_tail(self, lines: int = 8) -> str:
         """The last lines the server wrote on stderr, as the end of an error message."""
