@@ -69,9 +69,11 @@ class McpToolset:
         """Start every server and add its tools to ``tools`` (the agent's, by name). With
         ``strict``, a tool name taken twice is a ConfigError (every server stopped first)."""
         self._tools = tools
-        for connection in self.connections:
-            connection.on_ready = self._register
         await asyncio.gather(*(connection.start() for connection in self.connections))
+        for connection in self.connections:  # in the file's order: the first one keeps a name
+            if connection.state == "ready":
+                self._register(connection)
+            connection.on_ready = self._register  # a server that comes up later adds its tools then
         self._started = True
         if self.clashes and strict:
             clashes = list(self.clashes)
