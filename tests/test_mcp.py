@@ -11,16 +11,14 @@ session of its own must go too). pytest's ``-W error`` turns unclosed streams in
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp_fixtures import free_port, http_server, stdio
 
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, ToolError
@@ -30,12 +28,6 @@ from qwenrun.mcp import connection
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.tools import Tool, run_call
-
-SERVER = str(Path(__file__).resolve().parent / "mcp_server.py")
-
-
-def stdio(*flags: str, name: str = "test", **entry: Any) -> dict[str, Any]:
-    return {"mcp": {"name": name, "command": sys.executable, "args": [SERVER, *flags]}, **entry}
 
 
 def spec_of(*entries: Any) -> AgentSpec:
@@ -270,34 +262,6 @@ def test_the_file_names_the_server_and_its_secrets_by_variable() -> None:
 
 
 # -- streamable HTTP ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def http_server(port: int) -> Iterator[str]:
-    """The test server on streamable HTTP at 127.0.0.1:``port``, until the block ends."""
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "the HTTP test server exited"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the HTTP test server did not listen in 30 s"
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ keeps its stdout open would hide its death), and every process that still carrie
 the server has gone is killed: :meth:`McpConnection.close` leaves no process of the server behind,
 hung, crashed or not.
 
-A call waits for a server that is starting and fails at once with the last error of one that is
-down. A call that ends without an answer (its time limit, a cancelled turn, a closed connection)
-makes the supervisor ping the server; without an answer in ``PING_TIMEOUT_S`` it is restarted (a
-streamable HTTP server that dies mid-call leaves that call waiting forever: python-sdk #1577). The
-server's stderr goes to a pipe: its last lines end the error messages, all of them are logged at
-debug level.
+A call waits for a server that is starting (or restarts within ``RETRY_WAIT_S``) and fails at once
+with the last error of one that is down. A call that ends without an answer (its time limit, a
+cancelled turn, a closed connection) makes the supervisor ping the server; without an answer in
+``PING_TIMEOUT_S`` it is restarted (a streamable HTTP server that dies mid-call leaves that call
+waiting forever: python-sdk #1577). The server's stderr goes to a pipe: its last lines end the
+error messages, all of them are logged at debug level.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ BACKOFF_MAX_S = 30.0
 PING_TIMEOUT_S = 5.0
 STDERR_LINES = 40
 MAX_TOOLS = 1000
+RETRY_WAIT_S = 2.0  # a call waits for a restart due this soon, instead of failing at once
 WATCH_S = 0.5  # how often the supervisor looks whether a stdio server's process still runs
 
 
@@ -88,7 +89,8 @@ class McpConnection:
         self._check = False
         self._gone = asyncio.Event()
         self._stop = asyncio.Event()
-        self._marker = f"{os.getpid()}-{secrets.token_hex(8)}"  # in the stdio server's environment
+        self._next_start: float | None = None  # loop time of the next start of a server that is down
+        self.marker = f"{os.getpid()}-{secrets.token_hex(8)}"  # in the stdio server's environment
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -147,8 +149,10 @@ class McpConnection:
             if not again:
                 return
             self._wake.clear()
+            self._next_start = asyncio.get_running_loop().time() + delay
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            self._next_start = None
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _serve_once(self) -> None:
@@ -220,7 +224,7 @@ class McpConnection:
             from mcp import StdioServerParameters
             from mcp.client.stdio import stdio_client
 
-            env = {**server.env, processes.MARKER: self._marker}
+            env = {**server.env, processes.MARKER: self.marker}
             for name in server.pass_env:
                 hint = f"MCP server {self.name!r} needs it (pass_env)"
                 env[name] = secret_from_env(name, f"{where}.pass_env", "value", "GITHUB_TOKEN", hint)
@@ -321,9 +325,16 @@ class McpConnection:
         self._wake.set()
 
     async def _ready_session(self) -> tuple[ClientSession, asyncio.Event]:
+        retried = False
         while True:
             if self.state == "ready" and self._session is not None:
                 return self._session, self._gone
+            due = self._next_start
+            soon = due is not None and due - asyncio.get_running_loop().time() <= RETRY_WAIT_S
+            if self.state == "down" and soon and not retried:
+                retried = True  # wait for that one attempt only
+                await self._changed.wait()
+                continue
             if self.state != "starting":
                 raise ToolError(f"MCP server {self.name!r} is not running: {self.error or 'stopped'}")
             await self._changed.wait()
@@ -360,13 +371,13 @@ class McpConnection:
         """The pid of the stdio server's process (qwenrun's child that carries the marker)."""
         if not isinstance(self.spec.mcp, McpStdioServer):
             return None
-        found = await asyncio.to_thread(processes.marked, self._marker)
+        found = await asyncio.to_thread(processes.marked, self.marker)
         return next((pid for pid, parent in found if parent == os.getpid()), None)
 
     async def _reap(self) -> None:
         """Kill what is left of a stdio server that has gone: every process with its marker."""
         if isinstance(self.spec.mcp, McpStdioServer):
-            for pid in await asyncio.to_thread(processes.kill_marked, self._marker):
+            for pid in await asyncio.to_thread(processes.kill_marked, self.marker):
                 log.warning("MCP server %r left process %s behind; it was killed", self.name, pid)
 
     async def _stderr_tail(self, lines: int = 8) -> str:
