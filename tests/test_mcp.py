@@ -125,7 +125,7 @@ async def test_a_server_that_fails_to_start_is_reported_and_the_agent_goes_on(
         assert "failed to start: FileNotFoundError: [Errno 2] No such file or directory" in first["missing"]
         assert first["missing"].endswith("; restarting in 0.5 s")  # retried with backoff
         assert first["quits"].endswith(
-            "failed to start: MCP error -32000: Connection closed; its stderr ends with:\n"
+            "failed to start: the server closed the connection; its stderr ends with:\n"
             "  config error: the test server was told to exit at start; restarting in 0.5 s"
         )
         assert first["unset"].endswith(  # a missing variable is not retried

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 __all__ = ["MARKER", "alive", "kill_marked", "marked"]
 
@@ -46,8 +47,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_marked(value: str) -> list[int]:
-    """SIGKILL every process marked with ``value``; the pids that were killed."""
+def kill_marked(value: str, wait_s: float = 2.0) -> list[int]:
+    """SIGKILL every process marked with ``value`` and wait (up to ``wait_s``) until they are
+    gone; the pids that were killed."""
     killed = []
     for pid, _ in marked(value):
         try:
@@ -55,4 +57,7 @@ def kill_marked(value: str) -> list[int]:
         except OSError:
             continue
         killed.append(pid)
+    deadline = time.monotonic() + wait_s
+    while any(alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return killed
