@@ -236,7 +236,7 @@ def chat_approver(cl: Any, author: str, timeout_s: float) -> Approver:
             cl.Action(name="approve", payload={"approved": True}, label="Approve"),
             cl.Action(name="reject", payload={"approved": False}, label="Reject"),
         ]
-        content = f"Run this tool call?\n\n{fence}text\n{text}\n{fence}"
+        content = f"Run this tool call?\n\n{fence}\n{text}\n{fence}"
         ask = cl.AskActionMessage(content=content, actions=actions, author=author, timeout=timeout_s)
         answer = await ask.send()
         return isinstance(answer, dict) and answer.get("payload", {}).get("approved") is True
