@@ -212,7 +212,8 @@ class Tool:
         try:
             errors = sorted(self._validator.iter_errors(arguments), key=lambda error: list(error.path))
         except Exception as exc:  # e.g. a $ref that cannot be resolved
-            raise ToolError(f"cannot check the arguments of {self.name}: {_describe(exc)[:200]}") from None
+            reason = str(exc)[:200] or type(exc).__name__  # e.g. "Unresolvable: https://..."
+            raise ToolError(f"cannot check the arguments of {self.name}: {reason}") from None
         if errors:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in error.path) or 'arguments'}: {error.message[:200]}"

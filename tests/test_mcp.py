@@ -26,7 +26,7 @@ from qwenrun.events import ToolResult
 from qwenrun.hermes import ToolCall
 from qwenrun.mcp import connection
 from qwenrun.mcp.processes import alive
-from qwenrun.mcp.toolset import McpToolset
+from qwenrun.mcp.toolset import McpToolset, result_text
 from qwenrun.tools import Tool, run_call
 
 
@@ -308,3 +308,30 @@ async def test_an_http_server_that_goes_away_is_reconnected_with_backoff(
     finally:
         await servers.close()
     assert server.failures >= 1
+
+
+def test_results_become_text_for_the_model() -> None:
+    from mcp import types
+
+    mixed = types.CallToolResult(
+        content=[
+            types.TextContent(type="text", text="first"),
+            types.ImageContent(type="image", data="aGVsbG8h", mimeType="image/png"),
+            types.EmbeddedResource(
+                type="resource",
+                resource=types.TextResourceContents(uri="file:///notes.txt", text="inside", mimeType="text/plain"),
+            ),
+            types.EmbeddedResource(
+                type="resource",
+                resource=types.BlobResourceContents(uri="file:///a.bin", blob="AAAA", mimeType=None),
+            ),
+            types.ResourceLink(type="resource_link", uri="file:///b.txt", name="b.txt"),
+        ]
+    )
+    assert result_text(mixed) == (
+        "first\n(image image/png, about 6 bytes: not shown)\ninside\n"
+        "(resource file:///a.bin, binary data: not shown)\n(resource file:///b.txt: b.txt)"
+    )
+    structured = types.CallToolResult(content=[], structuredContent={"时间": "12:00"})
+    assert result_text(structured) == '{"时间": "12:00"}'
+    assert result_text(types.CallToolResult(content=[])) is None
