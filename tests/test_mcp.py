@@ -11,7 +11,9 @@ session of its own must go too). pytest's ``-W error`` turns unclosed streams in
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +30,16 @@ from qwenrun.mcp import connection
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
 from qwenrun.tools import Tool, run_call
+
+
+@pytest.fixture(autouse=True)
+def nothing_unclosed() -> Iterator[None]:
+    """After each test: collecting garbage warns of no unclosed stream, file or socket."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def spec_of(*entries: Any) -> AgentSpec:
