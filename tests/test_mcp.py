@@ -26,7 +26,7 @@ from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.events import ToolResult
 from qwenrun.hermes import ToolCall
-from qwenrun.mcp import connection
+from qwenrun.mcp import connection, processes
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
 from qwenrun.tools import Tool, run_call
@@ -128,9 +128,10 @@ async def test_a_server_that_fails_to_start_is_reported_and_the_agent_goes_on(
     quits = stdio("--exit-at-start", name="quits")
     unset = stdio(name="unset")
     unset["mcp"]["pass_env"] = ["QWENRUN_TEST_NOT_SET"]
-    async with toolset(missing, quits, unset, stdio(name="fine", allow=["add"])) as (servers, tools):
+    mute = {"mcp": {"name": "mute", "command": "sleep", "args": ["600"]}, "startup_timeout_s": 1}
+    async with toolset(missing, quits, unset, mute, stdio(name="fine", allow=["add"])) as (servers, tools):
         assert list(tools) == ["add"]  # the working server's tools are there
-        assert servers.connections[3].state == "ready"
+        assert servers.connections[4].state == "ready"
         first = {}
         for record in caplog.records:
             first.setdefault(record.getMessage().split("'")[1], record.getMessage())
@@ -144,10 +145,13 @@ async def test_a_server_that_fails_to_start_is_reported_and_the_agent_goes_on(
             "failed to start: tests/mcp.yaml: tools[2].mcp.pass_env: environment variable "
             "QWENRUN_TEST_NOT_SET is not set or empty; MCP server 'unset' needs it (pass_env)"
         )
+        assert first["mute"].endswith("failed to start: no answer to initialize and tools/list within 1 s; "
+                                      "restarting in 0.5 s")  # fmt: skip
         assert servers.connections[2].state == "down"
         with pytest.raises(ToolError, match=r"(?s)^MCP server 'quits' is not running: .*exit at start"):
             await servers.connections[1].call_tool("add", {})
-    assert [c.state for c in servers.connections] == ["stopped"] * 4
+    assert [c.state for c in servers.connections] == ["stopped"] * 5
+    assert not processes.marked(servers.connections[3].marker)  # the mute one was killed
 
 
 async def test_a_server_that_dies_mid_call_is_restarted_and_leaves_nothing(

@@ -157,7 +157,6 @@ class McpConnection:
 
     async def _serve_once(self) -> None:
         """Open the transport and the session, list the tools, then wait for stop or death."""
-        import anyio
         from mcp import ClientSession
         from mcp import types as mcp_types
 
@@ -177,9 +176,9 @@ class McpConnection:
                     client_info=mcp_types.Implementation(name="qwenrun", version=__version__),
                 )
             )
-            with anyio.fail_after(self.spec.startup_timeout_s):
-                await session.initialize()
-                self.listed = await _list_tools(session)
+            self.listed = await self._initialize(session)
+            if self._stopping:
+                return
             self._session = session
             self._set("ready")
             if self.on_ready is not None:
@@ -199,6 +198,29 @@ class McpConnection:
                 if self._check:
                     self._check = False
                     await self._ping(session)
+
+    async def _initialize(self, session: ClientSession) -> list[types.Tool]:
+        """``initialize`` and ``tools/list`` within ``startup_timeout_s`` (a stop cuts it short)."""
+
+        async def handshake() -> list[types.Tool]:
+            await session.initialize()
+            return await _list_tools(session)
+
+        started = asyncio.ensure_future(handshake())
+        started.add_done_callback(_retrieve)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({started, stop}, timeout=self.spec.startup_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            stop.cancel()
+            if not started.done():
+                started.cancel()
+        if self._stopping:
+            return []
+        if not started.done() or started.cancelled():
+            raise TimeoutError
+        return started.result()
 
     async def _ping(self, session: ClientSession) -> None:
         """ServerGone unless the server answers a ping in time (a stop cuts the wait short)."""
