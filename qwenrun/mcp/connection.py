@@ -144,8 +144,9 @@ class McpConnection:
             self._set("down", error + (f" (next start in {delay:g} s)" if again else ""))
             self.failures += 1
             what = "stopped" if came_up else "failed to start"
-            log.warning("MCP server %r (%s) %s: %s%s", self.name, self.where, what, error,
-                        f"; restarting in {delay:g} s" if again else "")  # fmt: skip
+            level = logging.WARNING if self.restart else logging.DEBUG  # else the caller reports it
+            log.log(level, "MCP server %r (%s) %s: %s%s", self.name, self.where, what, error,
+                    f"; restarting in {delay:g} s" if again else "")  # fmt: skip
             if not again:
                 return
             self._wake.clear()

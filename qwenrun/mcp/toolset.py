@@ -53,6 +53,7 @@ class McpToolset:
         self.problems: dict[str, list[str]] = {}  # by server name: its tools that were left out
         self.added: dict[str, list[Tool]] = {}  # by server name: its tools in the agent's tools
         self.clashes: list[str] = []
+        self._level = logging.WARNING if restart else logging.DEBUG  # a survey reports by itself
         self._tools: dict[str, Tool] = {}
         self._started = False
 
@@ -89,7 +90,7 @@ class McpToolset:
         built, problems = build_tools(connection)
         self.problems[connection.name] = problems
         for problem in problems:
-            log.warning("%s: MCP server %r: %s", connection.where, connection.name, problem)
+            log.log(self._level, "%s: MCP server %r: %s", connection.where, connection.name, problem)
         added = self.added.setdefault(connection.name, [])
         for tool in built:
             owner = self._tools.get(tool.name)
