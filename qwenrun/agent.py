@@ -119,9 +119,11 @@ class Agent:
         await self.mcp.start(self.tools)
         choice = self.spec.agent.tool_choice
         if choice not in ("auto", "none", "required") and choice not in self.tools:
+            down = [c.name for c in self.mcp.connections if c.state != "ready"]
             raise ConfigError(
                 f"{self.spec.source}: agent.tool_choice: {choice!r} is not a tool of this agent "
-                f"(tools: {', '.join(self.tools) or 'none'})"
+                f"(tools: {', '.join(self.tools) or 'none'}"
+                + (f"; MCP servers that did not start: {', '.join(down)})" if down else ")")
             )
 
     async def shutdown(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from mcp_fixtures import free_port, http_server, stdio
 
+from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.events import ToolResult
@@ -29,6 +30,7 @@ from qwenrun.hermes import ToolCall
 from qwenrun.mcp import connection, processes
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
+from qwenrun.testing import ScriptedEngine, tool_call_text
 from qwenrun.tools import Tool, run_call
 
 
@@ -351,3 +353,18 @@ def test_results_become_text_for_the_model() -> None:
     structured = types.CallToolResult(content=[], structuredContent={"时间": "12:00"})
     assert result_text(structured) == '{"时间": "12:00"}'
     assert result_text(types.CallToolResult(content=[])) is None
+
+
+async def test_the_agent_starts_and_stops_its_servers_and_checks_tool_choice_then() -> None:
+    data = {"model": {"path": "m"}, "agent": {"tool_choice": "echo"}, "tools": [stdio(allow=["echo"])]}
+    script = [tool_call_text("echo", {"text": "回声"}), "done"]
+    agent = Agent(AgentSpec.from_dict(data), ScriptedEngine(script))  # valid: echo is known at start
+    async with agent:
+        final = await agent.ask("say it")
+        assert (final.text, final.tool_calls) == ("done", 1)
+        assert agent.engine.calls[1].messages[-1]["content"] == "回声"  # type: ignore[attr-defined]
+    assert agent.mcp.connections[0].state == "stopped"
+    wrong = Agent(AgentSpec.from_dict({**data, "agent": {"tool_choice": "nope"}}), ScriptedEngine([]))
+    with pytest.raises(ConfigError, match=r"agent.tool_choice: 'nope' is not a tool of this agent \(tools: echo\)$"):
+        await wrong.start()
+    assert wrong.mcp.connections[0].state == "stopped"  # a failed start stops the servers
