@@ -7,7 +7,9 @@ every tool failure becomes an ``Error: ...`` tool result the model can read. ``t
 (then it falls back to ``auto`` so the model can answer), and a malformed call is retried once with
 a grammar-forced call. Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a
 call the model repeats with the same arguments in one turn is not run again: the model is asked for
-its answer with the tools off.
+its answer with the tools off. A tool with ``approval: ask`` runs only if the session's approver (a
+callback its front end gives, :mod:`qwenrun.approval`) says yes; ``deny`` never runs. The agent's
+MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add their tools to it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import hermes
+from qwenrun.approval import Approver, review
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
+from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.mcp.toolset import McpToolset
 from qwenrun.observability import Telemetry, TurnTelemetry
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.tools import Tool, run_call
@@ -54,6 +59,7 @@ class Agent:
         strict_plugins: bool = True,
         store: SessionStore | None = None,
         telemetry: Telemetry | None = None,
+        mcp: McpToolset | None = None,
     ) -> None:
         self.spec = spec
         self.store = store  # sessions record every message here (None: in memory only)
@@ -67,6 +73,7 @@ class Agent:
         for tool in tools:
             built = tool if isinstance(tool, Tool) else Tool.from_function(tool)
             self.tools[built.name] = built
+        self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
 
@@ -96,10 +103,34 @@ class Agent:
         return schemas
 
     async def start(self) -> None:
-        await self.engine.start()
+        """Start the engine and the MCP servers (at the same time); on a failure, stop the servers."""
+        try:
+            results = await asyncio.gather(self.engine.start(), self._start_mcp(), return_exceptions=True)
+            failed = next((result for result in results if isinstance(result, BaseException)), None)
+            if failed is not None:
+                raise failed
+        except BaseException:
+            await self.mcp.close()
+            raise
+
+    async def _start_mcp(self) -> None:
+        if not self.mcp:
+            return
+        await self.mcp.start(self.tools)
+        choice = self.spec.agent.tool_choice
+        if choice not in ("auto", "none", "required") and choice not in self.tools:
+            down = [c.name for c in self.mcp.connections if c.state != "ready"]
+            raise ConfigError(
+                f"{self.spec.source}: agent.tool_choice: {choice!r} is not a tool of this agent "
+                f"(tools: {', '.join(self.tools) or 'none'}"
+                + (f"; MCP servers that did not start: {', '.join(down)})" if down else ")")
+            )
 
     async def shutdown(self) -> None:
-        await self.engine.shutdown()
+        try:
+            await self.engine.shutdown()
+        finally:
+            await self.mcp.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
 
@@ -110,9 +141,12 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
 
-    def session(self, session_id: str | None = None, *, record: bool = True) -> Session:
-        """A new session, or the stored one of that id (resumed from :attr:`store`)."""
-        return Session(self, session_id, record=record)
+    def session(
+        self, session_id: str | None = None, *, record: bool = True, approver: Approver | None = None
+    ) -> Session:
+        """A new session, or the stored one of that id (resumed from :attr:`store`). ``approver``
+        decides the calls of ``approval: ask`` tools (without one they are refused)."""
+        return Session(self, session_id, record=record, approver=approver)
 
     async def ask(self, prompt: str) -> Final:
         """Answer one question in a fresh session."""
@@ -122,8 +156,16 @@ class Agent:
 class Session:
     """One conversation: its history (without the system prompt) and its turns."""
 
-    def __init__(self, agent: Agent, session_id: str | None = None, *, record: bool = True) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        session_id: str | None = None,
+        *,
+        record: bool = True,
+        approver: Approver | None = None,
+    ) -> None:
         self.agent = agent
+        self.approver = approver  # asked before each call of an `approval: ask` tool
         self.id = session_id or uuid.uuid4().hex
         self.messages: list[dict[str, Any]] = []
         self.store = agent.store if record else None  # each message is recorded as it is added
@@ -244,12 +286,10 @@ class Session:
             if not spec.parallel_tool_calls:
                 calls = calls[:1]
             self._record(_assistant_message(step.result.content, calls), usage_meta(step.usage))
-            for call in calls:
-                yield ToolCall(call.id, call.name, call.arguments)
-            if len(calls) == 1:  # no gather task: under load each task hop is a loop iteration
-                results = [await self._run_tool(calls[0])]
-            else:
-                results = await asyncio.gather(*(self._run_tool(call) for call in calls))
+            shown = [ToolCall(call.id, call.name, call.arguments) for call in calls]
+            for event in shown:
+                yield event
+            results = await self._run_calls(calls, shown)
             for result in results:
                 self._record(
                     {
@@ -324,6 +364,23 @@ class Session:
             repaired = True
             choice = hermes.intended_tool(bad[0], agent.tools)
             yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
+
+    async def _run_calls(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
+        """Ask the approver about each call that needs it (one at a time, in order), then run the
+        approved calls in parallel; a refused call's result says why it did not run."""
+        results: list[ToolResult | None] = [None] * len(calls)
+        for index, event in enumerate(shown):
+            tool = self.agent.tools.get(event.name)
+            if tool is not None and tool.approval != "auto":
+                results[index] = await review(event, tool.approval, tool.origin, self.approver)
+        runnable = [index for index, result in enumerate(results) if result is None]
+        if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
+            results[runnable[0]] = await self._run_tool(calls[runnable[0]])
+        elif runnable:
+            ran = await asyncio.gather(*(self._run_tool(calls[index]) for index in runnable))
+            for index, result in zip(runnable, ran, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()

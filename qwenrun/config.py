@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import Field, PositiveInt, PrivateAttr, ValidationError, field_validator
+from pydantic import Discriminator, Field, PositiveInt, PrivateAttr, Tag, ValidationError, field_validator
 
+from qwenrun.approval import Approval
 from qwenrun.engines import EngineSpec, VLLMEngineSpec
 from qwenrun.errors import ConfigError
 from qwenrun.frontends import CliFrontend, Frontend
@@ -30,6 +31,7 @@ from qwenrun.loading import (
     safe_load,
     upgrade,
 )
+from qwenrun.mcp.spec import McpToolsSpec
 from qwenrun.settings import Settings
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "ModelSpec",
     "SamplingSpec",
     "SessionsSpec",
+    "ToolEntrySpec",
     "ToolSpec",
 ]
 
@@ -106,6 +109,19 @@ class ToolSpec(Settings):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
     settings: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0)
+    approval: Approval = Field("auto", description="auto | ask (a person approves each call) | deny.")
+
+
+def _tool_kind(value: Any) -> str:
+    mcp = value.get("mcp") if isinstance(value, dict) else getattr(value, "mcp", None)
+    return "mcp" if mcp is not None else "plugin"
+
+
+ToolEntrySpec = Annotated[
+    Annotated[ToolSpec, Tag("plugin")] | Annotated[McpToolsSpec, Tag("mcp")],
+    Discriminator(_tool_kind),
+]
+"""One entry of ``tools:``: an entry-point tool (a name), or the tools of an MCP server (``mcp:``)."""
 
 
 class SessionsSpec(Settings):
@@ -132,7 +148,7 @@ class AgentSpec(Settings):
     engine: EngineSpec = Field(default_factory=lambda: VLLMEngineSpec())
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec())
     agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
-    tools: list[ToolSpec] = Field(default_factory=list)
+    tools: list[ToolEntrySpec] = Field(default_factory=list)
     frontend: Frontend = Field(default_factory=lambda: CliFrontend())
     sessions: SessionsSpec = Field(default_factory=lambda: SessionsSpec())
 
@@ -149,6 +165,16 @@ class AgentSpec(Settings):
         if isinstance(value, list):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @property
+    def plugin_tools(self) -> list[tuple[int, ToolSpec]]:
+        """The entry-point tools of ``tools:``, with their index in it."""
+        return [(index, tool) for index, tool in enumerate(self.tools) if isinstance(tool, ToolSpec)]
+
+    @property
+    def mcp_servers(self) -> list[tuple[int, McpToolsSpec]]:
+        """The MCP server entries of ``tools:``, with their index in it."""
+        return [(index, tool) for index, tool in enumerate(self.tools) if isinstance(tool, McpToolsSpec)]
 
     # -- the loading ladder ------------------------------------------------------------------
 
@@ -195,26 +221,53 @@ class AgentSpec(Settings):
 
     def _check(self) -> None:
         choice = self.agent.tool_choice
-        names = [tool.name for tool in self.tools]
-        if choice not in ("auto", "none", "required") and choice not in names:
+        names = [tool.name for _, tool in self.plugin_tools]
+        servers = self.mcp_servers
+        # an MCP server's tool names are known when it starts (Agent.start checks tool_choice then)
+        if choice not in ("auto", "none", "required") and choice not in names and not servers:
             raise ConfigError(
                 f"{self.source}: agent.tool_choice: {choice!r} is not 'auto', 'none', 'required' "
                 f"or a tool of this agent ({', '.join(names) or 'none declared'})"
             )
-        if choice == "required" and not names:
+        if choice == "required" and not self.tools:
             raise ConfigError(f"{self.source}: agent.tool_choice: 'required' but the agent has no tools")
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")
+        self._check_mcp_names()
         problem = self.engine.layout_problem() if isinstance(self.engine, VLLMEngineSpec) else None
         if problem:
             raise ConfigError(f"{self.source}: engine: {problem}")
         self.system_prompt()  # a bad template fails validation, not the first turn
 
+    def _check_mcp_names(self) -> None:
+        """Server names are unique, and the tools that ``allow`` lists clash with no other tool
+        (the full lists are known only when the servers start: ``Agent.start`` checks them)."""
+        seen: dict[str, int] = {}
+        for index, entry in self.mcp_servers:
+            if entry.name in seen:
+                raise ConfigError(
+                    f"{self.source}: tools[{index}].mcp.name: {entry.name!r} is also the name of "
+                    f"tools[{seen[entry.name]}]"
+                )
+            seen[entry.name] = index
+        owners = {tool.name: f"tools[{index}] (an entry-point tool)" for index, tool in self.plugin_tools}
+        for index, entry in self.mcp_servers:
+            for name in entry.allow or ():
+                full = entry.prefix + name
+                here = f"tools[{index}] (MCP server {entry.name!r})"
+                if full in owners and owners[full] != here:
+                    raise ConfigError(
+                        f"{self.source}: tools[{index}].allow: tool {full!r} of {here} clashes with "
+                        f"{full!r} of {owners[full]}; set `prefix:` on the server or leave it out"
+                    )
+                owners[full] = here
+
     def system_prompt(self, **extra: Any) -> str:
         """Render ``agent.system_prompt`` in a jinja2 sandbox with ``agent.variables``."""
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-        context = {**self.agent.variables, "agent": self.agent.name, "tools": [t.name for t in self.tools]}
+        tools = [tool.name for _, tool in self.plugin_tools]
+        context = {**self.agent.variables, "agent": self.agent.name, "tools": tools}
         try:
             return env.from_string(self.agent.system_prompt).render(**context, **extra)
         except TemplateError as exc:
@@ -229,4 +282,4 @@ class AgentSpec(Settings):
         return self.model.served_model_name or self.model.path
 
     def tool(self, name: str) -> ToolSpec | None:
-        return next((tool for tool in self.tools if tool.name == name), None)
+        return next((tool for _, tool in self.plugin_tools if tool.name == name), None)

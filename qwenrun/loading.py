@@ -197,7 +197,12 @@ def describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
 
 
 def _tagged(annotation: Any) -> dict[str, type[BaseModel]]:
-    """The members of a tagged union (``Annotated[X, Tag("x")] | ...``) by tag; {} for other types."""
+    """The members of a tagged union (``Annotated[X, Tag("x")] | ...``) by tag, also of the items of a
+    list of them; {} for other types."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     members: dict[str, type[BaseModel]] = {}
     for arg in typing.get_args(annotation):
         model = typing.get_args(arg)[0] if typing.get_origin(arg) is typing.Annotated else arg

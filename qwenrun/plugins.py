@@ -61,6 +61,7 @@ class ToolEntry:
             settings=spec.settings if spec else None,
             timeout_s=spec.timeout_s if spec else None,
             origin=self.origin,
+            approval=spec.approval if spec else "auto",
         )
 
 
@@ -103,17 +104,18 @@ def _unknown_tool(spec: AgentSpec, index: int, name: str, installed: Sequence[st
 def check_tools(spec: AgentSpec) -> None:
     """Fail validation for a tool name that no installed plugin provides (metadata only)."""
     installed = installed_tools()
-    for index, tool in enumerate(spec.tools):
+    for index, tool in spec.plugin_tools:
         if tool.name not in installed:
             raise _unknown_tool(spec, index, tool.name, list(installed))
 
 
 def load_tools(spec: AgentSpec, *, strict: bool = True) -> list[Tool]:
-    """Load the agent's tools. Unknown names and bad settings are ConfigErrors. A plugin that
-    fails to import is a PluginError when ``strict``, else logged and skipped."""
+    """Load the agent's entry-point tools (its MCP servers' tools come when they start: see
+    :mod:`qwenrun.mcp`). Unknown names and bad settings are ConfigErrors. A plugin that fails to
+    import is a PluginError when ``strict``, else logged and skipped."""
     installed = installed_tools()
     tools: list[Tool] = []
-    for index, tool_spec in enumerate(spec.tools):
+    for index, tool_spec in spec.plugin_tools:
         entry = installed.get(tool_spec.name)
         if entry is None:
             raise _unknown_tool(spec, index, tool_spec.name, list(installed))

@@ -4,7 +4,8 @@
 The schema comes from the signature and the Google/NumPy/reST docstring through pydantic's public
 API (``create_model`` + ``model_json_schema``). A keyword-only parameter named ``settings`` annotated
 with a pydantic model is hidden from the model and filled from the agent YAML
-(``tools: [{name: ..., settings: {...}}]``).
+(``tools: [{name: ..., settings: {...}}]``). A tool can also be a JSON schema plus an async call
+(:meth:`Tool.from_schema`, what an MCP server's tools become); ``jsonschema`` checks its arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -26,6 +27,7 @@ import docstring_parser
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from qwenrun.approval import Approval
 from qwenrun.errors import PluginError, ToolError
 from qwenrun.events import ToolResult
 from qwenrun.hermes import ToolCall
@@ -45,12 +47,14 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     function: Callable[..., Any]
-    arguments_model: type[BaseModel]
+    arguments_model: type[BaseModel] | None  # None: checked by ``_validator`` (a JSON schema tool)
     settings_model: type[BaseModel] | None = None
     settings: BaseModel | None = None
     timeout_s: float | None = None
     origin: str = ""
     _is_async: bool = field(default=False, repr=False)
+    approval: Approval = "auto"
+    _validator: Any = field(default=None, repr=False)  # a jsonschema validator of the arguments
 
     @classmethod
     def from_function(
@@ -61,6 +65,7 @@ class Tool:
         settings: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
         origin: str = "",
+        approval: Approval = "auto",
     ) -> Tool:
         """Build a tool from a typed function. Raises PluginError for an unusable signature and
         pydantic's ValidationError for bad settings (the caller knows where they came from)."""
@@ -122,6 +127,62 @@ class Tool:
             timeout_s=timeout_s,
             origin=origin,
             _is_async=inspect.iscoroutinefunction(function),
+            approval=approval,
+        )
+
+    @classmethod
+    def from_schema(
+        cls,
+        name: str,
+        description: str,
+        parameters: Any,
+        call: Callable[[dict[str, Any]], Awaitable[Any]],
+        *,
+        timeout_s: float | None = None,
+        origin: str = "",
+        approval: Approval = "auto",
+    ) -> Tool:
+        """A tool whose arguments a JSON schema describes (an MCP server's ``inputSchema``) and
+        that ``call(arguments)`` runs. PluginError when ``parameters`` is not a valid JSON Schema
+        of an object (a schema the model and the engine's grammar could not use)."""
+        from jsonschema import Draft202012Validator, SchemaError
+        from jsonschema.validators import validator_for
+        from referencing import Registry
+
+        if not isinstance(parameters, dict):
+            kind = type(parameters).__name__
+            raise PluginError(f"tool {name!r}: its input schema is a {kind}, not an object")
+        if parameters.get("type", "object") != "object":
+            declared = parameters.get("type")
+            raise PluginError(f"tool {name!r}: its input schema has type {declared!r}, not 'object'")
+        try:
+            checker = validator_for(parameters, default=Draft202012Validator)
+            checker.check_schema(parameters)
+            validator = checker(parameters, registry=Registry())  # no $ref is fetched from anywhere
+        except SchemaError as exc:
+            where = "/".join(str(part) for part in exc.path) or "the top level"
+            raise PluginError(
+                f"tool {name!r}: its input schema is not a valid JSON Schema "
+                f"(at {where}: {exc.message[:200]})"
+            ) from None
+        except Exception as exc:  # an unknown $schema, a schema jsonschema cannot read at all
+            problem = _describe(exc)[:200]
+            raise PluginError(f"tool {name!r}: cannot read its input schema: {problem}") from None
+
+        async def function(**arguments: Any) -> Any:
+            return await call(arguments)
+
+        return cls(
+            name=name,
+            description=description,
+            parameters={"type": "object", "properties": {}, **parameters},
+            function=function,
+            arguments_model=None,
+            timeout_s=timeout_s,
+            origin=origin,
+            _is_async=True,
+            approval=approval,
+            _validator=validator,
         )
 
     def openai_schema(self) -> dict[str, Any]:
@@ -133,6 +194,8 @@ class Tool:
 
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Check the model's arguments against the schema; ToolError names each bad argument."""
+        if self.arguments_model is None:
+            return self._check_json(dict(arguments))
         try:
             model = self.arguments_model.model_validate(dict(arguments))
         except ValidationError as exc:
@@ -142,6 +205,22 @@ class Tool:
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
         return {name: getattr(model, name) for name in type(model).model_fields}
+
+    def _check_json(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        if self._validator is None:
+            return arguments
+        try:
+            errors = sorted(self._validator.iter_errors(arguments), key=lambda error: list(error.path))
+        except Exception as exc:  # e.g. a $ref that cannot be resolved
+            reason = str(exc)[:200] or type(exc).__name__  # e.g. "Unresolvable: https://..."
+            raise ToolError(f"cannot check the arguments of {self.name}: {reason}") from None
+        if errors:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error.path) or 'arguments'}: {error.message[:200]}"
+                for error in errors[:8]
+            )
+            raise ToolError(f"invalid arguments for {self.name}: {problems}")
+        return arguments
 
     async def call(self, arguments: Mapping[str, Any]) -> Any:
         """Validate, then run the tool (a sync one on a daemon thread of its own). Exceptions
@@ -270,7 +349,7 @@ async def run_call(tools: Mapping[str, Tool], call: ToolCall, *, timeout_s: floa
         except asyncio.CancelledError:  # raised by the tool itself: this turn was not cancelled
             content, is_error = f"Error: {tool.name} was cancelled", True
         except ToolError as exc:
-            content, is_error = f"Error: {exc}", True
+            content, is_error = format_result(f"Error: {exc}", limit), True
         except Exception as exc:  # a tool's own failure is data for the model, not a crash
             content, is_error = format_result(f"Error: {_describe(exc)}", limit), True
     return ToolResult(call.id, call.name, content, is_error, time.perf_counter() - started)

@@ -163,7 +163,7 @@ def test_kinds_default_to_vllm_and_cli() -> None:
                "qwenrun.engines.openai", "qwenrun.frontends.base", "qwenrun.cli"],
 )  # fmt: skip
 def test_importing_does_not_load_vllm_torch_or_the_front_end_extras(module: str) -> None:
-    heavy = ("vllm", "torch", "chainlit", "fastapi", "openai")
+    heavy = ("vllm", "torch", "chainlit", "fastapi", "openai", "mcp")
     code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""

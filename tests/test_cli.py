@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from mcp_fixtures import SERVER, stdio
 
 from qwenrun import __version__
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
 from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 ROOT = Path(__file__).parent.parent
 AGENTS = sorted(str(p) for p in (ROOT / "agents").glob("*.yaml"))
@@ -196,3 +197,70 @@ def test_up_with_a_bad_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli_main, ["up", str(bad)])
     assert result.exit_code == 2
     assert result.output == f"Error: {bad}: frontend.port: Input should be less than or equal to 65535\n"
+
+
+# -- MCP servers in an agent file ----------------------------------------------------------------
+
+
+def mcp_file(tmp_path: Path, *entries: object) -> str:
+    path = tmp_path / "mcp-agent.yaml"
+    path.write_text(json.dumps({"model": {"path": "scripted"}, "tools": list(entries)}), encoding="utf-8")
+    return str(path)
+
+
+def test_validate_starts_no_mcp_server(runner: CliRunner, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    path = mcp_file(tmp_path, "get_current_weather", {"mcp": {"name": "probe", "command": "sh", "args": ["-c", f"touch {started}"]}})
+    result = runner.invoke(cli_main, ["validate", path])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{path}: ok (qwenrun-agent, 1 tools, 1 MCP servers, frontend cli)\n"
+    assert not started.exists()
+    listed = runner.invoke(cli_main, ["tools", "--agent", path])  # this one starts it: it is no MCP server
+    assert started.exists()
+    assert listed.exit_code == 0 and "(MCP server 'probe' did not start: the server closed the connection)" in listed.output
+
+
+def test_tools_of_an_agent_file_include_its_mcp_tools(runner: CliRunner, tmp_path: Path) -> None:
+    path = mcp_file(tmp_path, "get_current_weather", stdio(allow=["add", "echo"], approval={"echo": "ask"}))
+    result = runner.invoke(cli_main, ["tools", "--agent", path])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if not line.startswith("Starting")}
+    assert list(lines) == ["get_current_weather", "add", "echo"]
+    assert "MCP server 'test' (tools[1])" in lines["add"] and "Add two integers." in lines["add"]
+    assert lines["echo"].endswith("[approval: ask]")
+    shown = runner.invoke(cli_main, ["tools", "show", "add", "--agent", path])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["function"]["parameters"]["required"] == ["a", "b"]
+
+
+def test_tools_doctor_starts_each_server_and_says_what_is_wrong(runner: CliRunner, tmp_path: Path) -> None:
+    path = mcp_file(
+        tmp_path,
+        stdio("--malformed", allow=["echo", "broken_schema"]),
+        {"mcp": {"name": "missing", "command": str(tmp_path / "nothing-here")}},
+        stdio("--exit-at-start", name="quits"),
+    )
+    result = runner.invoke(cli_main, ["tools", "--doctor", "--agent", path])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert f"ok     MCP server 'test' (stdio: {sys.executable} {SERVER} --malformed): 1 tools: echo" in lines
+    assert any(line.startswith("WARN   MCP server 'test'") and "tool 'broken_schema': its input schema is not a valid"
+               in line for line in lines)  # fmt: skip
+    assert any(line.startswith("BROKEN MCP server 'missing'") and "FileNotFoundError" in line for line in lines)
+    assert "  config error: the test server was told to exit at start" in lines
+    assert lines[-1] == "Error: 2 MCP server(s) with problems; see above"
+
+
+def test_run_mixes_entry_point_and_mcp_tools(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = mcp_file(tmp_path, "get_current_weather", stdio(allow=["echo"]))
+
+    def script(request: ModelRequest) -> str:
+        if request.messages[-1]["role"] == "user":
+            return tool_call_text("get_current_weather", {"city": "广州"}) + tool_call_text("echo", {"text": "回声"})
+        return "done"
+
+    monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, ScriptedEngine(script)))
+    result = runner.invoke(cli_main, ["run", path, "-p", "go"])
+    assert result.exit_code == 0, result.output
+    assert "← 目前广州多云到晴，气温28~31℃，吹轻微的偏北风。" in result.output
+    assert "← 回声" in result.output and result.output.rstrip().endswith("done")

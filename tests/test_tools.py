@@ -154,3 +154,56 @@ def test_format_result_of_an_object_uses_str() -> None:
             return "odd"
 
     assert format_result(Odd(), limit=100) == '"odd"'
+
+
+# -- a tool from a JSON schema (what an MCP server's tools become) ---------------------------------
+
+
+async def record(arguments: dict[str, Any]) -> Any:
+    return {"got": arguments}
+
+
+ADD_SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "minimum": 0}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_schema_tool_checks_its_arguments_then_calls() -> None:
+    tool = Tool.from_schema("add", "Add.", ADD_SCHEMA, record, timeout_s=3, origin="somewhere", approval="ask")
+    assert tool.openai_schema() == {"type": "function", "function": {"name": "add", "description": "Add.", "parameters": ADD_SCHEMA}}
+    assert (tool.timeout_s, tool.origin, tool.approval) == (3, "somewhere", "ask")
+    assert await tool.call({"a": 1, "b": 2}) == {"got": {"a": 1, "b": 2}}
+    with pytest.raises(ToolError) as bad:
+        await tool.call({"a": "1", "b": -1, "c": 0})
+    assert str(bad.value) == (
+        "invalid arguments for add: arguments: Additional properties are not allowed ('c' was unexpected); "
+        "a: '1' is not of type 'integer'; b: -1 is less than the minimum of 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ([], "tool 't': its input schema is a list, not an object"),
+        ({"type": "array"}, "tool 't': its input schema has type 'array', not 'object'"),
+        ({"type": "object", "properties": {"x": {"type": "nonsense"}}},
+         "tool 't': its input schema is not a valid JSON Schema (at properties/x/type: 'nonsense' is not valid "
+         "under any of the given schemas)"),
+        ({"type": "object", "required": "x"}, "tool 't': its input schema is not a valid JSON Schema (at required: "
+         "'x' is not of type 'array')"),
+    ],
+)  # fmt: skip
+def test_a_malformed_schema_is_a_plugin_error(schema: Any, message: str) -> None:
+    with pytest.raises(PluginError) as error:
+        Tool.from_schema("t", "", schema, record)
+    assert str(error.value) == message
+
+
+async def test_a_schema_without_type_is_an_object_and_refs_are_never_fetched() -> None:
+    tool = Tool.from_schema("t", "", {"properties": {"x": {"$ref": "https://example.com/x.json"}}}, record)
+    assert tool.parameters == {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
+    with pytest.raises(ToolError, match=r"^cannot check the arguments of t: Unresolvable: https://example.com/x.json$"):
+        await tool.call({"x": 1})

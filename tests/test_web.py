@@ -518,3 +518,20 @@ def test_reload_agent_keeps_the_engine(cl: Any, config: Any, tmp_path: Path) -> 
     path.write_text("model: [", encoding="utf-8")
     with pytest.raises(ConfigError, match="YAML syntax error"):
         web.reload_agent(chat, path)
+
+
+def test_reload_agent_keeps_the_mcp_servers_or_asks_for_a_restart(cl: Any, config: Any, tmp_path: Path) -> None:
+    from mcp_fixtures import SERVER
+
+    mcp = f"  - mcp: {{name: test, command: {sys.executable}, args: [{SERVER}]}}\n    allow: [echo]\n"
+    with_mcp = YAML.replace("  - get_current_weather\n", "  - get_current_weather\n" + mcp)
+    path = tmp_path / "agent.yaml"
+    path.write_text(with_mcp, encoding="utf-8")
+    old = make_agent(yaml=with_mcp)
+    chat = web.build_app(old)
+    path.write_text(with_mcp.replace("title: Weather test", "title: Weather v2"), encoding="utf-8")
+    assert web.reload_agent(chat, path) is True
+    assert chat.agent.mcp is old.mcp  # the running servers are kept (none started here)
+    path.write_text(with_mcp.replace("allow: [echo]", "allow: [add]"), encoding="utf-8")
+    assert web.reload_agent(chat, path) is False  # other MCP tools need a restart
+    assert chat.agent.spec.tools == old.spec.tools

@@ -4,11 +4,13 @@ The server runs in a subprocess (Chainlit ends its process with ``os._exit`` on 
 free 127.0.0.1 port. This file is also that subprocess's entry point: ``python
 tests/test_web_browser.py AGENT.yaml PORT`` serves the agent file with a deterministic
 :class:`~qwenrun.testing.ScriptedEngine` and a local weather tool, so the tests are fast. One test
-(marked ``engine`` too) serves the tiny random-weight vLLM model through ``qwenrun up``.
+(marked ``engine`` too) serves the tiny random-weight vLLM model through ``qwenrun up``. The
+approval test serves an agent with an ``approval: ask`` tool and an MCP server (tests/mcp_server.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -84,8 +86,12 @@ def script(request: ModelRequest) -> str:
 
     last = request.messages[-1]
     if last["role"] == "tool":
-        return ANSWER
+        if str(last["content"]).startswith("Error: the user rejected"):
+            return "好的，不查了。"
+        return f"回声：{last['content']}" if last.get("name") == "echo" else ANSWER
     prompt = str(last["content"])
+    if "回声" in prompt:
+        return tool_call_text("echo", {"text": prompt})
     if "天气" in prompt:
         return tool_call_text("get_current_weather", {"city": "广州" if "广州" in prompt else "北京"})
     if "长文" in prompt:
@@ -101,11 +107,13 @@ def serve_scripted(path: str, port: int) -> None:
     from qwenrun.config import AgentSpec
     from qwenrun.frontends import chainlit as web
     from qwenrun.testing import ScriptedEngine
+    from qwenrun.tools import Tool
 
     spec = AgentSpec.from_file(path)
-    agent = Agent(
-        spec, engine=ScriptedEngine(script, chunk_size=3, delay_s=0.02), tools=[get_current_weather]
-    )
+    declared = spec.tool("get_current_weather")
+    approval = declared.approval if declared else "auto"
+    weather = Tool.from_function(get_current_weather, approval=approval, origin="the test weather tool")
+    agent = Agent(spec, engine=ScriptedEngine(script, chunk_size=3, delay_s=0.02), tools=[weather])
     web.serve(agent, port=port, watch_file=path)
 
 
@@ -309,6 +317,58 @@ def test_password_login(browser: Browser, tmp_path: Path) -> None:
         page.get_by_text("你好！问我天气吧。").wait_for()
         ask(page, QUESTION)
         expect(page.get_by_text(ANSWER)).to_be_visible()
+        page.context.close()
+
+
+APPROVAL_YAML = f"""\
+model:
+  path: scripted-qwen
+agent:
+  name: approval-test
+tools:
+  - name: get_current_weather
+    approval: ask
+  - mcp: {{name: test, command: {json.dumps(sys.executable)}, args: [{json.dumps(str(ROOT / "tests" / "mcp_server.py"))}]}}
+    allow: [echo]
+frontend:
+  kind: chainlit
+  title: Approval test
+  welcome: 要我做什么？
+"""
+
+
+def test_approve_and_reject_a_call_in_the_chat_and_an_mcp_tool(browser: Browser, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    path = tmp_path / "approval.yaml"
+    path.write_text(APPROVAL_YAML, encoding="utf-8")
+    port = free_port()
+    with server([sys.executable, __file__, str(path), str(port)], port, tmp_path, {}, timeout=60) as url:
+        page = open_chat(browser, url, welcome="要我做什么？")
+        ask(page, QUESTION)
+        question = page.locator(".step").filter(has_text="Run this tool call?").last
+        expect(question).to_contain_text('get_current_weather({"city": "广州"})')
+        expect(question).to_contain_text("from the test weather tool")  # the tool's origin
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator(".step[data-step-type='assistant_message']").filter(has_text=ANSWER)).to_be_visible()
+        wait_idle(page)
+        page.locator("#step-get_current_weather").last.click()
+        expect(page.get_by_text("广州：晴，25°C，东南风2级").last).to_be_visible()
+
+        ask(page, "深圳天气?")
+        expect(page.get_by_role("button", name="Reject")).to_be_visible()
+        page.get_by_role("button", name="Reject").click()
+        expect(page.get_by_text("好的，不查了。")).to_be_visible()
+        wait_idle(page)
+        page.locator("#step-get_current_weather").last.click()
+        expect(page.get_by_text("Error: the user rejected this call of get_current_weather; it was not run.")).to_be_visible()
+
+        ask(page, "回声 你好")  # the MCP server's tool: no approval asked
+        expect(page.get_by_text("回声：回声 你好")).to_be_visible()
+        wait_idle(page)
+        expect(page.locator("#step-echo")).to_have_count(1)
+        assert page.get_by_role("button", name="Approve").count() == 0
+        page.screenshot(path=str(tmp_path / "approval.png"), full_page=True)
         page.context.close()
 
 

@@ -1,12 +1,14 @@
 """The ``qwenrun`` group and its agent commands: ``validate``, ``schema``, ``up``, ``run``,
 ``tools``, ``tiny-model``; ``sessions``, ``replay`` and ``deploy`` are added from their modules.
 
-``validate`` and ``schema`` never import vLLM or torch; ``up`` hands the file to the front end
-its ``frontend.kind`` names (:func:`qwenrun.frontends.base.launch`).
+``validate`` and ``schema`` never import vLLM or torch and start no MCP server; ``up`` hands the
+file to the front end its ``frontend.kind`` names (:func:`qwenrun.frontends.base.launch`);
+``tools --agent FILE`` starts the file's MCP servers (not its engine) to list their tools.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -61,7 +63,9 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         except QwenrunError as exc:
             problems.append(str(exc))
             continue
-        click.echo(f"{path}: ok ({spec.agent.name}, {len(spec.tools)} tools, frontend {spec.frontend.kind})")
+        servers = f", {len(spec.mcp_servers)} MCP servers" if spec.mcp_servers else ""
+        tools = len(spec.plugin_tools)
+        click.echo(f"{path}: ok ({spec.agent.name}, {tools} tools{servers}, frontend {spec.frontend.kind})")
     if problems:
         raise ConfigProblem("\n".join(problems))
 
@@ -107,15 +111,26 @@ def run(file: str, prompt: str, as_json: bool, overrides: tuple[str, ...]) -> No
         run_agent(agent, once)
 
 
+agent_option = click.option(
+    "-a", "--agent", "agent_file", type=click.Path(dir_okay=False), metavar="FILE",
+    help="The tools of this agent file, its MCP servers' included (they are started; the engine is not).",
+)  # fmt: skip
+
+
 @main.group(invoke_without_command=True)
-@click.option("--doctor", is_flag=True, help="Import every tool and report the broken ones.")
+@click.option("--doctor", is_flag=True, help="Import every tool (start each MCP server) and report problems.")
+@agent_option
 @click.pass_context
-def tools(ctx: click.Context, doctor: bool) -> None:
-    """List the installed tools (entry points of group qwenrun.tools)."""
+def tools(ctx: click.Context, doctor: bool, agent_file: str | None) -> None:
+    """List the installed tools (entry points of group qwenrun.tools), or an agent file's tools."""
     if ctx.invoked_subcommand is not None:
         return
     from qwenrun import plugins
 
+    if agent_file is not None:
+        with errors():
+            _agent_tools(agent_file, doctor)
+        return
     if doctor:
         broken = 0
         for report in plugins.doctor():
@@ -135,6 +150,45 @@ def tools(ctx: click.Context, doctor: bool) -> None:
         click.echo(f"{entry.name:<24} {entry.origin:<28} {summary}")
 
 
+def _agent_tools(path: str, doctor: bool) -> None:
+    """``qwenrun tools --agent FILE [--doctor]``: its entry-point tools, then each MCP server's."""
+    from qwenrun.mcp.toolset import survey
+    from qwenrun.plugins import load_tools
+
+    spec = load_spec(path, ())
+    found = {tool.name: tool for tool in load_tools(spec, strict=True)}
+    if spec.mcp_servers:
+        click.echo(f"Starting {len(spec.mcp_servers)} MCP server(s) of {path} ...", err=True)
+    reports = asyncio.run(survey(spec, found))
+    if not doctor:
+        for tool in found.values():
+            mode = f" [approval: {tool.approval}]" if tool.approval != "auto" else ""
+            summary = tool.description.splitlines()[0] if tool.description else ""
+            click.echo(f"{tool.name:<24} {tool.origin:<28} {summary}{mode}")
+        for report in reports:
+            if report.error:
+                problem = f"(MCP server {report.name!r} did not start: {report.error})"
+                click.echo(click.style(problem, fg="red"))
+        return
+    for tool in found.values():
+        if not tool.origin.startswith("MCP server"):
+            click.echo(f"ok     {tool.name} ({tool.origin})")
+    failed = 0
+    for report in reports:
+        label = f"MCP server {report.name!r} ({report.transport})"
+        if report.error:
+            failed += 1
+            click.echo(f"BROKEN {label}: {report.error}")
+            continue
+        listed = ", ".join(tool.name for tool in report.tools) or "none"
+        click.echo(f"ok     {label}: {len(report.tools)} tools: {listed}")
+        for problem in report.problems:
+            click.echo(f"WARN   {label}: {problem}")
+        failed += any(" clashes with " in problem for problem in report.problems)
+    if failed:
+        raise click.ClickException(f"{failed} MCP server(s) with problems; see above")
+
+
 def _summary(entry: Any) -> str:
     """The first line of the tool's docstring, read without importing when possible."""
     try:
@@ -147,10 +201,23 @@ def _summary(entry: Any) -> str:
 
 @tools.command("show")
 @click.argument("name")
-def tools_show(name: str) -> None:
-    """Print the OpenAI/Hermes schema of one tool."""
+@agent_option
+def tools_show(name: str, agent_file: str | None) -> None:
+    """Print the OpenAI/Hermes schema of one tool (of an agent file: MCP tools too)."""
     from qwenrun import plugins
 
+    if agent_file is not None:
+        from qwenrun.mcp.toolset import survey
+
+        with errors():
+            spec = load_spec(agent_file, ())
+            found = {tool.name: tool for tool in plugins.load_tools(spec, strict=True)}
+            if name not in found and spec.mcp_servers:
+                asyncio.run(survey(spec, found))
+        if name not in found:
+            raise click.ClickException(f"unknown tool {name!r}; see `qwenrun tools --agent {agent_file}`")
+        click.echo(json.dumps(found[name].openai_schema(), indent=2, ensure_ascii=False))
+        return
     entry = plugins.installed_tools().get(name)
     if entry is None:
         raise click.ClickException(f"unknown tool {name!r}; see `qwenrun tools`")

@@ -66,6 +66,9 @@ class ChainlitFrontend(Settings):
     starters: list[Starter] = Field(default_factory=list)
     password_env: str | None = Field(None, description="Env variable with the password; enables login.")
     username: str = "admin"
+    approval_timeout_s: PositiveInt = Field(
+        300, description="How long a call of an `approval: ask` tool waits for Approve / Reject."
+    )
 
 
 def _kind(value: Any) -> str:

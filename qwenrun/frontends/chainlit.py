@@ -5,7 +5,8 @@ engine share one process and one event loop; the engine starts once, before the 
 every chat session shares the one :class:`~qwenrun.agent.Agent`. Each chat session keeps its own
 :class:`~qwenrun.agent.Session` (multi-turn history) in ``cl.user_session``. The answer streams
 token by token; each tool call is a ``cl.Step`` of type ``tool`` under the turn's run; tool and
-engine errors show in the chat; the stop button cancels the turn and the session stays usable.
+engine errors show in the chat; the stop button cancels the turn and the session stays usable. A
+call of an ``approval: ask`` tool waits for the Approve / Reject buttons of an action message.
 
 No ``app.py`` and no ``chainlit run``: :func:`build_app` registers the callbacks on Chainlit's
 (process-global) config and :func:`serve` serves ``chainlit.server.app`` with uvicorn like
@@ -23,6 +24,7 @@ import hmac
 import importlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -37,6 +39,7 @@ from typing import Any
 import click
 
 from qwenrun.agent import Agent, Session
+from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
@@ -49,6 +52,7 @@ __all__ = [
     "TurnView",
     "answer",
     "build_app",
+    "chat_approver",
     "check_password",
     "import_chainlit",
     "reload_agent",
@@ -214,9 +218,30 @@ def _quiet(record: logging.LogRecord) -> bool:
 
 def _new_session(chat: ChatApp, cl: Any) -> Session:
     # The chat's thread id: a thread Chainlit resumes (with a data layer) gets its stored history.
-    session = chat.agent.session(cl.context.session.thread_id)
+    spec = chat.agent.spec
+    approver = chat_approver(cl, _title(spec), _frontend(spec).approval_timeout_s)
+    session = chat.agent.session(cl.context.session.thread_id, approver=approver)
     cl.user_session.set(SESSION_KEY, session)
     return session
+
+
+def chat_approver(cl: Any, author: str, timeout_s: float) -> Approver:
+    """Ask in the chat before a call runs: an action message with the call (escaped, in a code
+    block) and Approve / Reject buttons. No answer within ``timeout_s`` rejects the call."""
+
+    async def approve(request: ApprovalRequest) -> bool:
+        text = request.shown() + (f"\nfrom {escape(request.origin)}" if request.origin else "")
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+        actions = [
+            cl.Action(name="approve", payload={"approved": True}, label="Approve"),
+            cl.Action(name="reject", payload={"approved": False}, label="Reject"),
+        ]
+        content = f"Run this tool call?\n\n{fence}\n{text}\n{fence}"
+        ask = cl.AskActionMessage(content=content, actions=actions, author=author, timeout=timeout_s)
+        answer = await ask.send()
+        return isinstance(answer, dict) and answer.get("payload", {}).get("approved") is True
+
+    return approve
 
 
 async def answer(session: Session, prompt: str, view: TurnView) -> None:
@@ -331,8 +356,9 @@ def _now() -> str:
 def reload_agent(chat: ChatApp, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> bool:
     """Rebuild the served agent from its (edited) file, keeping the running engine.
 
-    Returns False, keeping the old agent, when ``model`` or ``engine`` changed (that needs a
-    restart). Tools are reloaded only when the ``tools`` section changed. Raises ConfigError for an
+    Returns False, keeping the old agent, when ``model`` or ``engine`` changed, or ``tools`` with
+    MCP servers in it (that needs a restart). Tools are reloaded only when ``tools`` changed; the
+    running MCP servers are kept. Raises ConfigError for an
     invalid file.
     """
     old = chat.agent
@@ -345,7 +371,10 @@ def reload_agent(chat: ChatApp, path: str | os.PathLike[str], overrides: Sequenc
     if (front.host, front.port) != (old_front.host, old_front.port):
         log.warning("%s: frontend host/port changed; restart `qwenrun up` to apply", path)
     tools = list(old.tools.values()) if spec.tools == old.spec.tools else None
-    new = Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store)
+    if tools is None and (spec.mcp_servers or old.spec.mcp_servers):
+        log.warning("%s: tools with MCP servers changed; restart `qwenrun up` to apply", path)
+        return False
+    new = Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store, mcp=old.mcp)
     chat.agent = build_app(new).agent  # the callbacks are registered again for the new settings
     return True
 

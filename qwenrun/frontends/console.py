@@ -1,7 +1,8 @@
 """The terminal front end: a REPL (``qwenrun up`` with ``frontend.kind: cli``) and one-shot runs.
 
 Thin: it turns agent events into terminal output. ``/reset`` clears the conversation, ``/exit``
-(or end of input) leaves; Ctrl-C stops the current answer and keeps the session.
+(or end of input) leaves; Ctrl-C stops the current answer and keeps the session. A call of an
+``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 import click
 
 from qwenrun.agent import Agent, Session
+from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.errors import QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
 from qwenrun.frontends.base import Launch, run_agent
 
-__all__ = ["EventPrinter", "repl", "run", "run_once"]
+__all__ = ["EventPrinter", "console_approver", "repl", "run", "run_once"]
 
 PROMPT = ">>> "
 
@@ -83,14 +86,38 @@ def run(launch: Launch) -> None:
     run_agent(agent, body)
 
 
+def console_approver(next_line: Callable[[], Awaitable[str | None]]) -> Approver:
+    """Ask y/n on stderr before a call runs (the call shown escaped); ``next_line`` reads the
+    answer. Only y or yes approves; anything else, or the end of input, rejects."""
+
+    async def approve(request: ApprovalRequest) -> bool:
+        origin = f" from {escape(request.origin)}" if request.origin else ""
+        question = f"  ? run {request.shown()}{origin}? [y/N] "
+        click.echo(click.style(question, fg="yellow"), nl=False, err=True)
+        answer = await next_line()
+        approved = (answer or "").strip().lower() in ("y", "yes")
+        verdict = "    approved" if approved else "    rejected"
+        click.echo(verdict if answer is not None else "\n" + verdict, err=True)
+        return approved
+
+    return approve
+
+
 async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final:
-    """Answer one prompt, printing events as they come."""
+    """Answer one prompt, printing events as they come; approvals are read from stdin."""
     printer = EventPrinter(
         as_json=as_json,
         show_tools=agent.spec.frontend.kind != "cli" or getattr(agent.spec.frontend, "show_tool_calls", True),
     )
+    reader: _LineReader | None = None
+
+    async def next_line() -> str | None:  # stdin is read only if a call needs approval
+        nonlocal reader
+        reader = reader or _LineReader(sys.stdin)
+        return await reader.next()
+
     final: Final | None = None
-    async for event in agent.session().stream(prompt):
+    async for event in agent.session(approver=console_approver(next_line)).stream(prompt):
         printer(event)
         if isinstance(event, Final):
             final = event
@@ -105,9 +132,9 @@ async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None 
     """
     show = getattr(agent.spec.frontend, "show_tool_calls", True)
     printer = EventPrinter(show_tools=show)
-    session = agent.session(resume)
-    _announce(session, resumed=resume is not None)
     lines = _LineReader(stdin or sys.stdin)
+    session = agent.session(resume, approver=console_approver(lines.next))
+    _announce(session, resumed=resume is not None)
     loop = asyncio.get_running_loop()
     click.echo(
         "Type a question; /reset clears the conversation, /exit leaves. Ctrl-C stops an answer.", err=True

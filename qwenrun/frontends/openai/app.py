@@ -180,12 +180,14 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
         session_id = request.headers.get(chat.SESSION_HEADER)
         headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
+        approval = request.headers.get(chat.APPROVAL_HEADER)
         if mode == "passthrough":
-            if session_id is not None:
-                raise APIError(400, f"{chat.SESSION_HEADER} needs agent mode (model {agent.name!r})")
+            for header, value in ((chat.SESSION_HEADER, session_id), (chat.APPROVAL_HEADER, approval)):
+                if value is not None:
+                    raise APIError(400, f"{header} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, req, frontend, reply.id)
         else:
-            pieces = chat.agent_turn(agent, req, frontend, session_id, busy)
+            pieces = chat.agent_turn(agent, req, frontend, session_id, busy, approval)
         observed = _observe(metrics, mode, pieces)
         if not req.stream:
             collected = await _unless_disconnected(request, _collect(observed))

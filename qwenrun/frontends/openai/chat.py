@@ -9,6 +9,8 @@ non-streamed one always agree.
   ``agent.engine.generate``; Hermes tool calls in the output become OpenAI ``tool_calls``.
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
+  Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
+  ``X-Qwenrun-Approval: approve`` (they run) or ``reject`` (they are refused), else 400.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from qwenrun import hermes
 from qwenrun.agent import Agent, Session
+from qwenrun.approval import Approver, fixed_approver
 from qwenrun.engines.base import Constraint, OutputReader, Request
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.frontends import OpenAIFrontend
@@ -36,10 +39,11 @@ from qwenrun.frontends.openai.schemas import (
 from qwenrun.sessions.store import valid_session_id
 
 SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
+APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
 
 __all__ = [
-    "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks", "closing",
-    "completion", "passthrough",
+    "APPROVAL_HEADER", "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn",
+    "approver_for", "chunks", "closing", "completion", "passthrough",
 ]  # fmt: skip
 
 
@@ -239,12 +243,14 @@ def agent_turn(
     frontend: OpenAIFrontend,
     session_id: str | None = None,
     busy: set[str] | None = None,
+    approval: str | None = None,
 ) -> Pieces:
     """Validate an agent-mode request, then return the pieces of one agent turn.
 
     With ``session_id`` (the ``X-Qwenrun-Session`` header) the turn continues that stored session
     (a new one if the id is unknown) and is recorded; the request's earlier messages are ignored.
     ``busy``: the app's stored sessions with a turn in progress (a second request for one is a 409).
+    ``approval``: the ``X-Qwenrun-Approval`` header (:func:`approver_for`).
     """
     busy = set() if busy is None else busy
     if request.tools:
@@ -252,6 +258,7 @@ def agent_turn(
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
                        param="tools")  # fmt: skip
     choice = _choice(request, list(agent.tools), agent.spec.agent.tool_choice)
+    approver = approver_for(agent, approval)
     last = request.messages[-1]
     if not isinstance(last, UserMessage):
         raise APIError(400, "in agent mode the last message must be the user's", param="messages")
@@ -266,6 +273,7 @@ def agent_turn(
     async def pieces() -> Pieces:
         trim = _Trim()
         session = stateless if session_id is None else await _claim(agent, session_id, busy)
+        session.approver = approver
         events = session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)
         async with closing(events), _released(session_id, busy):
             async for event in events:
@@ -281,6 +289,25 @@ def agent_turn(
                     yield Finish(reason, event.usage.prompt_tokens, event.usage.completion_tokens)
 
     return pieces()
+
+
+def approver_for(agent: Agent, approval: str | None) -> Approver | None:
+    """The approver of an agent-mode request from its ``X-Qwenrun-Approval`` header: ``approve``
+    runs the calls of ``approval: ask`` tools, ``reject`` refuses them (``deny`` tools never run).
+    Without the header, an agent with such tools is a 400: nobody could approve their calls."""
+    if approval is None:
+        asking = sorted(name for name, tool in agent.tools.items() if tool.approval == "ask")
+        if asking:
+            raise APIError(400, f"tools of agent {agent.name!r} need a person's approval "
+                           f"({', '.join(asking)}) and nobody can give it here; send the header "
+                           f"{APPROVAL_HEADER}: approve (they run) or reject (they are refused)",
+                           code="approval_required")  # fmt: skip
+        return None
+    mode = approval.strip().lower()
+    if mode not in ("approve", "reject"):
+        raise APIError(400, f"{APPROVAL_HEADER}: expected approve or reject, got {approval[:40]!r}",
+                       code="invalid_approval")  # fmt: skip
+    return fixed_approver(mode == "approve")
 
 
 def _check_session_id(agent: Agent, session_id: str) -> None:

@@ -1,0 +1,84 @@
+"""The OpenAI server's agent mode with an MCP server and an ``approval: ask`` tool (scripted engine,
+a real uvicorn server on 127.0.0.1, the official client): the MCP server starts and stops with the
+app, and ``ask`` needs the ``X-Qwenrun-Approval`` header, since nobody is there to approve."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from mcp_fixtures import stdio
+from openai import OpenAI
+from test_server import get_current_weather, running
+
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.frontends.openai import create_app
+from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.tools import Tool
+
+SERVED = "Qwen2.5-7B-Instruct"
+
+
+def script(request: ModelRequest) -> str:
+    """Call the weather tool (ask) and the MCP echo tool, then answer with what they returned."""
+    if request.messages[-1]["role"] == "user":
+        return tool_call_text("get_current_weather", {"city": "深圳"}) + tool_call_text("echo", {"text": "你好"})
+    return " | ".join(str(m["content"]) for m in request.messages if m["role"] == "tool")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[OpenAI]:
+    spec = AgentSpec.from_dict(
+        {
+            "model": {"path": "/models/qwen", "served_model_name": SERVED},
+            "agent": {"name": "helper"},
+            "tools": [{"name": "get_current_weather", "approval": "ask"}, stdio(allow=["echo"])],
+            "frontend": {"kind": "openai"},
+        },
+        source="tests/server-mcp.yaml",
+    )
+    weather = Tool.from_function(get_current_weather, approval="ask")
+    agent = Agent(spec, ScriptedEngine(script), tools=[weather])
+    with running(create_app(agent)) as url, OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
+        yield client
+    assert [connection.state for connection in agent.mcp.connections] == ["stopped"]
+
+
+def ask(client: OpenAI, **headers: str) -> Any:
+    messages: Any = [{"role": "user", "content": "深圳天气? 说你好"}]
+    return client.chat.completions.create(model="helper", messages=messages, extra_headers=headers)
+
+
+def test_ask_without_the_approval_header_is_refused(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "approval_required"
+    assert error["message"] == (
+        "tools of agent 'helper' need a person's approval (get_current_weather) and nobody can give it "
+        "here; send the header X-Qwenrun-Approval: approve (they run) or reject (they are refused)"
+    )
+    with pytest.raises(openai.BadRequestError, match="X-Qwenrun-Approval: expected approve or reject"):
+        ask(client, **{"X-Qwenrun-Approval": "maybe"})
+    with pytest.raises(openai.BadRequestError, match="X-Qwenrun-Approval needs agent mode"):
+        client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Qwenrun-Approval": "approve"}
+        )
+
+
+@pytest.mark.parametrize("mode", ["approve", "reject"])
+def test_the_header_approves_or_rejects_and_the_mcp_tool_runs(client: OpenAI, mode: str) -> None:
+    out = ask(client, **{"X-Qwenrun-Approval": mode})
+    weather = get_current_weather("深圳") if mode == "approve" else (
+        "Error: the user rejected this call of get_current_weather; it was not run."
+    )  # fmt: skip
+    assert out.choices[0].message.content == f"{weather} | 你好"
+    steps = (out.choices[0].message.model_extra or {})["qwenrun_steps"]
+    results = {step["name"]: step for step in steps if step["type"] == "tool_result"}
+    assert results["echo"]["content"] == "你好" and results["echo"]["is_error"] is False
+    assert results["get_current_weather"]["is_error"] is (mode == "reject")
+    assert json.dumps(steps, ensure_ascii=False).count('"tool_call"') == 2
