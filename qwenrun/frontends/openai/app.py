@@ -27,7 +27,7 @@ from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends import OpenAIFrontend
-from qwenrun.frontends.openai import chat
+from qwenrun.frontends.openai import chat, responses
 from qwenrun.frontends.openai.http import (
     PING_S,
     ClientGone,
@@ -198,6 +198,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         # to the garbage collector), and it sends keep-alive comments while a slow tool runs.
         return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S, headers=headers)
 
+    responses.register(app, agent, frontend, metrics, guarded)  # /v1/responses (docs/server.md)
     return app
 
 
