@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from agents import Agent as SdkAgent
-from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
 
+from agents import Agent as SdkAgent
+from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.frontends.openai import chat, create_app, responses
@@ -101,12 +101,23 @@ async def test_text_input_and_instructions() -> None:
     assert out.status == "completed" and out.output_text == ANSWER
     (message,) = out.output
     assert message.type == "message" and message.id.startswith("msg_") and message.role == "assistant"
-    assert (out.instructions, out.max_output_tokens, out.temperature, out.top_p) == ("Be brief.", 100, 0.1, 0.8)
+    assert (out.instructions, out.max_output_tokens, out.temperature, out.top_p) == (
+        "Be brief.",
+        100,
+        0.1,
+        0.8,
+    )
     request = srv.engine.calls[0]
-    assert request.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    assert request.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": QUESTION},
+    ]
     assert request.overrides == {"max_tokens": 100, "temperature": 0.1}
     assert out.usage is not None and out.usage.input_tokens == len("Be brief.") + len(QUESTION)
-    assert out.usage.output_tokens == -(-len(ANSWER) // 3) and out.usage.total_tokens == out.usage.input_tokens + out.usage.output_tokens
+    assert (
+        out.usage.output_tokens == -(-len(ANSWER) // 3)
+        and out.usage.total_tokens == out.usage.input_tokens + out.usage.output_tokens
+    )
 
 
 async def test_function_call_items_round_trip_without_store() -> None:
@@ -132,7 +143,9 @@ async def test_function_call_items_round_trip_without_store() -> None:
             {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
         {"role": "tool", "tool_call_id": call.call_id, "content": "晴"},
     ]  # fmt: skip
-    assert srv.engine.calls[1].tools == [{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}]
+    assert srv.engine.calls[1].tools == [
+        {"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}
+    ]
 
 
 async def test_previous_response_id_continues_the_stored_conversation(db: Path) -> None:
@@ -141,7 +154,9 @@ async def test_previous_response_id_continues_the_stored_conversation(db: Path) 
         call = first.output[0]
         assert call.type == "function_call"
         output: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "晴"}]
-        second = await client.responses.create(model=SERVED, input=output, tools=[TOOL], previous_response_id=first.id)
+        second = await client.responses.create(
+            model=SERVED, input=output, tools=[TOOL], previous_response_id=first.id
+        )
         third = await client.responses.create(model=SERVED, input="谢谢", previous_response_id=second.id)
         again = await client.responses.retrieve(second.id)
     assert (second.previous_response_id, second.output_text, third.output_text) == (first.id, ANSWER, "再见")
@@ -164,7 +179,9 @@ async def test_previous_response_id_continues_the_stored_conversation(db: Path) 
 )  # fmt: skip
 async def test_tool_choice_reaches_the_engine(tool_choice: Any, forced: str) -> None:
     async with serving(lambda request: CALL if request.tools else "no tools") as srv, srv.client() as client:
-        out = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL], tool_choice=tool_choice)
+        out = await client.responses.create(
+            model=SERVED, input=QUESTION, tools=[TOOL], tool_choice=tool_choice
+        )
     request = srv.engine.calls[0]
     assert request.tool_choice == forced and (request.tools is None) == (forced == "none")
     assert [item.type for item in out.output] == (["message"] if forced == "none" else ["function_call"])
@@ -175,9 +192,16 @@ async def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     two = CALL + "\n" + CALL.replace("深圳", "广州")
     async with serving(lambda request: two) as srv, srv.client() as client:
         both = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL])
-        one = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL], parallel_tool_calls=False)
-    assert [json.loads(item.arguments)["city"] for item in both.output if item.type == "function_call"] == ["深圳", "广州"]
-    assert [json.loads(item.arguments)["city"] for item in one.output if item.type == "function_call"] == ["深圳"]
+        one = await client.responses.create(
+            model=SERVED, input=QUESTION, tools=[TOOL], parallel_tool_calls=False
+        )
+    assert [json.loads(item.arguments)["city"] for item in both.output if item.type == "function_call"] == [
+        "深圳",
+        "广州",
+    ]
+    assert [json.loads(item.arguments)["city"] for item in one.output if item.type == "function_call"] == [
+        "深圳"
+    ]
     assert one.parallel_tool_calls is False
 
 
@@ -235,7 +259,11 @@ async def test_stream_events_in_the_documented_order() -> None:
     assert kinds_ == ["response.created", "response.in_progress", *TEXT_EVENTS[:2], *TEXT_DONE, *CALL_EVENTS,
                       "response.completed"]  # fmt: skip
     assert [event.sequence_number for event in events] == list(range(len(events)))
-    assert deltas == "Hello there!" and events[0].response.status == "in_progress" and events[0].response.output == []
+    assert (
+        deltas == "Hello there!"
+        and events[0].response.status == "in_progress"
+        and events[0].response.output == []
+    )
     final = events[-1].response
     assert final.status == "completed" and final.output_text == whole.output_text == "Hello there!"
     strip = ("id", "call_id")
@@ -275,7 +303,10 @@ async def test_agent_mode_returns_the_servers_tool_steps() -> None:
     assert tool.type == "mcp_call" and tool.server_label == AGENT and tool.name == "get_current_weather"
     assert json.loads(tool.arguments) == {"city": "深圳"} and tool.output == get_current_weather("深圳")
     assert tool.status == "completed" and tool.error is None and message.type == "message"
-    assert out.output_text == ANSWER and srv.engine.calls[0].messages[0]["content"] == "You are the weather agent."
+    assert (
+        out.output_text == ANSWER
+        and srv.engine.calls[0].messages[0]["content"] == "You are the weather agent."
+    )
     mcp = ["response.output_item.added", "response.mcp_call.in_progress", "response.mcp_call_arguments.delta",
            "response.mcp_call_arguments.done", "response.mcp_call.completed", "response.output_item.done"]  # fmt: skip
     assert [kind for kind in kinds(events) if kind != "response.output_text.delta"] == [
@@ -289,7 +320,14 @@ async def test_agent_mode_continues_with_its_tool_history(db: Path) -> None:
         first = await client.responses.create(model=AGENT, input=QUESTION)
         await client.responses.create(model=AGENT, input="谢谢", previous_response_id=first.id)
     history = srv.engine.calls[2].messages
-    assert [message["role"] for message in history] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert [message["role"] for message in history] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
     assert history[2]["tool_calls"][0]["function"]["name"] == "get_current_weather"
     assert history[3]["content"] == get_current_weather("深圳") and history[4]["content"] == ANSWER
 
@@ -323,7 +361,9 @@ async def test_reasoning_pieces_become_reasoning_items(monkeypatch: pytest.Monke
                 yield piece  # type: ignore[misc]
             yield chat.Finish("stop", 7, 5)
 
-        return pieces() if request.messages[-1].content == "hi" else real(agent, request, frontend, request_id)
+        return (
+            pieces() if request.messages[-1].content == "hi" else real(agent, request, frontend, request_id)
+        )
 
     monkeypatch.setattr(chat, "passthrough", thinking)
     async with serving(["ok"], SQLiteStore(db)) as srv, srv.client() as client:
@@ -333,7 +373,9 @@ async def test_reasoning_pieces_become_reasoning_items(monkeypatch: pytest.Monke
         await client.responses.create(model=SERVED, input="and?", previous_response_id=out.id)
     reasoning, message = out.output
     assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_") and reasoning.summary == []
-    assert reasoning.content is not None and [part.text for part in reasoning.content] == ["The user greets me."]
+    assert reasoning.content is not None and [part.text for part in reasoning.content] == [
+        "The user greets me."
+    ]
     assert message.type == "message" and out.output_text == "Hello!"
     assert kinds(events)[2:9] == ["response.output_item.added", "response.content_part.added",
                                   "response.reasoning_text.delta", "response.reasoning_text.delta",
@@ -373,12 +415,17 @@ async def test_a_restart_keeps_conversations_and_they_belong_to_their_key(
 ) -> None:
     monkeypatch.setenv("QWENRUN_TEST_KEY", "key-one")
     first_store = SQLiteStore(db)
-    async with serving([ANSWER], first_store, api_key_env="QWENRUN_TEST_KEY") as srv, srv.client("key-one") as c:
+    async with (
+        serving([ANSWER], first_store, api_key_env="QWENRUN_TEST_KEY") as srv,
+        srv.client("key-one") as c,
+    ):
         first = await c.responses.create(model=SERVED, input=QUESTION)
     first_store.close()
     assert not any(b"key-one" in path.read_bytes() for path in db.parent.iterdir())  # only its hash is kept
     second_store = SQLiteStore(db)
-    async with serving(["再见"], second_store, api_key_env="QWENRUN_TEST_KEY") as srv:  # a new process, in effect
+    async with serving(
+        ["再见"], second_store, api_key_env="QWENRUN_TEST_KEY"
+    ) as srv:  # a new process, in effect
         async with srv.client("key-one") as client:
             assert (await client.responses.retrieve(first.id)).output_text == ANSWER
             second = await client.responses.create(model=SERVED, input="谢谢", previous_response_id=first.id)
@@ -399,7 +446,10 @@ async def test_a_restart_keeps_conversations_and_they_belong_to_their_key(
 
 async def test_retention_deletes_old_responses(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SQLiteStore(db)
-    async with serving(lambda request: "ok", store, response_retention_days=1 / 86400) as srv, srv.client() as c:
+    async with (
+        serving(lambda request: "ok", store, response_retention_days=1 / 86400) as srv,
+        srv.client() as c,
+    ):
         old = await c.responses.create(model=SERVED, input="first")
         assert (await c.responses.retrieve(old.id)).status == "completed"
         await asyncio.sleep(1.2)
@@ -431,7 +481,9 @@ async def test_concurrent_conversations_never_mix(db: Path) -> None:
             for turn in range(3):
                 kwargs: Any = {"previous_response_id": previous} if previous else {}
                 if turn == 1:  # one streamed turn in the middle
-                    stream = await client.responses.create(model=SERVED, input=f"c{number} t{turn}", stream=True, **kwargs)
+                    stream = await client.responses.create(
+                        model=SERVED, input=f"c{number} t{turn}", stream=True, **kwargs
+                    )
                     out = [event async for event in stream][-1].response
                 else:
                     out = await client.responses.create(model=SERVED, input=f"c{number} t{turn}", **kwargs)
@@ -448,7 +500,10 @@ async def test_concurrent_conversations_never_mix(db: Path) -> None:
         expected: list[dict[str, Any]] = []
         for earlier in range(int(turn[1:])):
             asked = f"{conversation} t{earlier}"
-            expected += [{"role": "user", "content": asked}, {"role": "assistant", "content": f"answer to {asked}"}]
+            expected += [
+                {"role": "user", "content": asked},
+                {"role": "assistant", "content": f"answer to {asked}"},
+            ]
         assert call.messages == [*expected, call.messages[-1]]
 
 
@@ -477,19 +532,28 @@ async def test_concurrent_conversations_never_mix(db: Path) -> None:
      ({"model": SERVED, "input": "x", "max_output_tokens": 0}, 400, "max_output_tokens", "greater than or equal to 1"),
      ({"model": SERVED, "input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id", "not found")],
 )  # fmt: skip
-async def test_bad_requests_get_openai_errors(body: Any, status: int, param: str | None, message: str) -> None:
+async def test_bad_requests_get_openai_errors(
+    body: Any, status: int, param: str | None, message: str
+) -> None:
     async with serving([]) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         reply = await http.post("/v1/responses", json=body)
         assert reply.status_code == status, reply.text
         error = reply.json()["error"]
-        assert message in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+        assert (
+            message in error["message"]
+            and error["param"] == param
+            and error["type"] == "invalid_request_error"
+        )
         assert (await http.get("/health")).status_code == 200
     assert srv.engine.calls == []
 
 
 async def test_api_key_and_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWENRUN_TEST_KEY", "secret")
-    async with serving([], api_key_env="QWENRUN_TEST_KEY") as srv, httpx.AsyncClient(base_url=srv.url) as http:
+    async with (
+        serving([], api_key_env="QWENRUN_TEST_KEY") as srv,
+        httpx.AsyncClient(base_url=srv.url) as http,
+    ):
         missing = await http.post("/v1/responses", json={"model": SERVED, "input": "x"})
         wrong = await http.get("/v1/responses/resp_1", headers={"Authorization": "Bearer nope"})
         huge = await http.post("/v1/responses", json={"model": SERVED, "input": "x" * 30_000},
@@ -542,14 +606,18 @@ async def test_agents_sdk_in_agent_mode(streamed: bool, db: Path) -> None:
         sdk = SdkAgent(name="asker", model=OpenAIResponsesModel(model=AGENT, openai_client=client))
         if streamed:
             run = Runner.run_streamed(sdk, QUESTION, run_config=NO_TRACES)
-            items = [event.item.type async for event in run.stream_events() if event.type == "run_item_stream_event"]
+            items = [
+                event.item.type
+                async for event in run.stream_events()
+                if event.type == "run_item_stream_event"
+            ]
             result: Any = run
         else:
             result = await Runner.run(sdk, QUESTION, run_config=NO_TRACES)
             items = [item.type for item in result.new_items]
         assert result.final_output == ANSWER and items == ["tool_call_item", "message_output_item"]
         # the next turn replays the items (no previous_response_id): the server's mcp_call is history
-        follow = await Runner.run(sdk, result.to_input_list() + [{"role": "user", "content": "谢谢"}],
+        follow = await Runner.run(sdk, [*result.to_input_list(), {"role": "user", "content": "谢谢"}],
                                   run_config=NO_TRACES)  # fmt: skip
     assert follow.final_output == "不客气"
     assert [m["role"] for m in srv.engine.calls[2].messages] == ["system", "user", "assistant", "tool", "assistant",
