@@ -22,7 +22,10 @@ from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
+from qwenrun.errors import EngineError
 from qwenrun.frontends.openai import chat, create_app, responses
+from qwenrun.frontends.openai.items import to_messages
+from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.toolcalls import Reasoning
@@ -632,3 +635,115 @@ async def test_agents_sdk_chains_responses_with_previous_response_id(db: Path) -
         result = await Runner.run(sdk, QUESTION, run_config=NO_TRACES, auto_previous_response_id=True)
     assert result.final_output == ANSWER and result.last_response_id is not None
     assert [m["role"] for m in srv.engine.calls[1].messages] == ["user", "assistant", "tool"]
+
+
+# -- the pieces: output items and events; items: chat messages -----------------------------------
+
+
+def test_builder_items_and_events_for_every_piece() -> None:
+    response: dict[str, Any] = {"id": "resp_x", "output": [], "status": "in_progress"}
+    builder = ResponseBuilder(response, server_label=AGENT)
+    step = {"type": "tool_call", "name": "get_current_weather", "arguments": {"city": "深圳"}}
+    pieces: list[Any] = [
+        Reasoning("\n想一想"), chat.Text(" 我查一下。"), Reasoning("再想"),
+        chat.Step({**step, "id": "call_a"}), chat.Step({**step, "id": "call_b"}),
+        chat.Step({"type": "tool_result", "id": "call_b", "name": "x", "content": "Error: boom", "is_error": True}),
+        chat.Step({"type": "repair", "reason": "malformed"}),
+        chat.Step({"type": "tool_result", "id": "call_a", "name": "x", "content": "晴", "is_error": False}),
+        chat.Text("\n\n"), chat.Text("晴。"), chat.Finish("stop", 10, 4),
+    ]  # fmt: skip
+    events = builder.start() + [event for piece in pieces for event in builder.feed(piece)]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    items = response["output"]
+    assert [item["type"] for item in items] == [
+        "reasoning",
+        "message",
+        "reasoning",
+        "mcp_call",
+        "mcp_call",
+        "message",
+    ]
+    assert items[0]["content"] == [{"type": "reasoning_text", "text": "想一想"}]  # blank start dropped
+    assert items[1]["content"][0]["text"] == "我查一下。" and items[5]["content"][0]["text"] == "晴。"
+    assert (items[3]["status"], items[3]["output"], items[3]["error"]) == ("completed", "晴", None)
+    assert (items[4]["status"], items[4]["error"]) == (
+        "failed",
+        {"type": "mcp_tool_execution_error", "content": "Error: boom"},
+    )
+    assert all(item["status"] == "completed" for item in items if item["type"] != "mcp_call")
+    done = [event["output_index"] for event in events if event["type"] == "response.output_item.done"]
+    assert done == [0, 1, 2, 4, 3, 5]  # the second call failed first
+    assert [e["type"] for e in events if "mcp_call." in e["type"]] == [
+        "response.mcp_call.in_progress", "response.mcp_call.in_progress", "response.mcp_call.failed",
+        "response.mcp_call.completed",
+    ]  # fmt: skip
+    added = [event["item"] for event in events if event["type"] == "response.output_item.added"]
+    assert all(item["status"] == "in_progress" for item in added) and added[3]["arguments"] == ""
+    assert events[-1]["type"] == "response.completed" and events[-1]["response"]["status"] == "completed"
+    assert response["usage"]["total_tokens"] == 14 and response["incomplete_details"] is None
+
+
+def test_builder_failure_ends_with_response_failed() -> None:
+    builder = ResponseBuilder({"id": "resp_x", "output": [], "status": "in_progress"}, server_label=AGENT)
+    builder.start()
+    builder.feed(chat.Text("half"))
+    (failed,) = builder.fail("server_error", "the engine died")
+    assert failed["type"] == "response.failed" and failed["sequence_number"] == 5
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": "the engine died"}
+
+
+def test_items_become_chat_messages() -> None:
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    items: list[dict[str, Any]] = [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "q"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "let me see"}]},
+        call, {**call, "call_id": "call_2"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "one"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "two"},
+        {"type": "mcp_call", "id": "mcp_3", "name": "g", "arguments": "{}", "output": None, "error": "boom"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "done"}]},
+    ]  # fmt: skip
+    assert to_messages(items) == [
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "let me see", "reasoning_content": "hmm", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "one"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "two"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "mcp_3", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "mcp_3", "content": "Error: boom"},
+        {"role": "assistant", "content": "done"},
+    ]  # fmt: skip
+
+
+async def test_an_engine_failure_mid_stream_ends_with_response_failed() -> None:
+    async with serving(lambda request: ANSWER) as srv, srv.client() as client:
+        real = srv.engine.generate
+
+        async def dies(request: Any) -> AsyncIterator[Any]:
+            async for delta in real(request):
+                yield delta
+                raise EngineError("the engine died")
+
+        srv.engine.generate = dies  # type: ignore[method-assign]
+        stream = await client.responses.create(model=SERVED, input=QUESTION, stream=True)
+        events = [event async for event in stream]
+        srv.engine.dead = True
+        with pytest.raises(openai.InternalServerError) as refused:  # before the headers: a real 503
+            await client.responses.create(model=SERVED, input=QUESTION, stream=True)
+        with pytest.raises(openai.NotFoundError):  # a failed response is not kept
+            await client.responses.retrieve(events[-1].response.id)
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    assert failed.response.error is not None and "the engine died" in failed.response.error.message
+    assert [event.type for event in events[:3]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
+    assert refused.value.status_code == 503
