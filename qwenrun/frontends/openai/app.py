@@ -2,7 +2,8 @@
 
 Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.frontends.openai.chat` in the middle,
 OpenAI JSON or server-sent events out. Every failure is an OpenAI error body with a 4xx/5xx
-status; an engine failure is a 503 (or, once a stream has started, an ``error`` event).
+status; an engine failure is a 503 (or, once a stream has started, an ``error`` event). The
+Responses API routes are :mod:`qwenrun.frontends.openai.responses`.
 """
 
 from __future__ import annotations
