@@ -22,7 +22,7 @@ from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.errors import EngineError
+from qwenrun.errors import EngineError, RequestError
 from qwenrun.frontends.openai import chat, create_app, responses
 from qwenrun.frontends.openai.items import to_messages
 from qwenrun.frontends.openai.output import ResponseBuilder
@@ -747,3 +747,19 @@ async def test_an_engine_failure_mid_stream_ends_with_response_failed() -> None:
         "response.output_item.added",
     ]
     assert refused.value.status_code == 503
+
+
+async def test_a_refused_request_mid_stream_is_an_invalid_prompt() -> None:
+    async with serving(lambda request: ANSWER) as srv, srv.client() as client:
+        real = srv.engine.generate
+
+        async def refuses(request: Any) -> AsyncIterator[Any]:
+            async for delta in real(request):
+                yield delta
+                raise RequestError("the prompt has 3000 tokens; max_model_len is 2048")
+
+        srv.engine.generate = refuses  # type: ignore[method-assign]
+        stream = await client.responses.create(model=SERVED, input=QUESTION, stream=True)
+        failed = [event async for event in stream][-1]
+    assert failed.type == "response.failed" and failed.response.error is not None
+    assert failed.response.error.code == "invalid_prompt" and "max_model_len" in failed.response.error.message

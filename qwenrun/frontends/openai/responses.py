@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from qwenrun.agent import Agent
-from qwenrun.errors import EngineError
+from qwenrun.errors import EngineError, RequestError
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.http import (
@@ -295,6 +295,10 @@ async def _events(
                     keep()
                 for event in events:
                     yield _sse(event)
+    except RequestError as exc:  # the engine refused this request (a prompt over max_model_len)
+        request.state.qwenrun_status = 400
+        for event in builder.fail("invalid_prompt", str(exc)):
+            yield _sse(event)
     except (EngineError, APIError) as exc:
         log.warning("error during a streamed response: %s", exc)
         request.state.qwenrun_status = 503 if isinstance(exc, EngineError) else exc.status
