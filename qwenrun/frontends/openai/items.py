@@ -95,7 +95,7 @@ class FunctionCallOutputItem(_Model):
 class ReasoningItem(_Model):
     type: Literal["reasoning"]
     id: str | None = None
-    summary: list[ContentPart | dict[str, Any]] = Field(default_factory=list)
+    summary: list[dict[str, Any]] = Field(default_factory=list)
     content: list[dict[str, Any]] | None = None
 
 
