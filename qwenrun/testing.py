@@ -137,7 +137,8 @@ class PinnedEngine:
     A call the agent forces (``tool_choice`` required or a name) is prefilled with ``<tool_call>\\n``
     and continues with ``continuation`` (the call's JSON, or several blocks) by a regex; with
     ``every_call``, an unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
-    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length). ``prefill=False``
+    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length) and, with ``answer``,
+    must write exactly that text (then they stop: clients that refuse a cut answer work). ``prefill=False``
     for an engine that cannot prefill (``engine.kind: openai``): a forced call is then the whole
     block by a regex, with the endpoint's ``tool_choice`` left at ``auto``. The wrapped
     engine's stream is returned as is, so pinning adds no per-token cost. Every request's
@@ -154,6 +155,7 @@ class PinnedEngine:
         answer_overrides: Mapping[str, Any] | None = None,
         keep_requests: bool = True,
         prefill: bool = True,
+        answer: str | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = engine.model_name
@@ -167,6 +169,7 @@ class PinnedEngine:
         self._call_max_tokens = call_max_tokens
         self._answer = dict(answer_overrides or {})
         self._can_prefill = prefill
+        self._answer_pin = Constraint(regex=literal_regex(answer)) if answer is not None else None
 
     async def start(self) -> None:
         await self.engine.start()
@@ -189,7 +192,7 @@ class PinnedEngine:
         elif forced or self.every_call:  # the model writes the whole block
             constraint, prefill, choice = self._whole, "", "auto"
         else:
-            constraint, prefill, extra = request.constraint, request.prefill, self._answer
+            constraint, prefill, extra = request.constraint or self._answer_pin, request.prefill, self._answer
         pinned = dataclasses.replace(
             request,
             tool_choice=choice,

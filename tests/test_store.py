@@ -23,7 +23,15 @@ from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions import open_store
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.sessions.store import DB_ENV, SessionInfo, SessionStore, store_path, valid_session_id
+from qwenrun.sessions.store import (
+    DB_ENV,
+    ResponseStore,
+    SessionInfo,
+    SessionStore,
+    StoredResponse,
+    store_path,
+    valid_session_id,
+)
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 
@@ -130,6 +138,44 @@ def test_records_survive_a_reopen_and_wal_is_on(tmp_path: Path) -> None:
     again.close()
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+@pytest.mark.parametrize("where", ["file", ":memory:"])
+def test_responses_round_trip_prune_and_reopen(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "r.db" if where == "file" else ":memory:"
+    store = SQLiteStore(path)
+    assert isinstance(store, ResponseStore) and store.get_response("resp_1") is None
+    old = StoredResponse("resp_1", "owner-hash", 100.0, {"id": "resp_1", "output": []}, [{"type": "message"}])
+    new = StoredResponse("resp_2", "", 200.0, {"id": "resp_2", "text": "广州"}, [])
+    store.put_response(old)
+    store.put_response(new)
+    assert store.get_response("resp_1") == old  # read right after the queued write
+    assert store.get_response("resp_1", newer_than=150.0) is None and store.get_response("resp_2", 150.0) == new
+    store.create(SessionInfo("resp_1", "x"))  # a session of the same id is another thing
+    assert store.delete_response("resp_1") is True and store.delete_response("resp_1") is False
+    assert store.get_response("resp_1") is None and store.get("resp_1") is not None
+    store.put_response(old)
+    store.prune_responses(older_than=150.0)
+    store.flush()
+    assert store.get_response("resp_1") is None and store.get_response("resp_2") == new
+    store.close()
+    if where == "file":
+        again = SQLiteStore(path)
+        assert again.get_response("resp_2") == new and again.list() != []
+        again.close()
+
+
+def test_a_database_from_before_responses_gets_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL, source TEXT, "
+                       "frontend TEXT NOT NULL, model TEXT NOT NULL, title TEXT NOT NULL, created REAL NOT NULL, "
+                       "updated REAL NOT NULL, turns INTEGER NOT NULL DEFAULT 0, messages INTEGER NOT NULL DEFAULT 0)")  # fmt: skip
+    conn.close()
+    store = SQLiteStore(path)
+    store.put_response(StoredResponse("resp_1", "", 1.0, {}, []))
+    assert store.get_response("resp_1") is not None
+    store.close()
 
 
 def test_many_threads_one_store_exact_counts_and_order(store: SQLiteStore) -> None:

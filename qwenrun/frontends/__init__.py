@@ -47,6 +47,9 @@ class OpenAIFrontend(Settings):
     api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
     max_request_bytes: PositiveInt = 1_000_000
     max_tokens_cap: PositiveInt | None = Field(None, description="Upper bound on a request's max_tokens.")
+    response_retention_days: float | None = Field(
+        30, gt=0, description="Days a stored /v1/responses response is kept (null: until deleted)."
+    )
 
 
 class Starter(Settings):

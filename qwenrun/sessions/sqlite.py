@@ -1,10 +1,12 @@
-"""The SQLite :class:`~qwenrun.sessions.store.SessionStore` (``sessions.store: sqlite``, the default).
+"""The SQLite :class:`~qwenrun.sessions.store.SessionStore` (``sessions.store: sqlite``, the default),
+also the :class:`~qwenrun.sessions.store.ResponseStore` of the OpenAI server's stored responses.
 
 :class:`SQLiteStore` never makes its caller wait for the disk: ``append`` serialises the message
 and queues it; one writer thread commits what is queued in one transaction (WAL journal, a busy
 timeout for other processes on the same file, retries), within milliseconds, so a crash loses at
 most the turn in flight. A read of a session waits for that session's queued records only (a
 list waits for all), then uses one connection per thread. ``:memory:`` is private to the object.
+Responses take the same path: ``put_response`` queues, reading one waits for its own writes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.sessions.store import Record, RecordKind, SessionInfo, StoredSession
+from qwenrun.sessions.store import Record, RecordKind, SessionInfo, StoredResponse, StoredSession
 
 __all__ = ["SQLiteStore", "WriteObserver"]
 
@@ -42,6 +44,11 @@ CREATE TABLE IF NOT EXISTS records (
     data TEXT NOT NULL, meta TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
+    response TEXT NOT NULL, conversation TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_created ON responses (created);
 """
 _INFO = "id, agent, source, frontend, model, title, created, updated, turns, messages"
 _CREATE = f"INSERT OR IGNORE INTO sessions ({_INFO}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
@@ -50,11 +57,19 @@ _APPEND = (
     "(?, (SELECT COALESCE(MAX(seq) + 1, 0) FROM records WHERE session_id = ?), ?, ?, ?, ?, ?)"
 )
 _TOUCH = "UPDATE sessions SET updated = ?, turns = MAX(turns, ?), messages = messages + ? WHERE id = ?"
-_Op = tuple[Any, ...]  # ("create", SessionInfo) or ("append", session_id, turn, kind, data, meta, created)
+_PUT_RESPONSE = (
+    "INSERT OR REPLACE INTO responses (id, owner, created, response, conversation) VALUES (?, ?, ?, ?, ?)"
+)
+# ("create", SessionInfo), ("append", session_id, turn, kind, data, meta, created),
+# ("response", id, owner, created, response, conversation), ("unrespond", id), ("prune", before)
+_Op = tuple[Any, ...]
 
 
-def _session_of(op: _Op) -> str:
-    return str(op[1].id if op[0] == "create" else op[1])
+def _key_of(op: _Op) -> str:
+    """What a read waits for: a session's id, or ``responses/<id>`` (never a valid session id)."""
+    if op[0] == "create":
+        return str(op[1].id)
+    return str(op[1]) if op[0] == "append" else f"responses/{op[1]}"
 
 
 class SQLiteStore:
@@ -116,7 +131,7 @@ class SQLiteStore:
                    dump(meta, ensure_ascii=False), time.time()))  # fmt: skip
 
     def _put(self, op: _Op) -> None:
-        session_id = _session_of(op)
+        session_id = _key_of(op)
         with self._state:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
@@ -168,7 +183,7 @@ class SQLiteStore:
             with self._state:
                 self._written += len(batch)
                 for done in batch:
-                    session_id = _session_of(done)
+                    session_id = _key_of(done)
                     left = self._pending.pop(session_id) - 1
                     if left:
                         self._pending[session_id] = left
@@ -204,6 +219,12 @@ class SQLiteStore:
                     info: SessionInfo = op[1]
                     conn.execute(_CREATE, (info.id, info.agent, info.source, info.frontend, info.model,
                                            info.title, info.created, info.updated))  # fmt: skip
+                elif op[0] == "response":
+                    conn.execute(_PUT_RESPONSE, op[1:])
+                elif op[0] == "unrespond":
+                    conn.execute("DELETE FROM responses WHERE id = ?", (op[1],))
+                elif op[0] == "prune":
+                    conn.execute("DELETE FROM responses WHERE created < ?", (op[1],))
                 else:
                     _, session_id, turn, kind, data, meta, created = op
                     conn.execute(_APPEND, (session_id, session_id, turn, kind, data, meta, created))
@@ -263,3 +284,32 @@ class SQLiteStore:
         with self._reader() as conn:
             rows = conn.execute(query, [*args, limit]).fetchall()
         return [SessionInfo(*row) for row in rows]
+
+    # -- stored responses (the OpenAI server's /v1/responses) ----------------------------------
+
+    def put_response(self, stored: StoredResponse) -> None:
+        response = json.dumps(stored.response, ensure_ascii=False)  # serialised now, as append does
+        conversation = json.dumps(stored.conversation, ensure_ascii=False)
+        self._put(("response", stored.id, stored.owner, stored.created, response, conversation))
+
+    def get_response(self, response_id: str, newer_than: float = 0.0) -> StoredResponse | None:
+        query = "SELECT owner, created, response, conversation FROM responses WHERE id = ? AND created >= ?"
+        with self._reader(f"responses/{response_id}") as conn:
+            row = conn.execute(query, (response_id, newer_than)).fetchone()
+        if row is None:
+            return None
+        owner, created, response, conversation = row
+        return StoredResponse(response_id, owner, created, json.loads(response), json.loads(conversation))
+
+    def delete_response(self, response_id: str) -> bool:
+        key = f"responses/{response_id}"
+        with self._reader(key) as conn:
+            known = conn.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone()
+        if known is None:
+            return False
+        self._put(("unrespond", response_id))
+        self._settle(key)
+        return True
+
+    def prune_responses(self, older_than: float) -> None:
+        self._put(("prune", older_than))

@@ -7,7 +7,8 @@ the turn's usage, ``error``, ``cancelled``). :meth:`SessionStore.load` gives the
 resume the session; every front end (REPL, Chainlit, OpenAI server) writes to the same store.
 
 The SQLite implementation, :class:`~qwenrun.sessions.sqlite.SQLiteStore`, is the default
-(``sessions.store: sqlite``); another store implements the same protocol.
+(``sessions.store: sqlite``); another store implements the same protocol. It also keeps the
+OpenAI server's stored responses (:class:`ResponseStore`): ``previous_response_id`` continues them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from qwenrun.config import AgentSpec
 
 __all__ = [
-    "DB_ENV", "Record", "RecordKind", "SessionInfo", "SessionStore", "StoredSession",
-    "default_path", "session_info", "store_path", "turn_record", "usage_meta",
+    "DB_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore", "StoredResponse",
+    "StoredSession", "default_path", "session_info", "store_path", "turn_record", "usage_meta",
     "valid_session_id",
 ]  # fmt: skip
 
@@ -107,6 +108,34 @@ class SessionStore(Protocol):
 
     def close(self) -> None:
         """Write what is pending and release the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response of the OpenAI server's ``/v1/responses``, kept for ``previous_response_id``."""
+
+    id: str
+    owner: str  # a hash of the API key that created it ("" on a server without a key); never the key
+    created: float
+    response: dict[str, Any]  # the response object, as the server returned it
+    conversation: list[dict[str, Any]]  # every input and output item so far: the next turn's context
+
+
+@runtime_checkable
+class ResponseStore(Protocol):
+    """Where stored responses last. ``put_response`` must not block its caller."""
+
+    def put_response(self, stored: StoredResponse) -> None:
+        """Keep a response (replacing one of the same id)."""
+
+    def get_response(self, response_id: str, newer_than: float = 0.0) -> StoredResponse | None:
+        """The response of that id created after ``newer_than`` (a time.time()), or None."""
+
+    def delete_response(self, response_id: str) -> bool:
+        """Delete a response; whether it existed."""
+
+    def prune_responses(self, older_than: float) -> None:
+        """Delete the responses created before ``older_than`` (a time.time()); need not wait."""
 
 
 def session_info(spec: AgentSpec, session_id: str, title: str = "") -> SessionInfo:

@@ -2,21 +2,20 @@
 
 Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.frontends.openai.chat` in the middle,
 OpenAI JSON or server-sent events out. Every failure is an OpenAI error body with a 4xx/5xx
-status; an engine failure is a 503 (or, once a stream has started, an ``error`` event).
+status; an engine failure is a 503 (or, once a stream has started, an ``error`` event). The
+Responses API routes are :mod:`qwenrun.frontends.openai.responses`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
 import logging
-import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,13 +23,21 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends import OpenAIFrontend
-from qwenrun.frontends.openai import chat
+from qwenrun.frontends.openai import chat, responses
+from qwenrun.frontends.openai.http import (
+    PING_S,
+    ClientGone,
+    collect,
+    observe,
+    read_json,
+    unknown_model,
+    unless_disconnected,
+)
 from qwenrun.frontends.openai.metrics import Metrics, MetricsMiddleware, bind_metrics
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.loading import secret_from_env
@@ -38,12 +45,6 @@ from qwenrun.loading import secret_from_env
 __all__ = ["create_app", "serve"]
 
 log = logging.getLogger("qwenrun.frontends.openai")
-T = TypeVar("T")
-PING_S = 15  # SSE keep-alive comments while a tool step runs (proxies drop idle connections)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 def frontend_of(spec: AgentSpec) -> OpenAIFrontend:
@@ -163,12 +164,12 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     @app.get("/v1/models/{model:path}", dependencies=guarded)
     async def model(model: str) -> dict[str, Any]:
         if model not in (served, agent.name):
-            raise _unknown_model(model)
+            raise unknown_model(model)
         return model_card(model)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
-        body = await _read_json(request, frontend.max_request_bytes)
+        body = await read_json(request, frontend.max_request_bytes)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
@@ -176,7 +177,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         reply = chat.Reply(req.model, include_usage=include_usage)
         if req.model not in (served, agent.name):
-            raise _unknown_model(req.model)
+            raise unknown_model(req.model)
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
         session_id = request.headers.get(chat.SESSION_HEADER)
         headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
@@ -188,103 +189,20 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
             pieces = chat.passthrough(agent, req, frontend, reply.id)
         else:
             pieces = chat.agent_turn(agent, req, frontend, session_id, busy, approval)
-        observed = _observe(metrics, mode, pieces)
+        observed = observe(metrics, mode, pieces)
         if not req.stream:
-            collected = await _unless_disconnected(request, _collect(observed))
+            collected = await unless_disconnected(request, collect(observed))
             return JSONResponse(chat.completion(reply, collected), headers=headers)
         # Wait for the first piece so that an engine that is dead or refuses the request gets a
         # real 503 status instead of a 200 followed by an error event.
-        first = await _unless_disconnected(request, anext(observed))
+        first = await unless_disconnected(request, anext(observed))
         # sse-starlette rather than a bare StreamingResponse: when the client goes away or a send
         # fails it closes the body generator at once (so the engine request is aborted, not left
         # to the garbage collector), and it sends keep-alive comments while a slow tool runs.
         return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S, headers=headers)
 
+    responses.register(app, agent, frontend, metrics, guarded)  # /v1/responses (docs/server.md)
     return app
-
-
-def _unknown_model(name: str) -> APIError:
-    return APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The JSON body, refusing more than ``limit`` bytes by Content-Length and by bytes read."""
-    too_large = APIError(413, f"the request body is larger than {limit} bytes",
-                         code="request_too_large", headers={"Connection": "close"})  # fmt: skip
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise APIError(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise too_large
-    data = bytearray()
-    try:
-        async for part in request.stream():
-            data += part
-            if len(data) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise ClientGone() from None
-    try:
-        body = json.loads(data, parse_constant=_not_json)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise APIError(400, f"the body is not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(data):  # json.loads joins valid pairs; an unpaired one is not text
-        try:
-            json.dumps(body, ensure_ascii=False).encode()
-        except (UnicodeEncodeError, RecursionError):
-            raise APIError(400, "the body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate, "
-                           "which is not text (the tokenizer cannot encode it)") from None  # fmt: skip
-    return body
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-async def _observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pieces:
-    async with aclosing(pieces):
-        async for piece in pieces:
-            if isinstance(piece, chat.Call):
-                metrics.count_tool_call(mode, piece.call.name)
-            elif isinstance(piece, chat.Step) and piece.data.get("type") == "tool_call":
-                metrics.count_tool_call(mode, str(piece.data.get("name")))
-            elif isinstance(piece, chat.Finish):
-                metrics.count_tokens(mode, piece.prompt_tokens, piece.completion_tokens)
-            yield piece
-
-
-async def _collect(pieces: chat.Pieces) -> list[chat.Piece]:
-    async with aclosing(pieces):
-        return [piece async for piece in pieces]
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (the body is already read,
-    so the next ASGI message is ``http.disconnect``)."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request itself is cancelled (server shutdown)
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        request.state.qwenrun_status = 499
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone()
-    return task.result()
 
 
 async def _events(

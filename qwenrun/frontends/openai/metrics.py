@@ -24,7 +24,7 @@ __all__ = [
 
 MODE_KEY = "qwenrun_mode"
 STATUS_KEY = "qwenrun_status"
-ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
 
 
 def bind_metrics(agent: Agent, metrics: Metrics) -> None:
@@ -38,6 +38,8 @@ def bind_metrics(agent: Agent, metrics: Metrics) -> None:
 def _endpoint(path: str) -> str:
     if path in ENDPOINTS:
         return path
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 

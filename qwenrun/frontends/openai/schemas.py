@@ -286,24 +286,25 @@ _MODELS: Sequence[type[BaseModel]] = (
 _FIELDS = frozenset(name for model in _MODELS for name in model.model_fields)
 
 
-def _param(loc: Sequence[str | int]) -> str | None:
+def _param(loc: Sequence[str | int], fields: frozenset[str] = _FIELDS) -> str | None:
     """``('messages', 0, 'tool', 'tool_call_id')`` -> ``messages[0].tool_call_id``: union tags and
     member labels (``str``, ``list[TextPart]``) are dropped, only field names and indexes kept."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in _FIELDS:
+        elif part in fields:
             text += f".{part}" if text else part
     return text or None
 
 
-def invalid_request(exc: ValidationError) -> APIError:
-    """One 400 ``invalid_request_error`` naming every problem; ``param`` is the first one's field."""
+def invalid_request(exc: ValidationError, fields: frozenset[str] = _FIELDS) -> APIError:
+    """One 400 ``invalid_request_error`` naming every problem; ``param`` is the first one's field
+    (``fields``: the field names of the request's models, chat completions' by default)."""
     problems: list[str] = []
     params: list[str | None] = []
     for error in exc.errors(include_url=False):
-        param = _param(error["loc"])
+        param = _param(error["loc"], fields)
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "missing":
             message = "required field is missing"
