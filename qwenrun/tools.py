@@ -28,7 +28,7 @@ from pydantic.fields import FieldInfo
 
 from qwenrun.errors import PluginError, ToolError
 from qwenrun.events import ToolResult
-from qwenrun.hermes import ToolCall
+from qwenrun.toolcalls.hermes import ToolCall
 
 __all__ = ["Tool", "format_result", "run_call"]
 

@@ -12,8 +12,8 @@ import pytest
 from qwenrun.agent import ANSWER_NOTE, Agent
 from qwenrun.config import AgentSpec
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
-from qwenrun.hermes import FORCED_PREFILL, forced_call
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.toolcalls.hermes import FORCED_PREFILL, forced_call
 from qwenrun.tools import Tool
 
 SEED_SENTENCE = "目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"

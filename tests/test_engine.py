@@ -19,8 +19,8 @@ from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Engine, Request
 from qwenrun.engines.vllm import VLLMEngine, _template_messages, engine_kwargs, sampling_kwargs
 from qwenrun.errors import ConfigError, EngineError
-from qwenrun.hermes import parse
 from qwenrun.testing import literal_regex
+from qwenrun.toolcalls.hermes import parse
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
 CALL_REGEX = literal_regex(CALL)

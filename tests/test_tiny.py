@@ -17,7 +17,6 @@ from weather import weather_tool
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Constraint, Request
 from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.hermes import ToolCall
 from qwenrun.testing import literal_regex
 from qwenrun.tiny import (
     CHAT_TEMPLATE,
@@ -31,6 +30,7 @@ from qwenrun.tiny import (
 )
 from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 from qwenrun.toolcalls import OutputParser, ParsedOutput, detect_format, parse_output, prompt_opens_thinking
+from qwenrun.toolcalls.hermes import ToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
 
