@@ -23,12 +23,13 @@ from typing import Any
 
 from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.thinking import END_THINK, THINK, prompt_opens_thinking
+from qwenrun.toolcalls.values import param_type
 
 __all__ = ["FORCED_PREFILL", "ForcedCall", "forced_call", "qwen_xml_structural_tag", "thinking_prefill"]
 
 FORCED_PREFILL = hermes.FORCED_PREFILL  # "<tool_call>\n", the same in both formats
-_XML_END = "\n</function>\n</tool_call>"
-_MAX_WHITESPACE = 4  # structural whitespace of a forced XML call (string values are not limited)
+_XML_END = "</function>\n</tool_call>"
+_MAX_WHITESPACE = 1  # between the tokens of a JSON value (none needed; one keeps it readable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,24 +47,73 @@ def _chosen(tools: Sequence[Mapping[str, Any]], choice: str) -> list[Mapping[str
     return [f for f in functions if choice == "required" or f.get("name") == choice]
 
 
+def _string_option(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The string schema among ``anyOf``/``oneOf`` options (the first), else ``schema`` itself."""
+    for key in ("anyOf", "oneOf"):
+        for option in schema.get(key) or ():
+            if isinstance(option, Mapping) and param_type(option).kind == "string":
+                return option
+    return schema
+
+
+def _string_format(schema: Mapping[str, Any]) -> dict[str, Any]:
+    values = schema.get("enum") if isinstance(schema.get("enum"), list) else None
+    if values is None and "const" in schema:
+        values = [schema["const"]]
+    texts = [value for value in values or () if isinstance(value, str)]
+    if texts:
+        options = [{"type": "const_string", "value": text} for text in texts]
+        return options[0] if len(options) == 1 else {"type": "or", "elements": options}
+    if isinstance(schema.get("pattern"), str):
+        return {"type": "regex", "pattern": schema["pattern"]}
+    text: dict[str, Any] = {"type": "any_text", "excludes": ["</parameter>"]}
+    if isinstance(schema.get("maxLength"), int):
+        text["max_chars"] = schema["maxLength"]
+    return text
+
+
+def _value_format(schema: Any, defs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The format of one parameter's value, as the parser reads it back."""
+    schema = schema if isinstance(schema, Mapping) else {}
+    ptype = param_type(schema)
+    if ptype.kind != "string":
+        document = {**schema, "$defs": defs} if defs else dict(schema)
+        return {"type": "json_schema", "json_schema": document, "style": "json",
+                "max_whitespace_cnt": _MAX_WHITESPACE}  # fmt: skip
+    text = _string_format(_string_option(schema))
+    if ptype.nullable:
+        return {"type": "or", "elements": [{"type": "const_string", "value": "null"}, text]}
+    return text
+
+
+def _function_format(function: Mapping[str, Any]) -> dict[str, Any]:
+    name = function.get("name")
+    schema = function.get("parameters")
+    schema = schema if isinstance(schema, Mapping) else {}
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, Mapping) else {}
+    required = set(schema.get("required") or ())
+    defs = schema.get("$defs") if isinstance(schema.get("$defs"), Mapping) else None
+    order = [
+        *(key for key in properties if key in required),
+        *(key for key in properties if key not in required),
+    ]
+    elements = []
+    for key in order:
+        value = _value_format(properties[key], defs)
+        tag = {"type": "tag", "begin": f"<parameter={key}>\n", "content": value, "end": "\n</parameter>\n"}
+        elements.append(tag if key in required else {"type": "optional", "content": tag})
+    if not elements:  # no parameters: the call is fixed text (its arguments are {})
+        return {"type": "const_string", "value": f"<function={name}>\n{_XML_END}"}
+    body = {"type": "sequence", "elements": elements} if len(elements) > 1 else elements[0]
+    return {"type": "tag", "begin": f"<function={name}>\n", "content": body, "end": _XML_END}
+
+
 def qwen_xml_structural_tag(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The structural tag of one Qwen3-Coder call of one of ``functions`` (OpenAI function dicts),
-    after the prefilled ``<tool_call>\\n``."""
-    tags = [
-        {
-            "type": "tag",
-            "begin": f"<function={function.get('name')}>\n",
-            "content": {
-                "type": "json_schema",
-                "json_schema": dict(function.get("parameters") or {"type": "object", "properties": {}}),
-                "style": "qwen_xml",
-                "max_whitespace_cnt": _MAX_WHITESPACE,
-            },
-            "end": _XML_END,
-        }
-        for function in functions
-    ]
-    body = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
+    after the prefilled ``<tool_call>\n``."""
+    formats = [_function_format(function) for function in functions]
+    body = formats[0] if len(formats) == 1 else {"type": "or", "elements": formats}
     return {"type": "structural_tag", "format": body}
 
 

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.metrics import Metrics, MetricsMiddleware, bind_metrics
@@ -110,6 +110,10 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
         log.warning("engine error: %s", exc)
         return error_response(APIError(503, str(exc), type="server_error", code="engine_unavailable"))
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(APIError(400, str(exc), param=exc.param, code=exc.code))  # the engine goes on
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -316,15 +316,19 @@ def agent_turn(
         events = session.stream(
             text_of(last.content), tool_choice=choice, overrides=sampling, chat_template_kwargs=template
         )
+        gap = False  # reasoning was returned, then something else: the next model call's is apart
         async with closing(events), _released(session_id, busy):
             async for event in events:
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
+                        gap = gap or think_trim.started
                         yield Text(text)
                 elif isinstance(event, Reasoning):
                     if reasoning_wanted and (text := think_trim(event.text)):
-                        yield ReasoningText(text)
+                        yield ReasoningText(f"\n\n{text}" if gap else text)
+                        gap = False
                 elif isinstance(event, ToolCall | ToolResult | Repair):
+                    gap = gap or think_trim.started
                     yield Step(to_dict(event))
                 elif isinstance(event, Final):
                     if event.stop_reason == "max_iterations" and (text := trim(event.text)):
