@@ -159,11 +159,7 @@ YAML_ODD_VALUES = ["${QR_FUZZ_UNSET}", "${QR_FUZZ_UNSET:-7}", "$${x}", "{{ nope 
                    "required", "openai", "chainlit", "cli", "get_current_weather", ""]  # fmt: skip
 yaml_values = st.recursive(
     st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**70), 2**70),
-        st.floats(),
-        st.text(max_size=16),
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=16),
         st.sampled_from(YAML_ODD_VALUES),
     ),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
@@ -321,10 +317,8 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(REQUEST_KEYS) | st.text(max_size=8), inner, max_size=4)
-    ),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(REQUEST_KEYS) | st.text(max_size=8), inner, max_size=4),
     max_leaves=16,
 )
 texts = st.text(max_size=30) | st.sampled_from(ODD_STRINGS)
@@ -568,9 +562,7 @@ def test_server_survives_mutated_requests(
         HTTP_MUTATED.count += 1
 
     ran = HTTP_MUTATED.run(prop)
-    record(
-        tmp_path_factory, http_mutated_requests=ran, http_mutated_outcomes=json.dumps(HTTP_MUTATED.statuses)
-    )
+    record(tmp_path_factory, http_mutated_requests=ran, http_mutated_outcomes=json.dumps(HTTP_MUTATED.statuses))
     # the fuzzing reached every outcome: answers, streams, bad requests, unknown models, engine failures
     assert {"200", "200 stream", "200 stream, error event", "400", "404", "503"} <= set(HTTP_MUTATED.statuses)
     assert ran == figure("http_mutated_requests"), f"{ran} examples ran"
@@ -593,9 +585,7 @@ def test_server_survives_random_bytes(
         HTTP_BYTES.count += 1
 
     ran = HTTP_BYTES.run(prop)
-    record(
-        tmp_path_factory, http_random_bytes=ran, http_random_bytes_outcomes=json.dumps(HTTP_BYTES.statuses)
-    )
+    record(tmp_path_factory, http_random_bytes=ran, http_random_bytes_outcomes=json.dumps(HTTP_BYTES.statuses))
     assert "400" in HTTP_BYTES.statuses
     assert ran == figure("http_random_bytes"), f"{ran} examples ran"
 
@@ -692,9 +682,4 @@ def test_request_problems_found_by_fuzzing(
         assert response.status_code == 200
         return
     assert response.status_code == 400
-    assert response.json()["error"] == {
-        "message": message,
-        "type": "invalid_request_error",
-        "param": param,
-        "code": None,
-    }
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param, "code": None}

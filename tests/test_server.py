@@ -423,9 +423,7 @@ def test_only_streaming_requests_ask_the_engine_for_deltas(srv: Harness) -> None
     srv.script = lambda request: "ok"
     messages: Any = [{"role": "user", "content": "hi"}]
     with srv.sync_client() as client:
-        assert (
-            client.chat.completions.create(model=SERVED, messages=messages).choices[0].message.content == "ok"
-        )
+        assert client.chat.completions.create(model=SERVED, messages=messages).choices[0].message.content == "ok"
         chunks = client.chat.completions.create(model=SERVED, messages=messages, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
     assert [call.incremental for call in srv.engine.calls] == [False, True]

@@ -289,9 +289,7 @@ def test_never_raises_on_pathological_input() -> None:
 # -- bare JSON calls (tools= the declared names) ----------------------------------------------------
 
 DECLARED = {"get_current_weather", "f", "g"}
-FENCED_WEATHER = (
-    '```json\n{\n  "name": "get_current_weather",\n  "arguments": {\n    "city": "广州"\n  }\n}\n```'
-)
+FENCED_WEATHER = '```json\n{\n  "name": "get_current_weather",\n  "arguments": {\n    "city": "广州"\n  }\n}\n```'
 # (id, text, content, [(name, arguments, error)]) with tools=DECLARED
 BARE_CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None]]]] = [
     ("fenced_json", FENCED_WEATHER, "", [("get_current_weather", {"city": "广州"}, OK)]),

@@ -275,10 +275,7 @@ def test_a_password_given_instead_of_its_variable_name_is_never_printed(
         with pytest.raises(ConfigError) as info:
             web.build_app(make_agent(yaml=YAML + f"  password_env: {value!r}\n"))
         message = str(info.value)
-        assert (
-            "frontend.password_env: must be the name of the environment variable that holds the password"
-            in message
-        )
+        assert "frontend.password_env: must be the name of the environment variable that holds the password" in message
         assert value not in message
 
 
