@@ -38,6 +38,7 @@ class ModelRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True
     tool_choice: str = "auto"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
@@ -94,6 +95,7 @@ class ScriptedEngine:
             dict(request.overrides),
             request.incremental,
             request.tool_choice,
+            dict(request.chat_template_kwargs),
         )
         self.calls.append(record)
         if callable(self._script):

@@ -151,6 +151,35 @@ def test_template_messages_parse_arguments_without_mutating() -> None:
     assert call["function"]["arguments"] == '{"x": 1}'
 
 
+def test_template_messages_give_the_reasoning_to_the_template_as_reasoning_content() -> None:
+    fixed = _template_messages(
+        [{"role": "assistant", "content": "a", "reasoning": "r"},
+         {"role": "assistant", "content": "b", "reasoning": "other", "reasoning_content": "kept"}]
+    )  # fmt: skip
+    assert [(m["reasoning_content"], m["content"]) for m in fixed] == [("r", "a"), ("kept", "b")]
+
+
+def test_a_thinking_budget_turns_on_vllms_reasoning_parser() -> None:
+    """vLLM enforces thinking_token_budget only with a reasoning parser; qwenrun's constraints then
+    still apply from the first token (enable_in_reasoning), as they do without one."""
+    budget = engine_kwargs(AgentSpec.from_dict({"model": {"path": "/m"}, "agent": {"thinking_budget": 128}}))
+    assert budget["reasoning_parser"] == "qwen3"
+    assert budget["structured_outputs_config"] == {
+        "backend": "xgrammar", "disable_any_whitespace": True, "enable_in_reasoning": True,
+    }  # fmt: skip
+    plain = engine_kwargs(_spec())
+    assert "reasoning_parser" not in plain and "enable_in_reasoning" not in plain["structured_outputs_config"]
+    own = engine_kwargs(_spec({"extra": {"reasoning_parser": "deepseek_r1"}}))
+    assert (
+        own["reasoning_parser"] == "deepseek_r1" and own["structured_outputs_config"]["enable_in_reasoning"]
+    )
+
+
+def test_the_tool_call_format_is_the_spec_s_until_the_template_is_read() -> None:
+    assert VLLMEngine(_spec()).tool_call_format == "hermes"  # auto: resolved at start
+    assert VLLMEngine(_spec(tool_call_format="qwen3_coder")).tool_call_format == "qwen3_coder"
+
+
 async def test_unstarted_engine() -> None:
     engine = VLLMEngine(_spec())
     assert isinstance(engine, Engine) and engine.model_name == "/models/qwen"
