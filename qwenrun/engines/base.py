@@ -173,9 +173,11 @@ class OutputReader:
         self.prompt_tokens, self.completion_tokens = delta.prompt_tokens, delta.completion_tokens
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
-        parser = self.parser or self._start(delta.starts_in_reasoning)
+        parser = self.parser
+        if parser is None:
+            parser = self._start(delta.starts_in_reasoning)
         items = parser.feed(delta.text) if delta.text else []
-        if delta.reasoning or delta.tool_calls:
+        if delta.tool_calls or delta.reasoning:
             if delta.reasoning:
                 self._reasoning.append(delta.reasoning)
                 items = [Reasoning(delta.reasoning), *items]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
 from qwenrun.toolcalls.formats import new_parser
@@ -102,11 +102,12 @@ class OutputParser:
         self._finished = False
 
     def feed(self, chunk: str) -> list[OutputEvent]:
+        thinking = self._thinking
+        if thinking is None and not self._finished:  # the answer: the hot path (no cast() call)
+            return self._calls.feed(chunk)  # type: ignore[return-value]  # list[CallEvent] is one
         if self._finished:
             raise RuntimeError("OutputParser.feed() called after finish()")
-        thinking = self._thinking
-        if thinking is None:  # the answer: the hot path
-            return cast(list[OutputEvent], self._calls.feed(chunk))
+        assert thinking is not None
         out = self._route(thinking.feed(chunk), [])
         if thinking.answering:  # the rest goes straight to the call parser
             self._reasoning, self._thinking = thinking.result().reasoning, None
