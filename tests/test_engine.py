@@ -18,7 +18,7 @@ from weather import weather_tool
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Engine, Request
 from qwenrun.engines.vllm import VLLMEngine, _template_messages, engine_kwargs, sampling_kwargs
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.testing import literal_regex
 from qwenrun.toolcalls.hermes import parse
 
@@ -370,12 +370,12 @@ async def test_a_forced_tool_choice_is_a_prefilled_grammar_call(engine: VLLMEngi
     assert call.ok and call.name == "get_current_weather" and isinstance(call.arguments.get("city"), str)
     # the grammar is built once per tools list and choice, then reused
     assert (
-        engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0]
-        is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0])
+        engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"), "")[0]
+        is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"), "")[0])
     )
-    other = engine._forcing(Request(messages=USER, tools=list(tools), tool_choice="required"))[0]
+    other = engine._forcing(Request(messages=USER, tools=list(tools), tool_choice="required"), "")[0]
     assert other is not None and other.json is not None
-    assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto")) == (None, "")
+    assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto"), "") == (None, "")
 
 
 @pytest.mark.engine
@@ -458,7 +458,7 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
 @pytest.mark.engine
 async def test_prompt_too_long(engine: VLLMEngine) -> None:
     huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
-    with pytest.raises(EngineError, match="max_model_len is 2048"):
+    with pytest.raises(RequestError, match="max_model_len is 2048"):  # the request's fault: a 400
         await asyncio.wait_for(_collect(generate(engine, huge)), timeout=30)
 
 

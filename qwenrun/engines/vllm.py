@@ -29,7 +29,6 @@ from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.toolcalls import (
-    ForcedCall,
     forced_call,
     prompt_opens_thinking,
     resolve_format,
@@ -220,7 +219,7 @@ class VLLMEngine:
         fmt = spec.model.tool_call_format
         self.tool_call_format: str = "hermes" if fmt == "auto" else fmt  # "auto" is resolved at start
         # forced calls by (id of the tools list, choice), with the list they were made for
-        self._forced: dict[tuple[int, str], tuple[object, ForcedCall | None]] = {}
+        self._forced: dict[tuple[int, str], tuple[object, Constraint | None, str]] = {}
 
     @property
     def started(self) -> bool:
@@ -372,16 +371,19 @@ class VLLMEngine:
             return None, ""
         cached = self._forced.get((id(tools), choice))
         if cached is not None and cached[0] is tools:  # an agent passes the same list every call
-            forced = cached[1]
+            _, constraint, prefill = cached
         else:
             forced = forced_call(self.tool_call_format, tools, choice)
+            constraint, prefill = None, ""
+            if forced is not None:
+                constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
+                prefill = forced.prefill
             if len(self._forced) >= 64:
                 self._forced.clear()
-            self._forced[(id(tools), choice)] = (tools, forced)  # keeps `tools` alive: its id stays its own
-        if forced is None:
+            self._forced[(id(tools), choice)] = (tools, constraint, prefill)  # keeps `tools` alive
+        if constraint is None:
             return None, ""
-        constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
-        return constraint, thinking_prefill(prompt, self._template) + forced.prefill
+        return constraint, thinking_prefill(prompt, self._template) + prefill
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Stream the answer to ``request`` as deltas (the first starts with the prefill); with

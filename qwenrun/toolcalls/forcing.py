@@ -141,6 +141,6 @@ def thinking_prefill(prompt: str, chat_template: str | None) -> str:
     """
     if prompt_opens_thinking(prompt):
         return f"\n{END_THINK}\n\n"
-    if prompt.rstrip().endswith(END_THINK) or THINK not in (chat_template or ""):
+    if prompt[-256:].rstrip().endswith(END_THINK) or THINK not in (chat_template or ""):
         return ""
     return f"{THINK}\n\n{END_THINK}\n\n"
