@@ -11,8 +11,10 @@ server is in ``test_toolcalls_server.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
@@ -21,14 +23,14 @@ from weather import weather_tool
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.engines.base import OutputReader, Request
+from qwenrun.engines.base import Constraint, Delta, OutputReader, Request
 from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.errors import RequestError
-from qwenrun.events import Event, Final, Reasoning, TextDelta, ToolCall, ToolResult
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult
 from qwenrun.frontends import chainlit as web
 from qwenrun.frontends.console import repl, run_once
 from qwenrun.plugins import load_tools
-from qwenrun.testing import PinnedEngine, tool_call_body
+from qwenrun.testing import PinnedEngine, literal_regex, tool_call_body
 
 pytestmark = pytest.mark.engine
 
@@ -157,7 +159,32 @@ def only_guangzhou(city: Literal["广州"]) -> str:
     return f"{city}：晴"
 
 
+class MalformedFirst:
+    """The engine with its first answer pinned to ``text`` (a malformed call); later calls as they are."""
+
+    def __init__(self, engine: VLLMEngine, text: str) -> None:
+        self.engine, self.text, self.used = engine, text, False
+        self.model_name, self.tool_call_format = engine.model_name, engine.tool_call_format
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    def health(self) -> Any:
+        return self.engine.health()
+
+    def generate(self, request: Request) -> AsyncIterator[Delta]:
+        if not self.used:
+            self.used = True
+            request = dataclasses.replace(request, constraint=Constraint(regex=literal_regex(self.text)))
+        return self.engine.generate(request)
+
+
 async def test_agent_forced_call_and_repair_run_in_the_engines_format(flavour_engine: VLLMEngine) -> None:
+    """A named tool_choice, and the repair of a malformed call, are the engine's own forced calls
+    (unpinned): a valid call of the tool's schema, in the engine's format."""
     engine = flavour_engine
     spec = agent_spec(engine, tools=("only_guangzhou",), tool_choice="only_guangzhou", max_iterations=2)
     agent = Agent(spec, engine, [only_guangzhou])
@@ -168,6 +195,21 @@ async def test_agent_forced_call_and_repair_run_in_the_engines_format(flavour_en
         ("only_guangzhou", {"city": "广州"})
     ]
     assert [e.content for e in events if isinstance(e, ToolResult)] == ["广州：晴"]
+
+    broken = {  # invalid JSON; an XML value left open (the output cut)
+        "hermes": '<tool_call>\n{"name": "only_guangzhou", "arguments": {"city": 广州}}\n</tool_call>',
+        "qwen3_coder": "<tool_call>\n<function=only_guangzhou>\n<parameter=city>\n广州",
+    }[engine.tool_call_format]
+    spec = agent_spec(engine, tools=("only_guangzhou",), tool_choice="auto", max_iterations=2)
+    agent = Agent(spec, MalformedFirst(engine, broken), [only_guangzhou])
+    events = [
+        event async for event in agent.session(record=False).stream(QUESTION, overrides={"max_tokens": 48})
+    ]
+    repairs = [e for e in events if isinstance(e, Repair)]
+    assert len(repairs) == 1 and "retrying with a forced only_guangzhou call" in repairs[0].reason
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCall)] == [
+        ("only_guangzhou", {"city": "广州"})
+    ]
 
 
 def echo(text: str) -> str:
