@@ -37,6 +37,27 @@ class RequestError(QwenrunError):
         self.code = code
 
 
+class ModelError(QwenrunError):
+    """A model could not be fetched, verified or converted (``qwenrun model``)."""
+
+
+class ChecksumError(ModelError):
+    """A downloaded file is not the one a recipe pins (size or sha256); the download is deleted."""
+
+
+class DownloadError(ModelError):
+    """The package registry is unreachable, or does not have a package a recipe needs."""
+
+
+class DiskFullError(ModelError):
+    """Not enough free space to download or convert a model; nothing partial is kept."""
+
+
+class EvalError(QwenrunError):
+    """An eval case file is unreadable or invalid, or benchmark data cannot be imported. The message
+    names the file, the line and the problem."""
+
+
 class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 

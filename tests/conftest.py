@@ -1,12 +1,15 @@
 """Shared fixtures: the tiny Qwen2 model (built once, cached in .cache/tiny-qwen2), its agent
 spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs);
 the tiny model's Qwen3 flavours (.cache/tiny-qwen3, .cache/tiny-qwen3-coder) and ``flavour_engine``,
-a started engine of each, one at a time (pytest runs the tests of one flavour, then the other)."""
+a started engine of each, one at a time (pytest runs the tests of one flavour, then the other).
+
+The real-model tier (``@pytest.mark.real_model``): ``real_model_dir`` fetches Qwen2.5-Coder-0.5B
+through :mod:`qwenrun.models` into the shared cache (once per machine, about a minute), ``real_spec``
+is ``agents/weather-small.yaml`` on it, and ``real_engine`` one started engine for the session."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import tempfile
@@ -23,6 +26,7 @@ os.environ["QWENRUN_SESSIONS_DB"] = os.path.join(
 )
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -30,9 +34,16 @@ import pytest_asyncio
 
 from qwenrun.config import AgentSpec
 from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.models import fetch
 from qwenrun.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-model tier runs last: its engine, once started, lives to the end of the session, and
+    must not be running beside the tiny engine while the other tiers measure memory or time."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is not None)  # stable
 
 
 @pytest.fixture(scope="session")
@@ -75,26 +86,8 @@ async def flavour_engine(request: pytest.FixtureRequest) -> AsyncIterator[VLLMEn
     which); pytest keeps one alive at a time and shuts the last one down at the end."""
     flavour = request.param
     directory = build_tiny_model(ROOT / ".cache" / f"tiny-{flavour.replace('_', '-')}", flavour=flavour)
-    engine = VLLMEngine(flavour_spec(directory, flavour))
-    async with _started(engine):
+    async with started_engine(flavour_spec(directory, flavour)) as engine:
         yield engine
-
-
-@contextlib.asynccontextmanager
-async def _started(engine: VLLMEngine) -> AsyncIterator[VLLMEngine]:
-    with warnings.catch_warnings():
-        # torch 2.13 warns when vLLM's config code imports torch.utils.mkldnn (torch's own code)
-        warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
-        await engine.start()
-    try:
-        yield engine
-    finally:
-        with warnings.catch_warnings():
-            # vLLM never terminates its ZMQ context; pyzmq warns when it is collected
-            warnings.filterwarnings("ignore", r"Unclosed context", ResourceWarning)
-            await engine.shutdown()
-            await asyncio.sleep(0.1)  # let the cancelled output tasks finish
-            gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +109,46 @@ def tiny_spec(tiny_model_dir: Path) -> AgentSpec:
     )
 
 
+@asynccontextmanager
+async def started_engine(spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """A started engine of ``spec``, shut down (and its warnings silenced) on exit."""
+    engine = VLLMEngine(spec)
+    with warnings.catch_warnings():
+        # torch 2.13 warns when vLLM's config code imports torch.utils.mkldnn (torch's own code)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
+        await engine.start()
+    try:
+        yield engine
+    finally:
+        with warnings.catch_warnings():
+            # vLLM never terminates its ZMQ context; pyzmq warns when it is collected
+            warnings.filterwarnings("ignore", r"Unclosed context", ResourceWarning)
+            await engine.shutdown()
+            await asyncio.sleep(0.1)  # let the cancelled output tasks finish
+            gc.collect()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def engine(tiny_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
     """One started engine for the whole session, shut down at the end."""
-    async with _started(VLLMEngine(tiny_spec)) as engine:
+    async with started_engine(tiny_spec) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, fetched and converted once into the cache (shared, atomic)."""
+    return fetch("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def real_spec(real_model_dir: Path) -> AgentSpec:
+    """``agents/weather-small.yaml`` on the fetched model (float32, temperature 0)."""
+    return AgentSpec.from_file(ROOT / "agents" / "weather-small.yaml", [f"model.path={real_model_dir}"])
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def real_engine(real_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
+    """One started engine on the real model for the whole session (about 50 s to start here)."""
+    async with started_engine(real_spec) as engine:
         yield engine

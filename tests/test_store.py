@@ -1,4 +1,4 @@
-"""The session store (qwenrun/store.py, qwenrun/sqlite_store.py): SQLite round trips, concurrent writers, the Session hook,
+"""The session store (qwenrun/sessions/store.py, qwenrun/sessions/sqlite.py): SQLite round trips, concurrent writers, the Session hook,
 resuming, and every front end (REPL, OpenAI server, Chainlit) recording to the same store."""
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import click
 from qwenrun.cli import common
 from qwenrun.cli.common import ConfigProblem, errors, load_spec, set_option
 from qwenrun.cli.deploy import deploy
+from qwenrun.cli.eval import eval_command, import_bfcl_command
+from qwenrun.cli.models import model
 from qwenrun.cli.parse import parse
 from qwenrun.cli.sessions import replay, sessions
 from qwenrun.config import AgentSpec
@@ -176,9 +178,12 @@ def tiny_model(directory: str, force: bool, flavour: str) -> None:
 
 
 main.add_command(deploy)
+main.add_command(model)
 main.add_command(parse)
 main.add_command(sessions)
 main.add_command(replay)
+main.add_command(eval_command)
+main.add_command(import_bfcl_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
