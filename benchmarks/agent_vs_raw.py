@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import PinnedEngine, literal_regex
+from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

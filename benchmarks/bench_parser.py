@@ -32,13 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwenrun import hermes
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Request
 from qwenrun.events import Final
-from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.toolcalls import hermes
+from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 CHUNK_SIZES = (1, 4, 16)
 

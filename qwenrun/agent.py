@@ -1,15 +1,20 @@
-"""The agent loop: model call -> Hermes tool calls -> tools -> tool messages -> ... -> answer.
+"""The agent loop: model call -> tool calls -> tools -> tool messages -> ... -> answer.
 
 One bounded async loop per user turn (``max_iterations`` model calls), yielding the typed events of
-:mod:`qwenrun.events`. Tool calls of one model answer run in parallel, each under its time limit;
-every tool failure becomes an ``Error: ...`` tool result the model can read. ``tool_choice``
-``required`` / a tool name is enforced with structured outputs on the first model call of a turn
-(then it falls back to ``auto`` so the model can answer), and a malformed call is retried once with
-a grammar-forced call. Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a
-call the model repeats with the same arguments in one turn is not run again: the model is asked for
-its answer with the tools off. A tool with ``approval: ask`` runs only if the session's approver (a
-callback its front end gives, :mod:`qwenrun.approval`) says yes; ``deny`` never runs. The agent's
-MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add their tools to it.
+:mod:`qwenrun.events`. The model's output is read in its engine's tool-call format (Hermes JSON or
+Qwen3-Coder XML); its thinking becomes :class:`~qwenrun.events.Reasoning` events and the
+assistant message's ``reasoning_content`` (never a call: a ``<tool_call>`` inside ``<think>`` is
+not run). ``agent.enable_thinking`` goes to the chat template, ``agent.thinking_budget`` to vLLM.
+Tool calls of one model answer run in parallel, each under its time limit; every tool failure
+becomes an ``Error: ...`` tool result the model can read. ``tool_choice`` ``required`` / a tool
+name is enforced with structured outputs on the first model call of a turn (then it falls back to
+``auto`` so the model can answer), and a malformed call is retried once with a grammar-forced call.
+Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a call the model
+repeats with the same arguments in one turn is not run again: the model is asked for its answer
+with the tools off. A tool with ``approval: ask``
+runs only if the session's approver (a callback its front end gives, :mod:`qwenrun.approval`) says
+yes; ``deny`` never runs. The agent's MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add
+their tools to it.
 """
 
 from __future__ import annotations
@@ -19,18 +24,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from qwenrun import hermes
+from qwenrun import toolcalls
 from qwenrun.approval import Approver, review
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.observability import Telemetry, TurnTelemetry
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
+from qwenrun.toolcalls import hermes
 from qwenrun.tools import Tool, run_call
 
 if TYPE_CHECKING:
@@ -85,12 +91,15 @@ class Agent:
     def name(self) -> str:
         return self.spec.agent.name
 
-    @property
-    def lenient_names(self) -> frozenset[str] | None:
-        """The tool names whose bare JSON calls are read (``agent.lenient_tool_calls``), or None."""
-        if not self.spec.agent.lenient_tool_calls or not self.tools:
-            return None
-        return frozenset(self.tools)
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """The chat template variables of every model call (``agent.enable_thinking``)."""
+        thinking = self.spec.agent.enable_thinking
+        return {} if thinking is None else {"enable_thinking": thinking}
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """Sampling parameters of every model call beyond ``sampling`` (``agent.thinking_budget``)."""
+        budget = self.spec.agent.thinking_budget
+        return {} if budget is None else {"thinking_token_budget": budget}
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The tools as OpenAI ``tools`` (the same list object while the tools stay the same, so
@@ -213,14 +222,20 @@ class Session:
         *,
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run one user turn, yielding events; the last one is :class:`Final`.
+
+        ``overrides`` (sampling) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)
+        apply to every model call of the turn, over the agent's own.
 
         Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
         and keeps the session usable: the partial answer is kept in the history. Each message is
         recorded in the agent's store as it is added, and the turn's end (or error) after it.
         """
-        return self._events(prompt, tool_choice=tool_choice, overrides=overrides, text=True)
+        return self._events(
+            prompt, tool_choice=tool_choice, overrides=overrides, template=chat_template_kwargs, text=True
+        )
 
     async def _events(
         self,
@@ -228,6 +243,7 @@ class Session:
         *,
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
+        template: Mapping[str, Any] | None = None,
         text: bool,
     ) -> AsyncGenerator[Event, None]:
         """:meth:`stream`; without :class:`TextDelta` events unless ``text`` (``ask`` needs none,
@@ -235,7 +251,11 @@ class Session:
         self._turn = 1 + sum(1 for message in self.messages if message.get("role") == "user")
         trace = self._trace = self.agent.telemetry.turn(self.id, self.agent.name, self._turn)
         try:
-            async for event in self._steps(prompt, tool_choice, overrides, text):
+            calls = _Calls(
+                {**self.agent.sampling_overrides(), **(overrides or {})},
+                {**self.agent.chat_template_kwargs(), **(template or {})},
+            )
+            async for event in self._steps(prompt, tool_choice, calls, text):
                 if isinstance(event, Final):
                     trace.end(event)
                     self._write("event", *turn_record(event, trace.started))
@@ -247,7 +267,7 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, overrides: dict[str, Any] | None, text: bool
+        self, prompt: str, tool_choice: str | None, options: _Calls, text: bool
     ) -> AsyncIterator[Event]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
@@ -261,11 +281,12 @@ class Session:
             iteration += 1
             step = _Step()
             try:
-                async for event in self._model_call(choice, overrides, step, text, note):
+                async for event in self._model_call(choice, options, step, text, note):
                     yield event
             finally:
-                if not step.done and step.text:  # interrupted: keep what the user saw
-                    self._record({"role": "assistant", "content": step.text}, {"interrupted": True})
+                if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
+                    partial = _with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
+                    self._record(partial, {"interrupted": True})
             total += step.usage
             calls = [call for call in step.result.tool_calls if call.ok]
             if calls and choice != "none":
@@ -279,13 +300,14 @@ class Session:
             if not calls or choice == "none":
                 content = step.result.content
                 meta = usage_meta(step.usage, step.finish_reason)
-                self._record({"role": "assistant", "content": content}, meta)
+                self._record(_with_reasoning({"role": "assistant", "content": content}, step.reasoning), meta)
                 stop: Literal["answer", "length"] = "length" if step.finish_reason == "length" else "answer"
                 yield Final(content, stop, iteration, tool_calls, total)
                 return
             if not spec.parallel_tool_calls:
                 calls = calls[:1]
-            self._record(_assistant_message(step.result.content, calls), usage_meta(step.usage))
+            message = _with_reasoning(_assistant_message(step.result.content, calls), step.reasoning)
+            self._record(message, usage_meta(step.usage))
             shown = [ToolCall(call.id, call.name, call.arguments) for call in calls]
             for event in shown:
                 yield event
@@ -309,26 +331,28 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, overrides: dict[str, Any] | None, step: _Step, text: bool, note: str | None = None
+        self, choice: str, options: _Calls, step: _Step, text: bool, note: str | None = None
     ) -> AsyncIterator[Event]:
-        """One model call (plus at most one repair), streaming its visible text if ``text``."""
+        """One model call (plus at most one repair), streaming its visible text and its reasoning
+        if ``text``."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False
         while True:
             span = trace.model_call(int(repaired))
-            reader = OutputReader(
-                hermes.StreamParser(tools=agent.lenient_names if choice != "none" else None)
-            )
+            tools = agent.tool_schemas() if choice != "none" and agent.tools else None
+            lenient = tools is not None and agent.spec.agent.lenient_tool_calls
+            reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient)
             started = time.perf_counter()
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
                 Request(
                     messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
-                    tools=agent.tool_schemas() if choice != "none" and agent.tools else None,
+                    tools=tools,
                     tool_choice=choice,
                     sampling=agent.spec.sampling,
-                    overrides=overrides or {},
+                    overrides=options.overrides,
+                    chat_template_kwargs=options.template,
                 )
             )
             try:
@@ -338,6 +362,10 @@ class Session:
                             step.text += item
                             if text:
                                 yield TextDelta(item)
+                        elif isinstance(item, toolcalls.Reasoning):
+                            step.reasoning += item.text
+                            if text:
+                                yield Reasoning(item.text)
             except BaseException as exc:
                 span.fail(exc)
                 raise
@@ -350,6 +378,10 @@ class Session:
                     step.text += item
                     if text:
                         yield TextDelta(item)
+                elif isinstance(item, toolcalls.Reasoning):
+                    step.reasoning += item.text
+                    if text:
+                        yield Reasoning(item.text)
             usage = Usage(reader.prompt_tokens, reader.completion_tokens, time.perf_counter() - started, 1)
             span.end_model(usage)
             step.usage += usage
@@ -397,19 +429,36 @@ class Session:
         return result
 
 
+class _Calls:
+    """What every model call of a turn gets: sampling overrides and chat template variables."""
+
+    __slots__ = ("overrides", "template")
+
+    def __init__(self, overrides: dict[str, Any], template: dict[str, Any]) -> None:
+        self.overrides, self.template = overrides, template
+
+
 class _Step:
     """What one model call produced (filled in while streaming)."""
 
     def __init__(self) -> None:
         self.text = ""
+        self.reasoning = ""
         self.done = False
         self.finish_reason: str | None = None
         self.usage = Usage()
-        self.result = hermes.ParseResult("", [])
+        self.result = toolcalls.ParsedOutput("", "", [])
 
 
 def _call_key(call: hermes.ToolCall) -> tuple[str, str]:
     return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
+
+
+def _with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:
+    """``message`` with the model call's reasoning as ``reasoning_content`` (what Qwen3's chat
+    template reads: it keeps it for the current tool loop and drops it from earlier turns)."""
+    reasoning = reasoning.strip()
+    return {**message, "reasoning_content": reasoning} if reasoning else message
 
 
 def _assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:

@@ -17,7 +17,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import Discriminator, Field, PositiveInt, PrivateAttr, Tag, ValidationError, field_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from qwenrun.approval import Approval
 from qwenrun.engines import EngineSpec, VLLMEngineSpec
@@ -49,6 +58,10 @@ CURRENT_VERSION = 1
 """The format version of agent files this qwenrun writes and reads (``version:``, optional)."""
 
 
+ToolCallFormat = Literal["auto", "hermes", "qwen3_coder"]
+"""``model.tool_call_format``: ``auto`` or a name of :data:`qwenrun.toolcalls.PARSERS`."""
+
+
 class ModelSpec(Settings):
     """Which weights to load."""
 
@@ -57,6 +70,12 @@ class ModelSpec(Settings):
     revision: str | None = Field(None, description="Model revision (branch, tag or commit).")
     served_model_name: str | None = Field(None, description="Model name reported by the OpenAI server.")
     trust_remote_code: bool = False
+    tool_call_format: ToolCallFormat = Field(
+        "auto",
+        description="How the model writes tool calls: 'hermes' (<tool_call>{json}</tool_call>: Qwen2.5, "
+        "Qwen3), 'qwen3_coder' (<function=...>/<parameter=...> XML: Qwen3-Coder), or 'auto': the "
+        "format the model's chat template teaches (a remote endpoint's model: hermes).",
+    )
 
 
 class SamplingSpec(Settings):
@@ -95,6 +114,17 @@ class AgentSettings(Settings):
     timeout_s: float = Field(30, gt=0, description="Default time limit of one tool call.")
     max_tool_output_chars: PositiveInt = Field(16_000, description="Longer tool results are truncated.")
     repair_malformed_calls: bool = Field(True, description="Retry once with a grammar-forced call.")
+    enable_thinking: bool | None = Field(
+        None,
+        description="Qwen3 thinking: true or false is passed to the chat template as enable_thinking "
+        "(false: no <think> block); null leaves the template's default (Qwen3: on).",
+    )
+    thinking_budget: NonNegativeInt | None = Field(
+        None,
+        description="At most this many tokens of thinking per model call, then vLLM closes the "
+        "<think> block (vLLM's thinking_token_budget; the in-process engine turns on vLLM's qwen3 "
+        "reasoning parser for it, a vllm serve endpoint needs --reasoning-parser).",
+    )
     lenient_tool_calls: bool = Field(
         True,
         description='Also read a call written as bare JSON ({"name": <a tool>, "arguments": {...}}, '
@@ -231,6 +261,11 @@ class AgentSpec(Settings):
             )
         if choice == "required" and not self.tools:
             raise ConfigError(f"{self.source}: agent.tool_choice: 'required' but the agent has no tools")
+        if self.agent.thinking_budget is not None and self.agent.enable_thinking is False:
+            raise ConfigError(
+                f"{self.source}: agent.thinking_budget: {self.agent.thinking_budget} is set, but "
+                "agent.enable_thinking is false (there is no thinking to limit)"
+            )
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Event", "Final", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage", "to_dict"]
+__all__ = ["Event", "Final", "Reasoning", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage", "to_dict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +15,18 @@ class TextDelta:
 
     text: str
     type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """A piece of the model's reasoning (Qwen3's ``<think>`` block, or a remote endpoint's
+    ``reasoning``), in order; it comes before the text and the tool calls of the same model call.
+    Not part of the answer: front ends show it apart (dimmed, a collapsed step), the OpenAI server
+    returns it as ``reasoning`` / ``reasoning_content``, and the session keeps it on the assistant
+    message as ``reasoning_content`` for the chat template (Qwen3's drops it from earlier turns)."""
+
+    text: str
+    type: Literal["reasoning"] = "reasoning"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +90,7 @@ class Final:
     type: Literal["final"] = "final"
 
 
-Event = TextDelta | ToolCall | ToolResult | Usage | Repair | Final
+Event = TextDelta | Reasoning | ToolCall | ToolResult | Usage | Repair | Final
 
 
 def to_dict(event: Event) -> dict[str, Any]:

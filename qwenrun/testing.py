@@ -1,8 +1,12 @@
-"""A scripted engine for fast tests of the agent loop and the front ends (no vLLM, no model).
+"""A scripted engine for fast tests of the agent loop and the front ends (no vLLM, no model), and
+pinning a real random-weight engine's output to exact text.
 
 Like pydantic-ai's ``FunctionModel``: each model call is answered by a script, either a list of
 replies consumed in order or a function of the request. Replies are streamed in small chunks so
-streaming code paths run for real. Every request is recorded in ``calls``.
+streaming code paths run for real. Every request is recorded in ``calls``. :class:`PinnedEngine`
+wraps a real engine and forces its tool calls (either format, after an optional think block) and
+its answers to exact text with structured outputs; :func:`tool_call_text` writes a call as Qwen
+models do, in either format.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 
 from qwenrun.engines.base import Constraint, Delta, Engine, Health, Request
 from qwenrun.errors import EngineError
-from qwenrun.hermes import FORCED_PREFILL, forced_call
+from qwenrun.toolcalls import FORCED_PREFILL, forced_call
 
-__all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "literal_regex", "tool_call_text"]
+__all__ = [
+    "ModelRequest", "PinnedEngine", "ScriptedEngine", "literal_regex", "tool_call_body", "tool_call_text",
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -32,6 +38,7 @@ class ModelRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True
     tool_choice: str = "auto"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
@@ -47,8 +54,10 @@ class ScriptedEngine:
         chunk_size: int = 3,
         delay_s: float = 0.0,
         model_name: str = "scripted",
+        tool_call_format: str = "hermes",
     ) -> None:
         self._script = script
+        self.tool_call_format = tool_call_format
         self._replies = list(script) if not callable(script) else []
         self.chunk_size = chunk_size
         self.delay_s = delay_s
@@ -74,8 +83,10 @@ class ScriptedEngine:
             raise EngineError("the scripted engine is dead")
         constraint, prefill = request.constraint, request.prefill
         if constraint is None and not prefill and request.tools:  # as VLLMEngine forces a call
-            schema, prefill = forced_call(request.tools, request.tool_choice)
-            constraint = Constraint(json=schema) if schema is not None else None
+            forced = forced_call(self.tool_call_format, request.tools, request.tool_choice)
+            if forced is not None:
+                constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
+                prefill = forced.prefill
         record = ModelRequest(
             list(request.messages),
             list(request.tools) if request.tools is not None else None,
@@ -84,6 +95,7 @@ class ScriptedEngine:
             dict(request.overrides),
             request.incremental,
             request.tool_choice,
+            dict(request.chat_template_kwargs),
         )
         self.calls.append(record)
         if callable(self._script):
@@ -109,12 +121,25 @@ class ScriptedEngine:
             self.active -= 1
 
 
-def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "") -> str:
-    """A well-formed Hermes tool call, as Qwen2.5 writes it."""
+def tool_call_body(name: str, arguments: Mapping[str, Any], *, format: str = "hermes") -> str:
+    """What a well-formed call of ``format`` holds between ``<tool_call>\n`` and ``\n</tool_call>``:
+    Hermes JSON, or Qwen3-Coder's ``<function=...>`` XML (strings as written, other values as JSON)."""
     import json
 
-    body = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
-    return f"{text}<tool_call>\n{body}\n</tool_call>"
+    if format == "hermes":
+        return json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
+    parameters = "".join(
+        f"<parameter={key}>\n{value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+        "\n</parameter>\n"
+        for key, value in arguments.items()
+    )
+    return f"<function={name}>\n{parameters}</function>"
+
+
+def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "", *, format: str = "hermes") -> str:
+    """A well-formed tool call as Qwen models write it (``format``: ``hermes`` or ``qwen3_coder``),
+    after ``text``."""
+    return f"{text}<tool_call>\n{tool_call_body(name, arguments, format=format)}\n</tool_call>"
 
 
 _REGEX_SPECIAL = re.compile(r"[.^$*+?{}\[\]\\|()]")
@@ -134,15 +159,16 @@ def literal_regex(text: str) -> str:
 class PinnedEngine:
     """A real engine whose tool calls are pinned to exact text (for random-weight models).
 
-    A call the agent forces (``tool_choice`` required or a name) is prefilled with ``<tool_call>\\n``
-    and continues with ``continuation`` (the call's JSON, or several blocks) by a regex; with
-    ``every_call``, an unforced call must write the whole block. Other calls get ``answer_overrides`` (e.g.
-    ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a fixed length) and, with ``answer``,
-    must write exactly that text (then they stop: clients that refuse a cut answer work). ``prefill=False``
-    for an engine that cannot prefill (``engine.kind: openai``): a forced call is then the whole
-    block by a regex, with the endpoint's ``tool_choice`` left at ``auto``. The wrapped
-    engine's stream is returned as is, so pinning adds no per-token cost. Every request's
-    messages are kept in ``requests``.
+    A call the agent forces (``tool_choice`` required or a name) is prefilled with ``<tool_call>\n``
+    and continues with ``continuation`` (:func:`tool_call_body` of either format, or several
+    blocks) by a regex; with ``every_call``, an unforced call must write the whole block. With
+    ``reasoning``, a pinned call is the whole block after ``<think>\nREASONING\n</think>\n\n``
+    (no prefill). Other calls are pinned to ``answer`` when given (it may hold a think block), else
+    get ``answer_overrides`` (e.g. ``{"max_tokens": 128, "ignore_eos": True}`` for answers of a
+    fixed length). ``prefill=False`` for an engine that cannot prefill (``engine.kind: openai``): a
+    forced call is then the whole block by a regex, with the endpoint's ``tool_choice`` left at
+    ``auto``. The wrapped engine's stream is returned as is, so pinning adds no per-token cost.
+    Every request's messages are kept in ``requests``.
     """
 
     def __init__(
@@ -150,12 +176,13 @@ class PinnedEngine:
         engine: Engine,
         continuation: str,
         *,
+        reasoning: str | None = None,
+        answer: str | None = None,
         every_call: bool = False,
         call_max_tokens: int = 160,
         answer_overrides: Mapping[str, Any] | None = None,
         keep_requests: bool = True,
         prefill: bool = True,
-        answer: str | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = engine.model_name
@@ -163,13 +190,20 @@ class PinnedEngine:
         self.every_call = every_call
         self.requests: list[list[dict[str, Any]]] = []
         self._keep = keep_requests
+        think = f"<think>\n{reasoning}\n</think>\n\n" if reasoning is not None else ""
         self._forced = Constraint(regex=literal_regex(continuation))
-        self._whole = Constraint(regex=literal_regex(f"{FORCED_PREFILL}{continuation}\n</tool_call>"))
+        self._whole = Constraint(regex=literal_regex(f"{think}{FORCED_PREFILL}{continuation}\n</tool_call>"))
+        self._pinned_answer = Constraint(regex=literal_regex(answer)) if answer is not None else None
         self._prefill = FORCED_PREFILL
         self._call_max_tokens = call_max_tokens
         self._answer = dict(answer_overrides or {})
-        self._can_prefill = prefill
-        self._answer_pin = Constraint(regex=literal_regex(answer)) if answer is not None else None
+        if answer is not None:
+            self._answer.setdefault("max_tokens", call_max_tokens)
+        self._can_prefill = prefill and reasoning is None
+
+    @property
+    def tool_call_format(self) -> str:
+        return self.engine.tool_call_format
 
     async def start(self) -> None:
         await self.engine.start()
@@ -192,7 +226,11 @@ class PinnedEngine:
         elif forced or self.every_call:  # the model writes the whole block
             constraint, prefill, choice = self._whole, "", "auto"
         else:
-            constraint, prefill, extra = request.constraint or self._answer_pin, request.prefill, self._answer
+            constraint, prefill, extra = (
+                self._pinned_answer or request.constraint,
+                request.prefill,
+                self._answer,
+            )
         pinned = dataclasses.replace(
             request,
             tool_choice=choice,

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 from qwenrun.approval import Approval
 from qwenrun.errors import PluginError, ToolError
 from qwenrun.events import ToolResult
-from qwenrun.hermes import ToolCall
+from qwenrun.toolcalls.hermes import ToolCall
 
 __all__ = ["Tool", "format_result", "run_call"]
 

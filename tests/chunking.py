@@ -7,8 +7,8 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from qwenrun.hermes import ToolCall
 from qwenrun.toolcalls import Reasoning, ToolCallDelta
+from qwenrun.toolcalls.hermes import ToolCall
 
 
 class Incremental(Protocol):

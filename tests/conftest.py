@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny Qwen2 model (built once, cached in .cache/tiny-qwen2), its agent
 spec, and one started vLLM engine for the whole session (it takes about a minute on 2 CPUs);
-the tiny model's Qwen3 flavours (.cache/tiny-qwen3, .cache/tiny-qwen3-coder).
+the tiny model's Qwen3 flavours (.cache/tiny-qwen3, .cache/tiny-qwen3-coder) and ``flavour_engine``,
+a started engine of each, one at a time (pytest runs the tests of one flavour, then the other).
 
 The real-model tier (``@pytest.mark.real_model``): ``real_model_dir`` fetches Qwen2.5-Coder-0.5B
 through :mod:`qwenrun.models` into the shared cache (once per machine, about a minute), ``real_spec``
@@ -61,6 +62,32 @@ def tiny_qwen3_dir() -> Path:
 def tiny_qwen3_coder_dir() -> Path:
     """The tiny model's qwen3_coder flavour (Qwen3-Coder's template: XML calls)."""
     return build_tiny_model(ROOT / ".cache" / "tiny-qwen3-coder", flavour="qwen3_coder")
+
+
+def flavour_spec(directory: Path, flavour: str) -> AgentSpec:
+    """The engine spec of a Qwen3 flavour. The qwen3 one has a thinking budget, so its engine runs
+    vLLM's qwen3 reasoning parser (which vLLM's thinking_token_budget needs); qwen3_coder's has none."""
+    agent = {"thinking_budget": 64} if flavour == "qwen3" else {}
+    return AgentSpec.from_dict(
+        {
+            "model": {"path": str(directory), "served_model_name": f"tiny-{flavour.replace('_', '-')}"},
+            "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_model_len": 2048,
+                       "max_num_seqs": 32, "enforce_eager": True, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+            "sampling": {"max_tokens": 200, "temperature": 0},
+            "agent": agent,
+        },
+        source=f"tests/{flavour}.yaml",
+    )  # fmt: skip
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["qwen3", "qwen3_coder"])
+async def flavour_engine(request: pytest.FixtureRequest) -> AsyncIterator[VLLMEngine]:
+    """A started engine of the tiny model's qwen3 or qwen3_coder flavour (``engine.spec`` says
+    which); pytest keeps one alive at a time and shuts the last one down at the end."""
+    flavour = request.param
+    directory = build_tiny_model(ROOT / ".cache" / f"tiny-{flavour.replace('_', '-')}", flavour=flavour)
+    async with started_engine(flavour_spec(directory, flavour)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import pytest
 
 from qwenrun.agent import ANSWER_NOTE, Agent
 from qwenrun.config import AgentSpec
-from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage
-from qwenrun.hermes import FORCED_PREFILL, forced_call
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.toolcalls.hermes import FORCED_PREFILL, forced_call
 from qwenrun.tools import Tool
 
 SEED_SENTENCE = "目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
@@ -339,3 +339,66 @@ async def test_only_the_new_calls_of_a_partly_repeated_answer_run() -> None:
     cities = [e.arguments["city"] for e in events if isinstance(e, ToolCall)]
     assert cities == ["广州", "深圳"]
     assert len(engine.calls[2].messages[-2]["tool_calls"]) == 1  # the repeat is left out
+
+
+# -- thinking and the Qwen3-Coder format -----------------------------------------------------------
+
+
+async def test_reasoning_streams_apart_and_stays_on_the_assistant_messages() -> None:
+    agent, engine = make_agent(
+        ["<think>\nI need the weather.\n</think>\n\n" + tool_call_text("get_current_weather", {"city": "广州"}),
+         "<think>\nThe tool said it.\n</think>\n\n多云。"]
+    )  # fmt: skip
+    session = agent.session()
+    events = [event async for event in session.stream("广州天气?")]
+    thoughts = "".join(event.text for event in events if isinstance(event, Reasoning))
+    assert thoughts == "I need the weather.The tool said it."
+    assert [e.name for e in events if isinstance(e, ToolCall)] == ["get_current_weather"]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "多云。"
+    assert session.messages[1]["reasoning_content"] == "I need the weather."
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": "多云。",
+        "reasoning_content": "The tool said it.",
+    }
+    assert engine.calls[1].messages[2]["reasoning_content"] == "I need the weather."  # the template decides
+
+
+async def test_a_call_inside_the_think_block_is_not_run() -> None:
+    thought = "<think>\n" + tool_call_text("boom", {}) + "\n</think>\n\nNo tool needed."
+    agent, _ = make_agent([thought])
+    events = await collect(agent, "q")
+    assert not [e for e in events if isinstance(e, ToolCall | ToolResult)]
+    assert isinstance(events[-1], Final) and events[-1].text == "No tool needed."
+
+
+async def test_qwen3_coder_calls_are_typed_and_forced_by_a_structural_tag() -> None:
+    spec = AgentSpec.from_dict(
+        {"model": {"path": "scripted"}, "agent": {"tool_choice": "required"}, "tools": ["slow"]}
+    )
+    xml = tool_call_text("slow", {"seconds": 0.01}, format="qwen3_coder")
+    engine = ScriptedEngine([xml.removeprefix(FORCED_PREFILL), "done"], tool_call_format="qwen3_coder")
+    agent = Agent(spec, engine, tools=[slow])
+    events = [event async for event in agent.session().stream("nap")]
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCall)] == [("slow", {"seconds": 0.01})]
+    assert [e.content for e in events if isinstance(e, ToolResult)] == ["slept"]
+    forced = engine.calls[0]
+    assert forced.prefill == FORCED_PREFILL and forced.constraint is not None
+    assert forced.constraint.json is None and forced.constraint.structural_tag is not None
+    assert forced.constraint.structural_tag["format"]["begin"] == "<function=slow>\n"
+
+
+async def test_thinking_switch_budget_and_per_turn_template_variables() -> None:
+    agent, engine = make_agent(["a", "b"], enable_thinking=True, thinking_budget=256)
+    await collect(agent, "q")
+    await collect(agent, "q", chat_template_kwargs={"enable_thinking": False}, overrides={"max_tokens": 8})
+    assert [call.chat_template_kwargs for call in engine.calls] == [
+        {"enable_thinking": True},
+        {"enable_thinking": False},
+    ]
+    assert [call.overrides for call in engine.calls] == [
+        {"thinking_token_budget": 256}, {"thinking_token_budget": 256, "max_tokens": 8},
+    ]  # fmt: skip
+    plain, engine = make_agent(["a"])
+    await collect(plain, "q")
+    assert (engine.calls[0].chat_template_kwargs, engine.calls[0].overrides) == ({}, {})

@@ -112,7 +112,7 @@ def test_no_module_imports_private_names_of_another() -> None:
     assert private == []
 
 
-@pytest.mark.parametrize("lower", ["qwenrun.agent", "qwenrun.engines", "qwenrun.config", "qwenrun.hermes"])
+@pytest.mark.parametrize("lower", ["qwenrun.agent", "qwenrun.engines", "qwenrun.config", "qwenrun.toolcalls"])
 def test_lower_layers_never_import_the_front_ends_or_the_cli(lower: str) -> None:
     edges = graph()
     offenders = [

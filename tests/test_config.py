@@ -215,3 +215,30 @@ def test_unreadable_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match=r"bin\.yaml: not UTF-8 text"):
         AgentSpec.from_file(binary)
+
+
+def test_tool_call_format_and_thinking_keys() -> None:
+    spec = AgentSpec.from_text(
+        "model: {path: Qwen/Qwen3-Coder-30B-A3B-Instruct, tool_call_format: qwen3_coder}\n"
+        "agent: {enable_thinking: true, thinking_budget: 512}\n",
+        source="agent.yaml",
+    )
+    assert (spec.model.tool_call_format, spec.agent.enable_thinking, spec.agent.thinking_budget) == (
+        "qwen3_coder", True, 512,
+    )  # fmt: skip
+    default = AgentSpec.from_dict({"model": {"path": "m"}})
+    assert (default.model.tool_call_format, default.agent.enable_thinking, default.agent.thinking_budget) == (
+        "auto", None, None,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as bad_format:
+        AgentSpec.from_text("model: {path: m, tool_call_format: xml}\n", source="agent.yaml")
+    assert str(bad_format.value) == (
+        "agent.yaml: model.tool_call_format: Input should be 'auto', 'hermes' or 'qwen3_coder'"
+    )
+    with pytest.raises(ConfigError) as contradiction:
+        AgentSpec.from_text("model: {path: m}\nagent: {enable_thinking: false, thinking_budget: 64}\n", source="a.yaml")
+    assert str(contradiction.value) == (
+        "a.yaml: agent.thinking_budget: 64 is set, but agent.enable_thinking is false (there is no thinking to limit)"
+    )
+    with pytest.raises(ConfigError, match=r"agent\.thinking_budget: Input should be greater than or equal to 0"):
+        AgentSpec.from_text("model: {path: m}\nagent: {thinking_budget: -1}\n", source="a.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -9,6 +10,9 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+from qwenrun.events import Final, Reasoning, TextDelta, Usage
+from qwenrun.frontends.console import EventPrinter, printable
 
 SCRIPT = textwrap.dedent(
     """
@@ -74,3 +78,26 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path: Path) -> None:
             assert process.wait(timeout=20) == 0
         finally:
             process.kill()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:  # click keeps its styles for a terminal
+        return True
+
+
+def test_reasoning_is_dimmed_and_cannot_drive_the_terminal() -> None:
+    events = [Reasoning("\nthink \x1b[31mred\x1b[0m\r\x07"), Reasoning("on\n"), Usage(), TextDelta("answer"),
+              Final("answer")]  # fmt: skip
+    plain = io.StringIO()
+    printer = EventPrinter(plain)
+    for event in events:
+        printer(event)
+    assert plain.getvalue() == "think \\x1b[31mred\\x1b[0m\\x0d\\x07on\n\nanswer\n"
+    terminal = _Terminal()
+    printer = EventPrinter(terminal)
+    for event in events:
+        printer(event)
+    shown = terminal.getvalue()
+    assert "\x1b[31m" not in shown and "\r" not in shown and "\x07" not in shown  # the model's own codes
+    assert shown.startswith("\x1b[2mthink \\x1b[31mred") and shown.endswith("on\n\x1b[0m\nanswer\n")
+    assert printable("tab\tline\nbell\x07 c1\x9b") == "tab\tline\nbell\\x07 c1\\x9b"

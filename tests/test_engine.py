@@ -18,9 +18,9 @@ from weather import weather_tool
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Engine, Request
 from qwenrun.engines.vllm import VLLMEngine, _template_messages, engine_kwargs, sampling_kwargs
-from qwenrun.errors import ConfigError, EngineError
-from qwenrun.hermes import parse
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.testing import literal_regex
+from qwenrun.toolcalls.hermes import parse
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
 CALL_REGEX = literal_regex(CALL)
@@ -149,6 +149,35 @@ def test_template_messages_parse_arguments_without_mutating() -> None:
     assert fixed[0]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
     assert fixed[0]["content"] == ""
     assert call["function"]["arguments"] == '{"x": 1}'
+
+
+def test_template_messages_give_the_reasoning_to_the_template_as_reasoning_content() -> None:
+    fixed = _template_messages(
+        [{"role": "assistant", "content": "a", "reasoning": "r"},
+         {"role": "assistant", "content": "b", "reasoning": "other", "reasoning_content": "kept"}]
+    )  # fmt: skip
+    assert [(m["reasoning_content"], m["content"]) for m in fixed] == [("r", "a"), ("kept", "b")]
+
+
+def test_a_thinking_budget_turns_on_vllms_reasoning_parser() -> None:
+    """vLLM enforces thinking_token_budget only with a reasoning parser; qwenrun's constraints then
+    still apply from the first token (enable_in_reasoning), as they do without one."""
+    budget = engine_kwargs(AgentSpec.from_dict({"model": {"path": "/m"}, "agent": {"thinking_budget": 128}}))
+    assert budget["reasoning_parser"] == "qwen3"
+    assert budget["structured_outputs_config"] == {
+        "backend": "xgrammar", "disable_any_whitespace": True, "enable_in_reasoning": True,
+    }  # fmt: skip
+    plain = engine_kwargs(_spec())
+    assert "reasoning_parser" not in plain and "enable_in_reasoning" not in plain["structured_outputs_config"]
+    own = engine_kwargs(_spec({"extra": {"reasoning_parser": "deepseek_r1"}}))
+    assert (
+        own["reasoning_parser"] == "deepseek_r1" and own["structured_outputs_config"]["enable_in_reasoning"]
+    )
+
+
+def test_the_tool_call_format_is_the_spec_s_until_the_template_is_read() -> None:
+    assert VLLMEngine(_spec()).tool_call_format == "hermes"  # auto: resolved at start
+    assert VLLMEngine(_spec(tool_call_format="qwen3_coder")).tool_call_format == "qwen3_coder"
 
 
 async def test_unstarted_engine() -> None:
@@ -341,12 +370,12 @@ async def test_a_forced_tool_choice_is_a_prefilled_grammar_call(engine: VLLMEngi
     assert call.ok and call.name == "get_current_weather" and isinstance(call.arguments.get("city"), str)
     # the grammar is built once per tools list and choice, then reused
     assert (
-        engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0]
-        is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"))[0])
+        engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"), "")[0]
+        is (engine._forcing(Request(messages=USER, tools=tools, tool_choice="required"), "")[0])
     )
-    other = engine._forcing(Request(messages=USER, tools=list(tools), tool_choice="required"))[0]
+    other = engine._forcing(Request(messages=USER, tools=list(tools), tool_choice="required"), "")[0]
     assert other is not None and other.json is not None
-    assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto")) == (None, "")
+    assert engine._forcing(Request(messages=USER, tools=tools, tool_choice="auto"), "") == (None, "")
 
 
 @pytest.mark.engine
@@ -429,7 +458,7 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
 @pytest.mark.engine
 async def test_prompt_too_long(engine: VLLMEngine) -> None:
     huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
-    with pytest.raises(EngineError, match="max_model_len is 2048"):
+    with pytest.raises(RequestError, match="max_model_len is 2048"):  # the request's fault: a 400
         await asyncio.wait_for(_collect(generate(engine, huge)), timeout=30)
 
 

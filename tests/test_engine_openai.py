@@ -29,9 +29,9 @@ import pytest_asyncio
 from loopback import serve_in_loop
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.base import Engine, Request, create_engine
-from qwenrun.engines.openai import OpenAIEngine
+from qwenrun.config import AgentSpec, SamplingSpec
+from qwenrun.engines.base import Constraint, Engine, Request, create_engine
+from qwenrun.engines.openai import OpenAIEngine, _reasoning, request_body
 from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.events import Event, Final, TextDelta, ToolCall, ToolResult
@@ -244,3 +244,24 @@ def test_the_engine_table_builds_each_kind(tiny_spec: AgentSpec) -> None:
     assert isinstance(remote, OpenAIEngine) and remote.remote_model == SERVED
     with pytest.raises(ConfigError, match=r"engine\.base_url: String should match pattern"):
         remote_spec(tiny_spec, "ftp://x")
+
+
+def test_the_request_carries_template_variables_and_a_structural_tag() -> None:
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "x"}}
+    request = Request(messages=[{"role": "user", "content": "hi"}], chat_template_kwargs={"enable_thinking": False},
+                      constraint=Constraint(structural_tag=tag))  # fmt: skip
+    body = request_body(request, "m", SamplingSpec(), {"top_k": 20})
+    assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["top_k"] == 20
+    assert json.loads(body["structured_outputs"]["structural_tag"]) == tag
+    assert "chat_template_kwargs" not in request_body(Request(messages=[]), "m", SamplingSpec(), {})
+
+
+@pytest.mark.parametrize(
+    ("delta", "reasoning"),
+    [({"reasoning": "vllm"}, "vllm"), ({"reasoning_content": "older"}, "older"), ({"content": "x"}, ""),
+     ({"reasoning": None, "reasoning_content": "older"}, "older"), ({"reasoning": 3}, "")],
+)  # fmt: skip
+def test_reasoning_is_read_from_either_field_of_a_delta(delta: dict[str, Any], reasoning: str) -> None:
+    from openai.types.chat.chat_completion_chunk import ChoiceDelta
+
+    assert _reasoning(ChoiceDelta.model_validate(delta)) == reasoning

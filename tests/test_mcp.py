@@ -26,11 +26,11 @@ from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.events import ToolResult
-from qwenrun.hermes import ToolCall
 from qwenrun.mcp import connection, processes
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
 from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.tools import Tool, run_call
 
 

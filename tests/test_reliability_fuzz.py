@@ -637,7 +637,7 @@ BOMB = "model: {path: x}\nengine:\n  extra: {" + ", ".join(
         ("model: {path: x}\n# \x1f\n", r"YAML syntax error at line 2, column 3: unacceptable character #x001f: special characters are not allowed"),
         # a key named like a front end was dropped from the path (an IndexError at the top level)
         ("model: {path: x}\nopenai: 1\n", r"openai: unknown key 'openai' \(valid keys: version, model, .*\)"),
-        ("model: {path: x, cli: 1}\n", r"model\.cli: unknown key 'cli' \(valid keys: path, tokenizer, revision, served_model_name, trust_remote_code\)"),
+        ("model: {path: x, cli: 1}\n", r"model\.cli: unknown key 'cli' \(valid keys: path, tokenizer, revision, served_model_name, trust_remote_code, tool_call_format\)"),
         # keys that are not plain names, and keys that are not strings
         ("model: {path: x}\n\"\\r\": 1\n", r"\['\\r'\]: unknown key '\\r' \(valid keys: .*\)"),
         ("model: {path: x}\n2024-01-01: 1\n", r"<top level>: key datetime\.date\(2024, 1, 1\) is not a string \(quote it\)"),

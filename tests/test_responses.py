@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
 
@@ -24,11 +25,12 @@ from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
 from qwenrun.errors import EngineError, RequestError
 from qwenrun.frontends.openai import chat, create_app, responses
+from qwenrun.frontends.openai.chat import ReasoningText as Reasoning
 from qwenrun.frontends.openai.items import to_messages
 from qwenrun.frontends.openai.output import ResponseBuilder
+from qwenrun.plugins import load_tools
 from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
-from qwenrun.toolcalls import Reasoning
 
 SERVED = "Qwen2.5-7B-Instruct"
 AGENT = "weather"
@@ -77,8 +79,10 @@ Script = list[str] | Callable[[ModelRequest], str]
 
 
 @asynccontextmanager
-async def serving(script: Script, store: SQLiteStore | None = None, **frontend: Any) -> AsyncIterator[Server]:
-    engine = ScriptedEngine(script)
+async def serving(
+    script: Script, store: SQLiteStore | None = None, *, tool_call_format: str = "hermes", **frontend: Any
+) -> AsyncIterator[Server]:
+    engine = ScriptedEngine(script, tool_call_format=tool_call_format)
     agent = Agent(make_spec(**frontend), engine, tools=[get_current_weather], store=store)
     async with serve_in_loop(create_app(agent)) as url:
         yield Server(url, engine, agent)
@@ -763,3 +767,87 @@ async def test_a_refused_request_mid_stream_is_an_invalid_prompt() -> None:
         failed = [event async for event in stream][-1]
     assert failed.type == "response.failed" and failed.response.error is not None
     assert failed.response.error.code == "invalid_prompt" and "max_model_len" in failed.response.error.message
+
+
+# -- the model's own reasoning and streamed call arguments (Qwen3 and Qwen3-Coder output) ---------
+
+THINK = "<think>\nThe user wants the weather.\n</think>\n\n"
+
+
+async def test_thinking_and_a_streamed_xml_call(db: Path) -> None:
+    call = tool_call_text("get_current_weather", {"city": "深圳"}, format="qwen3_coder")
+    script = [THINK + call, THINK + call, THINK + ANSWER]
+    async with (
+        serving(script, SQLiteStore(db), tool_call_format="qwen3_coder") as srv,
+        srv.client() as client,
+    ):
+        whole = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL])
+        stream = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL], stream=True)
+        events = [event async for event in stream]
+        first = events[-1].response
+        output: Any = [{"type": "function_call_output", "call_id": first.output[1].call_id, "output": "晴"}]
+        answer = await client.responses.create(
+            model=SERVED, input=output, tools=[TOOL], previous_response_id=first.id
+        )
+    for out in (whole, first):
+        reasoning, function_call = out.output
+        assert reasoning.type == "reasoning" and reasoning.content is not None
+        assert reasoning.content[0].text == "The user wants the weather."
+        assert function_call.type == "function_call" and json.loads(function_call.arguments) == {
+            "city": "深圳"
+        }
+    fragments = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    assert len(fragments) > 1 and "".join(fragments) == first.output[1].arguments  # streamed as written
+    kinds_ = [kind for kind in kinds(events) if not kind.endswith(".delta")]
+    assert kinds_ == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.done",
+        "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed",
+    ]  # fmt: skip
+    assert answer.output[0].type == "reasoning" and answer.output_text == ANSWER
+    assistant = srv.engine.calls[2].messages[1]  # the call's turn, with its thinking for the template
+    assert assistant["reasoning_content"] == "The user wants the weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_current_weather"
+
+
+async def test_agent_mode_reasoning_comes_before_each_step() -> None:
+    async with serving([THINK + CALL, THINK + ANSWER]) as srv, srv.client() as client:
+        out = await client.responses.create(model=AGENT, input=QUESTION)
+    assert [item.type for item in out.output] == ["reasoning", "mcp_call", "reasoning", "message"]
+    assert out.output_text == ANSWER
+
+
+def test_agent_mode_responses_need_the_approval_header_for_ask_tools() -> None:
+    """An agent with an `approval: ask` tool: /v1/responses refuses it without the header, as the
+    chat route does, runs the call with `approve` and refuses the header in pass-through mode."""
+    spec = AgentSpec.from_dict(
+        {
+            "model": {"path": "scripted", "served_model_name": SERVED},
+            "agent": {"name": AGENT},
+            "tools": [{"name": "get_current_weather", "approval": "ask"}],
+            "frontend": {"kind": "openai"},
+            "sessions": {"enabled": False},
+        }
+    )
+    replies = [tool_call_text("get_current_weather", {"city": "广州"}), "广州多云。"]
+    agent = Agent(spec, ScriptedEngine(lambda request: replies.pop(0)), load_tools(spec))
+    with TestClient(create_app(agent)) as http:
+        refused = http.post("/v1/responses", json={"model": AGENT, "input": "广州天气?"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "approval_required"
+        approved = http.post(
+            "/v1/responses",
+            json={"model": AGENT, "input": "广州天气?"},
+            headers={"X-Qwenrun-Approval": "approve"},
+        )
+        assert approved.status_code == 200, approved.text
+        kinds = [item["type"] for item in approved.json()["output"]]
+        assert kinds == ["mcp_call", "message"]
+        assert "多云" in approved.json()["output"][0]["output"]
+        passthrough = http.post(
+            "/v1/responses",
+            json={"model": SERVED, "input": "hi"},
+            headers={"X-Qwenrun-Approval": "approve"},
+        )
+        assert passthrough.status_code == 400

@@ -29,8 +29,8 @@ from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Constraint, Delta, Request
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app, serve
-from qwenrun.hermes import FORCED_PREFILL
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 SERVED = "Qwen2.5-7B-Instruct"
 AGENT = "weather"

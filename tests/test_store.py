@@ -349,6 +349,26 @@ async def test_resume_continues_history_and_turn_numbers(store: SQLiteStore) -> 
     assert store.load("brand-new-id") is not None
 
 
+async def test_reasoning_is_recorded_resumed_and_does_not_change_a_replay(store: SQLiteStore) -> None:
+    """Each assistant message keeps its reasoning (``reasoning_content``); a resumed session has it
+    back for the chat template, and ``qwenrun replay`` compares the calls as before."""
+    from qwenrun.replay import recorded_turns, replay
+
+    def thinking(request: ModelRequest) -> str:
+        return f"<think>\nthought {len(request.messages)}\n</think>\n\n" + weather_script(request)
+
+    agent = make_agent(store, thinking)
+    first = agent.session()
+    await first.ask("广州天气?")
+    stored = store.get(first.id)
+    assert stored is not None
+    assistants = [r.data for r in stored.records if r.kind == "message" and r.data["role"] == "assistant"]
+    assert [m["reasoning_content"] for m in assistants] == ["thought 2", "thought 4"]
+    assert agent.session(first.id).messages == first.messages
+    diff = await replay(make_agent(None, thinking), recorded_turns(stored))
+    assert not diff.differing and diff.turns[0].turn.calls == ['get_current_weather({"city": "广州"})']
+
+
 async def test_errors_and_cancellations_are_recorded(store: SQLiteStore) -> None:
     agent = make_agent(store, ["unused"])
     engine = agent.engine

@@ -3,21 +3,16 @@ read back from the real engine."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 from weather import weather_tool
 
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Constraint, Request
 from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.hermes import ToolCall
 from qwenrun.testing import literal_regex
 from qwenrun.tiny import (
     CHAT_TEMPLATE,
@@ -31,6 +26,7 @@ from qwenrun.tiny import (
 )
 from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 from qwenrun.toolcalls import OutputParser, ParsedOutput, detect_format, parse_output, prompt_opens_thinking
+from qwenrun.toolcalls.hermes import ToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,18 +291,6 @@ def test_qwen3_coder_template_renders_xml_calls_the_parser_reads(qwen3_coder_tok
     ]
 
 
-def _flavour_spec(directory: Path) -> AgentSpec:
-    return AgentSpec.from_dict(
-        {
-            "model": {"path": str(directory), "served_model_name": directory.name},
-            "engine": {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 4, "enforce_eager": True,
-                       "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
-            "sampling": {"max_tokens": 200, "temperature": 0},
-        },
-        source="tests/test_tiny.py",
-    )  # fmt: skip
-
-
 async def _forced(engine: VLLMEngine, text: str, prefill: str = "") -> list[str]:
     """The engine's raw deltas when its output is pinned to ``text`` by a regex."""
     stream = engine.generate(
@@ -335,46 +319,33 @@ def _read(pieces: list[str], fmt: str, prompt: str) -> ParsedOutput:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize(
-    ("flavour", "call"), [("qwen3", HERMES_CALL), ("qwen3_coder", XML_CALL)], ids=["qwen3", "qwen3_coder"]
-)
-async def test_engine_thinking_and_call_are_read_back(flavour: str, call: str) -> None:
+async def test_engine_thinking_and_call_are_read_back(flavour_engine: VLLMEngine) -> None:
     """On the real engine, a regex forces a thinking block plus a call in the flavour's format; the
     parser picked from the model's chat template reads the raw output back."""
-    directory = build_tiny_model(ROOT / ".cache" / f"tiny-{flavour.replace('_', '-')}", flavour=flavour)
-    engine = VLLMEngine(_flavour_spec(directory))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
-        await engine.start()
-    try:
-        tokenizer = await engine.tokenizer()
-        fmt = detect_format(tokenizer.chat_template)
-        assert fmt == {"qwen3": "hermes", "qwen3_coder": "qwen3_coder"}[flavour]
-        expected = [("get_current_weather", {"city": "广州"}, None)]
+    engine = flavour_engine
+    tokenizer = await engine.tokenizer()
+    fmt = detect_format(tokenizer.chat_template)
+    assert fmt == engine.tool_call_format
+    call = XML_CALL if fmt == "qwen3_coder" else HERMES_CALL
+    expected = [("get_current_weather", {"city": "广州"}, None)]
 
-        forced = f"<think>\n{REASONING}\n</think>\n\nLet me check.\n{call}"
-        pieces = await _forced(engine, forced)
-        assert "".join(pieces) == forced
-        encoded = tokenizer.encode("".join(pieces), add_special_tokens=False)
-        assert encoded.count(tokenizer.convert_tokens_to_ids("<think>")) == 1
-        result = _read(pieces, fmt, engine.render([{"role": "user", "content": "x"}], TOOLS))
-        assert (result.reasoning, result.content) == (REASONING, "Let me check.")
-        assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == expected
+    forced = f"<think>\n{REASONING}\n</think>\n\nLet me check.\n{call}"
+    pieces = await _forced(engine, forced)
+    assert "".join(pieces) == forced
+    encoded = tokenizer.encode("".join(pieces), add_special_tokens=False)
+    assert encoded.count(tokenizer.convert_tokens_to_ids("<think>")) == 1
+    result = _read(pieces, fmt, engine.render([{"role": "user", "content": "x"}], TOOLS))
+    assert (result.reasoning, result.content) == (REASONING, "Let me check.")
+    assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == expected
 
-        # A template whose prompt ends with "<think>\n" (Qwen3 Thinking-2507): only </think> appears.
-        prompt = engine.render([{"role": "user", "content": "x"}], TOOLS, prefill="<think>\n")
-        assert prompt_opens_thinking(prompt)
-        pieces = await _forced(engine, f"{REASONING}\n</think>\n\n{call}", prefill="<think>\n")
-        assert pieces[0] == "<think>\n"  # the engine's answer starts with the prefill
-        result = _read(pieces[1:], fmt, prompt)
-        assert (result.reasoning, result.content) == (REASONING, "")
-        assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == expected
-    finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r"Unclosed context", ResourceWarning)
-            await engine.shutdown()
-            await asyncio.sleep(0.1)
-            gc.collect()
+    # A template whose prompt ends with "<think>\n" (Qwen3 Thinking-2507): only </think> appears.
+    prompt = engine.render([{"role": "user", "content": "x"}], TOOLS, prefill="<think>\n")
+    assert prompt_opens_thinking(prompt)
+    pieces = await _forced(engine, f"{REASONING}\n</think>\n\n{call}", prefill="<think>\n")
+    assert pieces[0] == "<think>\n"  # the engine's answer starts with the prefill
+    result = _read(pieces[1:], fmt, prompt)
+    assert (result.reasoning, result.content) == (REASONING, "")
+    assert [(c.name, c.arguments, c.error) for c in result.tool_calls] == expected
 
 
 def test_flavour_is_checked_and_a_model_of_another_flavour_rebuilt(

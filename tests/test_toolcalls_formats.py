@@ -7,9 +7,8 @@ import sys
 
 import pytest
 from chunking import check_events, feed_sized, ids
-from test_hermes import CASES as HERMES_CASES
+from test_toolcalls_hermes import CASES as HERMES_CASES
 
-from qwenrun import hermes
 from qwenrun.tiny import CHAT_TEMPLATE as QWEN25_TEMPLATE
 from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 from qwenrun.toolcalls import (
@@ -18,6 +17,7 @@ from qwenrun.toolcalls import (
     Qwen3CoderParser,
     ToolCallDelta,
     detect_format,
+    hermes,
     new_parser,
     resolve_format,
 )

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from chunking import check_events, feed_sized, ids
 
-from qwenrun.hermes import ToolCall
 from qwenrun.toolcalls import Qwen3CoderParser, ToolCallDelta
+from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.toolcalls.qwen3_coder import parse
 
 TOOLS: list[dict[str, Any]] = [

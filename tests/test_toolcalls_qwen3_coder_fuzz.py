@@ -14,8 +14,8 @@ from chunking import check_events, feed_cuts, ids
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.hermes import ParseResult
 from qwenrun.toolcalls import Qwen3CoderParser
+from qwenrun.toolcalls.hermes import ParseResult
 from qwenrun.toolcalls.qwen3_coder import parse
 
 SETTINGS = {

@@ -372,6 +372,24 @@ async def test_text_before_a_tool_call_is_its_own_message(client: Client) -> Non
     ]
 
 
+async def test_reasoning_streams_into_a_collapsed_step_before_the_answer(client: Client) -> None:
+    replies = ["<think>\nThe user wants 广州.\n</think>\n\n" + tool_call_text("get_current_weather", {"city": "广州"}),
+               "<think>\nSunny.\n</think>\n\n" + ANSWER]  # fmt: skip
+    web.build_app(make_agent(lambda request: replies.pop(0)))
+    await client.connect()
+    await client.send(QUESTION)
+    shown = [(s["type"], s["name"], s["output"]) for s in client.thread() if s["type"] in ("llm", "tool")]
+    assert shown == [
+        ("llm", web.REASONING_STEP, "The user wants 广州."),
+        ("tool", "get_current_weather", "广州：晴，25°C"),
+        ("llm", web.REASONING_STEP, "Sunny."),
+    ]
+    thought = next(s for s in client.thread() if s["type"] == "llm")
+    assert thought["defaultOpen"] is False and not thought["streaming"]
+    assert thought["start"] and thought["end"]
+    assert client.shown()[-1] == ("assistant_message", ANSWER)
+
+
 async def test_parallel_tool_calls_are_steps_in_order(client: Client) -> None:
     calls = "\n".join(tool_call_text("get_current_weather", {"city": city}) for city in ("广州", "北京"))
     replies = ["\n" + calls, ANSWER]

@@ -47,6 +47,7 @@ CHROMIUM_ARGS = [
 QUESTION = "广州天气情况如何?"
 ANSWER = "广州今天晴，气温25°C，东南风2级，适合出门。"
 LONG_ANSWER = "这是一篇很长的文章。" * 150
+REASONING = "用户想知道广州的天气；我直接回答。"
 
 AGENT_YAML = """\
 model:
@@ -92,6 +93,8 @@ def script(request: ModelRequest) -> str:
     prompt = str(last["content"])
     if "回声" in prompt:
         return tool_call_text("echo", {"text": prompt})
+    if "想一想" in prompt:
+        return f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"
     if "天气" in prompt:
         return tool_call_text("get_current_weather", {"city": "广州" if "广州" in prompt else "北京"})
     if "长文" in prompt:
@@ -254,6 +257,26 @@ def test_weather_question_streams_answer_with_tool_step(
     page.screenshot(path=str(tmp_path / "weather.png"), full_page=True)
     # Chainlit wrote nothing into the server's working directory
     assert not {".chainlit", ".files", "chainlit.md"} & {p.name for p in workdir.iterdir()}
+    page.context.close()
+
+
+def test_reasoning_is_a_collapsed_step_before_the_answer(browser: Browser, scripted_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page = open_chat(browser, scripted_url)
+    ask(page, "想一想：广州天气?")
+    expect(page.locator(".step[data-step-type='assistant_message']").filter(has_text=ANSWER)).to_be_visible()
+    wait_idle(page)
+    step = page.locator("#step-Reasoning")
+    expect(step).to_have_count(1)
+    expect(page.get_by_text(REASONING)).to_have_count(0)  # collapsed
+    step.click()
+    expect(page.get_by_text(REASONING)).to_be_visible()
+    html = page.content()
+    assert html.index('id="step-Reasoning"') < html.index(ANSWER)
+    assert answers(page)[-1] == ANSWER  # the reasoning is not part of the answer
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "reasoning.png"), full_page=True)
     page.context.close()
 
 

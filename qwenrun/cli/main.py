@@ -1,5 +1,6 @@
 """The ``qwenrun`` group and its agent commands: ``validate``, ``schema``, ``up``, ``run``,
-``tools``, ``tiny-model``; ``sessions``, ``replay`` and ``deploy`` are added from their modules.
+``tools``, ``tiny-model``; ``sessions``, ``replay``, ``deploy`` and ``parse`` are added from their
+modules.
 
 ``validate`` and ``schema`` never import vLLM or torch and start no MCP server; ``up`` hands the
 file to the front end its ``frontend.kind`` names (:func:`qwenrun.frontends.base.launch`);
@@ -21,6 +22,7 @@ from qwenrun.cli.common import ConfigProblem, errors, load_spec, set_option
 from qwenrun.cli.deploy import deploy
 from qwenrun.cli.eval import eval_command, import_bfcl_command
 from qwenrun.cli.models import model
+from qwenrun.cli.parse import parse
 from qwenrun.cli.sessions import replay, sessions
 from qwenrun.config import AgentSpec
 from qwenrun.errors import QwenrunError
@@ -229,16 +231,22 @@ def tools_show(name: str, agent_file: str | None) -> None:
 @main.command("tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Rebuild even if it exists.")
-def tiny_model(directory: str, force: bool) -> None:
-    """Build the tiny random-weight Qwen2 model used by the demo and the tests."""
+@click.option(
+    "--flavour", type=click.Choice(["qwen2", "qwen3", "qwen3_coder"]), default="qwen2", show_default=True,
+    help="qwen2: Qwen2.5's chat template; qwen3: Qwen3's (thinking, Hermes calls); qwen3_coder: "
+    "Qwen3-Coder's (XML calls).",
+)  # fmt: skip
+def tiny_model(directory: str, force: bool, flavour: str) -> None:
+    """Build the tiny random-weight Qwen model used by the demo and the tests."""
     from qwenrun.tiny import build_tiny_model
 
-    path = build_tiny_model(directory, force=force)
-    click.echo(f"tiny model ready in {path}")
+    path = build_tiny_model(directory, force=force, flavour=flavour)
+    click.echo(f"tiny model ({flavour}) ready in {path}")
 
 
 main.add_command(deploy)
 main.add_command(model)
+main.add_command(parse)
 main.add_command(sessions)
 main.add_command(replay)
 main.add_command(eval_command)

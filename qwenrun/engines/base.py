@@ -4,10 +4,13 @@ An engine renders an OpenAI-style conversation (chat template, tools) and stream
 text as :class:`Delta` objects. Everything one model call needs travels in one :class:`Request`,
 so a new option is one field here rather than a keyword copied into every implementation.
 ``tool_choice`` ``required`` or a tool name asks the engine to force a call: the in-process vLLM
-engine does it with a prefilled ``<tool_call>`` and a structured-output grammar, a remote endpoint
-with its own ``tool_choice``. :func:`create_engine` builds the engine ``engine.kind`` names.
-:class:`OutputReader` turns the deltas into text and tool calls, the same way for the agent loop
-and the OpenAI server's pass-through.
+engine does it with a prefilled ``<tool_call>`` and a structured-output constraint of the model's
+tool-call format (after closing a think block), a remote endpoint with its own ``tool_choice``.
+:func:`create_engine` builds the engine ``engine.kind`` names. An engine tells the format of its
+model's tool calls (``tool_call_format``) and, on the first delta, whether the text starts inside a
+think block; :class:`OutputReader` reads the deltas with the matching
+:class:`~qwenrun.toolcalls.OutputParser` into reasoning, text and tool calls, the same way for the
+agent loop, the OpenAI server's pass-through and ``qwenrun parse``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from qwenrun.engines import ENGINES
 from qwenrun.errors import ConfigError
-from qwenrun.hermes import ParseResult, StreamParser, ToolCall
+from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning, ToolCall
 
 if TYPE_CHECKING:
     from qwenrun.config import AgentSpec, SamplingSpec
@@ -33,17 +36,21 @@ Health = Literal["stopped", "ready", "dead"]
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """A structured-output constraint of one model call (exactly one field set)."""
+    """A structured-output constraint of one model call (exactly one field set). ``structural_tag``
+    is an xgrammar structural tag (vLLM's ``structured_outputs.structural_tag``, as a dict)."""
 
     regex: str | None = None
     json: dict[str, Any] | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    structural_tag: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError(f"Constraint needs exactly one of regex, json, grammar, choice; got {given}")
+            raise ValueError(
+                f"Constraint needs exactly one of regex, json, grammar, choice, structural_tag; got {given}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +71,8 @@ class Request:
     """A structured-output constraint on the answer (overrides a forced call's own)."""
     prefill: str = ""
     """Text the answer must start with (in-process engines only)."""
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Extra variables of the chat template, e.g. ``{"enable_thinking": False}``."""
     request_id: str | None = None
     incremental: bool = True
     """False: the caller needs only the whole text; an engine may send it as one delta at the end."""
@@ -83,6 +92,12 @@ class Delta:
     """Cumulative count so far."""
     tool_calls: tuple[ToolCall, ...] = ()
     """Calls an engine received already parsed (a remote endpoint's ``tool_calls``)."""
+    reasoning: str = ""
+    """Reasoning an engine received already apart from the text (a remote endpoint's
+    ``reasoning`` / ``reasoning_content``)."""
+    starts_in_reasoning: bool = False
+    """Set on the first delta: the prompt ended inside a ``<think>`` block, so the text starts as
+    reasoning (Qwen3 Thinking-2507 and QwQ templates)."""
 
 
 @runtime_checkable
@@ -90,6 +105,13 @@ class Engine(Protocol):
     """What the agent loop and the front ends need from an inference engine."""
 
     model_name: str
+
+    @property
+    def tool_call_format(self) -> str:
+        """The format of the model's tool calls, a name of :data:`qwenrun.toolcalls.PARSERS`
+        (``model.tool_call_format``, or for ``auto`` the one of the model's chat template); final
+        once the engine has started."""
+        ...
 
     async def start(self) -> None:
         """Start (or connect); idempotent. Raises :class:`~qwenrun.errors.EngineError`."""
@@ -109,37 +131,71 @@ class Engine(Protocol):
 
 
 class OutputReader:
-    """Reads one model call's deltas with a tool-call parser: ``feed`` each delta and get the text
-    safe to show and the calls as they close, then ``finish``; ``result`` has the whole answer.
-    Calls an engine received already parsed are added as they come. Keeps the token counts and
-    the finish reason of the last delta."""
+    """Reads one model call's deltas: ``feed`` each delta and get the events that are certain now
+    (answer text as ``str``, :class:`~qwenrun.toolcalls.Reasoning`, a
+    :class:`~qwenrun.toolcalls.ToolCallDelta` while a call is written, a
+    :class:`~qwenrun.toolcalls.ToolCall` once complete), then ``finish``; ``result`` has the
+    whole answer. The text goes through an :class:`~qwenrun.toolcalls.OutputParser` of ``format``
+    with ``tools`` (typed XML values; ``lenient``: bare JSON calls), made at the first delta,
+    which tells whether the text starts inside a think block. ``calls=False`` splits the
+    reasoning off but reads no tool calls (a request without tools). Reasoning and calls an
+    engine received already apart are added as they come. Keeps the token counts and the finish
+    reason of the last delta."""
 
-    __slots__ = ("_engine_calls", "completion_tokens", "finish_reason", "parser", "prompt_tokens")
+    __slots__ = ("_calls", "_engine_calls", "_format", "_lenient", "_reasoning", "_thinking", "_tools",
+                 "completion_tokens", "finish_reason", "parser", "prompt_tokens")  # fmt: skip
 
-    def __init__(self, parser: StreamParser) -> None:
-        self.parser = parser
+    def __init__(
+        self,
+        format: str = "hermes",
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        lenient: bool = False,
+        calls: bool = True,
+        thinking: bool = True,
+    ) -> None:
+        self._format, self._tools, self._lenient = format, tools, lenient
+        self._calls, self._thinking = calls, thinking
+        self.parser: OutputParser | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._engine_calls: list[ToolCall] = []
+        self._reasoning: list[str] = []
 
-    def feed(self, delta: Delta) -> list[str | ToolCall]:
+    def _start(self, in_reasoning: bool) -> OutputParser:
+        self.parser = OutputParser(
+            self._format, tools=self._tools, lenient=self._lenient, calls=self._calls,
+            thinking=self._thinking, start_in_reasoning=in_reasoning,
+        )  # fmt: skip
+        return self.parser
+
+    def feed(self, delta: Delta) -> list[OutputEvent]:
         self.prompt_tokens, self.completion_tokens = delta.prompt_tokens, delta.completion_tokens
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
-        items = self.parser.feed(delta.text) if delta.text else []
-        if delta.tool_calls:
-            self._engine_calls.extend(delta.tool_calls)
-            items = [*items, *delta.tool_calls]
+        parser = self.parser
+        if parser is None:
+            parser = self._start(delta.starts_in_reasoning)
+        items = parser.feed(delta.text) if delta.text else []
+        if delta.tool_calls or delta.reasoning:
+            if delta.reasoning:
+                self._reasoning.append(delta.reasoning)
+                items = [Reasoning(delta.reasoning), *items]
+            if delta.tool_calls:
+                self._engine_calls.extend(delta.tool_calls)
+                items = [*items, *delta.tool_calls]
         return items
 
-    def finish(self) -> list[str | ToolCall]:
-        return self.parser.finish()
+    def finish(self) -> list[OutputEvent]:
+        return (self.parser or self._start(False)).finish()
 
-    def result(self) -> ParseResult:
-        parsed = self.parser.result()
-        if not self._engine_calls:
+    def result(self) -> ParsedOutput:
+        parsed = (self.parser or self._start(False)).result()
+        if not self._reasoning and not self._engine_calls:
             return parsed
-        return ParseResult(parsed.content, [*parsed.tool_calls, *self._engine_calls])
+        received = "".join(self._reasoning).strip()
+        reasoning = "\n\n".join(part for part in (received, parsed.reasoning) if part)
+        return ParsedOutput(parsed.content, reasoning, [*parsed.tool_calls, *self._engine_calls])
 
 
 def create_engine(spec: AgentSpec) -> Engine:

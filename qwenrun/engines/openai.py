@@ -8,7 +8,12 @@ What differs from the in-process engine:
 
 * Tool calls come back as the endpoint parsed them (``tool_calls``; the endpoint needs its tool
   parser, e.g. ``vllm serve --enable-auto-tool-choice --tool-call-parser hermes``), and text as
-  text. qwenrun still reads calls the endpoint left in the text (bare JSON, tags).
+  text. qwenrun still reads calls the endpoint left in the text (bare JSON, tags) in the format of
+  ``model.tool_call_format`` (``auto`` is ``hermes`` here: the template is the endpoint's).
+* Reasoning comes back apart from the text when the endpoint has a reasoning parser (``vllm serve
+  --reasoning-parser qwen3``: ``reasoning``, older vLLM ``reasoning_content``) and is carried in
+  :attr:`~qwenrun.engines.base.Delta.reasoning`; without one, ``<think>`` in the text is read by
+  qwenrun. ``chat_template_kwargs`` (``enable_thinking``) go to the endpoint as vLLM takes them.
 * A forced call (``tool_choice`` ``required`` or a name, and the agent's repair of a malformed
   call) is the endpoint's ``tool_choice``; a prefilled answer is not possible.
 * A JSON constraint is sent as ``response_format`` (``json_schema``); regex, grammar and choice
@@ -26,8 +31,8 @@ from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines import OpenAIEngineSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
 from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
-from qwenrun.hermes import ToolCall, new_call_id, parse
 from qwenrun.loading import secret_from_env
+from qwenrun.toolcalls.hermes import ToolCall, new_call_id, parse
 
 __all__ = ["OpenAIEngine", "request_body"]
 
@@ -75,6 +80,8 @@ def _constraint(constraint: Constraint) -> dict[str, Any]:
     if constraint.json is not None:
         schema = {"name": "answer", "schema": constraint.json}
         return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    if constraint.structural_tag is not None:  # vLLM takes it as a JSON string
+        return {"structured_outputs": {"structural_tag": json.dumps(constraint.structural_tag)}}
     kind = (
         "regex" if constraint.regex is not None else "grammar" if constraint.grammar is not None else "choice"
     )
@@ -98,6 +105,8 @@ def request_body(
     if request.constraint is not None:
         for key, value in _constraint(request.constraint).items():
             (body if key == "response_format" else vendor)[key] = value
+    if request.chat_template_kwargs:
+        vendor["chat_template_kwargs"] = dict(request.chat_template_kwargs)
     return {**body, **vendor, **extra}
 
 
@@ -135,6 +144,8 @@ class OpenAIEngine:
         self.settings = _settings(spec)
         self.model_name: str = spec.served_model_name
         self.remote_model = self.settings.model or spec.served_model_name
+        fmt = spec.model.tool_call_format
+        self.tool_call_format: str = "hermes" if fmt == "auto" else fmt
         self._client: Any = None
 
     def health(self) -> Health:
@@ -201,7 +212,7 @@ class OpenAIEngine:
             )
         except openai.APIError as exc:
             raise _error(exc) from exc
-        calls, prompt, completion, finish, held = _Calls(), 0, 0, "stop", ""
+        calls, prompt, completion, finish, held, held_reasoning = _Calls(), 0, 0, "stop", "", ""
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -209,19 +220,27 @@ class OpenAIEngine:
                 for choice in chunk.choices:
                     calls.add(choice.delta.tool_calls)
                     text = choice.delta.content or ""
+                    reasoning = _reasoning(choice.delta)
                     finish = choice.finish_reason or finish
-                    if text and request.incremental:
-                        yield Delta(text, None, prompt, completion)
-                    elif text:
-                        held += text
+                    if (text or reasoning) and request.incremental:
+                        yield Delta(text, None, prompt, completion, reasoning=reasoning)
+                    else:
+                        held, held_reasoning = held + text, held_reasoning + reasoning
         except openai.APIError as exc:
             raise _error(exc) from exc
         finally:
             await stream.close()  # a consumer that stops early closes the connection: vLLM aborts
         reason = {"tool_calls": "stop", "function_call": "stop"}.get(finish, finish)
-        yield Delta(
-            held, reason if reason in ("stop", "length") else "stop", prompt, completion, calls.calls()
-        )
+        finish_reason = reason if reason in ("stop", "length") else "stop"
+        yield Delta(held, finish_reason, prompt, completion, calls.calls(), reasoning=held_reasoning)
+
+
+def _reasoning(delta: Any) -> str:
+    """A stream delta's reasoning: vLLM's ``reasoning`` (0.10+), else ``reasoning_content``
+    (older vLLM, DeepSeek); extra fields of the ``openai`` client's objects."""
+    extra = delta.model_extra or {}
+    text = extra.get("reasoning") or extra.get("reasoning_content")
+    return text if isinstance(text, str) else ""
 
 
 _STANDARD = frozenset(

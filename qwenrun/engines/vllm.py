@@ -1,8 +1,10 @@
 """``engine.kind: vllm``: vLLM's async engine in this process; the one module that imports vLLM.
 
-:class:`VLLMEngine` renders the conversation with the model's chat template, forces tool calls with
-a prefilled ``<tool_call>`` and a structured-output grammar (:func:`qwenrun.hermes.forced_call`),
-and streams vLLM's output as :class:`~qwenrun.engines.base.Delta` objects. vLLM is imported lazily,
+:class:`VLLMEngine` renders the conversation with the model's chat template (``chat_template_kwargs``
+such as ``enable_thinking`` included), reads the model's tool-call format from that template, forces
+tool calls with a prefilled ``<tool_call>`` and a structured-output constraint of that format
+(:func:`qwenrun.toolcalls.forced_call`; a think block is closed first), and streams vLLM's output
+as :class:`~qwenrun.engines.base.Delta` objects. vLLM is imported lazily,
 inside functions, so that importing this module stays cheap. :func:`engine_kwargs` and
 :func:`sampling_kwargs` turn the agent spec into vLLM arguments.
 """
@@ -22,11 +24,16 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from qwenrun import hermes
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
 from qwenrun.errors import ConfigError, EngineError, RequestError
+from qwenrun.toolcalls import (
+    forced_call,
+    prompt_opens_thinking,
+    resolve_format,
+    thinking_prefill,
+)
 
 __all__ = ["VLLMEngine", "engine_kwargs", "sampling_kwargs"]
 
@@ -94,16 +101,28 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
         kwargs["enable_log_requests"] = False
     elif "disable_log_requests" in known:
         kwargs["disable_log_requests"] = True
-    if "structured_outputs_config" in known:
-        # Compact JSON under json constraints. vLLM >= 0.11 reads this flag only from the engine
-        # config, where it needs an explicit backend; xgrammar is what "auto" picks for almost all.
-        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if spec.agent.thinking_budget is not None and "reasoning_parser" in known:
+        # vLLM enforces thinking_token_budget only with a reasoning parser (its reasoning config).
+        kwargs["reasoning_parser"] = "qwen3"
     for key, value in engine.extra.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{spec.source}: engine.extra.{key}: not a vLLM engine argument{hint}")
         kwargs[key] = value
+    if "structured_outputs_config" in known:
+        # Compact JSON under json constraints. vLLM >= 0.11 reads this flag only from the engine
+        # config, where it needs an explicit backend; xgrammar is what "auto" picks for almost all.
+        # With a reasoning parser vLLM would apply constraints only after </think>: qwenrun's
+        # constraints (forced calls, pinned text) cover the whole answer, so they apply from the start.
+        kwargs.setdefault(
+            "structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True}
+        )
+        if kwargs.get("reasoning_parser") and isinstance(kwargs["structured_outputs_config"], Mapping):
+            kwargs["structured_outputs_config"] = {
+                **kwargs["structured_outputs_config"],
+                "enable_in_reasoning": True,
+            }
     return kwargs
 
 
@@ -148,11 +167,14 @@ def _text(content: Any) -> str:
 
 
 def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``messages`` as chat templates expect them: text content, and tool-call
-    arguments as objects rather than the JSON strings of the OpenAI format."""
+    """Copies of ``messages`` as chat templates expect them: text content, tool-call arguments as
+    objects rather than the JSON strings of the OpenAI format, and an assistant's ``reasoning``
+    as ``reasoning_content`` (what Qwen3's template reads), as vLLM does."""
     result = []
     for message in messages:
         message = {**message, "content": _text(message.get("content"))}
+        if message.get("reasoning") is not None and message.get("reasoning_content") is None:
+            message["reasoning_content"] = message["reasoning"]
         calls = message.get("tool_calls")
         if calls:
             fixed = []
@@ -193,7 +215,10 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
         self._dead = False
-        # forced-call constraints by (id of the tools list, choice), with the list they were made for
+        self._template: str | None = None
+        fmt = spec.model.tool_call_format
+        self.tool_call_format: str = "hermes" if fmt == "auto" else fmt  # "auto" is resolved at start
+        # forced calls by (id of the tools list, choice), with the list they were made for
         self._forced: dict[tuple[int, str], tuple[object, Constraint | None, str]] = {}
 
     @property
@@ -243,6 +268,10 @@ class VLLMEngine:
             except Exception as exc:
                 engine.shutdown()
                 raise EngineError(f"vLLM started but has no usable tokenizer: {exc}") from exc
+            template = getattr(tokenizer, "chat_template", None)
+            self._template = template if isinstance(template, str) else None
+            self.tool_call_format = resolve_format(self.spec.model.tool_call_format, self._template)
+            self._forced.clear()
             self._engine, self._tokenizer, self._dead = engine, tokenizer, False
             # As vLLM's own server does after start-up: move the (millions of) objects that torch,
             # vLLM and the model created to the permanent generation, so that full collections
@@ -250,7 +279,8 @@ class VLLMEngine:
             gc.collect()
             gc.freeze()
             self.max_model_len = int(config.max_model_len)
-            log.info("vLLM engine ready: %s (max_model_len %d)", self.model_name, self.max_model_len)
+            log.info("vLLM engine ready: %s (max_model_len %d, %s tool calls)", self.model_name,
+                     self.max_model_len, self.tool_call_format)  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop the engine and its child processes (idempotent)."""
@@ -277,8 +307,10 @@ class VLLMEngine:
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
         prefill: str = "",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text of ``messages`` (chat template, generation prompt, then ``prefill``)."""
+        """The prompt text of ``messages`` (chat template with ``chat_template_kwargs``, generation
+        prompt, then ``prefill``)."""
         if self._tokenizer is None:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         try:
@@ -287,6 +319,7 @@ class VLLMEngine:
                 tools=list(tools or ()) or None,
                 add_generation_prompt=True,
                 tokenize=False,
+                **(chat_template_kwargs or {}),
             )
         except Exception as exc:
             raise EngineError(f"cannot render the conversation: {type(exc).__name__}: {exc}") from exc
@@ -315,19 +348,22 @@ class VLLMEngine:
             kwargs["min_tokens"] = min(kwargs["min_tokens"], kwargs["max_tokens"])
         try:
             if constraint is not None:
+                tag = constraint.structural_tag
                 kwargs["structured_outputs"] = StructuredOutputsParams(
                     regex=constraint.regex,
                     json=constraint.json,
                     grammar=constraint.grammar,
                     choice=constraint.choice,
+                    structural_tag=json.dumps(tag, ensure_ascii=False) if tag is not None else None,
                     disable_any_whitespace=constraint.json is not None,
                 )
             return SamplingParams(**kwargs)
         except Exception as exc:
             raise EngineError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
 
-    def _forcing(self, request: Request) -> tuple[Constraint | None, str]:
-        """The constraint and prefill of ``request``: its own, else those of a forced call."""
+    def _forcing(self, request: Request, prompt: str) -> tuple[Constraint | None, str]:
+        """The constraint and prefill of ``request``: its own, else those of a forced call of the
+        model's format, its prefill closing a think block the ``prompt`` leaves open."""
         if request.constraint is not None or request.prefill:
             return request.constraint, request.prefill
         tools, choice = request.tools, request.tool_choice
@@ -335,13 +371,19 @@ class VLLMEngine:
             return None, ""
         cached = self._forced.get((id(tools), choice))
         if cached is not None and cached[0] is tools:  # an agent passes the same list every call
-            return cached[1], cached[2]
-        schema, prefill = hermes.forced_call(tools, choice)
-        forced = (Constraint(json=schema), prefill) if schema is not None else (None, "")
-        if len(self._forced) >= 64:
-            self._forced.clear()
-        self._forced[(id(tools), choice)] = (tools, *forced)  # keeps `tools` alive: its id stays its own
-        return forced
+            _, constraint, prefill = cached
+        else:
+            forced = forced_call(self.tool_call_format, tools, choice)
+            constraint, prefill = None, ""
+            if forced is not None:
+                constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
+                prefill = forced.prefill
+            if len(self._forced) >= 64:
+                self._forced.clear()
+            self._forced[(id(tools), choice)] = (tools, constraint, prefill)  # keeps `tools` alive
+        if constraint is None:
+            return None, ""
+        return constraint, thinking_prefill(prompt, self._template) + prefill
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Stream the answer to ``request`` as deltas (the first starts with the prefill); with
@@ -356,8 +398,10 @@ class VLLMEngine:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         if self.errored:
             raise EngineError("the vLLM engine has died; restart qwenrun")
-        constraint, prefill = self._forcing(request)
-        text = self.render(request.messages, request.tools, prefill)
+        text = self.render(request.messages, request.tools, chat_template_kwargs=request.chat_template_kwargs)
+        opens = prompt_opens_thinking(text)  # the answer starts as reasoning (sent on the first delta)
+        constraint, prefill = self._forcing(request, text)
+        text += prefill
         prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
         limit = self.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
@@ -375,7 +419,8 @@ class VLLMEngine:
         completion_tokens = 0
         try:
             if prefill and request.incremental:
-                yield Delta(prefill, None, len(prompt_ids), 0)
+                yield Delta(prefill, None, len(prompt_ids), 0, starts_in_reasoning=opens)
+                opens = False
             while not finished:
                 try:
                     output = await stream.__anext__()
@@ -401,6 +446,10 @@ class VLLMEngine:
                         reason = "stop"
                     if prefill and not request.incremental:
                         piece = prefill + piece
+                if opens:
+                    yield Delta(piece, reason, len(prompt_ids), completion_tokens, starts_in_reasoning=True)
+                    opens = False
+                    continue
                 yield Delta(piece, reason, len(prompt_ids), completion_tokens)
         finally:
             if not finished:  # the consumer stopped early: free the sequence's slot now
@@ -410,10 +459,12 @@ class VLLMEngine:
                 except Exception:  # already gone
                     log.debug("abort of %s failed", request_id, exc_info=True)
 
-    def _error(self, exc: Exception) -> EngineError:
+    def _error(self, exc: Exception) -> EngineError | RequestError:
         name = type(exc).__name__
         if name == "EngineDeadError" or self.errored:
             self._dead = True
             return EngineError(f"the vLLM engine has died ({name}: {exc}); restart qwenrun")
+        if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):  # the request's fault
+            return RequestError(f"vLLM refused the request: {exc}", param=getattr(exc, "parameter", None))
         cause = exc.__cause__ if name == "EngineGenerateError" and exc.__cause__ else exc
         return EngineError(f"vLLM rejected or failed the request: {type(cause).__name__}: {cause}")

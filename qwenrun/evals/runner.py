@@ -66,6 +66,10 @@ class Recorder:
         self.model_name = engine.model_name
         self.texts: dict[str, list[str]] = {}
 
+    @property
+    def tool_call_format(self) -> str:
+        return self.engine.tool_call_format
+
     def health(self) -> Health:
         return self.engine.health()
 

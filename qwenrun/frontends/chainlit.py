@@ -4,9 +4,10 @@ Thin: agent events become Chainlit messages and steps, nothing else. Chainlit's 
 engine share one process and one event loop; the engine starts once, before the port opens, and
 every chat session shares the one :class:`~qwenrun.agent.Agent`. Each chat session keeps its own
 :class:`~qwenrun.agent.Session` (multi-turn history) in ``cl.user_session``. The answer streams
-token by token; each tool call is a ``cl.Step`` of type ``tool`` under the turn's run; tool and
-engine errors show in the chat; the stop button cancels the turn and the session stays usable. A
-call of an ``approval: ask`` tool waits for the Approve / Reject buttons of an action message.
+token by token; the model's reasoning streams into a collapsed ``Reasoning`` step (type ``llm``);
+each tool call is a ``cl.Step`` of type ``tool`` under the turn's run; tool and engine errors show
+in the chat; the stop button cancels the turn and the session stays usable. A call of an
+``approval: ask`` tool waits for the Approve / Reject buttons of an action message.
 
 No ``app.py`` and no ``chainlit run``: :func:`build_app` registers the callbacks on Chainlit's
 (process-global) config and :func:`serve` serves ``chainlit.server.app`` with uvicorn like
@@ -42,7 +43,7 @@ from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
-from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.frontends import ChainlitFrontend
 from qwenrun.frontends.base import Launch, start_with_status
 from qwenrun.loading import secret_from_env
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 APP_ROOT_ENV = "CHAINLIT_APP_ROOT"
 AUTH_SECRET_ENV = "CHAINLIT_AUTH_SECRET"
+REASONING_STEP = "Reasoning"  # the name of the step the model's thinking streams into
 SESSION_KEY = "qwenrun_session"
 TASK_KEY = "qwenrun_task"
 _HTML_UNSAFE = set('<>"')
@@ -267,6 +269,7 @@ async def answer(session: Session, prompt: str, view: TurnView) -> None:
 class TurnView:
     """Shows the events of one turn as Chainlit messages and steps, in the order they come.
 
+    Reasoning streams into a ``Reasoning`` step (collapsed; it ends when anything else comes).
     Text streams into an assistant message; a tool call ends it and opens a ``tool`` step (input:
     the arguments as JSON) that its result closes (output; ``is_error`` for ``Error: ...``); text
     after the tools streams into a new message. Everything nests under the current run step.
@@ -279,9 +282,16 @@ class TurnView:
         self.parent_id: str | None = current.id if current is not None else None
         self.message: Any = None
         self.steps: dict[str, Any] = {}  # open tool steps by tool call id
+        self.thought: Any = None  # the open reasoning step
         self._pending = ""  # leading whitespace, held back until real text comes
 
     async def show(self, event: Event) -> None:
+        if isinstance(event, Reasoning):
+            await self.reasoning(event.text)
+            return
+        if isinstance(event, Usage):
+            return
+        await self.end_reasoning()
         if isinstance(event, TextDelta):
             await self.text(event.text)
         elif isinstance(event, ToolCall):
@@ -307,6 +317,22 @@ class TurnView:
             await step.send()
         elif isinstance(event, Final):
             await self.final(event)
+
+    async def reasoning(self, text: str) -> None:
+        """Stream ``text`` into the reasoning step (opened after any streamed message)."""
+        if self.thought is None:
+            await self.end_message()
+            step = self.cl.Step(name=REASONING_STEP, type="llm", parent_id=self.parent_id, show_input=False)
+            step.start = _now()
+            await step.send()
+            self.thought = step
+        await self.thought.stream_token(text)
+
+    async def end_reasoning(self) -> None:
+        if self.thought is not None:
+            step, self.thought = self.thought, None
+            step.end = _now()
+            await step.update()
 
     async def text(self, text: str) -> None:
         if self.message is None:
@@ -336,6 +362,7 @@ class TurnView:
 
     async def close(self, why: str) -> None:
         """End what is still open when the turn stops early: open tool steps become errors."""
+        await self.end_reasoning()
         for step in self.steps.values():
             step.output = f"({why})"
             step.is_error = True

@@ -1,14 +1,16 @@
 """The terminal front end: a REPL (``qwenrun up`` with ``frontend.kind: cli``) and one-shot runs.
 
-Thin: it turns agent events into terminal output. ``/reset`` clears the conversation, ``/exit``
-(or end of input) leaves; Ctrl-C stops the current answer and keeps the session. A call of an
-``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
+Thin: it turns agent events into terminal output (the model's reasoning dimmed, with its control
+characters escaped so that it cannot move the cursor or change colours). ``/reset`` clears the
+conversation, ``/exit`` (or end of input) leaves; Ctrl-C stops the current answer and keeps the
+session. A call of an ``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 import threading
@@ -20,30 +22,59 @@ import click
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.errors import QwenrunError
-from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
 from qwenrun.frontends.base import Launch, run_agent
 
-__all__ = ["EventPrinter", "console_approver", "repl", "run", "run_once"]
+__all__ = ["EventPrinter", "console_approver", "printable", "repl", "run", "run_once"]
 
 PROMPT = ">>> "
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (ESC, CR, BEL, ...) written as ``\\x1b`` escapes; tabs
+    and newlines stay."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 class EventPrinter:
-    """Prints events compactly: the answer streams, tool steps get one dim line each."""
+    """Prints events compactly: the reasoning streams dimmed, the answer streams, tool steps get one
+    dim line each."""
 
     def __init__(self, out: TextIO | None = None, *, show_tools: bool = True, as_json: bool = False) -> None:
         self.out = out
         self.show_tools = show_tools
         self.as_json = as_json
         self._open_line = False
+        self._thinking = False  # the last thing printed was reasoning
 
     def _write(self, text: str) -> None:
         click.echo(text, file=self.out, nl=False)
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            self._write("\n")
+            self._open_line = False
 
     def __call__(self, event: Event) -> None:
         if self.as_json:
             click.echo(json.dumps(to_dict(event), ensure_ascii=False), file=self.out)
             return
+        if isinstance(event, Reasoning):
+            text = printable(event.text)
+            if not self._thinking:
+                self._end_line()
+                text = text.lstrip("\n")
+            self._write(click.style(text, dim=True))
+            self._open_line, self._thinking = not text.endswith("\n"), True
+            return
+        if isinstance(event, Usage):
+            return
+        if self._thinking:  # what follows the reasoning starts on a line of its own
+            self._thinking = False
+            self._end_line()
+            if isinstance(event, TextDelta):
+                self._write("\n")  # a blank line between the reasoning and the answer
         if isinstance(event, TextDelta):
             self._write(event.text)
             self._open_line = not event.text.endswith("\n")
@@ -53,9 +84,7 @@ class EventPrinter:
                 self._write("\n")
                 self._open_line = False
             return
-        if self._open_line:
-            self._write("\n")
-            self._open_line = False
+        self._end_line()
         if isinstance(event, ToolCall):
             args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.arguments.items())
             self._write(click.style(f"  → {event.name}({args})\n", dim=True))

@@ -2,14 +2,17 @@
 
 Pure and stdlib-only (no vLLM, no torch). :class:`OutputParser` / :func:`parse_output` read one
 completion into reasoning, answer text and tool calls; ``PARSERS`` maps a format name to its
-parser class; :func:`detect_format` picks the format from a model's chat template.
+parser class; :func:`detect_format` picks the format from a model's chat template;
+:func:`forced_call` and :func:`thinking_prefill` say how an engine forces a call of a format.
+:mod:`qwenrun.toolcalls.hermes` is the Hermes parser (Qwen2.5/Qwen3 JSON calls, bare JSON calls).
 """
 
 from __future__ import annotations
 
-from qwenrun.hermes import ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
+from qwenrun.toolcalls.forcing import FORCED_PREFILL, ForcedCall, forced_call, thinking_prefill
 from qwenrun.toolcalls.formats import AUTO, PARSERS, HermesParser, detect_format, new_parser, resolve_format
+from qwenrun.toolcalls.hermes import ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.output import OutputEvent, OutputParser, ParsedOutput, parse_output
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
 from qwenrun.toolcalls.thinking import (
@@ -22,8 +25,10 @@ from qwenrun.toolcalls.thinking import (
 
 __all__ = [
     "AUTO",
+    "FORCED_PREFILL",
     "PARSERS",
     "CallEvent",
+    "ForcedCall",
     "HermesParser",
     "OutputEvent",
     "OutputParser",
@@ -37,10 +42,12 @@ __all__ = [
     "ToolCallDelta",
     "ToolCallParser",
     "detect_format",
+    "forced_call",
     "new_call_id",
     "new_parser",
     "parse_output",
     "prompt_opens_thinking",
     "resolve_format",
     "split_thinking",
+    "thinking_prefill",
 ]

@@ -3,7 +3,7 @@
 A parser reads one model output, fed in chunks of any size, and returns events as soon as they
 are certain: ``str`` is answer text safe to show (never part of a tag), :class:`ToolCallDelta` a
 piece of a call still being written (for streaming ``tool_calls`` to OpenAI clients), and
-:class:`~qwenrun.hermes.ToolCall` a call just completed (the one that runs). ``result()`` after
+:class:`~qwenrun.toolcalls.hermes.ToolCall` a call just completed (the one that runs). ``result()`` after
 ``finish()`` equals the one-shot parse of the whole text, whatever the chunking.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
-from qwenrun.hermes import IdFactory, ParseResult, ToolCall
+from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall
 
 __all__ = ["CallEvent", "ParserFactory", "ToolCallDelta", "ToolCallParser"]
 
@@ -49,8 +49,10 @@ class ToolCallParser(Protocol):
 
 
 class ParserFactory(Protocol):
-    """A parser class: ``tools`` are the request's OpenAI tools (for typed arguments)."""
+    """A parser class: ``tools`` are the request's OpenAI tools (for typed arguments);
+    ``lenient``: also read an answer that is only bare JSON calls of those tools (where the format
+    supports it: ``hermes``)."""
 
     def __call__(
-        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = ...
+        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = ..., *, lenient: bool = False
     ) -> ToolCallParser: ...

@@ -1,7 +1,7 @@
 """The tool-call formats qwenrun reads, by name, and how to tell a model's format from its template.
 
 ``hermes`` (Qwen2.5, Qwen3, QwQ: ``<tool_call>{"name": …, "arguments": …}</tool_call>``) is
-:mod:`qwenrun.hermes` as it is, behind the common :class:`~qwenrun.toolcalls.base.ToolCallParser`
+:mod:`qwenrun.toolcalls.hermes`, behind the common :class:`~qwenrun.toolcalls.base.ToolCallParser`
 shape; ``qwen3_coder`` (Qwen3-Coder and later Qwen models: ``<function=…>``/``<parameter=…>``) is
 :mod:`qwenrun.toolcalls.qwen3_coder`. A new format is one module plus one line in ``PARSERS``.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-from qwenrun import hermes
-from qwenrun.hermes import IdFactory, ParseResult, ToolCall, new_call_id
+from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.base import CallEvent, ParserFactory, ToolCallDelta, ToolCallParser
+from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
 
 __all__ = ["AUTO", "PARSERS", "HermesParser", "detect_format", "new_parser", "resolve_format"]
@@ -22,14 +22,20 @@ AUTO = "auto"
 
 
 class HermesParser:
-    """:class:`qwenrun.hermes.StreamParser` with the common events: each well-formed call is
+    """:class:`qwenrun.toolcalls.hermes.StreamParser` with the common events: each well-formed call is
     preceded by one :class:`ToolCallDelta` holding its whole arguments (a Hermes call is typed
-    JSON, read once complete). ``tools`` is accepted for the common signature and not needed."""
+    JSON, read once complete). ``tools`` give the names whose bare JSON calls are read when
+    ``lenient`` (see :mod:`qwenrun.toolcalls.hermes`)."""
 
     def __init__(
-        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = new_call_id
+        self,
+        tools: Sequence[dict[str, Any]] | None = None,
+        new_id: IdFactory = new_call_id,
+        *,
+        lenient: bool = False,
     ) -> None:
-        self._parser = hermes.StreamParser(new_id)
+        names = [str(tool.get("function", tool).get("name")) for tool in tools or ()] if lenient else None
+        self._parser = hermes.StreamParser(new_id, tools=names)
         self._count = 0
 
     def feed(self, chunk: str) -> list[CallEvent]:
@@ -80,7 +86,11 @@ def resolve_format(requested: str, chat_template: str | None = None) -> str:
 
 
 def new_parser(
-    format: str, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = new_call_id
+    format: str,
+    tools: Sequence[dict[str, Any]] | None = None,
+    new_id: IdFactory = new_call_id,
+    *,
+    lenient: bool = False,
 ) -> ToolCallParser:
     """A fresh parser of ``format`` (a name in ``PARSERS``) for one model output."""
-    return PARSERS[resolve_format(format)](tools, new_id)
+    return PARSERS[resolve_format(format)](tools, new_id, lenient=lenient)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
-from qwenrun.hermes import IdFactory, ToolCall, new_call_id
-from qwenrun.toolcalls.base import CallEvent, ToolCallDelta
+from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
 from qwenrun.toolcalls.formats import new_parser
+from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.thinking import Reasoning, ThinkingParser
 
 __all__ = ["OutputEvent", "OutputParser", "ParsedOutput", "parse_output"]
@@ -57,9 +57,30 @@ class ParsedOutput:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
+class _TextOnly:
+    """The answer as text: no tool calls are read (a request without tools)."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    def feed(self, chunk: str) -> list[CallEvent]:
+        if not chunk:
+            return []
+        self._text.append(chunk)
+        return [chunk]
+
+    def finish(self) -> list[CallEvent]:
+        return []
+
+    def result(self) -> ParseResult:
+        return ParseResult("".join(self._text).strip(), [])
+
+
 class OutputParser:
     """Incremental parser of one completion. ``format``: a name of ``toolcalls.PARSERS``;
-    ``tools``: the request's OpenAI tools; ``thinking=False`` reads ``<think>`` as plain text;
+    ``tools``: the request's OpenAI tools; ``lenient``: also read an answer that is only bare JSON
+    calls of those tools (``hermes``); ``calls=False`` reads no tool calls (the answer is text);
+    ``thinking=False`` reads ``<think>`` as plain text;
     ``start_in_reasoning``: the prompt ended inside ``<think>`` (see ``prompt_opens_thinking``)."""
 
     def __init__(
@@ -67,21 +88,26 @@ class OutputParser:
         format: str = "hermes",
         *,
         tools: Sequence[dict[str, Any]] | None = None,
+        lenient: bool = False,
+        calls: bool = True,
         thinking: bool = True,
         start_in_reasoning: bool = False,
         new_id: IdFactory = new_call_id,
     ) -> None:
-        self._calls = new_parser(format, tools, new_id)
+        self._calls: ToolCallParser = (
+            new_parser(format, tools, new_id, lenient=lenient) if calls else _TextOnly()
+        )
         self._thinking = ThinkingParser(start_in_reasoning=start_in_reasoning) if thinking else None
         self._reasoning = ""
         self._finished = False
 
     def feed(self, chunk: str) -> list[OutputEvent]:
+        thinking = self._thinking
+        if thinking is None and not self._finished:  # the answer: the hot path (no cast() call)
+            return self._calls.feed(chunk)  # type: ignore[return-value]  # list[CallEvent] is one
         if self._finished:
             raise RuntimeError("OutputParser.feed() called after finish()")
-        thinking = self._thinking
-        if thinking is None:  # the answer: the hot path
-            return cast(list[OutputEvent], self._calls.feed(chunk))
+        assert thinking is not None
         out = self._route(thinking.feed(chunk), [])
         if thinking.answering:  # the rest goes straight to the call parser
             self._reasoning, self._thinking = thinking.result().reasoning, None
@@ -119,14 +145,16 @@ def parse_output(
     format: str = "hermes",
     *,
     tools: Sequence[dict[str, Any]] | None = None,
+    lenient: bool = False,
     thinking: bool = True,
     start_in_reasoning: bool = False,
     new_id: IdFactory = new_call_id,
 ) -> ParsedOutput:
     """One-shot :class:`OutputParser`. Never raises (but an unknown ``format`` is a ValueError)."""
     parser = OutputParser(
-        format, tools=tools, thinking=thinking, start_in_reasoning=start_in_reasoning, new_id=new_id
-    )
+        format, tools=tools, lenient=lenient, thinking=thinking, start_in_reasoning=start_in_reasoning,
+        new_id=new_id,
+    )  # fmt: skip
     parser.feed(text)
     parser.finish()
     return parser.result()

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
-from qwenrun.hermes import IdFactory, ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.base import CallEvent, ToolCallDelta
+from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.values import tool_parameter_types
 from qwenrun.toolcalls.xml_call import XmlCall
 
@@ -109,10 +109,16 @@ def _held_prefix(s: str, start: int) -> int:
 
 class Qwen3CoderParser:
     """Incremental parser of Qwen3-Coder output. ``tools``: the OpenAI tools of the request (their
-    schemas type the values; without them every value is a string)."""
+    schemas type the values; without them every value is a string). ``lenient`` is accepted for
+    the common signature: bare JSON calls are a Hermes-format habit (a Hermes JSON body inside
+    ``<tool_call>`` is read in either case)."""
 
     def __init__(
-        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = new_call_id
+        self,
+        tools: Sequence[dict[str, Any]] | None = None,
+        new_id: IdFactory = new_call_id,
+        *,
+        lenient: bool = False,
     ) -> None:
         self._types = tool_parameter_types(tools)
         self._new_id = new_id

@@ -62,7 +62,7 @@ def _held(s: str, start: int, tag: str) -> int:
 def prompt_opens_thinking(prompt: str) -> bool:
     """True when a rendered prompt ends inside an open ``<think>`` block (Qwen3 Thinking-2507
     templates), so the model's output starts as reasoning."""
-    return prompt.rstrip().endswith(THINK)
+    return prompt[-256:].rstrip().endswith(THINK)  # the tail only: prompts are long, this runs per call
 
 
 class ThinkingParser:

@@ -1,7 +1,7 @@
 """One Qwen3-Coder tool call as it is read: its name, typed arguments and their streamed JSON.
 
 The parser (:mod:`qwenrun.toolcalls.qwen3_coder`) finds the tags; :class:`XmlCall` turns what
-lies between them into a :class:`~qwenrun.hermes.ToolCall` and, on the way, into the JSON
+lies between them into a :class:`~qwenrun.toolcalls.hermes.ToolCall` and, on the way, into the JSON
 fragments of its arguments (:class:`~qwenrun.toolcalls.base.ToolCallDelta`): ``{`` with the
 name, each string value as it is written (all but a trailing newline, which may be the one the
 format adds; a nullable string only once it cannot be ``null``), other values when complete, ``}``
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]  # C-accelerated
 from typing import Any
 
-from qwenrun import hermes
-from qwenrun.hermes import ToolCall
+from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.base import ToolCallDelta
+from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.toolcalls.values import OMIT, STRING, ParamType, convert
 
 __all__ = ["XmlCall"]

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai import chat, responses
 from qwenrun.frontends.openai.http import (
@@ -111,6 +111,10 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
         log.warning("engine error: %s", exc)
         return error_response(APIError(503, str(exc), type="server_error", code="engine_unavailable"))
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(APIError(400, str(exc), param=exc.param, code=exc.code))  # the engine goes on
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,12 +1,16 @@
 """Chat completions: from a validated request to the agent or the engine, and back to OpenAI JSON.
 
-Both modes produce the same small stream of *pieces* (:class:`Text`, :class:`Call`, :class:`Step`,
-then one :class:`Finish`); :func:`completion` folds them into a ``chat.completion`` object and
-:func:`chunks` turns them into ``chat.completion.chunk`` objects, so a streamed answer and a
-non-streamed one always agree.
+Both modes produce the same small stream of *pieces* (:class:`Text`, :class:`ReasoningText`,
+:class:`CallDelta`, :class:`Call`, :class:`Step`, then one :class:`Finish`); :func:`completion`
+folds them into a ``chat.completion`` object and :func:`chunks` turns them into
+``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one always agree.
+Reasoning is returned as ``reasoning`` and ``reasoning_content`` (on the message, on the deltas),
+as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, older clients read
+``reasoning_content``).
 
 * pass-through (``model`` = the served model name): the client's messages and tools go to
-  ``agent.engine.generate``; Hermes tool calls in the output become OpenAI ``tool_calls``.
+  ``agent.engine.generate``; tool calls in the output (the engine's format: Hermes JSON or
+  Qwen3-Coder XML, arguments streamed as they are written) become OpenAI ``tool_calls``.
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
   Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
@@ -23,11 +27,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenrun import hermes
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import Approver, fixed_approver
 from qwenrun.engines.base import Constraint, OutputReader, Request
-from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
+from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai.schemas import (
     APIError,
@@ -37,13 +40,15 @@ from qwenrun.frontends.openai.schemas import (
     text_of,
 )
 from qwenrun.sessions.store import valid_session_id
+from qwenrun.toolcalls import OutputEvent, ToolCallDelta, hermes
+from qwenrun.toolcalls import Reasoning as ModelReasoning
 
 SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
 APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
 
 __all__ = [
-    "APPROVAL_HEADER", "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn",
-    "approver_for", "chunks", "closing", "completion", "passthrough",
+    "APPROVAL_HEADER", "Call", "CallDelta", "Finish", "Piece", "Pieces", "ReasoningText", "Reply", "Step",
+    "Text", "agent_turn", "approver_for", "chunks", "closing", "completion", "passthrough",
 ]  # fmt: skip
 
 
@@ -53,11 +58,31 @@ class Text:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningText:
+    """A piece of the model's reasoning (``reasoning`` / ``reasoning_content``), in order; both modes."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelta:
+    """A piece of tool call ``index`` while it is written (pass-through mode): the first has the
+    call's ``id`` and ``name``; the ``arguments`` fragments add up to the call's JSON arguments."""
+
+    index: int
+    id: str
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
-    """An OpenAI tool call of the answer (pass-through mode)."""
+    """An OpenAI tool call of the answer, complete (pass-through mode); ``streamed``: its
+    :class:`CallDelta` pieces came before it."""
 
     index: int
     call: hermes.ToolCall
+    streamed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +99,7 @@ class Finish:
     completion_tokens: int
 
 
-Piece = Text | Call | Step | Finish
+Piece = Text | ReasoningText | CallDelta | Call | Step | Finish
 Pieces = AsyncGenerator[Piece, None]
 
 
@@ -147,8 +172,12 @@ def overrides(request: ChatCompletionRequest, agent: Agent, frontend: OpenAIFron
         "repetition_penalty": request.repetition_penalty,
         "min_tokens": request.min_tokens,
         "ignore_eos": request.ignore_eos,
+        "thinking_token_budget": request.thinking_token_budget,
     }
-    return {key: value for key, value in values.items() if value is not None}
+    chosen: dict[str, Any] = {key: value for key, value in values.items() if value is not None}
+    if request.thinking_token_budget == -1:  # no limit, even where the agent file sets one
+        chosen["thinking_token_budget"] = None
+    return chosen
 
 
 def _choice(request: ChatCompletionRequest, names: list[str], default: str) -> str:
@@ -190,45 +219,62 @@ def passthrough(
     constraint = _constraint(request)
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
+    sampling = {**agent.sampling_overrides(), **overrides(request, agent, frontend)}
+    template = {**agent.chat_template_kwargs(), **(request.chat_template_kwargs or {})}
+    reasoning_wanted = request.include_reasoning
 
     async def pieces() -> Pieces:
-        lenient = names if sent_tools and agent.spec.agent.lenient_tool_calls else None
-        reader = OutputReader(hermes.StreamParser(tools=lenient)) if sent_tools else None
-        trim, calls, finish, prompt, completion = _Trim(), 0, "stop", 0, 0
+        lenient = bool(sent_tools) and agent.spec.agent.lenient_tool_calls
+        reader = OutputReader(agent.engine.tool_call_format, tools=sent_tools, lenient=lenient,
+                              calls=bool(sent_tools))  # fmt: skip
+        trim, think_trim, finish, prompt, completion = _Trim(), _Trim(), "stop", 0, 0
+        streamed: dict[str, int] = {}  # id -> index in the answer, of the calls streamed as deltas
+        given = complete = 0  # indexes handed out; well-formed calls returned
 
-        def translate(items: list[str | hermes.ToolCall]) -> list[Piece]:
-            nonlocal calls
+        def translate(items: list[OutputEvent]) -> list[Piece]:
+            nonlocal given, complete
             out: list[Piece] = []
             for item in items:
-                if isinstance(item, hermes.ToolCall) and item.ok:
-                    if not (single and calls):
-                        out.append(Call(calls, item))
-                        calls += 1
-                    continue
-                if isinstance(item, str) or item.bare:
-                    text = item if isinstance(item, str) else item.raw
-                else:
-                    text = f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"
-                if text := trim(text):  # a malformed call is returned as text, as vLLM does
+                if isinstance(item, str):
+                    if text := trim(item):
+                        out.append(Text(text))
+                elif isinstance(item, ModelReasoning):
+                    if reasoning_wanted and (text := think_trim(item.text)):
+                        out.append(ReasoningText(text))
+                elif isinstance(item, ToolCallDelta):
+                    if item.id not in streamed and not (single and given):
+                        streamed[item.id], given = given, given + 1
+                    if item.id in streamed:
+                        out.append(CallDelta(streamed[item.id], item.id, item.name, item.arguments))
+                elif item.ok and item.id in streamed:
+                    out.append(Call(streamed[item.id], item, streamed=True))
+                    complete += 1
+                elif item.ok:
+                    if not (single and given):
+                        out.append(Call(given, item))
+                        given, complete = given + 1, complete + 1
+                elif text := trim(item.raw if item.bare else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"):
+                    # A malformed call is returned as text, as vLLM does (one whose arguments were
+                    # being streamed stays a call with the fragments sent; only a cut answer does that).
                     out.append(Text(text))
             return out
 
         stream = agent.engine.generate(
             Request(
                 messages=messages, tools=sent_tools, tool_choice=choice, sampling=agent.spec.sampling,
-                overrides=overrides(request, agent, frontend), constraint=constraint, request_id=request_id,
-                incremental=bool(request.stream),  # non-streaming: one delta
+                overrides=sampling, constraint=constraint, chat_template_kwargs=template,
+                request_id=request_id, incremental=bool(request.stream),  # non-streaming: one delta
             )
         )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
-                for piece in translate(reader.feed(delta) if reader else [delta.text]):
+                for piece in translate(reader.feed(delta)):
                     yield piece
-        for piece in translate(reader.finish() if reader else []):
+        for piece in translate(reader.finish()):
             yield piece
-        reason = "tool_calls" if calls else ("length" if finish == "length" else "stop")
+        reason = "tool_calls" if complete else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
 
     return pieces()
@@ -269,18 +315,28 @@ def agent_turn(
     if session_id is not None:
         _check_session_id(agent, session_id)
     sampling = overrides(request, agent, frontend)
+    template, reasoning_wanted = request.chat_template_kwargs, request.include_reasoning
 
     async def pieces() -> Pieces:
-        trim = _Trim()
+        trim, think_trim = _Trim(), _Trim()
         session = stateless if session_id is None else await _claim(agent, session_id, busy)
         session.approver = approver
-        events = session.stream(text_of(last.content), tool_choice=choice, overrides=sampling)
+        events = session.stream(
+            text_of(last.content), tool_choice=choice, overrides=sampling, chat_template_kwargs=template
+        )
+        gap = False  # reasoning was returned, then something else: the next model call's is apart
         async with closing(events), _released(session_id, busy):
             async for event in events:
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
+                        gap = gap or think_trim.started
                         yield Text(text)
+                elif isinstance(event, Reasoning):
+                    if reasoning_wanted and (text := think_trim(event.text)):
+                        yield ReasoningText(f"\n\n{text}" if gap else text)
+                        gap = False
                 elif isinstance(event, ToolCall | ToolResult | Repair):
+                    gap = gap or think_trim.started
                     yield Step(to_dict(event))
                 elif isinstance(event, Final):
                     if event.stop_reason == "max_iterations" and (text := trim(event.text)):
@@ -358,10 +414,13 @@ def _tool_call(piece: Call) -> dict[str, Any]:
 def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
     """The non-streaming ``chat.completion`` object."""
     text = "".join(piece.text for piece in pieces if isinstance(piece, Text))
+    reasoning = "".join(piece.text for piece in pieces if isinstance(piece, ReasoningText))
     calls = [_tool_call(piece) for piece in pieces if isinstance(piece, Call)]
     steps = [piece.data for piece in pieces if isinstance(piece, Step)]
     finish = next(piece for piece in pieces if isinstance(piece, Finish))
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning:
+        message["reasoning"] = message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     if steps:
@@ -371,6 +430,10 @@ def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
         "usage": _usage(finish),
     }  # fmt: skip
+
+
+def _call_header(index: int, call_id: str, name: str) -> dict[str, Any]:
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
 
 
 def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -386,16 +449,26 @@ def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **ext
 
 async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[dict[str, Any], None]:
     """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk, the
-    content, each tool call as a header chunk (id, name) then an arguments chunk, a finish chunk,
-    and the usage chunk (empty ``choices``) when ``stream_options.include_usage`` asks for it."""
+    reasoning (``reasoning`` and ``reasoning_content`` deltas) and the content as they come, each
+    tool call as a header chunk (id, name) then its arguments (fragments as they are written, or
+    one chunk), a finish chunk, and the usage chunk (empty ``choices``) when
+    ``stream_options.include_usage`` asks for it."""
     yield _chunk(reply, {"role": "assistant", "content": ""})
     async for piece in pieces:
         if isinstance(piece, Text):
             yield _chunk(reply, {"content": piece.text})
+        elif isinstance(piece, ReasoningText):
+            yield _chunk(reply, {"reasoning": piece.text, "reasoning_content": piece.text})
+        elif isinstance(piece, CallDelta):
+            if piece.name is not None:
+                yield _chunk(reply, {"tool_calls": [_call_header(piece.index, piece.id, piece.name)]})
+            if piece.arguments:
+                arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
+                yield _chunk(reply, {"tool_calls": [arguments]})
         elif isinstance(piece, Call):
-            header = {"index": piece.index, "id": piece.call.id, "type": "function",
-                      "function": {"name": piece.call.name, "arguments": ""}}  # fmt: skip
-            yield _chunk(reply, {"tool_calls": [header]})
+            if piece.streamed:
+                continue
+            yield _chunk(reply, {"tool_calls": [_call_header(piece.index, piece.call.id, piece.call.name)]})
             arguments = {"index": piece.index, "function": {"arguments": piece.call.arguments_json()}}
             yield _chunk(reply, {"tool_calls": [arguments]})
         elif isinstance(piece, Step):

@@ -7,10 +7,11 @@ non-streamed response is the same builder with its events dropped and the two al
 * text -> a ``message`` item: ``response.output_item.added``, ``response.content_part.added``,
   ``response.output_text.delta``..., ``response.output_text.done``, ``response.content_part.done``,
   ``response.output_item.done``;
-* reasoning (a :class:`~qwenrun.toolcalls.Reasoning` piece) -> a ``reasoning`` item with one
-  ``reasoning_text`` part, the same events with ``response.reasoning_text.delta`` / ``.done``;
+* reasoning (:class:`~qwenrun.frontends.openai.chat.ReasoningText`) -> a ``reasoning`` item with
+  one ``reasoning_text`` part, the same events with ``response.reasoning_text.delta`` / ``.done``;
 * a pass-through tool call -> a ``function_call`` item: added, ``response.function_call_arguments.delta``
-  and ``.done``, done;
+  (one per :class:`~qwenrun.frontends.openai.chat.CallDelta` while the call is written, or one with
+  the whole arguments) and ``.done``, done;
 * a tool the agent ran (agent mode) -> an ``mcp_call`` item, OpenAI's item for a tool the server
   runs: added, ``response.mcp_call.in_progress``, ``response.mcp_call_arguments.delta`` / ``.done``,
   then with its result ``response.mcp_call.completed`` (or ``.failed``), done;
@@ -28,11 +29,9 @@ from typing import Any
 
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.items import new_id
-from qwenrun.toolcalls import Reasoning
 
-__all__ = ["Piece", "ResponseBuilder", "usage"]
+__all__ = ["ResponseBuilder", "usage"]
 
-Piece = chat.Piece | Reasoning
 Event = dict[str, Any]
 
 
@@ -65,6 +64,7 @@ class ResponseBuilder:
         self._seq = 0
         self._text: _Text | None = None
         self._calls: dict[str, int] = {}  # agent mode: tool calls running, by call id -> output index
+        self._writing: dict[str, int] = {}  # pass-through: calls being streamed, by call id -> output index
 
     def _event(self, kind: str, **fields: Any) -> Event:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -76,11 +76,13 @@ class ResponseBuilder:
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]  # fmt: skip
 
-    def feed(self, piece: Piece) -> list[Event]:
+    def feed(self, piece: chat.Piece) -> list[Event]:
         if isinstance(piece, chat.Text):
             return self._write(piece.text, "message")
-        if isinstance(piece, Reasoning):
+        if isinstance(piece, chat.ReasoningText):
             return self._write(piece.text, "reasoning")
+        if isinstance(piece, chat.CallDelta):
+            return self._call_delta(piece)
         if isinstance(piece, chat.Call):
             return self._function_call(piece)
         if isinstance(piece, chat.Step):
@@ -148,9 +150,37 @@ class ResponseBuilder:
 
     # -- tool calls ------------------------------------------------------------------------
 
+    def _call_delta(self, piece: chat.CallDelta) -> list[Event]:
+        """A piece of a call being written: the first opens its ``function_call`` item."""
+        events: list[Event] = []
+        if piece.id not in self._writing:
+            events = self._close_text()
+            item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
+                    "call_id": piece.id, "name": piece.name or "", "arguments": ""}  # fmt: skip
+            self._writing[piece.id], added = self._add(item)
+            events.append(added)
+        index = self._writing[piece.id]
+        if piece.arguments:
+            item = self.output[index]
+            item["arguments"] += piece.arguments
+            events.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                      output_index=index, delta=piece.arguments))  # fmt: skip
+        return events
+
     def _function_call(self, piece: chat.Call) -> list[Event]:
-        events = self._close_text()
         arguments = piece.call.arguments_json()
+        if piece.call.id in self._writing:  # its arguments were streamed: it is complete now
+            index = self._writing.pop(piece.call.id)
+            item = self.output[index]
+            item.update(arguments=arguments, status="completed")
+            where = {"item_id": item["id"], "output_index": index}
+            return [
+                self._event(
+                    "response.function_call_arguments.done", **where, name=item["name"], arguments=arguments
+                ),
+                self._done(index),
+            ]
+        events = self._close_text()
         item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
                 "call_id": piece.call.id, "name": piece.call.name, "arguments": ""}  # fmt: skip
         index, added = self._add(item)
@@ -205,10 +235,11 @@ class ResponseBuilder:
 
     def _finish(self, finish: chat.Finish) -> list[Event]:
         events = self._close_text()
-        for index in self._calls.values():  # a call without a result (the turn was cut short)
+        for index in [*self._calls.values(), *self._writing.values()]:  # cut short: no result, or unfinished
             self.output[index]["status"] = "incomplete"
             events.append(self._done(index))
         self._calls.clear()
+        self._writing.clear()
         cut = finish.reason == "length"
         self.response.update(
             status="incomplete" if cut else "completed",

@@ -50,7 +50,7 @@ from qwenrun.frontends.openai.items import (
     to_messages,
 )
 from qwenrun.frontends.openai.metrics import Metrics
-from qwenrun.frontends.openai.output import Piece, ResponseBuilder
+from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.sessions.store import ResponseStore, StoredResponse
 
@@ -61,6 +61,7 @@ PRUNE_EVERY_S = 60.0
 # vLLM's extra sampling parameters, taken from the body as the chat route takes them (extra_body)
 VLLM_EXTRAS = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "seed", "stop", "structured_outputs",
+    "chat_template_kwargs", "thinking_token_budget",
 )  # fmt: skip
 
 
@@ -237,10 +238,13 @@ def register(
             _check_agent_input(req)
         chat_req = chat_request(req, body, mode, conversation)
         builder = ResponseBuilder(skeleton(req, agent), server_label=agent.name)
+        approval = request.headers.get(chat.APPROVAL_HEADER)
         if mode == "passthrough":
+            if approval is not None:
+                raise APIError(400, f"{chat.APPROVAL_HEADER} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, chat_req, frontend, builder.response["id"])
-        else:
-            pieces = chat.agent_turn(agent, chat_req, frontend)
+        else:  # approval as in the chat route: an agent with `ask` tools needs the header
+            pieces = chat.agent_turn(agent, chat_req, frontend, approval=approval)
 
         def keep() -> None:
             if req.store:
@@ -275,12 +279,16 @@ def _sse(event: dict[str, Any]) -> dict[str, str]:
 
 
 async def _events(
-    builder: ResponseBuilder, first: Piece, pieces: chat.Pieces, request: Request, keep: Callable[[], None]
+    builder: ResponseBuilder,
+    first: chat.Piece,
+    pieces: chat.Pieces,
+    request: Request,
+    keep: Callable[[], None],
 ) -> AsyncGenerator[dict[str, str], None]:
     """The events of a streamed response; the response is stored before its terminal event, and an
     error after the headers ends the stream with ``response.failed``."""
 
-    async def all_pieces() -> AsyncGenerator[Piece, None]:
+    async def all_pieces() -> chat.Pieces:
         yield first
         async for piece in pieces:
             yield piece

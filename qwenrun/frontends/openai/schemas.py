@@ -101,6 +101,8 @@ class AssistantMessage(_Model):
     content: Content | None = None
     tool_calls: list[ToolCallItem] | None = None
     name: str | None = None
+    reasoning: str | None = None  # vLLM's name of an earlier answer's reasoning
+    reasoning_content: str | None = None  # the older name (DeepSeek, vLLM < 0.10)
 
     @model_validator(mode="after")
     def _content_or_calls(self) -> AssistantMessage:
@@ -200,6 +202,13 @@ class StructuredOutputs(_Model):
         return self.json_schema if name == "json" else getattr(self, name)
 
 
+# chat template variables a request may not set: the server sets them itself
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+     "chat_template", "return_dict", "return_assistant_tokens_mask", "conversation", "tool_choice"}
+)  # fmt: skip
+
+
 class ChatCompletionRequest(_Model):
     """The body of ``POST /v1/chat/completions``."""
 
@@ -225,6 +234,10 @@ class ChatCompletionRequest(_Model):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     structured_outputs: StructuredOutputs | None = None
+    # thinking, as vLLM takes it: template variables (enable_thinking), a budget, reasoning in the answer
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(None, ge=-1, description="-1: no limit")
+    include_reasoning: bool = True
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -251,6 +264,17 @@ class ChatCompletionRequest(_Model):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(value or {}))
+        if reserved:
+            raise ValueError(f"the server sets {', '.join(reserved)} itself")
+        bad = sorted(key for key in value or {} if not key.isidentifier())
+        if bad:
+            raise ValueError(f"not a template variable name: {', '.join(map(repr, bad))}")
+        return value
+
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
@@ -269,10 +293,14 @@ class ChatCompletionRequest(_Model):
 
 
 def engine_message(message: SystemMessage | UserMessage | AssistantMessage | ToolMessage) -> dict[str, Any]:
-    """A validated message as the engine takes it (``developer`` becomes ``system``)."""
+    """A validated message as the engine takes it (``developer`` becomes ``system``; an assistant's
+    ``reasoning`` becomes ``reasoning_content``, what Qwen3's chat template reads)."""
     data = message.model_dump(exclude_none=True)
     if data["role"] == "developer":
         data["role"] = "system"
+    reasoning = data.pop("reasoning", None)
+    if reasoning is not None:
+        data.setdefault("reasoning_content", reasoning)
     return data
 
 

@@ -428,7 +428,8 @@ def forced_call(tools: Sequence[Mapping[str, Any]], choice: str) -> tuple[dict[s
 
 
 def _arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
-    schema = function.get("parameters") or {"type": "object"}
+    # A function declared without parameters takes none (OpenAI's meaning): {} is its one call.
+    schema = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
     if "$defs" in json.dumps(schema) or "$ref" in json.dumps(schema):
         return {"type": "object"}  # references cannot be nested under anyOf; accept any object
     return dict(copy.deepcopy(schema))

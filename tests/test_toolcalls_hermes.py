@@ -1,4 +1,4 @@
-"""Table tests for qwenrun.hermes: exact parse() results, and StreamParser at every chunk size."""
+"""Table tests for qwenrun.toolcalls.hermes: exact parse() results, and StreamParser at every chunk size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from qwenrun.hermes import ParseResult, StreamParser, ToolCall, new_call_id, parse
+from qwenrun.toolcalls.hermes import ParseResult, StreamParser, ToolCall, new_call_id, parse
 
 
 def ids() -> Callable[[], str]:

@@ -1,4 +1,4 @@
-"""Property tests for qwenrun.hermes: never raises, streaming == one-shot for any chunking.
+"""Property tests for qwenrun.toolcalls.hermes: never raises, streaming == one-shot for any chunking.
 
 13,500 examples in total (4,000 + 4,000 + 2,500 + 3,000 with bare JSON calls read for declared
 tools); no example database is written.
@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.hermes import ParseResult, StreamParser, ToolCall, parse
+from qwenrun.toolcalls.hermes import ParseResult, StreamParser, ToolCall, parse
 
 SETTINGS = {
     "deadline": None,

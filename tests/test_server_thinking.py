@@ -1,0 +1,166 @@
+"""The OpenAI server's reasoning and Qwen3-Coder calls on the scripted engine, through the official
+client: ``reasoning`` / ``reasoning_content`` on messages and stream deltas, ``include_reasoning``,
+``chat_template_kwargs`` and ``thinking_token_budget`` per request, XML arguments streamed as
+fragments. (The same on the real engine: ``test_toolcalls_server.py``.)"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from test_server import AGENT, QUESTION, SERVED, WEATHER_TOOL, Harness, build, running
+
+from qwenrun.testing import ScriptedEngine, tool_call_text
+
+USER: Any = [{"role": "user", "content": QUESTION}]
+THOUGHT = "<think>\nThe user wants the weather.\n</think>\n\n"
+CODE = 'if tag == "</tool_call>":\n    return "</parameter>"'
+CODE_TOOL: Any = {"type": "function", "function": {"name": "run_code", "parameters": {
+    "type": "object", "properties": {"code": {"type": "string"}, "times": {"type": "integer"}}}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Harness]:
+    holder: list[Harness] = []
+    engine = ScriptedEngine(lambda request: holder[0].reply(request))
+    agent, app = build(engine)
+    with running(app) as url:
+        holder.append(Harness(url, engine, agent, []))
+        yield holder[0]
+
+
+@pytest.fixture
+def srv(server: Harness) -> Harness:
+    server.engine.calls.clear()
+    server.engine.tool_call_format = "hermes"
+    server.replies.clear()
+    server.script = None
+    return server
+
+
+def extra(item: Any) -> dict[str, Any]:
+    return item.model_extra or {}
+
+
+def stream_parts(chunks: list[Any]) -> tuple[str, str, dict[int, list[str]]]:
+    content, reasoning, fragments = "", "", {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            fields = extra(choice.delta)
+            assert fields.get("reasoning") == fields.get("reasoning_content")  # both names, always equal
+            content += choice.delta.content or ""
+            reasoning += fields.get("reasoning") or ""
+            for call in choice.delta.tool_calls or ():
+                if call.function and call.function.arguments:
+                    fragments.setdefault(call.index, []).append(call.function.arguments)
+    return content, reasoning, fragments
+
+
+@pytest.mark.parametrize("tools", [[WEATHER_TOOL], None], ids=["with-tools", "without-tools"])
+def test_reasoning_like_vllm_reasoning_parser_qwen3(srv: Harness, tools: Any) -> None:
+    srv.script = lambda request: THOUGHT + "Hello. <tool_call> is a tag."
+    with srv.sync_client() as client:
+        kwargs: Any = {"tools": tools} if tools else {}
+        whole = client.chat.completions.create(model=SERVED, messages=USER, **kwargs).choices[0]
+        chunks = list(client.chat.completions.create(model=SERVED, messages=USER, stream=True, **kwargs))
+        hidden = client.chat.completions.create(
+            model=SERVED, messages=USER, extra_body={"include_reasoning": False}
+        )
+    content = (
+        "Hello." if tools else "Hello. <tool_call> is a tag."
+    )  # with tools, an unclosed call (malformed)
+    if tools:
+        assert (
+            whole.message.content == "Hello. <tool_call> is a tag.</tool_call>"
+        )  # returned as text, as vLLM does
+    else:
+        assert whole.message.content == content
+    assert (extra(whole.message)["reasoning"], extra(whole.message)["reasoning_content"]) == (
+        "The user wants the weather.", "The user wants the weather.",
+    )  # fmt: skip
+    streamed, reasoning, fragments = stream_parts(chunks)
+    assert (streamed, reasoning, fragments) == (whole.message.content, "The user wants the weather.", {})
+    assert hidden.choices[0].message.content == "Hello. <tool_call> is a tag."
+    assert "reasoning" not in extra(hidden.choices[0].message)
+
+
+def test_template_variables_budget_and_earlier_reasoning_reach_the_engine(srv: Harness) -> None:
+    srv.script = lambda request: "ok"
+    history: Any = [*USER, {"role": "assistant", "content": "晴。", "reasoning": "old thoughts"},
+                    {"role": "user", "content": "谢谢"}]  # fmt: skip
+    with srv.sync_client() as client:
+        client.chat.completions.create(model=SERVED, messages=history, extra_body={
+            "chat_template_kwargs": {"enable_thinking": False}, "thinking_token_budget": 16})  # fmt: skip
+        client.chat.completions.create(model=AGENT, messages=USER, extra_body={
+            "chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": -1})  # fmt: skip
+    passthrough, agent = srv.engine.calls
+    assert passthrough.chat_template_kwargs == {"enable_thinking": False}
+    assert passthrough.overrides["thinking_token_budget"] == 16
+    assert passthrough.messages[1] == {
+        "role": "assistant",
+        "content": "晴。",
+        "reasoning_content": "old thoughts",
+    }
+    assert agent.chat_template_kwargs == {"enable_thinking": True}
+    assert agent.overrides["thinking_token_budget"] is None  # -1: no limit, over the agent file's
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"chat_template_kwargs": {"add_generation_prompt": False}}, "the server sets add_generation_prompt itself"),
+        ({"chat_template_kwargs": {"not a name": 1}}, "not a template variable name: 'not a name'"),
+        ({"thinking_token_budget": -2}, "greater than or equal to -1"),
+    ],
+)  # fmt: skip
+def test_bad_thinking_fields_are_400s(srv: Harness, body: dict[str, Any], message: str) -> None:
+    response = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": SERVED, "messages": USER, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == next(iter(body))
+
+
+def test_qwen3_coder_calls_stream_their_arguments(srv: Harness) -> None:
+    """vLLM #30439: XML arguments stream while written; a value quoting the closing tags stays
+    whole (vLLM PR #45310); stream and non-stream agree."""
+    srv.engine.tool_call_format = "qwen3_coder"
+    first = tool_call_text("run_code", {"code": CODE, "times": 2}, format="qwen3_coder")
+    second = tool_call_text("run_code", {"code": "pass"}, format="qwen3_coder")
+    srv.script = lambda request: THOUGHT + "Running.\n" + first + "\n" + second
+    with srv.sync_client() as client:
+        whole = client.chat.completions.create(model=SERVED, messages=USER, tools=[CODE_TOOL]).choices[0]
+        chunks = list(
+            client.chat.completions.create(model=SERVED, messages=USER, tools=[CODE_TOOL], stream=True)
+        )
+        single = list(client.chat.completions.create(model=SERVED, messages=USER, tools=[CODE_TOOL], stream=True,
+                                                     parallel_tool_calls=False))  # fmt: skip
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]  # type: ignore[union-attr]
+    assert calls == [("run_code", {"code": CODE, "times": 2}), ("run_code", {"code": "pass"})]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Running."
+    content, reasoning, fragments = stream_parts(chunks)
+    assert (content, reasoning) == ("Running.", "The user wants the weather.")
+    assert ["".join(parts) for parts in fragments.values()] == [
+        c.function.arguments for c in whole.message.tool_calls or []
+    ]  # type: ignore[union-attr]
+    assert len(fragments[0]) > 5  # the code value arrives in pieces, not at the end
+    headers = [t for c in chunks for t in c.choices[0].delta.tool_calls or [] if t.id]
+    assert [(t.index, t.function.name if t.function else None) for t in headers] == [
+        (0, "run_code"),
+        (1, "run_code"),
+    ]
+    assert list(stream_parts(single)[2]) == [0]
+
+
+def test_agent_mode_returns_the_reasoning_of_every_model_call(srv: Harness) -> None:
+    srv.replies[:] = [THOUGHT + tool_call_text("get_current_weather", {"city": "深圳"}),
+                      "<think>\nNow answer.\n</think>\n\n深圳多云。"] * 2  # fmt: skip
+    with srv.sync_client() as client:
+        whole = client.chat.completions.create(model=AGENT, messages=USER).choices[0].message
+        chunks = list(client.chat.completions.create(model=AGENT, messages=USER, stream=True))
+    assert whole.content == "深圳多云。"
+    expected = "The user wants the weather.\n\nNow answer."
+    assert (extra(whole)["reasoning"], extra(whole)["reasoning_content"]) == (expected, expected)
+    assert stream_parts(chunks)[:2] == ("深圳多云。", expected)
