@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
 
-__all__ = ["Constraint", "Delta", "Engine", "VLLMEngine", "engine_kwargs", "sampling_kwargs"]
+__all__ = [
+    "Constraint", "Delta", "Engine", "VLLMEngine", "engine_failed", "engine_kwargs", "sampling_kwargs",
+    "wait_until_failed",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,19 @@ class Engine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+def engine_failed(engine: object) -> bool:
+    """True once an engine says it is dead for good (``VLLMEngine.errored``, a scripted engine's
+    ``dead``): every later request fails, only a new process helps."""
+    return bool(getattr(engine, "dead", False) or getattr(engine, "errored", False))
+
+
+async def wait_until_failed(engine: object, interval_s: float = 1.0) -> None:
+    """Return once :func:`engine_failed` (polled every ``interval_s``): front ends that serve
+    others stop then, so that their supervisor restarts them instead of leaving a dead server."""
+    while not engine_failed(engine):
+        await asyncio.sleep(interval_s)
 
 
 # -- spec -> vLLM arguments -------------------------------------------------------------------
@@ -354,7 +370,7 @@ class VLLMEngine:
                 )
             return SamplingParams(**kwargs)
         except Exception as exc:
-            raise EngineError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
+            raise RequestError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
 
     async def generate(
         self,
@@ -384,10 +400,11 @@ class VLLMEngine:
         prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
         limit = self.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
-            raise EngineError(
+            raise RequestError(
                 f"the prompt is {len(prompt_ids)} tokens, but max_model_len is {limit} "
-                "(the prompt and at least one new token must fit): shorten the conversation"
-            )
+                "(the prompt and at least one new token must fit): shorten the conversation",
+                param="messages", code="context_length_exceeded",
+            )  # fmt: skip
         params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids), incremental)
         request_id = request_id or f"qwenrun-{uuid.uuid4().hex}"
         stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
@@ -426,10 +443,12 @@ class VLLMEngine:
                 except Exception:  # already gone
                     log.debug("abort of %s failed", request_id, exc_info=True)
 
-    def _error(self, exc: Exception) -> EngineError:
+    def _error(self, exc: Exception) -> EngineError | RequestError:
         name = type(exc).__name__
         if name == "EngineDeadError" or self.errored:
             self._dead = True
             return EngineError(f"the vLLM engine has died ({name}: {exc}); restart qwenrun")
+        if isinstance(exc, ValueError):  # vLLM's input validation (VLLMValidationError): not re-raised
+            return RequestError(f"vLLM refused the request: {exc}")  # wrapped, so the engine is fine
         cause = exc.__cause__ if name == "EngineGenerateError" and exc.__cause__ else exc
         return EngineError(f"vLLM rejected or failed the request: {type(cause).__name__}: {cause}")

@@ -184,7 +184,8 @@ async def test_request_size_and_max_tokens_caps() -> None:
             for _ in range(21):  # just over the limit: all of it is sent before the 413 comes
                 yield b" " * 100
 
-        response = await client.post("/v1/chat/completions", content=chunks())
+        json_type = {"Content-Type": "application/json"}
+        response = await client.post("/v1/chat/completions", content=chunks(), headers=json_type)
         assert response.status_code == 413
         for model in (SERVED, AGENT_NAME):
             for asked in (None, 10**9, 2**63 - 1, 32):

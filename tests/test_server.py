@@ -664,7 +664,10 @@ def test_serve_warns_on_public_host_without_key(
     warned: bool,
 ) -> None:
     ran: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs))
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        ran.update(host=server.config.host, port=server.config.port)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     if key:
         monkeypatch.setenv("QWENRUN_TEST_KEY", key)
     agent = Agent(
@@ -798,7 +801,9 @@ def test_oversized_chunked_body_and_unknown_routes(srv: Harness) -> None:
             yield b" " * 1000
 
     with httpx.Client(base_url=srv.url) as http:
-        response = http.post("/v1/chat/completions", content=chunks())
+        response = http.post(
+            "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     with httpx.Client(base_url=srv.url) as http:
         missing = http.get("/v1/nothing")
