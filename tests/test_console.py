@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from qwenrun import cli
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.console import printable
+from qwenrun.engine import Delta
+from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+
+ROOT = Path(__file__).resolve().parent.parent
+WEATHER = str(ROOT / "agents" / "weather.yaml")
 
 SCRIPT = textwrap.dedent(
     """
@@ -74,3 +90,97 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path: Path) -> None:
             assert process.wait(timeout=20) == 0
         finally:
             process.kill()
+
+
+# -- what reaches the terminal (CliRunner, scripted engine) -------------------------------------
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m"  # set the window title, clear the screen, 8-bit CSI
+
+
+def hostile_tool(city: str) -> str:
+    """A tool whose result carries terminal escapes.
+
+    Args:
+        city: The city.
+    """
+    return f"{ESCAPES}sunny in {city}"
+
+
+def scripted_cli(monkeypatch: pytest.MonkeyPatch, script: Any, **agent: Any) -> list[ScriptedEngine]:
+    engines: list[ScriptedEngine] = []
+
+    def make_agent(spec: AgentSpec) -> Agent:
+        spec = spec.model_copy(update={"agent": spec.agent.model_copy(update=agent)}) if agent else spec
+        engines.append(script if isinstance(script, ScriptedEngine) else ScriptedEngine(script))
+        return Agent(spec, engines[-1], tools=[hostile_tool])
+
+    monkeypatch.setattr(cli, "make_agent", make_agent)
+    return engines
+
+
+def hostile_script(request: ModelRequest) -> str:
+    if request.messages[-1]["role"] == "user":
+        return tool_call_text("hostile_tool", {"city": "广州\x1b[8m"})
+    return f"answer {ESCAPES}done"
+
+
+@pytest.mark.parametrize("command", ["run", "up", "run --json"])
+def test_model_and_tool_text_cannot_drive_the_terminal(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    scripted_cli(monkeypatch, hostile_script)
+    args = ["up", WEATHER] if command == "up" else ["run", WEATHER, "-p", "hi", *command.split()[1:]]
+    result = CliRunner().invoke(cli.main, args, input="hi\n/exit\n", color=True)  # styles kept, as on a tty
+    assert result.exit_code == 0, result.output
+    for raw in ("\x1b]", "\x1b[2J", "\x1b[8m", "\x9b", "\x07"):
+        assert raw not in result.output
+    if command == "run --json":
+        events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+        assert events[-1]["text"] == f"answer {ESCAPES}done"  # JSON escapes, the data stays exact
+        assert events[2]["content"] == f"{ESCAPES}sunny in 广州\x1b[8m"
+    else:
+        assert "answer \\x1b]0;pwned\\x07\\x1b[2J\\x9b31mdone" in result.output
+        assert "← \\x1b]0;pwned\\x07\\x1b[2J\\x9b31msunny in 广州\\x1b[8m" in result.output
+        assert "→ hostile_tool(city=\"广州\\u001b[8m\")" in result.output  # json.dumps escapes it
+
+
+def test_printable_keeps_text_and_shows_controls() -> None:
+    assert printable("广州\tok\nline\r\n") == "广州\tok\nline\n"
+    assert printable("a\rb\x00c\x7fd\x85e") == "a\\x0db\\x00c\\x7fd\\x85e"
+
+
+class CutEngine(ScriptedEngine):
+    """Ends every answer with finish_reason "length", as vLLM at max_tokens."""
+
+    async def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> AsyncIterator[Delta]:  # type: ignore[override]
+        async for delta in super().generate(messages, **kwargs):
+            yield Delta(delta.text, "length" if delta.finish_reason else None)
+
+
+@pytest.mark.parametrize(
+    ("engine", "agent", "note"),
+    [
+        (CutEngine(["the answer was"]), {}, "the answer was\n(cut off: the answer reached sampling.max_tokens)\n"),
+        (ScriptedEngine([""]), {}, "(the model's answer is empty)\n"),
+        (
+            ScriptedEngine([tool_call_text("hostile_tool", {"city": "x"})] * 2),
+            {"max_iterations": 1},
+            "(stopped after 1 model calls without a final answer)\n",
+        ),
+    ],
+    ids=["length", "empty", "max_iterations"],
+)
+def test_the_cli_says_when_an_answer_is_not_all_there(
+    monkeypatch: pytest.MonkeyPatch, engine: ScriptedEngine, agent: dict[str, Any], note: str
+) -> None:
+    scripted_cli(monkeypatch, engine, **agent)
+    result = CliRunner().invoke(cli.main, ["run", WEATHER, "-p", "hi"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(note)
+
+
+def test_repl_commands_are_not_questions(monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = scripted_cli(monkeypatch, lambda request: "answer")
+    result = CliRunner().invoke(cli.main, ["up", WEATHER], input="/help\n/hepl\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "/reset   clear the conversation" in result.stderr
+    assert "unknown command /hepl; /help lists the commands" in result.stderr
+    assert engines[0].calls == []  # nothing reached the model
