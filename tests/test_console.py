@@ -184,3 +184,111 @@ def test_repl_commands_are_not_questions(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "/reset   clear the conversation" in result.stderr
     assert "unknown command /hepl; /help lists the commands" in result.stderr
     assert engines[0].calls == []  # nothing reached the model
+
+
+# -- a real terminal: a pty, the tiny vLLM model ------------------------------------------------
+
+
+class Terminal:
+    """``command`` in a pseudo-terminal of its own, as a shell in a terminal emulator runs it: the
+    pty is its controlling terminal and it is the foreground process group, so a ``\\x03`` written
+    to it makes the kernel send SIGINT to that whole group (vLLM's processes included)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        import fcntl
+        import termios
+
+        self.master, slave = os.openpty()
+
+        def controlling_tty() -> None:  # runs in the child, after setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.process = subprocess.Popen(
+            command, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
+            start_new_session=True, preexec_fn=controlling_tty,
+        )  # fmt: skip
+        os.close(slave)
+        self.seen = ""
+
+    def read_until(self, marker: str, timeout: float, start: int = 0) -> str:
+        """Read until ``marker`` appears after ``start`` (an offset in all the output so far)."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen[start:]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{marker!r} not seen in {timeout} s; the end: {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 1))
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                assert chunk or self.process.poll() is None, f"exited; the end: {self.seen[-2000:]!r}"
+                self.seen += chunk.decode("utf-8", "replace")
+        return self.seen
+
+    def drain(self) -> None:
+        """Read what is left once the child has exited."""
+        import select
+
+        while select.select([self.master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.seen += chunk.decode("utf-8", "replace")
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        os.close(self.master)
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux pty")
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_engine_lives(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``qwenrun up`` in a terminal: Ctrl-C during an answer stops it, vLLM's processes (which get
+    the terminal's SIGINT too) live on and answer the next question; and the REPL is quiet: no
+    vLLM warnings before the prompt, no nanobind or shutdown lines at /exit."""
+    command = [
+        str(Path(sys.executable).with_name("qwenrun")), "up", str(ROOT / "agents" / "weather-tiny.yaml"),
+        "--set", f"model.path={tiny_model_dir}", "--set", "agent.tool_choice=none",
+        "--set", "sampling.max_tokens=600", "--set", "sampling.extra.ignore_eos=true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TERM": "dumb"}
+    for name in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL"):
+        env.pop(name, None)
+    terminal = Terminal(command, env, tmp_path)
+    try:
+        terminal.read_until(">>> ", timeout=400)  # the engine is up
+        start = len(terminal.seen)
+        terminal.type("hello\r")
+        terminal.read_until("hello\r\n", timeout=30, start=start)  # the terminal's echo
+        answer = len(terminal.seen)
+        terminal.read_until(" ", timeout=120, start=answer + 40)  # the answer streams
+        terminal.type("\x03")  # Ctrl-C: the kernel sends SIGINT to the foreground process group
+        terminal.read_until("(stopped)", timeout=60, start=answer)
+        terminal.read_until(">>> ", timeout=60, start=answer)
+        time.sleep(2)  # a dying engine core takes a moment to be noticed
+        start = len(terminal.seen)
+        terminal.type("again\r")
+        terminal.read_until(">>> ", timeout=300, start=start)  # a whole answer, then the prompt
+        second = terminal.seen[start:]
+        terminal.type("/exit\r")
+        assert terminal.process.wait(timeout=120) == 0
+        terminal.drain()
+    finally:
+        terminal.close()
+    out = terminal.seen
+    assert "Error" not in second and "died" not in out and "Traceback" not in out, out[-3000:]
+    assert len(second.split("again", 1)[1].strip()) > 100  # it answered
+    for noise in ("WARNING", "nanobind", "force killing", "Loading safetensors"):
+        assert noise not in out, f"{noise!r} in the terminal: {out[:3000]!r}"
