@@ -28,8 +28,8 @@ from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
 
 __all__ = [
-    "Constraint", "Delta", "Engine", "VLLMEngine", "engine_failed", "engine_kwargs", "sampling_kwargs",
-    "wait_until_failed",
+    "Constraint", "Delta", "Engine", "TokenLogprob", "VLLMEngine", "engine_failed", "engine_kwargs",
+    "sampling_kwargs", "wait_until_failed",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,25 @@ class Constraint:
     json: dict[str, Any] | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    json_object: bool | None = None
+    """Any JSON object (``response_format: {"type": "json_object"}``); only True is meaningful."""
+    structural_tag: str | None = None
+    """An xgrammar structural tag as JSON text (e.g. several tool calls, each tag around JSON)."""
 
     def __post_init__(self) -> None:
         given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError(f"Constraint needs exactly one of regex, json, grammar, choice; got {given}")
+            raise ValueError(f"Constraint needs exactly one of its fields; got {given}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log probability of one generated token, and of the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    """(token, logprob) of the ``logprobs`` most likely tokens, most likely first."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x as much, once per streamed token
@@ -64,6 +78,8 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Cumulative count so far."""
+    logprobs: list[TokenLogprob] | None = None
+    """The new tokens' log probabilities, when ``generate(logprobs=...)`` asked for them."""
 
 
 @runtime_checkable
@@ -85,9 +101,12 @@ class Engine(Protocol):
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the completion. ``incremental=False`` says the caller needs only the whole
-        text: an engine may then send it as one delta at the end (saving a delta per token)."""
+        text: an engine may then send it as one delta at the end (saving a delta per token).
+        ``logprobs``: attach each token's log probability and the ``logprobs`` most likely
+        alternatives to the deltas (None: none)."""
         ...
 
     async def shutdown(self) -> None: ...
@@ -239,6 +258,26 @@ def _tokens_prompt(prompt_ids: list[int]) -> dict[str, Any]:
     return dict(tokens_input(prompt_ids))
 
 
+def _logprobs(choice: Any, top: int) -> list[TokenLogprob]:
+    """The log probabilities of a vLLM ``CompletionOutput``'s new tokens (end tokens left out, as
+    they are left out of the text)."""
+    result = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=False):
+        if not position or token_id not in position:
+            continue
+        chosen = position[token_id]
+        token = chosen.decoded_token or ""
+        if token in _END_TOKENS:
+            continue
+        ranked = sorted(position.values(), key=lambda entry: entry.rank or 0)[:top]
+        result.append(
+            TokenLogprob(
+                token, float(chosen.logprob), tuple((e.decoded_token or "", float(e.logprob)) for e in ranked)
+            )
+        )
+    return result
+
+
 # -- the vLLM engine --------------------------------------------------------------------------
 
 
@@ -356,6 +395,7 @@ class VLLMEngine:
         constraint: Constraint | None,
         prompt_len: int,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -365,6 +405,8 @@ class VLLMEngine:
             from vllm.sampling_params import RequestOutputKind
 
             kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         if self.max_model_len is not None:  # the prompt plus the completion must fit
             room = self.max_model_len - prompt_len
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
@@ -383,7 +425,9 @@ class VLLMEngine:
                     json=constraint.json,
                     grammar=constraint.grammar,
                     choice=constraint.choice,
-                    disable_any_whitespace=constraint.json is not None,
+                    json_object=constraint.json_object,
+                    structural_tag=constraint.structural_tag,
+                    disable_any_whitespace=constraint.json is not None or bool(constraint.json_object),
                 )
             return SamplingParams(**kwargs)
         except Exception as exc:
@@ -400,10 +444,12 @@ class VLLMEngine:
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the model's continuation of ``messages`` (after ``prefill``) as deltas; with
         ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what
-        ``vllm serve`` uses for non-streaming requests).
+        ``vllm serve`` uses for non-streaming requests); with ``logprobs`` the tokens' log
+        probabilities and the ``logprobs`` most likely alternatives of each.
 
         Stopping early (``break``, ``aclose()``, cancellation) aborts the vLLM request; consume
         with ``contextlib.aclosing`` to make that immediate rather than at garbage collection.
@@ -422,7 +468,9 @@ class VLLMEngine:
                 "(the prompt and at least one new token must fit): shorten the conversation",
                 param="messages", code="context_length_exceeded",
             )  # fmt: skip
-        params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids), incremental)
+        params = self._sampling_params(
+            sampling, overrides, constraint, len(prompt_ids), incremental, logprobs
+        )
         request_id = request_id or f"qwenrun-{uuid.uuid4().hex}"
         stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
         finished = False
@@ -451,7 +499,8 @@ class VLLMEngine:
                         raise EngineError(f"vLLM failed request {request_id} (retryable engine error)")
                     if reason not in ("stop", "length", "abort"):
                         reason = "stop"
-                yield Delta(piece, reason, len(prompt_ids), completion_tokens)
+                scores = _logprobs(choice, logprobs) if logprobs is not None else None
+                yield Delta(piece, reason, len(prompt_ids), completion_tokens, scores)
         finally:
             if not finished:  # the consumer stopped early: free the sequence's slot now
                 await stream.aclose()

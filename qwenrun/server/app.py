@@ -197,7 +197,9 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         except ValidationError as exc:
             raise invalid_request(exc) from None
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        reply = chat.Reply(req.model, include_usage=include_usage)
+        reply = chat.Reply(
+            req.model, include_usage=include_usage, choices=req.n or 1, logprobs=bool(req.logprobs)
+        )
         if req.model not in (served, agent.name):
             raise _unknown_model(req.model)
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
@@ -206,7 +208,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         if mode == "passthrough":
             if session_id is not None:
                 raise APIError(400, f"{chat.SESSION_HEADER} needs agent mode (model {agent.name!r})")
-            pieces = chat.passthrough(agent, req, frontend, reply.id)
+            pieces = chat.passthrough_choices(agent, req, frontend, reply.id)
         else:
             pieces = chat.agent_turn(agent, req, frontend, session_id)
         observed = _observe(metrics, mode, pieces)
@@ -281,8 +283,10 @@ async def _observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pie
                 metrics.count_tool_call(mode, piece.call.name)
             elif isinstance(piece, chat.Step) and piece.data.get("type") == "tool_call":
                 metrics.count_tool_call(mode, str(piece.data.get("name")))
-            elif isinstance(piece, chat.Finish):
-                metrics.count_tokens(mode, piece.prompt_tokens, piece.completion_tokens)
+            elif isinstance(piece, chat.Finish):  # n choices share one prompt
+                metrics.count_tokens(
+                    mode, piece.prompt_tokens if piece.choice == 0 else 0, piece.completion_tokens
+                )
             yield piece
 
 
