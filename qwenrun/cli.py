@@ -216,15 +216,21 @@ def tools(ctx: click.Context, doctor: bool) -> None:
     from qwenrun import plugins
 
     if doctor:
-        broken = 0
+        broken = clashes = 0
         for report in plugins.doctor():
             if report.error:
                 broken += 1
                 click.echo(f"BROKEN {report.entry.name} ({report.entry.origin}): {report.error}")
+            elif report.clash:
+                clashes += 1
+                click.echo(f"CLASH  {report.entry.name} ({report.entry.origin}): {report.clash}")
             else:
                 click.echo(f"ok     {report.entry.name} ({report.entry.origin})")
-        if broken:
-            raise click.ClickException(f"{broken} broken tool(s); they are skipped when agents load")
+        problems = [f"{broken} broken tool(s); they are skipped when agents load"] if broken else []
+        if clashes:
+            problems.append(f"{clashes} tool name(s) declared by several packages")
+        if problems:
+            raise click.ClickException("; ".join(problems))
         return
     entries = plugins.installed_tools()
     if not entries:
