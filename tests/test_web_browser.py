@@ -299,6 +299,8 @@ def test_password_login(browser: Browser, tmp_path: Path) -> None:
         page.set_default_timeout(20_000)
         page.goto(url)
         expect(page.locator("#chat-input")).to_have_count(0)  # the login form comes first
+        expect(page.locator("#email")).to_have_attribute("placeholder", "alice")  # not me@example.com
+        expect(page.get_by_text("Email address")).to_have_count(0)
         page.locator("#email").fill("alice")
         page.locator("#password").fill("wrong")
         page.locator("#password").press("Enter")
