@@ -246,7 +246,11 @@ def format_validation_error(
             close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1, cutoff=0.6)
             message += f"; did you mean {close[0]!r}?" if close else ""
             message += f" (valid: {', '.join(tags)})"
-        elif error["type"] == "string_type" and isinstance(error.get("input"), bool | int | float):
+        elif (
+            error["type"] == "string_type"
+            and isinstance(error.get("input"), bool | int | float)
+            and loc[-1:] != ["[key]"]
+        ):
             value = error["input"]
             shown = str(value).lower() if isinstance(value, bool) else str(value)
             kind = "a boolean" if isinstance(value, bool) else "a number"

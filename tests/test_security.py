@@ -93,7 +93,11 @@ def test_serve_binds_what_it_is_told_and_warns_when_public_without_a_key(
     host: str | None, key: str | None, warning: str | None,
 ) -> None:  # fmt: skip
     ran: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        ran.update(host=server.config.host, port=server.config.port)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     frontend: dict[str, Any] = {} if host is None else {"host": host}
     if key:
         monkeypatch.setenv("QWENRUN_TEST_KEY", key)
