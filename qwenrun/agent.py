@@ -420,12 +420,15 @@ class _Step:
         self.result = hermes.ParseResult("", [])
 
 
-def forced_call(tools: Sequence[dict[str, Any]], choice: str) -> tuple[Constraint | None, str]:
+def forced_call(
+    tools: Sequence[dict[str, Any]], choice: str, *, parallel: bool = False
+) -> tuple[Constraint | None, str]:
     """The structured-output constraint and prompt prefill that force a Hermes tool call.
 
     ``tools`` are OpenAI tool dicts. The prompt ends with ``<tool_call>\\n`` and the model must
     continue with one JSON object ``{"name": <a tool>, "arguments": <its schema>}``; ``auto`` and
-    ``none`` force nothing.
+    ``none`` force nothing. With ``parallel`` and ``required`` the model may go on with more
+    ``<tool_call>`` blocks (an xgrammar structural tag), as ``vllm serve`` allows several calls.
     """
     if choice in ("auto", "none") or not tools:
         return None, ""
@@ -443,7 +446,27 @@ def forced_call(tools: Sequence[dict[str, Any]], choice: str) -> tuple[Constrain
     if not options:
         return None, ""
     schema = options[0] if len(options) == 1 else {"anyOf": options}
+    if parallel and choice == "required":
+        return Constraint(structural_tag=json.dumps(_several_calls(schema))), FORCED_PREFILL
     return Constraint(json=schema), FORCED_PREFILL
+
+
+def _several_calls(schema: dict[str, Any]) -> dict[str, Any]:
+    """One or more Hermes calls after the prefill: ``{call}\\n</tool_call>``, then any number of
+    ``\\n<tool_call>\\n{call}\\n</tool_call>``; compact JSON (at most one space in a row)."""
+
+    def call() -> dict[str, Any]:
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+
+    close = {"type": "const_string", "value": "\n</tool_call>"}
+    more = {
+        "type": "sequence",
+        "elements": [{"type": "const_string", "value": "\n<tool_call>\n"}, call(), close],
+    }
+    return {
+        "type": "structural_tag",
+        "format": {"type": "sequence", "elements": [call(), close, {"type": "star", "content": more}]},
+    }
 
 
 def _arguments_schema(function: dict[str, Any]) -> dict[str, Any]:

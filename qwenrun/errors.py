@@ -47,6 +47,17 @@ class EvalError(QwenrunError):
     names the file, the line and the problem."""
 
 
+class RequestError(QwenrunError):
+    """The engine refused one request as invalid: a prompt longer than ``max_model_len``, a
+    sampling value vLLM rejects. The caller's fault, not the engine's: the engine goes on serving
+    (the OpenAI server answers 400, not 503). ``code`` is OpenAI's error code, if it has one."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class MissingExtraError(QwenrunError):
     """An optional dependency (a front end's extra) is not installed."""
 

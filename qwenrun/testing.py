@@ -15,7 +15,7 @@ from typing import Any
 
 from qwenrun.agent import FORCED_PREFILL
 from qwenrun.config import SamplingSpec
-from qwenrun.engine import Constraint, Delta, Engine
+from qwenrun.engine import Constraint, Delta, Engine, TokenLogprob
 from qwenrun.errors import EngineError
 
 __all__ = ["ModelRequest", "PinnedEngine", "ScriptedEngine", "literal_regex", "tool_call_text"]
@@ -31,6 +31,7 @@ class ModelRequest:
     prefill: str
     overrides: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True
+    logprobs: int | None = None
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
@@ -74,10 +75,13 @@ class ScriptedEngine:
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         if self.dead:
             raise EngineError("the scripted engine is dead")
-        request = ModelRequest(list(messages), tools, constraint, prefill, dict(overrides or {}), incremental)
+        request = ModelRequest(
+            list(messages), tools, constraint, prefill, dict(overrides or {}), incremental, logprobs
+        )
         self.calls.append(request)
         if callable(self._script):
             reply = self._script(request)
@@ -95,10 +99,17 @@ class ScriptedEngine:
                 await asyncio.sleep(self.delay_s)
                 chunk = reply[start : start + self.chunk_size]
                 sent += 1
-                yield Delta(chunk, None, prompt_tokens, sent)
+                scores = None if logprobs is None else [_scripted_logprob(chunk, logprobs)]
+                yield Delta(chunk, None, prompt_tokens, sent, scores)
             yield Delta("", "stop", prompt_tokens, sent)
         finally:
             self.active -= 1
+
+
+def _scripted_logprob(chunk: str, top: int) -> TokenLogprob:
+    """A made-up log probability of a chunk (one chunk, one "token"): -0.5 per character."""
+    alternatives = [(chunk, -0.5 * len(chunk)), *((f"{chunk}{i}", -1.0 - i) for i in range(top))]
+    return TokenLogprob(chunk, -0.5 * len(chunk), tuple(alternatives[:top]))
 
 
 def tool_call_text(name: str, arguments: Mapping[str, Any], text: str = "") -> str:
@@ -173,6 +184,7 @@ class PinnedEngine:
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         if self._keep:
             self.requests.append(messages)
@@ -192,4 +204,5 @@ class PinnedEngine:
             prefill=prefill,
             request_id=request_id,
             incremental=incremental,
+            logprobs=logprobs,
         )

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import hmac
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -39,6 +40,7 @@ import click
 from qwenrun.agent import Agent, Session
 from qwenrun.config import AgentSpec, ChainlitFrontend
 from qwenrun.console import start_with_status
+from qwenrun.engine import wait_until_failed
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolCall, ToolResult
 from qwenrun.loading import secret_from_env
@@ -64,6 +66,7 @@ _HTML_UNSAFE = set('<>"')
 
 _agent: Agent | None = None  # the agent every chat session talks to (swapped by reload_agent)
 _owned_root: str | None = None  # the temporary app root qwenrun made for Chainlit, if any
+_engine_died = False  # set when the engine died for good: the process then exits with 1
 
 
 def import_chainlit() -> Any:
@@ -172,6 +175,11 @@ def build_app(agent: Agent) -> Any:
         await _current_agent().shutdown()
         if _owned_root is not None:  # atexit does not run after os._exit
             shutil.rmtree(_owned_root, ignore_errors=True)
+        if _engine_died:  # Chainlit would exit with 0 next: a supervisor must see the failure
+            click.echo("Error: the engine died, so the chat UI stopped (exit code 1): restart qwenrun, "
+                       "or let a supervisor (systemd, Kubernetes) do it", err=True)  # fmt: skip
+            sys.stderr.flush()
+            os._exit(1)
 
     cl.on_chat_start(on_chat_start)
     cl.on_message(on_message)
@@ -188,12 +196,34 @@ def build_app(agent: Agent) -> Any:
             return None
 
         cl.password_auth_callback(password_auth)
+        _login_form_words(front.username)
         if not os.environ.get(AUTH_SECRET_ENV):  # signs the login JWTs; a restart logs users out
             os.environ[AUTH_SECRET_ENV] = secrets.token_urlsafe(48)
     else:
         config.code.password_auth_callback = None
     _agent = agent
     return _import("chainlit.server").app
+
+
+def _login_form_words(username: str) -> None:
+    """Chainlit's login form asks for an "Email address" (placeholder ``me@example.com``), but a
+    qwenrun login is ``frontend.username`` and its password: the translation files of qwenrun's
+    private app root say "Username", with the user name as placeholder, in every language. An app
+    root of the user's own (``CHAINLIT_APP_ROOT``) keeps its files."""
+    if _owned_root is None:
+        return
+    directory = Path(_import("chainlit.config").config_translation_dir)
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            field = data["auth"]["login"]["form"]["email"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        chinese = path.stem.startswith("zh")
+        field["label"] = "用户名" if chinese else "Username"
+        field["required"] = "用户名是必填项" if chinese else "username is a required field"
+        field["placeholder"] = username
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _quiet(record: logging.LogRecord) -> bool:
@@ -422,12 +452,23 @@ async def _serve(agent: Agent, host: str, port: int, watch: Path | None, overrid
         )
     )
     watcher = asyncio.create_task(_watch(watch, overrides)) if watch is not None else None
+    watchdog = asyncio.create_task(_stop_when_dead(agent, server))
     try:
         await server.serve()
     finally:  # reached when the server fails to start; a normal shutdown exits in Chainlit's lifespan
+        watchdog.cancel()
         if watcher is not None:
             watcher.cancel()
         await _current_agent().shutdown()
+
+
+async def _stop_when_dead(agent: Agent, server: Any) -> None:
+    """A dead engine never comes back: stop serving, so that the process exits with 1."""
+    global _engine_died
+    await wait_until_failed(agent.engine)
+    _engine_died = True
+    log.error("the engine has died; stopping the chat UI so that a supervisor can restart it")
+    server.should_exit = True
 
 
 def serve(file: str | os.PathLike[str], overrides: Sequence[str] = ()) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -25,7 +26,7 @@ from qwenrun.engine import (
     engine_kwargs,
     sampling_kwargs,
 )
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.testing import literal_regex
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
@@ -201,9 +202,10 @@ async def test_engine_death_is_an_engine_error() -> None:
         await _collect(engine.generate(USER))
     with pytest.raises(EngineError, match="engine has died"):  # and stays dead
         await _collect(engine.generate(USER))
-    rejected = _fake_engine(_FakeVLLM(ValueError("bad request")))
-    with pytest.raises(EngineError, match="ValueError: bad request"):
+    rejected = _fake_engine(_FakeVLLM(ValueError("bad request")))  # vLLM's input validation
+    with pytest.raises(RequestError, match=r"^vLLM refused the request: bad request$"):
         await _collect(rejected.generate(USER))
+    assert not rejected.errored
 
 
 async def test_stopping_early_calls_abort() -> None:
@@ -217,10 +219,10 @@ async def test_stopping_early_calls_abort() -> None:
 
 async def test_start_failure_is_an_engine_error(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWENRUN_TEST_ENV", "before")  # restored afterwards
-    engine = VLLMEngine(_spec({"env": {"QWENRUN_TEST_ENV": "set"}}, path=str(tmp_path / "missing")))
+    engine = VLLMEngine(_spec({"env": {"QWENRUN_TEST_ENV": "set"}}, path=str(tmp_path)))  # no model in it
     with pytest.raises(EngineError, match="vLLM failed to start") as info:
         await engine.start()
-    assert "missing" in str(info.value) and info.value.__cause__ is not None
+    assert str(tmp_path) in str(info.value) and info.value.__cause__ is not None
     assert os.environ["QWENRUN_TEST_ENV"] == "set" and not engine.started
 
 
@@ -407,8 +409,9 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
 @pytest.mark.engine
 async def test_prompt_too_long(engine: VLLMEngine) -> None:
     huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
-    with pytest.raises(EngineError, match="max_model_len is 2048"):
+    with pytest.raises(RequestError, match=r"^the prompt is \d+ tokens, but max_model_len is 2048 ") as info:
         await asyncio.wait_for(_collect(engine.generate(huge)), timeout=30)
+    assert info.value.code == "context_length_exceeded" and not engine.errored
 
 
 @pytest.mark.engine
@@ -425,3 +428,22 @@ async def test_prompt_near_the_limit_is_capped(engine: VLLMEngine) -> None:
     assert deltas[-1].finish_reason == "length"
     assert deltas[-1].prompt_tokens + deltas[-1].completion_tokens <= 2048
     assert deltas[-1].completion_tokens < 32
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_the_engines_processes_never_see_ctrl_c(engine: VLLMEngine) -> None:
+    """A terminal sends Ctrl-C's SIGINT to the whole foreground process group; vLLM's engine core
+    and workers start with SIGINT blocked, so only qwenrun (which stops the answer) handles it."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    names = [child.name() for child in children]
+    assert "VLLM::EngineCore" in names and "VLLM::Worker" in names, names
+    for child in children:
+        with open(f"/proc/{child.pid}/status", encoding="ascii") as file:
+            fields = dict(line.split(":", 1) for line in file.read().splitlines() if ":" in line)
+        bit = 1 << (signal.SIGINT - 1)
+        # blocked (vLLM's processes) or ignored (multiprocessing's resource tracker does that itself)
+        deaf = (int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)) & bit
+        assert deaf, f"{child.pid} {child.cmdline()[:4]} would die of a Ctrl-C"

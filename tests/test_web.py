@@ -254,6 +254,10 @@ async def test_password_login(cl: Any, config: Any, monkeypatch: pytest.MonkeyPa
     assert user is not None and user.identifier == "alice"
     assert await login("alice", "wrong") is None
     assert await login("admin", "s3cret-密码") is None
+    english, chinese = (config.load_translation(language)["auth"]["login"]["form"]["email"]
+                        for language in ("en-US", "zh-CN"))  # fmt: skip
+    assert (english["label"], english["placeholder"]) == ("Username", "alice")  # not "Email address"
+    assert (chinese["label"], chinese["placeholder"]) == ("用户名", "alice")
     web.build_app(make_agent())  # back to no login
     assert not require_login()
 
@@ -517,3 +521,35 @@ def test_reload_agent_keeps_the_engine(cl: Any, config: Any, tmp_path: Path) -> 
     path.write_text("model: [", encoding="utf-8")
     with pytest.raises(ConfigError, match="YAML syntax error"):
         web.reload_agent(path)
+
+
+DYING_UI = """
+import asyncio, sys
+from qwenrun import web
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.testing import ScriptedEngine
+
+class Engine(ScriptedEngine):
+    async def start(self):
+        await super().start()
+        asyncio.get_running_loop().call_later(1.0, setattr, self, "dead", True)  # its process died
+
+web.run(Agent(AgentSpec.from_file(sys.argv[1]), engine=Engine(["x"]), tools=[]), port=int(sys.argv[2]))
+"""
+
+
+def test_the_chat_ui_exits_1_when_its_engine_dies(tmp_path: Path) -> None:
+    """A dead engine never comes back: the chat UI stops (Chainlit would exit with 0) with 1."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "ui.yaml"
+    path.write_text("model: {path: scripted}\nsessions: {enabled: false}\nfrontend: {kind: chainlit}\n")
+    done = subprocess.run([sys.executable, "-c", DYING_UI, str(path), str(port)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Error: the engine died, so the chat UI stopped (exit code 1)" in done.stderr

@@ -86,12 +86,13 @@ class Recorder:
         prefill: str = "",
         request_id: str | None = None,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Delta]:
         key = request_id or _case_key.get()
         pieces: list[str] = []
         stream = self.engine.generate(
             messages, tools=tools, sampling=sampling, overrides=overrides, constraint=constraint,
-            prefill=prefill, request_id=request_id, incremental=incremental,
+            prefill=prefill, request_id=request_id, incremental=incremental, logprobs=logprobs,
         )  # fmt: skip
         try:
             async for delta in stream:

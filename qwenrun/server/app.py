@@ -2,7 +2,9 @@
 
 Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.server.chat` in the middle,
 OpenAI JSON or server-sent events out. Every failure is an OpenAI error body with a 4xx/5xx
-status; an engine failure is a 503 (or, once a stream has started, an ``error`` event).
+status; a request the engine refuses as invalid is a 400, an engine failure a 503 (or, once a
+stream has started, an ``error`` event). When the engine dies for good, :func:`serve` stops the
+server and raises :class:`EngineError` (``qwenrun up`` exits with 1) so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from starlette.requests import ClientDisconnect
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec, OpenAIFrontend
-from qwenrun.errors import ConfigError, EngineError
+from qwenrun.engine import engine_failed, wait_until_failed
+from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.loading import secret_from_env
 from qwenrun.observability import bind_metrics
 from qwenrun.server import chat
@@ -62,13 +65,15 @@ def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
 
 
 def _engine_failed(agent: Agent) -> bool:
-    engine = agent.engine
-    return bool(getattr(engine, "dead", False) or getattr(engine, "errored", False))
+    return engine_failed(agent.engine)
 
 
 def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     """The app for ``agent``. Its lifespan starts the engine (``await agent.start()``) and, unless
-    ``shutdown_engine`` is False (an engine shared with other code), shuts it down at the end."""
+    ``shutdown_engine`` is False (an engine shared with other code), shuts it down at the end.
+
+    Once the engine has died for good the app calls ``app.state.on_engine_death`` (if set; :func:`serve`
+    sets it to stop the server) and sets ``app.state.engine_died``."""
     spec = agent.spec
     frontend = frontend_of(spec)
     api_key = _api_key(frontend, spec.source)
@@ -90,10 +95,12 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
             raise
         ready = True
         log.info("serving %r (pass-through) and %r (agent) on the OpenAI API", served, agent.name)
+        watchdog = asyncio.create_task(_on_death(app, agent))
         try:
             yield
         finally:
             ready = False
+            watchdog.cancel()
             if shutdown_engine:
                 await agent.shutdown()
 
@@ -102,6 +109,8 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.api_key_required = api_key is not None
     app.state.metrics = metrics
+    app.state.engine_died = False
+    app.state.on_engine_death = None
 
     def error_response(error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -114,6 +123,10 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
         log.warning("engine error: %s", exc)
         return error_response(APIError(503, str(exc), type="server_error", code="engine_unavailable"))
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(_refused(exc))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -172,13 +185,21 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":  # as vllm serve: a form or text body is a mistake
+            shown = repr(media_type) if media_type else "none"
+            raise APIError(400, f"Content-Type must be application/json (got {shown})")
         body = await _read_json(request, frontend.max_request_bytes)
+        if not isinstance(body, dict):
+            raise APIError(400, f"the body must be a JSON object, not {_json_type(body)}")
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise invalid_request(exc) from None
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        reply = chat.Reply(req.model, include_usage=include_usage)
+        reply = chat.Reply(
+            req.model, include_usage=include_usage, choices=req.n or 1, logprobs=bool(req.logprobs)
+        )
         if req.model not in (served, agent.name):
             raise _unknown_model(req.model)
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
@@ -187,7 +208,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         if mode == "passthrough":
             if session_id is not None:
                 raise APIError(400, f"{chat.SESSION_HEADER} needs agent mode (model {agent.name!r})")
-            pieces = chat.passthrough(agent, req, frontend, reply.id)
+            pieces = chat.passthrough_choices(agent, req, frontend, reply.id)
         else:
             pieces = chat.agent_turn(agent, req, frontend, session_id)
         observed = _observe(metrics, mode, pieces)
@@ -240,6 +261,14 @@ async def _read_json(request: Request, limit: int) -> Any:
     return body
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as a client would say it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -254,8 +283,10 @@ async def _observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pie
                 metrics.count_tool_call(mode, piece.call.name)
             elif isinstance(piece, chat.Step) and piece.data.get("type") == "tool_call":
                 metrics.count_tool_call(mode, str(piece.data.get("name")))
-            elif isinstance(piece, chat.Finish):
-                metrics.count_tokens(mode, piece.prompt_tokens, piece.completion_tokens)
+            elif isinstance(piece, chat.Finish):  # n choices share one prompt
+                metrics.count_tokens(
+                    mode, piece.prompt_tokens if piece.choice == 0 else 0, piece.completion_tokens
+                )
             yield piece
 
 
@@ -304,6 +335,9 @@ async def _events(
             async for chunk in stream:
                 yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
         yield "[DONE]"
+    except RequestError as exc:  # a later model call of an agent turn, e.g. a too long conversation
+        request.state.qwenrun_status = 400
+        yield json.dumps(_refused(exc).body())
     except EngineError as exc:
         log.warning("engine error during a stream: %s", exc)
         request.state.qwenrun_status = 503
@@ -315,6 +349,23 @@ async def _events(
     except BaseException:  # cancelled or closed: the client went away
         request.state.qwenrun_status = 499
         raise
+
+
+def _refused(exc: RequestError) -> APIError:
+    return APIError(400, str(exc), param=exc.param, code=exc.code)
+
+
+ENGINE_CHECK_S = 1.0  # how often the watchdog looks at the engine
+
+
+async def _on_death(app: FastAPI, agent: Agent) -> None:
+    """Wait until the engine dies for good, then tell ``app.state.on_engine_death``."""
+    await wait_until_failed(agent.engine, ENGINE_CHECK_S)
+    app.state.engine_died = True
+    log.error("the engine has died; stopping the server so that a supervisor can restart it")
+    callback = app.state.on_engine_death
+    if callback is not None:
+        callback()
 
 
 def _is_loopback(host: str) -> bool:
@@ -337,4 +388,9 @@ def serve(agent: Agent) -> None:
             "serving on %s without an API key: anyone who can reach this port can use the model "
             "(set frontend.api_key_env)", frontend.host,
         )  # fmt: skip
-    uvicorn.run(app, host=frontend.host, port=frontend.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=frontend.host, port=frontend.port, log_level="info"))
+    app.state.on_engine_death = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.engine_died:
+        raise EngineError("the engine died, so the server stopped (exit code 1): restart qwenrun, or let "
+                          "a supervisor (systemd, Kubernetes) do it")  # fmt: skip

@@ -14,16 +14,18 @@ non-streamed one always agree.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun import hermes
 from qwenrun.agent import Agent, Session, forced_call
 from qwenrun.config import OpenAIFrontend
+from qwenrun.engine import Constraint, TokenLogprob
 from qwenrun.events import Final, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.server.schemas import APIError, ChatCompletionRequest, UserMessage, engine_message, text_of
 from qwenrun.store import valid_session_id
@@ -32,14 +34,17 @@ SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session
 _busy: set[str] = set()  # stored sessions with a turn in progress in this process
 
 __all__ = [
-    "Call", "Finish", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks", "closing",
-    "completion", "passthrough",
+    "Call", "Finish", "Logprobs", "Piece", "Pieces", "Reply", "Step", "Text", "agent_turn", "chunks",
+    "closing", "completion", "passthrough", "passthrough_choices",
 ]  # fmt: skip
+
+# Every piece belongs to one choice (``n`` > 1 in pass-through mode); ``choice`` is its index.
 
 
 @dataclass(frozen=True, slots=True)
 class Text:
     text: str
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,15 @@ class Call:
 
     index: int
     call: hermes.ToolCall
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The log probabilities of generated tokens (pass-through mode, ``logprobs: true``)."""
+
+    tokens: list[TokenLogprob]
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +69,7 @@ class Step:
     """A server-side tool step of the agent (agent mode): a ``to_dict`` of the event."""
 
     data: dict[str, Any]
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +77,10 @@ class Finish:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    choice: int = 0
 
 
-Piece = Text | Call | Step | Finish
+Piece = Text | Call | Logprobs | Step | Finish
 Pieces = AsyncGenerator[Piece, None]
 
 
@@ -86,6 +102,8 @@ class Reply:
 
     model: str
     include_usage: bool = False
+    choices: int = 1
+    logprobs: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -166,7 +184,12 @@ def passthrough(
     tools = request.tool_dicts()
     names = [tool["function"]["name"] for tool in tools]
     choice = _choice(request, names, "auto" if tools else "none")
-    constraint, prefill = forced_call(tools, choice)
+    constraint, prefill = forced_call(tools, choice, parallel=request.parallel_tool_calls is not False)
+    if request.json_format():
+        if constraint is not None:
+            raise APIError(400, "a JSON response_format cannot be combined with a forced tool call "
+                           "(tool_choice 'required' or a named tool)", param="response_format")  # fmt: skip
+        constraint = _format_constraint(request)
     sent_tools = tools if tools and choice != "none" else None
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
@@ -199,6 +222,7 @@ def passthrough(
             messages, tools=sent_tools, sampling=agent.spec.sampling,
             overrides=overrides(request, agent, frontend), constraint=constraint, prefill=prefill,
             request_id=request_id, incremental=bool(request.stream),  # non-streaming: one delta
+            logprobs=request.wanted_logprobs(),
         )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
@@ -206,12 +230,73 @@ def passthrough(
                 finish = delta.finish_reason or finish
                 for piece in translate(parser.feed(delta.text) if parser else [delta.text]):
                     yield piece
+                if delta.logprobs:
+                    yield Logprobs(delta.logprobs)
         for piece in translate(parser.finish() if parser else []):
             yield piece
         reason = "tool_calls" if calls else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
 
     return pieces()
+
+
+def _format_constraint(request: ChatCompletionRequest) -> Constraint:
+    """The structured-output constraint of a JSON ``response_format`` (as ``vllm serve``)."""
+    spec = request.response_format
+    if spec is not None and spec.json_schema is not None:
+        return Constraint(json=spec.json_schema.json_schema)
+    return Constraint(json_object=True)
+
+
+def passthrough_choices(
+    agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, request_id: str
+) -> Pieces:
+    """:func:`passthrough` with ``n`` choices: ``n`` requests to the engine, as vLLM runs them
+    (choice ``i`` gets ``seed + i`` when a seed is given), their pieces merged as they come."""
+    n = request.n or 1
+    if n == 1:
+        return passthrough(agent, request, frontend, request_id)
+    most = agent.spec.engine.max_num_seqs
+    if n > most:
+        raise APIError(400, f"n ({n}) is larger than the sequences the engine runs at once "
+                       f"(engine.max_num_seqs, {most})", param="n")  # fmt: skip
+    streams = []
+    for index in range(n):
+        seed = None if request.seed is None else request.seed + index
+        one = request.model_copy(update={"n": 1, "seed": seed})
+        streams.append(passthrough(agent, one, frontend, f"{request_id}-{index}"))
+    return _merged(streams)
+
+
+async def _merged(streams: list[Pieces]) -> Pieces:
+    """The pieces of several streams as they come, each marked with its stream's index."""
+    queue: asyncio.Queue[tuple[int, Piece | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Pieces) -> None:
+        try:
+            async with aclosing(stream):
+                async for piece in stream:
+                    await queue.put((index, piece))
+        except Exception as exc:  # given to the consumer
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield dataclasses.replace(item, choice=index)
+    finally:  # a failure, or a client that went away: stop every generation now
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- agent mode -----------------------------------------------------------------------------------
@@ -229,6 +314,13 @@ def agent_turn(
         raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
                        param="tools")  # fmt: skip
+    passthrough_only = {"n": (request.n or 1) > 1, "logprobs": bool(request.logprobs),
+                        "response_format": request.json_format()}  # fmt: skip
+    for param, given in passthrough_only.items():
+        if given:
+            raise APIError(400, f"{param} is supported in pass-through mode only (model "
+                           f"{agent.spec.served_model_name!r}), not by the agent {agent.name!r}",
+                           param=param)  # fmt: skip
     choice = _choice(request, list(agent.tools), agent.spec.agent.tool_choice)
     last = request.messages[-1]
     if not isinstance(last, UserMessage):
@@ -295,10 +387,11 @@ async def _released(session_id: str | None) -> AsyncIterator[None]:
 # -- pieces -> OpenAI JSON ------------------------------------------------------------------------
 
 
-def _usage(finish: Finish) -> dict[str, int]:
-    total = finish.prompt_tokens + finish.completion_tokens
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": total}  # fmt: skip
+def _usage(finishes: list[Finish]) -> dict[str, int]:
+    """The usage of a completion: the prompt once (every choice shares it), every choice's tokens."""
+    prompt = max((finish.prompt_tokens for finish in finishes), default=0)
+    completion = sum(finish.completion_tokens for finish in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _tool_call(piece: Call) -> dict[str, Any]:
@@ -306,28 +399,54 @@ def _tool_call(piece: Call) -> dict[str, Any]:
     return {"id": piece.call.id, "type": "function", "function": function}
 
 
+def _logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object of a choice (or of a chunk's tokens)."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*top) for top in t.top]}
+                        for t in tokens]}  # fmt: skip
+
+
 def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
     """The non-streaming ``chat.completion`` object."""
-    text = "".join(piece.text for piece in pieces if isinstance(piece, Text))
-    calls = [_tool_call(piece) for piece in pieces if isinstance(piece, Call)]
-    steps = [piece.data for piece in pieces if isinstance(piece, Step)]
-    finish = next(piece for piece in pieces if isinstance(piece, Finish))
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-    if calls:
-        message["tool_calls"] = calls
-    if steps:
-        message["qwenrun_steps"] = steps
+    choices = []
+    finishes = [piece for piece in pieces if isinstance(piece, Finish)]
+    for index in range(max(reply.choices, 1)):
+        mine = [piece for piece in pieces if piece.choice == index]
+        text = "".join(piece.text for piece in mine if isinstance(piece, Text))
+        calls = [_tool_call(piece) for piece in mine if isinstance(piece, Call)]
+        steps = [piece.data for piece in mine if isinstance(piece, Step)]
+        scored = [token for piece in mine if isinstance(piece, Logprobs) for token in piece.tokens]
+        finish = next(piece for piece in mine if isinstance(piece, Finish))
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        if steps:
+            message["qwenrun_steps"] = steps
+        logprobs = _logprobs(scored) if reply.logprobs else None
+        choices.append(
+            {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish.reason}
+        )
     return {
         "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
-        "usage": _usage(finish),
+        "choices": choices, "usage": _usage(finishes),
     }  # fmt: skip
 
 
-def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+def _chunk(
+    reply: Reply,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    *,
+    choice: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }  # fmt: skip
     if reply.include_usage:
         chunk["usage"] = None
@@ -336,22 +455,29 @@ def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **ext
 
 
 async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[dict[str, Any], None]:
-    """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk, the
-    content, each tool call as a header chunk (id, name) then an arguments chunk, a finish chunk,
-    and the usage chunk (empty ``choices``) when ``stream_options.include_usage`` asks for it."""
-    yield _chunk(reply, {"role": "assistant", "content": ""})
+    """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk per
+    choice, the content, each tool call as a header chunk (id, name) then an arguments chunk, the
+    tokens' ``logprobs`` (in chunks of their own), a finish chunk per choice, and the usage chunk
+    (empty ``choices``) when ``stream_options.include_usage`` asks for it."""
+    for index in range(max(reply.choices, 1)):
+        yield _chunk(reply, {"role": "assistant", "content": ""}, choice=index)
+    finishes: list[Finish] = []
     async for piece in pieces:
+        index = piece.choice
         if isinstance(piece, Text):
-            yield _chunk(reply, {"content": piece.text})
+            yield _chunk(reply, {"content": piece.text}, choice=index)
         elif isinstance(piece, Call):
             header = {"index": piece.index, "id": piece.call.id, "type": "function",
                       "function": {"name": piece.call.name, "arguments": ""}}  # fmt: skip
-            yield _chunk(reply, {"tool_calls": [header]})
+            yield _chunk(reply, {"tool_calls": [header]}, choice=index)
             arguments = {"index": piece.index, "function": {"arguments": piece.call.arguments_json()}}
-            yield _chunk(reply, {"tool_calls": [arguments]})
+            yield _chunk(reply, {"tool_calls": [arguments]}, choice=index)
+        elif isinstance(piece, Logprobs):
+            yield _chunk(reply, {}, choice=index, logprobs=_logprobs(piece.tokens))
         elif isinstance(piece, Step):
-            yield _chunk(reply, {}, qwenrun_step=piece.data)
+            yield _chunk(reply, {}, choice=index, qwenrun_step=piece.data)
         else:
-            yield _chunk(reply, {}, piece.reason)
-            if reply.include_usage:
-                yield {**_chunk(reply, {}), "choices": [], "usage": _usage(piece)}
+            finishes.append(piece)
+            yield _chunk(reply, {}, piece.reason, choice=index)
+    if reply.include_usage and finishes:
+        yield {**_chunk(reply, {}), "choices": [], "usage": _usage(finishes)}
