@@ -242,7 +242,7 @@ class AgentSpec(Settings):
         try:
             spec = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source, cls)) from None
+            raise ConfigError(format_validation_error(exc, source, cls, overrides)) from None
         spec._source = source
         spec._check()
         return spec

@@ -167,6 +167,29 @@ class _SafeLoader(yaml.SafeLoader):
                 node.start_mark,
             ) from None  # fmt: skip
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """PyYAML keeps the last of two equal keys and drops the first silently (a second
+        ``agent:`` block would replace the first, system prompt and all): a key written twice in
+        one mapping is an error naming both lines. Keys merged in with ``<<`` may be overridden."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # unhashable: pydantic reports the key
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {str(key)!r} (first at line {first.start_mark.line + 1}): "
+                        "write it once",
+                        key_node.start_mark,
+                    )  # fmt: skip
+        return super().construct_mapping(node, deep)
+
 
 # Private copies of PyYAML's tables, taken when qwenrun is imported (before vLLM): vLLM's
 # dependency lm-format-enforcer rewrites the global SafeLoader (timestamps load as strings), which
@@ -257,14 +280,42 @@ def _drop_tags(model: type[BaseModel], loc: Sequence[str | int]) -> list[str | i
     return out
 
 
-def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
-    """One line per problem: ``file: path.in.document: message``."""
+def format_validation_error(
+    exc: ValidationError, source: str, model: type[BaseModel], overrides: Sequence[str] = ()
+) -> str:
+    """One line per problem: ``file: path.in.document: message``, or ``--set KEY=VALUE: path:
+    message`` for a value that came from that override."""
     lines = []
     for error in exc.errors(include_url=False):
         full_loc = list(error["loc"])
         loc = _drop_tags(model, full_loc)
         message = error["msg"]
-        if error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
+        override = _override_of(loc, overrides)
+        if error["type"] == "union_tag_invalid":  # engine.kind, frontend.kind
+            ctx = error.get("ctx") or {}
+            tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+            field = str(ctx.get("discriminator", "kind")).strip("'")
+            field = "kind" if field.endswith("()") else field  # a callable discriminator reads `kind`
+            loc, message = [*loc, field], f"unknown {field} {ctx.get('tag')!r}"
+            override = _override_of(loc, overrides)
+            close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+            message += f" (valid: {', '.join(tags)})"
+        elif (
+            error["type"] == "string_type"
+            and isinstance(error.get("input"), bool | int | float)
+            and loc[-1:] != ["[key]"]
+        ):
+            value = error["input"]
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            kind = "a boolean" if isinstance(value, bool) else "a number"
+            message += f" ({shown} reads as {kind}: quote it to make it a string, "
+            if override is not None:
+                key = override.partition("=")[0].strip()
+                message += f"""--set '{key}="{shown}"')"""
+            else:
+                message += f'"{shown}")'
+        elif error["type"] == "invalid_key":  # a YAML key that is not a string: 1:, true:, 2024-01-01:
             loc, message = loc[:-1], f"key {loc[-1]} is not a string (quote it)"
         elif len(loc) > 1 and loc[-1] == "[key]":  # pydantic's marker: the key itself is invalid
             loc, message = loc[:-2], f"key {loc[-2]!r}: {message}"
@@ -278,8 +329,19 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
                 message += f" (valid keys: {', '.join(known)})"
         elif error["type"] == "missing":
             message = "required key is missing"
-        lines.append(f"{source}: {_dotted(loc)}: {message}")
+        where = f"{source}: --set {override.strip()}" if override is not None else source
+        lines.append(f"{where}: {_dotted(loc)}: {message}")
     return "\n".join(lines)
+
+
+def _override_of(loc: Sequence[str | int], overrides: Sequence[str]) -> str | None:
+    """The last ``--set`` override whose key is ``loc`` or a mapping above it."""
+    found = None
+    for override in overrides:
+        key = override.partition("=")[0].strip().split(".")
+        if [str(part) for part in loc[: len(key)]] == key:
+            found = override
+    return found
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -2,14 +2,18 @@
 
 Listing the installed tools reads package metadata only; a plugin's module is imported when an
 agent names its tool (or ``qwenrun tools --doctor`` asks). A plugin that fails to import or has a
-bad signature is reported, never a crash of the runner.
+bad signature is reported, never a crash of the runner. When two packages declare the same tool
+name, the one found first on ``sys.path`` wins (as with imports; by package name within one
+directory); ``qwenrun tools --doctor`` reports the clash.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +44,8 @@ class ToolEntry:
     package: str
     version: str
     entry_point: EntryPoint
+    shadowed: tuple[str, ...] = ()
+    """The other packages (name and version) that declare the same tool name, and lose."""
 
     @property
     def origin(self) -> str:
@@ -75,20 +81,41 @@ def installed_tools() -> dict[str, ToolEntry]:
 
 @functools.lru_cache(maxsize=4)
 def _scan(path: tuple[str, ...]) -> dict[str, ToolEntry]:
-    found: dict[str, ToolEntry] = {}
+    candidates: dict[str, list[ToolEntry]] = {}
     for entry_point in entry_points(group=GROUP):
-        if entry_point.name in found:
-            log.warning("tool %r is declared twice; keeping %s", entry_point.name, found[entry_point.name])
-            continue
         dist = entry_point.dist
-        found[entry_point.name] = ToolEntry(
+        entry = ToolEntry(
             name=entry_point.name,
             target=entry_point.value,
             package=dist.name if dist else "?",
             version=dist.version if dist else "",
             entry_point=entry_point,
         )
-    return dict(sorted(found.items()))
+        candidates.setdefault(entry.name, []).append(entry)
+    found: dict[str, ToolEntry] = {}
+    places = [os.path.realpath(place or os.curdir) for place in path]
+    for name, entries in sorted(candidates.items()):
+        winner, *losers = sorted(entries, key=lambda entry: (_place(entry, places), entry.package))
+        if losers:
+            shadowed = tuple(loser.origin for loser in losers)
+            log.warning(
+                "tool %r is declared by %s and %s; %s wins (the first on sys.path); see `qwenrun tools "
+                "--doctor`",
+                name, winner.origin, ", ".join(shadowed), winner.origin,
+            )  # fmt: skip
+            winner = dataclasses.replace(winner, shadowed=shadowed)
+        found[name] = winner
+    return found
+
+
+def _place(entry: ToolEntry, places: list[str]) -> int:
+    """Where the entry's distribution lies on sys.path (0 first; unknown last)."""
+    dist = entry.entry_point.dist
+    try:
+        where = os.path.realpath(str(dist.locate_file(""))) if dist is not None else ""
+    except Exception:  # a custom distribution class
+        return len(places)
+    return places.index(where) if where in places else len(places)
 
 
 def _unknown_tool(spec: AgentSpec, index: int, name: str, installed: Sequence[str]) -> ConfigError:
@@ -140,6 +167,14 @@ class DoctorReport:
     entry: ToolEntry
     tool: Tool | None
     error: str | None
+
+    @property
+    def clash(self) -> str | None:
+        """What to say when other packages declare this tool name too."""
+        if not self.entry.shadowed:
+            return None
+        return (f"also declared by {', '.join(self.entry.shadowed)}; {self.entry.origin} wins (the first on "
+                "sys.path); uninstall the one you do not want")  # fmt: skip
 
 
 def doctor() -> list[DoctorReport]:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenrun.engines.base import Constraint, Delta, Engine, Health, Request
+from qwenrun.engines.base import Constraint, Delta, Engine, Health, Request, TokenLogprob
 from qwenrun.errors import EngineError
 from qwenrun.toolcalls import FORCED_PREFILL, forced_call
 
@@ -39,6 +39,7 @@ class ModelRequest:
     incremental: bool = True
     tool_choice: str = "auto"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    logprobs: int | None = None
 
 
 Script = Sequence[str] | Callable[[ModelRequest], str]
@@ -83,7 +84,8 @@ class ScriptedEngine:
             raise EngineError("the scripted engine is dead")
         constraint, prefill = request.constraint, request.prefill
         if constraint is None and not prefill and request.tools:  # as VLLMEngine forces a call
-            forced = forced_call(self.tool_call_format, request.tools, request.tool_choice)
+            parallel = request.parallel_tool_calls
+            forced = forced_call(self.tool_call_format, request.tools, request.tool_choice, parallel=parallel)
             if forced is not None:
                 constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
                 prefill = forced.prefill
@@ -96,6 +98,7 @@ class ScriptedEngine:
             request.incremental,
             request.tool_choice,
             dict(request.chat_template_kwargs),
+            request.logprobs,
         )
         self.calls.append(record)
         if callable(self._script):
@@ -115,10 +118,18 @@ class ScriptedEngine:
                 await asyncio.sleep(self.delay_s)
                 chunk = reply[start : start + self.chunk_size]
                 sent += 1
-                yield Delta(chunk, None, prompt_tokens, sent)
+                top = record.logprobs
+                scores = None if top is None else [_scripted_logprob(chunk, top)]
+                yield Delta(chunk, None, prompt_tokens, sent, logprobs=scores)
             yield Delta("", "stop", prompt_tokens, sent)
         finally:
             self.active -= 1
+
+
+def _scripted_logprob(chunk: str, top: int) -> TokenLogprob:
+    """A made-up log probability of a chunk (one chunk, one "token"): -0.5 per character."""
+    alternatives = [(chunk, -0.5 * len(chunk)), *((f"{chunk}{i}", -1.0 - i) for i in range(top))]
+    return TokenLogprob(chunk, -0.5 * len(chunk), tuple(alternatives[:top]))
 
 
 def tool_call_body(name: str, arguments: Mapping[str, Any], *, format: str = "hermes") -> str:

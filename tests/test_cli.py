@@ -264,3 +264,35 @@ def test_run_mixes_entry_point_and_mcp_tools(runner: CliRunner, tmp_path: Path, 
     assert result.exit_code == 0, result.output
     assert "← 目前广州多云到晴，气温28~31℃，吹轻微的偏北风。" in result.output
     assert "← 回声" in result.output and result.output.rstrip().endswith("done")
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_run_is_quiet_without_v(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`qwenrun run` on the tiny vLLM model: without -v, stderr holds qwenrun's two status lines and
+    nothing of vLLM (its warnings, progress bars, shutdown lines, nanobind's leak report at exit);
+    the answer is on stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    command = [str(Path(sys.executable).with_name("qwenrun")), "run", str(ROOT / "agents" / "weather-tiny.yaml"),
+               "--set", f"model.path={tiny_model_dir}", "-p", "广州天气情况如何?"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"Loading {tiny_model_dir} (vLLM) ..." and lines[1].startswith("Ready in "), done.stderr
+    assert len(lines) == 2, done.stderr[-3000:]
+    assert "→ get_current_weather(city=" in done.stdout
+
+
+@pytest.mark.parametrize(("flags", "level"), [([], "ERROR"), (["-v"], None)])
+def test_vllm_logs_only_with_v(monkeypatch: pytest.MonkeyPatch, flags: list[str], level: str | None) -> None:
+    """Without -v vLLM (and its child processes) log errors only; -v leaves vLLM's own default."""
+    for name in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(cli_main, [*flags, "validate", WEATHER])
+    assert result.exit_code == 0, result.output
+    assert os.environ.get("VLLM_LOGGING_LEVEL") == level
+    assert os.environ.get("TORCH_CPP_LOG_LEVEL") == level
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # the user's own setting wins
+    CliRunner().invoke(cli_main, [*flags, "validate", WEATHER])
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"

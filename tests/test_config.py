@@ -84,8 +84,7 @@ def test_tools_may_be_names_or_mappings() -> None:
         ),
         (
             MINIMAL + "frontend: {kind: tui}\n",
-            "agent.yaml: frontend: Input tag 'tui' found using 'kind' does not match any of the expected tags: "
-            "'cli', 'openai', 'chainlit'",
+            "agent.yaml: frontend.kind: unknown kind 'tui' (valid: cli, openai, chainlit)",
         ),
         (MINIMAL + "tools: [{settings: {}}]\n", "agent.yaml: tools[0].name: required key is missing"),
         (
@@ -201,7 +200,25 @@ def test_overrides_are_parsed_as_yaml() -> None:
             "--set 'engine.max_num_seqs': expected KEY.PATH=VALUE, e.g. engine.max_num_seqs=8",
         ),
         ("model.path.x=1", "agent.yaml: --set model.path.x: model.path is not a mapping"),
-        ("engine.max_num_seqs=-1", "agent.yaml: engine.max_num_seqs: Input should be greater than 0"),
+        (
+            "engine.max_num_seqs=-1",
+            "agent.yaml: --set engine.max_num_seqs=-1: engine.max_num_seqs: Input should be greater than 0",
+        ),
+        (
+            "engine={max_num_seqs: 0}",
+            "agent.yaml: --set engine={max_num_seqs: 0}: engine.max_num_seqs: Input should be greater than 0",
+        ),
+        (
+            "engine.env.VLLM_CPU_KVCACHE_SPACE=1",
+            "agent.yaml: --set engine.env.VLLM_CPU_KVCACHE_SPACE=1: engine.env.VLLM_CPU_KVCACHE_SPACE: "
+            "Input should be a valid string (1 reads as a number: quote it to make it a string, "
+            """--set 'engine.env.VLLM_CPU_KVCACHE_SPACE="1"')""",
+        ),
+        (
+            "frontend.kind=opnai",
+            "agent.yaml: --set frontend.kind=opnai: frontend.kind: unknown kind 'opnai'; did you mean 'openai'? "
+            "(valid: cli, openai, chainlit)",
+        ),
     ],
 )
 def test_bad_overrides(override: str, message: str) -> None:
@@ -242,3 +259,58 @@ def test_tool_call_format_and_thinking_keys() -> None:
     )
     with pytest.raises(ConfigError, match=r"agent\.thinking_budget: Input should be greater than or equal to 0"):
         AgentSpec.from_text("model: {path: m}\nagent: {thinking_budget: -1}\n", source="a.yaml")
+
+
+def test_a_misspelled_frontend_kind_gets_a_suggestion() -> None:
+    assert error_of(MINIMAL + "frontend: {kind: chainlt}\n") == (
+        "agent.yaml: frontend.kind: unknown kind 'chainlt'; did you mean 'chainlit'? (valid: cli, openai, chainlit)"
+    )
+
+
+def test_a_number_where_a_string_belongs_says_to_quote_it() -> None:
+    assert error_of(MINIMAL + "engine: {env: {OMP_NUM_THREADS: 4, DEBUG: true}}\n").splitlines() == [
+        "agent.yaml: engine.env.OMP_NUM_THREADS: Input should be a valid string "
+        '(4 reads as a number: quote it to make it a string, "4")',
+        "agent.yaml: engine.env.DEBUG: Input should be a valid string "
+        '(true reads as a boolean: quote it to make it a string, "true")',
+    ]
+
+
+DUPLICATE_AGENT = """\
+model: {path: x}
+agent:
+  name: first
+  system_prompt: You are the first.
+sampling: {temperature: 0}
+agent:
+  name: second
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            DUPLICATE_AGENT,
+            "agent.yaml: YAML syntax error at line 6, column 1: duplicate key 'agent' (first at line 2): "
+            "write it once",
+        ),
+        (
+            "model: {path: x, path: y}\n",
+            "agent.yaml: YAML syntax error at line 1, column 18: duplicate key 'path' (first at line 1): "
+            "write it once",
+        ),
+        (
+            MINIMAL + "tools:\n  - name: a\n    settings: {}\n    name: b\n",
+            "agent.yaml: YAML syntax error at line 5, column 5: duplicate key 'name' (first at line 3): "
+            "write it once",
+        ),
+    ],
+)
+def test_duplicate_keys_are_errors_naming_both_lines(text: str, message: str) -> None:
+    assert error_of(text) == message
+
+
+def test_keys_merged_with_an_alias_may_be_overridden() -> None:
+    spec = load(MINIMAL + "sampling:\n  <<: {temperature: 0.1, top_p: 0.5}\n  temperature: 0.2\n")
+    assert (spec.sampling.temperature, spec.sampling.top_p) == (0.2, 0.5)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -17,7 +18,8 @@ from weather import weather_tool
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Engine, Request
-from qwenrun.engines.vllm import VLLMEngine, _template_messages, engine_kwargs, sampling_kwargs
+from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm_inputs import engine_kwargs, sampling_kwargs, template_messages
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.testing import literal_regex
 from qwenrun.toolcalls.hermes import parse
@@ -145,14 +147,14 @@ def test_constraint_needs_exactly_one_kind() -> None:
 def test_template_messages_parse_arguments_without_mutating() -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     messages = [{"role": "assistant", "content": None, "tool_calls": [call]}]
-    fixed = _template_messages(messages)
+    fixed = template_messages(messages)
     assert fixed[0]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
     assert fixed[0]["content"] == ""
     assert call["function"]["arguments"] == '{"x": 1}'
 
 
 def test_template_messages_give_the_reasoning_to_the_template_as_reasoning_content() -> None:
-    fixed = _template_messages(
+    fixed = template_messages(
         [{"role": "assistant", "content": "a", "reasoning": "r"},
          {"role": "assistant", "content": "b", "reasoning": "other", "reasoning_content": "kept"}]
     )  # fmt: skip
@@ -229,9 +231,10 @@ async def test_engine_death_is_an_engine_error() -> None:
         await _collect(generate(engine, USER))
     with pytest.raises(EngineError, match="engine has died"):  # and stays dead
         await _collect(generate(engine, USER))
-    rejected = _fake_engine(_FakeVLLM(ValueError("bad request")))
-    with pytest.raises(EngineError, match="ValueError: bad request"):
+    rejected = _fake_engine(_FakeVLLM(ValueError("bad request")))  # vLLM's input validation
+    with pytest.raises(RequestError, match=r"^vLLM refused the request: bad request$"):
         await _collect(generate(rejected, USER))
+    assert rejected.health() == "ready"
 
 
 async def test_stopping_early_calls_abort() -> None:
@@ -245,10 +248,10 @@ async def test_stopping_early_calls_abort() -> None:
 
 async def test_start_failure_is_an_engine_error(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWENRUN_TEST_ENV", "before")  # restored afterwards
-    engine = VLLMEngine(_spec({"env": {"QWENRUN_TEST_ENV": "set"}}, path=str(tmp_path / "missing")))
+    engine = VLLMEngine(_spec({"env": {"QWENRUN_TEST_ENV": "set"}}, path=str(tmp_path)))  # no model in it
     with pytest.raises(EngineError, match="vLLM failed to start") as info:
         await engine.start()
-    assert "missing" in str(info.value) and info.value.__cause__ is not None
+    assert str(tmp_path) in str(info.value) and info.value.__cause__ is not None
     assert os.environ["QWENRUN_TEST_ENV"] == "set" and not engine.started
 
 
@@ -458,8 +461,9 @@ async def test_stopping_early_aborts(engine: VLLMEngine) -> None:
 @pytest.mark.engine
 async def test_prompt_too_long(engine: VLLMEngine) -> None:
     huge = [{"role": "user", "content": " ".join(str(i) for i in range(2000))}]
-    with pytest.raises(RequestError, match="max_model_len is 2048"):  # the request's fault: a 400
+    with pytest.raises(RequestError, match=r"^the prompt is \d+ tokens, but max_model_len is 2048 ") as info:
         await asyncio.wait_for(_collect(generate(engine, huge)), timeout=30)
+    assert info.value.code == "context_length_exceeded" and engine.health() == "ready"
 
 
 @pytest.mark.engine
@@ -476,3 +480,22 @@ async def test_prompt_near_the_limit_is_capped(engine: VLLMEngine) -> None:
     assert deltas[-1].finish_reason == "length"
     assert deltas[-1].prompt_tokens + deltas[-1].completion_tokens <= 2048
     assert deltas[-1].completion_tokens < 32
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_the_engines_processes_never_see_ctrl_c(engine: VLLMEngine) -> None:
+    """A terminal sends Ctrl-C's SIGINT to the whole foreground process group; vLLM's engine core
+    and workers start with SIGINT blocked, so only qwenrun (which stops the answer) handles it."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    names = [child.name() for child in children]
+    assert "VLLM::EngineCore" in names and "VLLM::Worker" in names, names
+    for child in children:
+        with open(f"/proc/{child.pid}/status", encoding="ascii") as file:
+            fields = dict(line.split(":", 1) for line in file.read().splitlines() if ":" in line)
+        bit = 1 << (signal.SIGINT - 1)
+        # blocked (vLLM's processes) or ignored (multiprocessing's resource tracker does that itself)
+        deaf = (int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)) & bit
+        assert deaf, f"{child.pid} {child.cmdline()[:4]} would die of a Ctrl-C"

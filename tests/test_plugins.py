@@ -164,3 +164,33 @@ def test_unknown_tool_suggests_the_closest_name() -> None:
     assert str(info.value).startswith(
         "a.yaml: tools[0].name: unknown tool 'calculator'; did you mean 'calculate'? (installed: calculate, "
     )
+
+
+def _dist(where: Path, package: str, tools: str) -> None:
+    dist = where / f"{package.replace('-', '_')}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[qwenrun.tools]\n{tools}\n")
+
+
+def test_a_tool_declared_by_two_packages_is_a_clash_the_doctor_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The package first on sys.path wins, whatever order the directories are listed in."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _dist(first, "zz-weather-fork", "get_current_weather = qwenrun_weather:get_current_weather")
+    _dist(second, "aa-weather-fork", "get_current_weather = qwenrun_weather:get_current_weather")
+    monkeypatch.syspath_prepend(str(second))
+    monkeypatch.syspath_prepend(str(first))  # now first, then second, then the real qwenrun-weather
+    entry = plugins.installed_tools()["get_current_weather"]
+    assert entry.package == "zz-weather-fork"
+    assert entry.shadowed == ("aa-weather-fork 1.0", "qwenrun-weather 0.1.0")
+    assert "tool 'get_current_weather' is declared by zz-weather-fork 1.0 and aa-weather-fork 1.0" in caplog.text
+    result = CliRunner().invoke(cli_main, ["tools", "--doctor"])
+    assert result.exit_code == 1
+    assert (
+        "CLASH  get_current_weather (zz-weather-fork 1.0): also declared by aa-weather-fork 1.0, "
+        "qwenrun-weather 0.1.0; zz-weather-fork 1.0 wins (the first on sys.path); uninstall the one you "
+        "do not want"
+    ) in result.output.splitlines()
+    assert result.output.splitlines()[-1] == "Error: 1 tool name(s) declared by several packages"

@@ -42,6 +42,8 @@ PRODUCERS = {
     "load_round_timeout_s": "test_reliability_load.py",
     "load_rss_growth_limit_mib": "test_reliability_load.py",
     "load_rss_limit_mib": "test_reliability_load.py",
+    "load_seeded_requests": "test_reliability_load.py",
+    "load_seeded_lost": "test_reliability_load.py",
 }
 
 

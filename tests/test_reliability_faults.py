@@ -18,6 +18,7 @@ import _thread
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -432,7 +433,7 @@ def fake_vllm_engine(spec: AgentSpec, monkeypatch: pytest.MonkeyPatch, after: in
     engine = VLLMEngine(spec)
     engine._engine, engine._tokenizer, engine.max_model_len = DyingAsyncLLM(after), _Tokenizer(), 4096
     monkeypatch.setattr(engine, "_sampling_params", lambda *args, **kwargs: None)
-    monkeypatch.setattr(engine_module, "_tokens_prompt", lambda ids: {"prompt_token_ids": ids})
+    monkeypatch.setattr(engine_module, "tokens_prompt", lambda ids: {"prompt_token_ids": ids})
     return engine
 
 
@@ -621,6 +622,91 @@ async def test_server_engine_stalls_and_the_client_gives_up() -> None:
                 await asyncio.sleep(0.02)
             assert engine.active == 0, "the generation went on after the client left"
         assert (await client.get("/health")).status_code == 200
+
+
+SERVER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from qwenrun.cli import common as cli
+    from qwenrun.cli import main
+    from qwenrun.agent import Agent
+    from qwenrun.errors import EngineError
+    from qwenrun.testing import ScriptedEngine
+
+    class Engine(ScriptedEngine):
+        async def start(self):
+            await super().start()
+            if sys.argv[1] == "idle":  # the engine core dies while no request runs
+                asyncio.get_running_loop().call_later(0.5, setattr, self, "dead", True)
+
+    def script(request):
+        engines[0].dead = True
+        raise EngineError("the engine core process died")
+
+    engines = [Engine(script)]
+    cli.make_agent = lambda spec: Agent(spec, engines[0], tools=[])
+    main(sys.argv[2:])
+    """
+)
+
+
+@engine_fault
+@pytest.mark.parametrize("when", ["request", "idle"])
+def test_the_server_exits_when_its_engine_dies(tmp_path: Path, when: str) -> None:
+    """A dead engine never comes back: `qwenrun up` (openai) stops serving 503s and exits with 1,
+    so that a supervisor (systemd, Kubernetes) restarts it; during a request or while idle."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "server.yaml"
+    path.write_text(f"model: {{path: /models/x, served_model_name: {SERVED}}}\nagent: {{name: {AGENT_NAME}}}\n"
+                    f"sessions: {{enabled: false}}\nfrontend: {{kind: openai, port: {port}}}\n")  # fmt: skip
+    command = [sys.executable, "-c", SERVER_SCRIPT, when, "up", str(path)]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as process:
+        try:
+            if when == "request":
+                deadline = time.monotonic() + 30
+                while True:
+                    assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                    with contextlib.suppress(httpx.TransportError):
+                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                            break
+                    time.sleep(0.1)
+                body = {"model": SERVED, "messages": USER}
+                response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10)
+                assert response.status_code == 503
+            assert process.wait(timeout=30) == 1
+            assert process.stderr is not None
+            errors = process.stderr.read()
+        finally:
+            process.kill()
+    assert "Error: the engine died, so the server stopped (exit code 1)" in errors
+    assert "Traceback" not in errors
+
+
+class RefusingAsyncLLM(DyingAsyncLLM):
+    """vLLM's input validation refuses the request (a ``ValueError``, as ``VLLMValidationError``)."""
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[_RequestOutput]:
+        raise ValueError("This model's maximum context length is 4096 tokens")
+        yield  # an async generator, as vLLM's
+
+
+@engine_fault
+async def test_a_request_vllm_refuses_is_a_400_and_the_engine_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = server_spec()
+    engine = fake_vllm_engine(spec, monkeypatch)
+    engine._engine = RefusingAsyncLLM(0)
+    async with serving(create_app(Agent(spec, engine, tools=[]), shutdown_engine=False)) as client:
+        for model in (SERVED, AGENT_NAME):
+            for stream in (False, True):
+                body = {"model": model, "messages": USER, "stream": stream}
+                response = await client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert error["type"] == "invalid_request_error"
+                assert error["message"] == "vLLM refused the request: This model's maximum context length is 4096 tokens"
+        assert not engine.errored and (await client.get("/health")).status_code == 200
 
 
 def test_the_engine_fault_count_is_the_doc_figure(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from qwenrun.cli import main
 from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import engine_kwargs
+from qwenrun.engines.vllm_inputs import engine_kwargs
 from qwenrun.errors import ConfigError
 
 MODEL = "Qwen/Qwen2.5-72B-Instruct"

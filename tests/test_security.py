@@ -95,7 +95,11 @@ def test_serve_binds_what_it_is_told_and_warns_when_public_without_a_key(
     host: str | None, key: str | None, warning: str | None,
 ) -> None:  # fmt: skip
     ran: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        ran.update(host=server.config.host, port=server.config.port)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     frontend: dict[str, Any] = {} if host is None else {"host": host}
     if key:
         monkeypatch.setenv("QWENRUN_TEST_KEY", key)
@@ -186,7 +190,8 @@ async def test_request_size_and_max_tokens_caps() -> None:
             for _ in range(21):  # just over the limit: all of it is sent before the 413 comes
                 yield b" " * 100
 
-        response = await client.post("/v1/chat/completions", content=chunks())
+        json_type = {"Content-Type": "application/json"}
+        response = await client.post("/v1/chat/completions", content=chunks(), headers=json_type)
         assert response.status_code == 413
         for model in (SERVED, AGENT_NAME):
             for asked in (None, 10**9, 2**63 - 1, 32):

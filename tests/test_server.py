@@ -30,6 +30,7 @@ from qwenrun.engines.base import Constraint, Delta, Request
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app, serve
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.toolcalls.forcing import forced_call
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 SERVED = "Qwen2.5-7B-Instruct"
@@ -356,6 +357,9 @@ def test_tool_choice_reaches_the_engine(
     else:
         assert request.prefill == FORCED_PREFILL and isinstance(request.constraint, Constraint)
         schema = request.constraint.json
+        if tool_choice == "required":  # several calls may follow: a structural tag around the schema
+            assert schema is None and request.constraint.structural_tag is not None
+            schema = request.constraint.structural_tag["format"]["elements"][0]["json_schema"]
         assert schema is not None
         options = schema.get("anyOf", [schema])
         names = [option["properties"]["name"]["enum"][0] for option in options]
@@ -423,7 +427,9 @@ def test_only_streaming_requests_ask_the_engine_for_deltas(srv: Harness) -> None
     srv.script = lambda request: "ok"
     messages: Any = [{"role": "user", "content": "hi"}]
     with srv.sync_client() as client:
-        assert client.chat.completions.create(model=SERVED, messages=messages).choices[0].message.content == "ok"
+        assert (
+            client.chat.completions.create(model=SERVED, messages=messages).choices[0].message.content == "ok"
+        )
         chunks = client.chat.completions.create(model=SERVED, messages=messages, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
     assert [call.incremental for call in srv.engine.calls] == [False, True]
@@ -446,6 +452,155 @@ def test_vllm_extra_sampling_parameters_pass_through(srv: Harness) -> None:
     assert "min_tokens (5) is larger than max_tokens (4)" in str(too_many.value)
     assert too_many.value.body["param"] == "min_tokens"  # type: ignore[index]
     assert "top_k" in str(bad_k.value)
+
+
+# -- parity with vllm serve: structured outputs, n, logprobs, several forced calls, Content-Type ----------
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_json_response_formats_constrain_the_engine(srv: Harness) -> None:
+    srv.script = lambda request: '{"city": "深圳"}'
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    formats: list[Any] = [
+        {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}},
+        {"type": "json_object"},
+        {"type": "text"},
+    ]
+    with srv.sync_client() as client:
+        answers = [
+            client.chat.completions.create(model=SERVED, messages=messages, response_format=f)
+            for f in formats
+        ]
+        with client.beta.chat.completions.stream(
+            model=SERVED, messages=messages, response_format=formats[0]
+        ) as stream:
+            streamed = stream.get_final_completion()
+    assert [answer.choices[0].message.content for answer in answers] == ['{"city": "深圳"}'] * 3
+    assert streamed.choices[0].message.content == '{"city": "深圳"}'
+    schema, any_object, text, streamed_schema = (call.constraint for call in srv.engine.calls)
+    assert schema == streamed_schema == Constraint(json=SCHEMA)
+    assert any_object == Constraint(json_object=True) and text is None
+
+
+def test_n_choices_run_as_n_requests_with_consecutive_seeds(srv: Harness) -> None:
+    srv.script = lambda request: f"answer with seed {request.overrides.get('seed')}"
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with srv.sync_client() as client:
+        out = client.chat.completions.create(model=SERVED, messages=messages, n=3, seed=7)
+        chunks = list(client.chat.completions.create(
+            model=SERVED, messages=messages, n=2, stream=True, stream_options={"include_usage": True}
+        ))  # fmt: skip
+    assert [choice.index for choice in out.choices] == [0, 1, 2]
+    assert [choice.message.content for choice in out.choices] == [
+        f"answer with seed {seed}" for seed in (7, 8, 9)
+    ]
+    assert sorted(call.overrides["seed"] for call in srv.engine.calls[:3]) == [7, 8, 9]
+    reply = completion_tokens("answer with seed 7")
+    assert out.usage is not None and out.usage.completion_tokens == 3 * reply
+    assert out.usage.prompt_tokens == prompt_tokens(srv.engine.calls[0])  # one prompt, shared
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: "answer with seed None", 1: "answer with seed None"}
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason == "stop"]
+    assert sorted(finished) == [0, 1]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2 * completion_tokens(
+        texts[0]
+    )
+
+
+def test_logprobs_of_every_token(srv: Harness) -> None:
+    srv.script = lambda request: "sunny today"
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with srv.sync_client() as client:
+        out = client.chat.completions.create(model=SERVED, messages=messages, logprobs=True, top_logprobs=2)
+        plain = client.chat.completions.create(model=SERVED, messages=messages)
+        chunks = list(
+            client.chat.completions.create(model=SERVED, messages=messages, logprobs=True, stream=True)
+        )
+    assert [call.logprobs for call in srv.engine.calls] == [2, None, 0]
+    content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert content is not None and "".join(entry.token for entry in content) == "sunny today"
+    assert content[0].token == "sun" and content[0].logprob == -1.5 and content[0].bytes == list(b"sun")
+    assert [top.token for top in content[0].top_logprobs] == ["sun", "sun0"]
+    assert plain.choices[0].logprobs is None
+    streamed = [
+        entry
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for entry in c.choices[0].logprobs.content or []
+    ]
+    assert "".join(entry.token for entry in streamed) == "sunny today" and streamed[0].top_logprobs == []
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_required_tool_choice_may_return_several_calls(srv: Harness, parallel: bool | None) -> None:
+    two = CALL + "\n" + CALL.replace("深圳", "广州")
+    srv.script = lambda request: two
+    kwargs: Any = {"model": SERVED, "messages": [{"role": "user", "content": QUESTION}],
+                   "tools": [WEATHER_TOOL], "tool_choice": "required"}  # fmt: skip
+    if parallel is not None:
+        kwargs["parallel_tool_calls"] = parallel
+    with srv.sync_client() as client:
+        out = client.chat.completions.create(**kwargs)
+    cities = [json.loads(call.function.arguments)["city"] for call in out.choices[0].message.tool_calls or []]
+    constraint = srv.engine.calls[0].constraint
+    assert constraint is not None
+    if parallel is False:  # one call, by the grammar and by the parser
+        assert cities == ["深圳"] and constraint.json is not None
+    else:
+        assert cities == ["深圳", "广州"] and constraint.structural_tag is not None
+
+
+def test_several_calls_grammar_accepts_one_or_more_calls_and_nothing_else() -> None:
+    """The structural tag of tool_choice "required" with parallel calls, checked by xgrammar."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    forced = forced_call("hermes", [WEATHER_TOOL], "required", parallel=True)
+    assert forced is not None and forced.structural_tag is not None and forced.prefill == FORCED_PREFILL
+    grammar = xgrammar.Grammar.from_structural_tag(json.dumps(forced.structural_tag))
+    one = '{"name":"get_current_weather","arguments":{"city":"深 圳"}}\n</tool_call>'
+    assert accepts(grammar, one)
+    assert accepts(grammar, one + "\n<tool_call>\n" + one)
+    assert not accepts(grammar, one + " and some text")
+    assert not accepts(grammar, '{"name":"get_time","arguments":{}}\n</tool_call>')
+    single = forced_call("hermes", [WEATHER_TOOL], "required")
+    assert single is not None and single.json_schema is not None  # the agent's own forced calls stay single
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [(None, 400), ("text/plain", 400), ("application/x-www-form-urlencoded", 400),
+     ("application/json; charset=utf-8", 200), ("Application/JSON", 200)],
+)  # fmt: skip
+def test_the_body_must_be_sent_as_json(srv: Harness, content_type: str | None, status: int) -> None:
+    srv.script = lambda request: "ok"
+    body = json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    with httpx.Client(base_url=srv.url) as http:
+        response = http.post("/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["message"].startswith("Content-Type must be application/json")
+
+
+def test_a_body_that_is_not_an_object_says_so(srv: Harness) -> None:
+    with httpx.Client(base_url=srv.url) as http:
+        for body, kind in (
+            (b"[1, 2]", "an array"),
+            (b"3", "a number"),
+            (b"null", "null"),
+            (b'"x"', "a string"),
+        ):
+            response = http.post(
+                "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            )
+            message = response.json()["error"]["message"]
+            assert response.status_code == 400 and message == f"the body must be a JSON object, not {kind}"
+            assert "ChatCompletionRequest" not in message
 
 
 # -- agent mode ---------------------------------------------------------------------------------------
@@ -717,7 +872,11 @@ def test_serve_warns_on_public_host_without_key(
     warned: bool,
 ) -> None:
     ran: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(kwargs))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        ran.update(host=server.config.host, port=server.config.port)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     if key:
         monkeypatch.setenv("QWENRUN_TEST_KEY", key)
     agent = Agent(
@@ -783,14 +942,71 @@ BAD_SCHEMA = {
             "invalid_request_error",
             "messages[1]",
         ),
-        ({"model": SERVED, "messages": USER, "n": 2}, 400, "invalid_request_error", "n"),
-        ({"model": SERVED, "messages": USER, "logprobs": True}, 400, "invalid_request_error", "logprobs"),
+        ({"model": SERVED, "messages": USER, "n": 0}, 400, "invalid_request_error", "n"),
         (
-            {"model": SERVED, "messages": USER, "response_format": {"type": "json_object"}},
+            {"model": SERVED, "messages": USER, "n": 257},
+            400,
+            "invalid_request_error",
+            "n",
+        ),  # > engine.max_num_seqs
+        ({"model": AGENT, "messages": USER, "n": 2}, 400, "invalid_request_error", "n"),
+        ({"model": AGENT, "messages": USER, "logprobs": True}, 400, "invalid_request_error", "logprobs"),
+        (
+            {"model": SERVED, "messages": USER, "top_logprobs": 2},
+            400,
+            "invalid_request_error",
+            "top_logprobs",
+        ),
+        (
+            {"model": SERVED, "messages": USER, "logprobs": True, "top_logprobs": 21},
+            400,
+            "invalid_request_error",
+            "top_logprobs",
+        ),
+        (
+            {"model": AGENT, "messages": USER, "response_format": {"type": "json_object"}},
             400,
             "invalid_request_error",
             "response_format",
         ),
+        (
+            {"model": SERVED, "messages": USER, "response_format": {"type": "structural_tag"}},
+            400,
+            "invalid_request_error",
+            "response_format.type",
+        ),
+        (
+            {"model": SERVED, "messages": USER, "response_format": {"type": "json_schema"}},
+            400,
+            "invalid_request_error",
+            "response_format",
+        ),
+        (
+            {
+                "model": SERVED,
+                "messages": USER,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nope"}},
+                },
+            },
+            400,
+            "invalid_request_error",
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "model": SERVED,
+                "messages": USER,
+                "tools": [WEATHER_TOOL],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "invalid_request_error",
+            "response_format",
+        ),
+        (b'"just a string"', 400, "invalid_request_error", None),
         ({"model": SERVED, "messages": USER, "temperature": 5}, 400, "invalid_request_error", "temperature"),
         ({"model": SERVED, "messages": USER, "max_tokens": 0}, 400, "invalid_request_error", "max_tokens"),
         (
@@ -851,7 +1067,9 @@ def test_oversized_chunked_body_and_unknown_routes(srv: Harness) -> None:
             yield b" " * 1000
 
     with httpx.Client(base_url=srv.url) as http:
-        response = http.post("/v1/chat/completions", content=chunks())
+        response = http.post(
+            "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     with httpx.Client(base_url=srv.url) as http:
         missing = http.get("/v1/nothing")
@@ -866,9 +1084,9 @@ def test_the_openai_client_sees_openai_errors(srv: Harness) -> None:
         with pytest.raises(openai.NotFoundError) as unknown:
             client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.BadRequestError) as two:
-            client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}], n=2)
+            client.chat.completions.create(model=AGENT, messages=[{"role": "user", "content": "x"}], n=2)
     assert unknown.value.code == "model_not_found"
-    assert two.value.param == "n" and "n=1" in two.value.message
+    assert two.value.param == "n" and "pass-through mode only" in two.value.message
 
 
 # -- concurrency and cancellation -----------------------------------------------------------------------

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import httpx
+import openai
 import pytest
 import pytest_asyncio
 from loopback import serve_in_loop
@@ -74,8 +76,9 @@ async def test_models_and_health(base_url: str, agent: Agent, client: AsyncOpenA
 )
 async def test_forced_tool_call(client: AsyncOpenAI, tool_choice: Any) -> None:
     out = await client.chat.completions.create(
-        model=SERVED, messages=USER, tools=[SHORT_CITY, TIME_TOOL], tool_choice=tool_choice, max_tokens=64
-    )
+        model=SERVED, messages=USER, tools=[SHORT_CITY, TIME_TOOL], tool_choice=tool_choice, max_tokens=64,
+        parallel_tool_calls=False,  # one call: the grammar of a single call
+    )  # fmt: skip
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message.content
     calls = choice.message.tool_calls or []
@@ -113,7 +116,7 @@ async def test_exact_call_and_round_trip(client: AsyncOpenAI) -> None:
 async def test_streamed_forced_call(client: AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
         model=SERVED, messages=USER, tools=[SHORT_CITY], tool_choice="required", max_tokens=64,
-        stream=True, stream_options={"include_usage": True},
+        stream=True, stream_options={"include_usage": True}, parallel_tool_calls=False,
     )  # fmt: skip
     chunks = [chunk async for chunk in stream]
     deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
@@ -184,3 +187,64 @@ async def test_disconnect_aborts_the_request(client: AsyncOpenAI, engine: VLLMEn
             break
         await asyncio.sleep(0.05)
     assert engine.num_unfinished_requests() == 0
+
+
+# -- parity with vllm serve on the real engine ----------------------------------------------------
+
+
+async def test_a_prompt_longer_than_the_context_is_a_400_with_the_counts(client: AsyncOpenAI) -> None:
+    """vLLM answers 400 for a prompt that does not fit; a 503 would make clients retry it."""
+    long: Any = [{"role": "user", "content": " ".join(str(i % 10) for i in range(3000))}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model=SERVED, messages=long, max_tokens=8, stream=stream)
+        error: Any = info.value.body
+        assert re.fullmatch(r"the prompt is \d+ tokens, but max_model_len is 2048 \(.*", error["message"])
+        assert info.value.code == "context_length_exceeded" and error["param"] == "messages"
+    out = await client.chat.completions.create(model=SERVED, messages=USER, max_tokens=4)  # the engine is fine
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_json_schema_response_format(client: AsyncOpenAI) -> None:
+    schema = {"type": "object", "properties": {"city": {"enum": ["深圳"]}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+    out = await client.chat.completions.create(
+        model=SERVED, messages=USER, max_tokens=32,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )  # fmt: skip
+    assert json.loads(out.choices[0].message.content or "") == {"city": "深圳"}
+    anything = await client.chat.completions.create(
+        model=SERVED, messages=USER, max_tokens=16, response_format={"type": "json_object"}
+    )
+    assert (anything.choices[0].message.content or "").startswith("{")  # JSON by the grammar
+
+
+async def test_n_choices_and_logprobs(client: AsyncOpenAI) -> None:
+    out = await client.chat.completions.create(
+        model=SERVED, messages=USER, max_tokens=6, n=2, seed=3, temperature=1.0, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [choice.index for choice in out.choices] == [0, 1]
+    assert out.usage is not None and out.usage.completion_tokens == 12
+    for choice in out.choices:
+        assert choice.finish_reason == "length" and choice.logprobs and choice.logprobs.content
+        assert len(choice.logprobs.content) == 6
+        for entry in choice.logprobs.content:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+
+
+async def test_required_tool_choice_allows_several_calls(client: AsyncOpenAI) -> None:
+    """The grammar of tool_choice "required" (parallel calls allowed) compiles and holds in vLLM:
+    with schemas that leave one value each, every call the random model writes is exact."""
+    only_shenzhen = weather_tool({"enum": ["深圳"]}, additionalProperties=False)
+    no_arguments = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
+    out = await client.chat.completions.create(
+        model=SERVED, messages=USER, tools=[only_shenzhen, no_arguments], tool_choice="required", max_tokens=96
+    )
+    calls = out.choices[0].message.tool_calls or []
+    assert out.choices[0].finish_reason == "tool_calls" and calls, out.choices[0].message.content
+    for call in calls:
+        expected = {"get_current_weather": {"city": "深圳"}, "get_time": {}}[call.function.name]
+        assert json.loads(call.function.arguments) == expected

@@ -291,3 +291,19 @@ def test_show_makes_terminal_escapes_visible(h: Harness) -> None:
     shown = h.invoke("sessions", "show", "esc").output
     assert "user: hi\\x1b]0;owned\\x07" in shown and "← t: \\x1b[31mred" in shown
     assert "clear\\x1b[2J" in h.invoke("sessions", "list").output
+
+
+def test_list_columns_fit_long_ids_and_agent_names(h: Harness) -> None:
+    store = h.store()
+    chainlit_id = "0b6f3c1e-2f4a-4c55-9d57-3a1e8c2b7f10"  # Chainlit's thread ids: 36 characters
+    store.create(SessionInfo(chainlit_id, "weather-chat-with-a-long-name", frontend="chainlit", title="广州?"))
+    store.create(SessionInfo("a" * 32, "weather", title="深圳?"))
+    store.close()
+    lines = h.invoke("sessions", "list").output.splitlines()
+    header = lines[0]
+    for line in lines[1:]:  # every column starts where its header does
+        for column in ("UPDATED", "AGENT", "FRONTEND"):
+            start = header.index(column)
+            assert line[start - 2 : start] == "  " or line[start - 1] == " ", (column, line)
+            assert line[start] != " ", (column, line)
+    assert lines[1].split()[0] in (chainlit_id, "a" * 32) and len(lines) == 3

@@ -536,6 +536,7 @@ async def test_server_session_header_errors(store: SQLiteStore) -> None:
 
 async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLiteStore) -> None:
     from qwenrun.frontends import chainlit as web
+    from qwenrun.frontends import chainlit_view
 
     web.import_chainlit()  # first: it imports chainlit quietly, under a private app root
     spec = make_spec(frontend={"kind": "chainlit"})
@@ -557,7 +558,7 @@ async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLite
         session = WebsocketSession(id=str(uuid.uuid4()), socket_id=sid, emit=emit, emit_call=emit_call,
                                    user_env={}, client_type="webapp", thread_id=thread_id)  # fmt: skip
         payload = {"message": {"id": str(uuid.uuid4()), "threadId": "", "name": "User", "type": "user_message",
-                               "output": text, "createdAt": web._now()}, "fileReferences": None}  # fmt: skip
+                               "output": text, "createdAt": chainlit_view.now()}, "fileReferences": None}  # fmt: skip
         await chainlit_socket.message(sid, payload)
         assert session.current_task is not None
         await session.current_task

@@ -28,6 +28,7 @@ from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.errors import RequestError
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult
 from qwenrun.frontends import chainlit as web
+from qwenrun.frontends import chainlit_view
 from qwenrun.frontends.console import repl, run_once
 from qwenrun.plugins import load_tools
 from qwenrun.testing import PinnedEngine, literal_regex, tool_call_body
@@ -313,9 +314,9 @@ async def test_chainlit_shows_the_reasoning_as_a_step(flavour_engine: VLLMEngine
         shown = [(step["type"], step["name"], step.get("output")) for step in client.thread()
                  if step["type"] in ("llm", "tool", "assistant_message")]  # fmt: skip
         assert shown == [
-            ("llm", web.REASONING_STEP, REASONING),
+            ("llm", chainlit_view.REASONING_STEP, REASONING),
             ("tool", "get_current_weather", SEED),
-            ("llm", web.REASONING_STEP, ANSWER_REASONING),
+            ("llm", chainlit_view.REASONING_STEP, ANSWER_REASONING),
             ("assistant_message", "weather-qwen3", ANSWER),
         ]
     finally:

@@ -26,7 +26,7 @@ from qwenrun.cli import main
 from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.events import Final, TextDelta
-from qwenrun.frontends import ChainlitFrontend
+from qwenrun.frontends import ChainlitFrontend, chainlit_view
 from qwenrun.frontends import chainlit as web
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
@@ -139,7 +139,7 @@ class Client:
                 "name": "User",
                 "type": "user_message",
                 "output": text,
-                "createdAt": web._now(),
+                "createdAt": chainlit_view.now(),
             },
             "fileReferences": None,
         }
@@ -255,6 +255,10 @@ async def test_password_login(cl: Any, config: Any, monkeypatch: pytest.MonkeyPa
     assert user is not None and user.identifier == "alice"
     assert await login("alice", "wrong") is None
     assert await login("admin", "s3cret-密码") is None
+    english, chinese = (config.load_translation(language)["auth"]["login"]["form"]["email"]
+                        for language in ("en-US", "zh-CN"))  # fmt: skip
+    assert (english["label"], english["placeholder"]) == ("Username", "alice")  # not "Email address"
+    assert (chinese["label"], chinese["placeholder"]) == ("用户名", "alice")
     web.build_app(make_agent())  # back to no login
     assert not require_login()
 
@@ -380,9 +384,9 @@ async def test_reasoning_streams_into_a_collapsed_step_before_the_answer(client:
     await client.send(QUESTION)
     shown = [(s["type"], s["name"], s["output"]) for s in client.thread() if s["type"] in ("llm", "tool")]
     assert shown == [
-        ("llm", web.REASONING_STEP, "The user wants 广州."),
+        ("llm", chainlit_view.REASONING_STEP, "The user wants 广州."),
         ("tool", "get_current_weather", "广州：晴，25°C"),
-        ("llm", web.REASONING_STEP, "Sunny."),
+        ("llm", chainlit_view.REASONING_STEP, "Sunny."),
     ]
     thought = next(s for s in client.thread() if s["type"] == "llm")
     assert thought["defaultOpen"] is False and not thought["streaming"]
@@ -507,7 +511,7 @@ async def test_answer_cut_at_max_tokens_says_so(client: Client, cl: Any) -> None
 
     web.build_app(make_agent())
     init_ws_context(client.session)
-    view = web.TurnView(cl, "Weather test")
+    view = chainlit_view.TurnView(cl, "Weather test")
     await view.show(TextDelta("  "))  # leading whitespace alone shows nothing
     assert client.thread() == []
     await view.show(TextDelta("半句"))
@@ -553,3 +557,36 @@ def test_reload_agent_keeps_the_mcp_servers_or_asks_for_a_restart(cl: Any, confi
     path.write_text(with_mcp.replace("allow: [echo]", "allow: [add]"), encoding="utf-8")
     assert web.reload_agent(chat, path) is False  # other MCP tools need a restart
     assert chat.agent.spec.tools == old.spec.tools
+
+
+DYING_UI = """
+import asyncio, sys
+from qwenrun.frontends import chainlit as web
+from qwenrun.frontends import chainlit_view
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.testing import ScriptedEngine
+
+class Engine(ScriptedEngine):
+    async def start(self):
+        await super().start()
+        asyncio.get_running_loop().call_later(1.0, setattr, self, "dead", True)  # its process died
+
+web.serve(Agent(AgentSpec.from_file(sys.argv[1]), engine=Engine(["x"]), tools=[]), port=int(sys.argv[2]))
+"""
+
+
+def test_the_chat_ui_exits_1_when_its_engine_dies(tmp_path: Path) -> None:
+    """A dead engine never comes back: the chat UI stops (Chainlit would exit with 0) with 1."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "ui.yaml"
+    path.write_text("model: {path: scripted}\nsessions: {enabled: false}\nfrontend: {kind: chainlit}\n")
+    done = subprocess.run([sys.executable, "-c", DYING_UI, str(path), str(port)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Error: the engine died, so the chat UI stopped (exit code 1)" in done.stderr

@@ -10,6 +10,8 @@ file to the front end its ``frontend.kind`` names (:func:`qwenrun.frontends.base
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import os
 import sys
@@ -42,12 +44,44 @@ __all__ = ["main"]
               help="Log lines as text, or as JSON objects with the session id.")  # fmt: skip
 def main(verbose: int, log_format: str) -> None:
     """Run Qwen agents on vLLM from one YAML file."""
+    global _verbose
+    _verbose = verbose
     configure_logging(verbose, "json" if log_format == "json" else "text")
     # vLLM logs to stdout by default, mixing its lines into answers and --json output; send them
-    # to stderr, and keep only its warnings unless -v is given (the user's own settings win).
+    # to stderr. Quiet by default: vLLM's (and torch's C++) warnings only with -v, its errors always
+    # (the user's own settings win). These variables reach vLLM's child processes too.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if verbose == 0:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        # multiprocessing's resource tracker (a process of its own) reports the shared memory that
+        # vLLM's engine core leaves behind when it is stopped in a hurry
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
+
+
+_verbose = 0
+_exit_quieted = False
+
+
+def _quiet_exit() -> None:
+    """Without -v, nothing after the command's own output: once the command is done, the
+    interpreter's finalization writes nothing to stderr. Triton (imported by vLLM) leaks nanobind
+    objects, and nanobind reports each at exit: ~30 lines of "nanobind: leaked ..." after every
+    answer. Errors of the command itself are printed before this runs."""
+    global _exit_quieted
+    if _verbose or _exit_quieted:
+        return
+    _exit_quieted = True
+
+    def silence() -> None:
+        if "triton" not in sys.modules:  # nothing to hide
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+
+    atexit.register(silence)  # atexit runs last-registered first: this is registered before vLLM's
 
 
 @main.command()
@@ -91,6 +125,7 @@ def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
 
     with errors():
         spec = load_spec(file, overrides)
+        _quiet_exit()
         launch(Launch(spec, file, overrides, resume, make_agent=common.make_agent))
 
 
@@ -106,6 +141,7 @@ def run(file: str, prompt: str, as_json: bool, overrides: tuple[str, ...]) -> No
 
     with errors():
         agent = common.make_agent(load_spec(file, overrides))
+        _quiet_exit()
 
         async def once(agent: Agent) -> None:
             await run_once(agent, prompt, as_json=as_json)
@@ -134,15 +170,21 @@ def tools(ctx: click.Context, doctor: bool, agent_file: str | None) -> None:
             _agent_tools(agent_file, doctor)
         return
     if doctor:
-        broken = 0
+        broken = clashes = 0
         for report in plugins.doctor():
             if report.error:
                 broken += 1
                 click.echo(f"BROKEN {report.entry.name} ({report.entry.origin}): {report.error}")
+            elif report.clash:
+                clashes += 1
+                click.echo(f"CLASH  {report.entry.name} ({report.entry.origin}): {report.clash}")
             else:
                 click.echo(f"ok     {report.entry.name} ({report.entry.origin})")
-        if broken:
-            raise click.ClickException(f"{broken} broken tool(s); they are skipped when agents load")
+        problems = [f"{broken} broken tool(s); they are skipped when agents load"] if broken else []
+        if clashes:
+            problems.append(f"{clashes} tool name(s) declared by several packages")
+        if problems:
+            raise click.ClickException("; ".join(problems))
         return
     entries = plugins.installed_tools()
     if not entries:

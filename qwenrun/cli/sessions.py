@@ -85,10 +85,13 @@ def list_sessions(path: str, limit: int, agent: str | None) -> None:
     if not found:
         click.echo(f"No sessions recorded in {path}.", err=True)
         return
-    click.echo(f"{'ID':<32}  {'UPDATED':<19}  {'AGENT':<16} {'FRONTEND':<8} {'TURNS':>5}  TITLE")
+    # columns as wide as their longest value: Chainlit's thread ids have 36 characters, qwenrun's 32
+    ids = max(32, *(len(_safe(info.id)) for info in found))
+    agents = max(16, *(len(_safe(info.agent)) for info in found))
+    click.echo(f"{'ID':<{ids}}  {'UPDATED':<19}  {'AGENT':<{agents}} {'FRONTEND':<8} {'TURNS':>5}  TITLE")
     for info in found:
-        click.echo(f"{info.id:<32}  {_when(info.updated)}  {info.agent:<16} {info.frontend:<8} "
-                   f"{info.turns:>5}  {_safe(info.title)}")  # fmt: skip
+        click.echo(f"{_safe(info.id):<{ids}}  {_when(info.updated)}  {_safe(info.agent):<{agents}} "
+                   f"{info.frontend:<8} {info.turns:>5}  {_safe(info.title)}")  # fmt: skip
 
 
 @sessions.command("show")

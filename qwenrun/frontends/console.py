@@ -1,9 +1,10 @@
 """The terminal front end: a REPL (``qwenrun up`` with ``frontend.kind: cli``) and one-shot runs.
 
-Thin: it turns agent events into terminal output (the model's reasoning dimmed, with its control
-characters escaped so that it cannot move the cursor or change colours). ``/reset`` clears the
-conversation, ``/exit`` (or end of input) leaves; Ctrl-C stops the current answer and keeps the
-session. A call of an ``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
+Thin: it turns agent events into terminal output (the model's reasoning dimmed). ``/reset`` clears
+the conversation, ``/exit`` (or end of input) leaves, ``/help`` lists the commands; Ctrl-C stops the
+current answer and keeps the session. Text from the model and the tools is printed with its control
+characters made visible (:func:`printable`): an ESC in a tool result must not drive the user's
+terminal. A call of an ``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,28 @@ import click
 
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
-from qwenrun.errors import QwenrunError
+from qwenrun.errors import QwenrunError, RequestError
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
 from qwenrun.frontends.base import Launch, run_agent
 
 __all__ = ["EventPrinter", "console_approver", "printable", "repl", "run", "run_once"]
 
 PROMPT = ">>> "
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+COMMANDS = {
+    "/help": "this list",
+    "/reset": "clear the conversation (it goes on as a new session)",
+    "/exit": "leave (also /quit or Ctrl-D)",
+}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+_C1 = re.compile(r"[\x7f-\x9f]")  # what json.dumps(ensure_ascii=False) leaves raw
+_COMMAND = re.compile(r"/[A-Za-z?]+")
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters (ESC, CR, BEL, ...) written as ``\\x1b`` escapes; tabs
-    and newlines stay."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    """``text`` (from the model or a tool) safe to print on a terminal: control characters (ESC
+    starts the sequences that move the cursor, clear the screen or set the window title) become a
+    visible ``\\xNN``; tabs and newlines stay."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text.replace("\r\n", "\n"))
 
 
 class EventPrinter:
@@ -58,7 +67,8 @@ class EventPrinter:
 
     def __call__(self, event: Event) -> None:
         if self.as_json:
-            click.echo(json.dumps(to_dict(event), ensure_ascii=False), file=self.out)
+            line = json.dumps(to_dict(event), ensure_ascii=False)
+            click.echo(_C1.sub(lambda match: f"\\u{ord(match.group()):04x}", line), file=self.out)
             return
         if isinstance(event, Reasoning):
             text = printable(event.text)
@@ -76,25 +86,42 @@ class EventPrinter:
             if isinstance(event, TextDelta):
                 self._write("\n")  # a blank line between the reasoning and the answer
         if isinstance(event, TextDelta):
-            self._write(event.text)
+            self._write(printable(event.text))
             self._open_line = not event.text.endswith("\n")
             return
-        if isinstance(event, Usage | Final) or (not self.show_tools and not isinstance(event, Repair)):
-            if isinstance(event, Final) and self._open_line:
-                self._write("\n")
-                self._open_line = False
+        if isinstance(event, Final):
+            self._final(event)
+            return
+        if isinstance(event, Usage) or (not self.show_tools and not isinstance(event, Repair)):
             return
         self._end_line()
         if isinstance(event, ToolCall):
             args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.arguments.items())
-            self._write(click.style(f"  → {event.name}({args})\n", dim=True))
+            self._write(click.style(printable(f"  → {event.name}({args})") + "\n", dim=True))
         elif isinstance(event, ToolResult):
-            text = " ".join(event.content.split())
+            text = " ".join(printable(event.content).split())
             text = text if len(text) <= 160 else text[:157] + "..."
             colour = "red" if event.is_error else None
             self._write(click.style(f"  ← {text}\n", dim=not event.is_error, fg=colour))
         elif isinstance(event, Repair):
-            self._write(click.style(f"  ! {event.reason}\n", fg="yellow"))
+            self._write(click.style(f"  ! {printable(event.reason)}\n", fg="yellow"))
+
+    def _final(self, final: Final) -> None:
+        """End the turn's line, with a word when the answer is not all there: cut at max_tokens,
+        stopped at max_iterations (the loop's note), or empty."""
+        if final.stop_reason == "length":
+            note = "(cut off: the answer reached sampling.max_tokens)"
+        elif final.stop_reason == "max_iterations":
+            note = printable(final.text)
+        elif not final.text.strip():
+            note = "(the model's answer is empty)"
+        else:
+            note = ""
+        if self._open_line:
+            self._write("\n")
+        if note:
+            self._write(click.style(note + "\n", fg="yellow"))
+        self._open_line = False
 
 
 def run(launch: Launch) -> None:
@@ -165,9 +192,7 @@ async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None 
     session = agent.session(resume, approver=console_approver(lines.next))
     _announce(session, resumed=resume is not None)
     loop = asyncio.get_running_loop()
-    click.echo(
-        "Type a question; /reset clears the conversation, /exit leaves. Ctrl-C stops an answer.", err=True
-    )
+    click.echo("Type a question; /help lists the commands, /exit leaves. Ctrl-C stops an answer.", err=True)
     while True:
         click.echo(PROMPT, nl=False, err=True)
         line = await lines.next()
@@ -181,6 +206,13 @@ async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None 
             click.echo("(conversation cleared)", err=True)
             _announce(session)
             continue
+        if text in ("/help", "/?"):
+            click.echo("\n".join(f"  {name:<8} {what}" for name, what in COMMANDS.items()), err=True)
+            click.echo("  Ctrl-C   stop the answer being written (the conversation stays)", err=True)
+            continue
+        if _COMMAND.fullmatch(text):  # a typo of a command is not a question for the model
+            click.echo(f"unknown command {text}; /help lists the commands", err=True)
+            continue
         turn = asyncio.ensure_future(_turn(session, text, printer))
         installed = _on_sigint(loop, turn.cancel)
         try:
@@ -189,6 +221,8 @@ async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None 
             if not turn.cancelled():
                 raise
             click.echo("\n(stopped)", err=True)
+        except RequestError as exc:  # e.g. the conversation outgrew max_model_len: the engine is fine
+            click.echo(f"\nError: {exc}; /reset starts a new conversation", err=True)
         finally:
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)

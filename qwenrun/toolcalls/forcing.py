@@ -117,17 +117,40 @@ def qwen_xml_structural_tag(functions: Sequence[Mapping[str, Any]]) -> dict[str,
     return {"type": "structural_tag", "format": body}
 
 
-def forced_call(format: str, tools: Sequence[Mapping[str, Any]], choice: str) -> ForcedCall | None:
+def forced_call(
+    format: str, tools: Sequence[Mapping[str, Any]], choice: str, *, parallel: bool = False
+) -> ForcedCall | None:
     """How to force a call of ``format`` (``hermes`` or ``qwen3_coder``) for ``tool_choice``
     ``choice`` (``required`` or a tool's name); None for ``auto``, ``none``, no tools or an unknown
-    name (nothing to force)."""
+    name (nothing to force). With ``parallel`` and ``required`` a Hermes answer may go on with more
+    ``<tool_call>`` blocks, as ``vllm serve`` allows several calls."""
     if choice in ("auto", "none") or not tools:
         return None
     if format == "qwen3_coder":
         chosen = _chosen(tools, choice)
         return ForcedCall(FORCED_PREFILL, structural_tag=qwen_xml_structural_tag(chosen)) if chosen else None
     schema, prefill = hermes.forced_call(tools, choice)
-    return ForcedCall(prefill, json_schema=schema) if schema is not None else None
+    if schema is None:
+        return None
+    if parallel and choice == "required":
+        return ForcedCall(prefill, structural_tag=_several_calls(schema))
+    return ForcedCall(prefill, json_schema=schema)
+
+
+def _several_calls(schema: dict[str, Any]) -> dict[str, Any]:
+    """One or more Hermes calls after the prefill: ``{call}\n</tool_call>``, then any number of
+    ``\n<tool_call>\n{call}\n</tool_call>``; compact JSON (at most one space in a row)."""
+
+    def call() -> dict[str, Any]:
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WHITESPACE}
+
+    close = {"type": "const_string", "value": "\n</tool_call>"}
+    opening = {"type": "const_string", "value": "\n<tool_call>\n"}
+    more = {"type": "sequence", "elements": [opening, call(), close]}
+    return {
+        "type": "structural_tag",
+        "format": {"type": "sequence", "elements": [call(), close, {"type": "star", "content": more}]},
+    }
 
 
 def thinking_prefill(prompt: str, chat_template: str | None) -> str:

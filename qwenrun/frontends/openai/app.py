@@ -2,12 +2,15 @@
 
 Thin: HTTP in (auth, size limit, JSON, validation), :mod:`qwenrun.frontends.openai.chat` in the middle,
 OpenAI JSON or server-sent events out. Every failure is an OpenAI error body with a 4xx/5xx
-status; an engine failure is a 503 (or, once a stream has started, an ``error`` event). The
-Responses API routes are :mod:`qwenrun.frontends.openai.responses`.
+status; a request the engine refuses as invalid is a 400, an engine failure a 503 (or, once a
+stream has started, an ``error`` event). When the engine dies for good, :func:`serve` stops the
+server and raises :class:`EngineError` (``qwenrun up`` exits with 1) so that a supervisor restarts it.
+The Responses API routes are :mod:`qwenrun.frontends.openai.responses`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -26,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
+from qwenrun.engines.base import wait_until_dead
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.frontends import OpenAIFrontend
-from qwenrun.frontends.openai import chat, responses
+from qwenrun.frontends.openai import chat, completions, responses
 from qwenrun.frontends.openai.http import (
     PING_S,
     ClientGone,
@@ -64,7 +68,10 @@ def _api_key(frontend: OpenAIFrontend, source: str) -> str | None:
 
 def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     """The app for ``agent``. Its lifespan starts the engine (``await agent.start()``) and, unless
-    ``shutdown_engine`` is False (an engine shared with other code), shuts it down at the end."""
+    ``shutdown_engine`` is False (an engine shared with other code), shuts it down at the end.
+
+    Once the engine has died for good the app calls ``app.state.on_engine_death`` (if set; :func:`serve`
+    sets it to stop the server) and sets ``app.state.engine_died``."""
     spec = agent.spec
     frontend = frontend_of(spec)
     api_key = _api_key(frontend, spec.source)
@@ -87,10 +94,12 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
             raise
         ready = True
         log.info("serving %r (pass-through) and %r (agent) on the OpenAI API", served, agent.name)
+        watchdog = asyncio.create_task(_on_death(app, agent))
         try:
             yield
         finally:
             ready = False
+            watchdog.cancel()
             if shutdown_engine:
                 await agent.shutdown()
 
@@ -99,6 +108,8 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.api_key_required = api_key is not None
     app.state.metrics = metrics
+    app.state.engine_died = False
+    app.state.on_engine_death = None
 
     def error_response(error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -114,7 +125,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return error_response(APIError(400, str(exc), param=exc.param, code=exc.code))  # the engine goes on
+        return error_response(_refused(exc))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -179,7 +190,9 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         except ValidationError as exc:
             raise invalid_request(exc) from None
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        reply = chat.Reply(req.model, include_usage=include_usage)
+        reply = chat.Reply(
+            req.model, include_usage=include_usage, choices=req.n or 1, logprobs=bool(req.logprobs)
+        )
         if req.model not in (served, agent.name):
             raise unknown_model(req.model)
         mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
@@ -190,13 +203,13 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
             for header, value in ((chat.SESSION_HEADER, session_id), (chat.APPROVAL_HEADER, approval)):
                 if value is not None:
                     raise APIError(400, f"{header} needs agent mode (model {agent.name!r})")
-            pieces = chat.passthrough(agent, req, frontend, reply.id)
+            pieces = chat.passthrough_choices(agent, req, frontend, reply.id)
         else:
             pieces = chat.agent_turn(agent, req, frontend, session_id, busy, approval)
         observed = observe(metrics, mode, pieces)
         if not req.stream:
             collected = await unless_disconnected(request, collect(observed))
-            return JSONResponse(chat.completion(reply, collected), headers=headers)
+            return JSONResponse(completions.completion(reply, collected), headers=headers)
         # Wait for the first piece so that an engine that is dead or refuses the request gets a
         # real 503 status instead of a 200 followed by an error event.
         first = await unless_disconnected(request, anext(observed))
@@ -220,10 +233,13 @@ async def _events(
             yield piece
 
     try:
-        async with aclosing(pieces), aclosing(chat.chunks(reply, all_pieces())) as stream:
+        async with aclosing(pieces), aclosing(completions.chunks(reply, all_pieces())) as stream:
             async for chunk in stream:
                 yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
         yield "[DONE]"
+    except RequestError as exc:  # a later model call of an agent turn, e.g. a too long conversation
+        request.state.qwenrun_status = 400
+        yield json.dumps(_refused(exc).body())
     except EngineError as exc:
         log.warning("engine error during a stream: %s", exc)
         request.state.qwenrun_status = 503
@@ -235,6 +251,23 @@ async def _events(
     except BaseException:  # cancelled or closed: the client went away
         request.state.qwenrun_status = 499
         raise
+
+
+def _refused(exc: RequestError) -> APIError:
+    return APIError(400, str(exc), param=exc.param, code=exc.code)
+
+
+ENGINE_CHECK_S = 1.0  # how often the watchdog looks at the engine
+
+
+async def _on_death(app: FastAPI, agent: Agent) -> None:
+    """Wait until the engine dies for good, then tell ``app.state.on_engine_death``."""
+    await wait_until_dead(agent.engine, ENGINE_CHECK_S)
+    app.state.engine_died = True
+    log.error("the engine has died; stopping the server so that a supervisor can restart it")
+    callback = app.state.on_engine_death
+    if callback is not None:
+        callback()
 
 
 def _is_loopback(host: str) -> bool:
@@ -257,4 +290,9 @@ def serve(agent: Agent) -> None:
             "serving on %s without an API key: anyone who can reach this port can use the model "
             "(set frontend.api_key_env)", frontend.host,
         )  # fmt: skip
-    uvicorn.run(app, host=frontend.host, port=frontend.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=frontend.host, port=frontend.port, log_level="info"))
+    app.state.on_engine_death = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.engine_died:
+        raise EngineError("the engine died, so the server stopped (exit code 1): restart qwenrun, or let "
+                          "a supervisor (systemd, Kubernetes) do it")  # fmt: skip

@@ -1,16 +1,20 @@
 """Chat completions: from a validated request to the agent or the engine, and back to OpenAI JSON.
 
 Both modes produce the same small stream of *pieces* (:class:`Text`, :class:`ReasoningText`,
-:class:`CallDelta`, :class:`Call`, :class:`Step`, then one :class:`Finish`); :func:`completion`
-folds them into a ``chat.completion`` object and :func:`chunks` turns them into
-``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one always agree.
+:class:`CallDelta`, :class:`Call`, :class:`Logprobs`, :class:`Step`, then one :class:`Finish` per
+choice); :mod:`qwenrun.frontends.openai.completions` folds them into a ``chat.completion`` object or
+turns them into ``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one
+always agree. Every piece belongs to one choice (``n`` > 1 in pass-through mode: ``choice``).
 Reasoning is returned as ``reasoning`` and ``reasoning_content`` (on the message, on the deltas),
 as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, older clients read
 ``reasoning_content``).
 
 * pass-through (``model`` = the served model name): the client's messages and tools go to
   ``agent.engine.generate``; tool calls in the output (the engine's format: Hermes JSON or
-  Qwen3-Coder XML, arguments streamed as they are written) become OpenAI ``tool_calls``.
+  Qwen3-Coder XML, arguments streamed as they are written) become OpenAI ``tool_calls``. As ``vllm
+  serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON ``response_format`` or vLLM's
+  ``structured_outputs``, several calls for ``tool_choice: required`` unless
+  ``parallel_tool_calls`` is false.
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
   Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
@@ -20,16 +24,18 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import Approver, fixed_approver
-from qwenrun.engines.base import Constraint, OutputReader, Request
+from qwenrun.engines import VLLMEngineSpec
+from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
 from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai.schemas import (
@@ -47,14 +53,15 @@ SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session
 APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
 
 __all__ = [
-    "APPROVAL_HEADER", "Call", "CallDelta", "Finish", "Piece", "Pieces", "ReasoningText", "Reply", "Step",
-    "Text", "agent_turn", "approver_for", "chunks", "closing", "completion", "passthrough",
+    "APPROVAL_HEADER", "Call", "CallDelta", "Finish", "Logprobs", "Piece", "Pieces", "ReasoningText", "Reply",
+    "Step", "Text", "agent_turn", "approver_for", "closing", "passthrough", "passthrough_choices",
 ]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Text:
     text: str
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,7 @@ class ReasoningText:
     """A piece of the model's reasoning (``reasoning`` / ``reasoning_content``), in order; both modes."""
 
     text: str
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,7 @@ class CallDelta:
     id: str
     name: str | None
     arguments: str
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,15 @@ class Call:
     index: int
     call: hermes.ToolCall
     streamed: bool = False
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The log probabilities of generated tokens (pass-through mode, ``logprobs: true``)."""
+
+    tokens: list[TokenLogprob]
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,7 @@ class Step:
     """A server-side tool step of the agent (agent mode): a ``to_dict`` of the event."""
 
     data: dict[str, Any]
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +116,10 @@ class Finish:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    choice: int = 0
 
 
-Piece = Text | ReasoningText | CallDelta | Call | Step | Finish
+Piece = Text | ReasoningText | CallDelta | Call | Logprobs | Step | Finish
 Pieces = AsyncGenerator[Piece, None]
 
 
@@ -121,6 +141,8 @@ class Reply:
 
     model: str
     include_usage: bool = False
+    choices: int = 1
+    logprobs: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -198,14 +220,25 @@ def _choice(request: ChatCompletionRequest, names: list[str], default: str) -> s
 # -- pass-through mode ----------------------------------------------------------------------------
 
 
-def _constraint(request: ChatCompletionRequest) -> Constraint | None:
-    """vLLM's ``structured_outputs`` of the request as an engine constraint."""
+def _constraint(request: ChatCompletionRequest, forced: bool) -> Constraint | None:
+    """The request's constraint on the answer: a JSON ``response_format`` (as ``vllm serve``), or
+    vLLM's ``structured_outputs``; neither beside a forced tool call."""
     wanted = request.structured_outputs
-    if wanted is None:
+    if wanted is not None and request.json_format():
+        raise APIError(400, "give response_format or structured_outputs, not both", param="response_format")
+    if (wanted is not None or request.json_format()) and forced:
+        raise APIError(400, "a JSON response_format or structured_outputs cannot be combined with a "
+                       "forced tool call (tool_choice 'required' or a named tool)",
+                       param="response_format")  # fmt: skip
+    if wanted is not None:
+        return Constraint(regex=wanted.regex, json=wanted.json_schema, grammar=wanted.grammar,
+                          choice=wanted.choice)  # fmt: skip
+    if not request.json_format():
         return None
-    return Constraint(
-        regex=wanted.regex, json=wanted.json_schema, grammar=wanted.grammar, choice=wanted.choice
-    )
+    spec = request.response_format
+    if spec is not None and spec.json_schema is not None:
+        return Constraint(json=spec.json_schema.json_schema)
+    return Constraint(json_object=True)
 
 
 def passthrough(
@@ -216,7 +249,7 @@ def passthrough(
     names = [tool["function"]["name"] for tool in tools]
     choice = _choice(request, names, "auto" if tools else "none")
     sent_tools = tools if tools and choice != "none" else None
-    constraint = _constraint(request)
+    constraint = _constraint(request, forced=bool(sent_tools) and choice not in ("auto", "none"))
     messages = [engine_message(message) for message in request.messages]
     single = request.parallel_tool_calls is False
     sampling = {**agent.sampling_overrides(), **overrides(request, agent, frontend)}
@@ -261,9 +294,11 @@ def passthrough(
 
         stream = agent.engine.generate(
             Request(
-                messages=messages, tools=sent_tools, tool_choice=choice, sampling=agent.spec.sampling,
-                overrides=sampling, constraint=constraint, chat_template_kwargs=template,
-                request_id=request_id, incremental=bool(request.stream),  # non-streaming: one delta
+                messages=messages, tools=sent_tools, tool_choice=choice, parallel_tool_calls=not single,
+                sampling=agent.spec.sampling, overrides=sampling, constraint=constraint,
+                chat_template_kwargs=template, request_id=request_id,
+                incremental=bool(request.stream),  # non-streaming: one delta
+                logprobs=request.wanted_logprobs(),
             )
         )  # fmt: skip
         async with closing(stream):
@@ -272,12 +307,66 @@ def passthrough(
                 finish = delta.finish_reason or finish
                 for piece in translate(reader.feed(delta)):
                     yield piece
+                if delta.logprobs:
+                    yield Logprobs(delta.logprobs)
         for piece in translate(reader.finish()):
             yield piece
         reason = "tool_calls" if complete else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
 
     return pieces()
+
+
+def passthrough_choices(
+    agent: Agent, request: ChatCompletionRequest, frontend: OpenAIFrontend, request_id: str
+) -> Pieces:
+    """:func:`passthrough` with ``n`` choices: ``n`` requests to the engine, as vLLM runs them
+    (choice ``i`` gets ``seed + i`` when a seed is given), their pieces merged as they come."""
+    n = request.n or 1
+    if n == 1:
+        return passthrough(agent, request, frontend, request_id)
+    engine = agent.spec.engine
+    most = engine.max_num_seqs if isinstance(engine, VLLMEngineSpec) else None
+    if most is not None and n > most:
+        raise APIError(400, f"n ({n}) is larger than the sequences the engine runs at once "
+                       f"(engine.max_num_seqs, {most})", param="n")  # fmt: skip
+    streams = []
+    for index in range(n):
+        seed = None if request.seed is None else request.seed + index
+        one = request.model_copy(update={"n": 1, "seed": seed})
+        streams.append(passthrough(agent, one, frontend, f"{request_id}-{index}"))
+    return _merged(streams)
+
+
+async def _merged(streams: list[Pieces]) -> Pieces:
+    """The pieces of several streams as they come, each marked with its stream's index."""
+    queue: asyncio.Queue[tuple[int, Piece | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Pieces) -> None:
+        try:
+            async with aclosing(stream):
+                async for piece in stream:
+                    await queue.put((index, piece))
+        except Exception as exc:  # given to the consumer
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield dataclasses.replace(item, choice=index)
+    finally:  # a failure, or a client that went away: stop every generation now
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- agent mode -----------------------------------------------------------------------------------
@@ -303,6 +392,14 @@ def agent_turn(
         raise APIError(400, f"model {agent.name!r} runs the agent with its own tools; send no `tools` "
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
                        param="tools")  # fmt: skip
+    passthrough_only = {"n": (request.n or 1) > 1, "logprobs": bool(request.logprobs),
+                        "response_format": request.json_format(),
+                        "structured_outputs": request.structured_outputs is not None}  # fmt: skip
+    for param, given in passthrough_only.items():
+        if given:
+            raise APIError(400, f"{param} is supported in pass-through mode only (model "
+                           f"{agent.spec.served_model_name!r}), not by the agent {agent.name!r}",
+                           param=param)  # fmt: skip
     choice = _choice(request, list(agent.tools), agent.spec.agent.tool_choice)
     approver = approver_for(agent, approval)
     last = request.messages[-1]
@@ -395,85 +492,3 @@ async def _released(session_id: str | None, busy: set[str]) -> AsyncIterator[Non
     finally:
         if session_id is not None:
             busy.discard(session_id)
-
-
-# -- pieces -> OpenAI JSON ------------------------------------------------------------------------
-
-
-def _usage(finish: Finish) -> dict[str, int]:
-    total = finish.prompt_tokens + finish.completion_tokens
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": total}  # fmt: skip
-
-
-def _tool_call(piece: Call) -> dict[str, Any]:
-    function = {"name": piece.call.name, "arguments": piece.call.arguments_json()}
-    return {"id": piece.call.id, "type": "function", "function": function}
-
-
-def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
-    """The non-streaming ``chat.completion`` object."""
-    text = "".join(piece.text for piece in pieces if isinstance(piece, Text))
-    reasoning = "".join(piece.text for piece in pieces if isinstance(piece, ReasoningText))
-    calls = [_tool_call(piece) for piece in pieces if isinstance(piece, Call)]
-    steps = [piece.data for piece in pieces if isinstance(piece, Step)]
-    finish = next(piece for piece in pieces if isinstance(piece, Finish))
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-    if reasoning:
-        message["reasoning"] = message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = calls
-    if steps:
-        message["qwenrun_steps"] = steps
-    return {
-        "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
-        "usage": _usage(finish),
-    }  # fmt: skip
-
-
-def _call_header(index: int, call_id: str, name: str) -> dict[str, Any]:
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
-
-
-def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }  # fmt: skip
-    if reply.include_usage:
-        chunk["usage"] = None
-    chunk.update(extra)
-    return chunk
-
-
-async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[dict[str, Any], None]:
-    """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk, the
-    reasoning (``reasoning`` and ``reasoning_content`` deltas) and the content as they come, each
-    tool call as a header chunk (id, name) then its arguments (fragments as they are written, or
-    one chunk), a finish chunk, and the usage chunk (empty ``choices``) when
-    ``stream_options.include_usage`` asks for it."""
-    yield _chunk(reply, {"role": "assistant", "content": ""})
-    async for piece in pieces:
-        if isinstance(piece, Text):
-            yield _chunk(reply, {"content": piece.text})
-        elif isinstance(piece, ReasoningText):
-            yield _chunk(reply, {"reasoning": piece.text, "reasoning_content": piece.text})
-        elif isinstance(piece, CallDelta):
-            if piece.name is not None:
-                yield _chunk(reply, {"tool_calls": [_call_header(piece.index, piece.id, piece.name)]})
-            if piece.arguments:
-                arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
-                yield _chunk(reply, {"tool_calls": [arguments]})
-        elif isinstance(piece, Call):
-            if piece.streamed:
-                continue
-            yield _chunk(reply, {"tool_calls": [_call_header(piece.index, piece.call.id, piece.call.name)]})
-            arguments = {"index": piece.index, "function": {"arguments": piece.call.arguments_json()}}
-            yield _chunk(reply, {"tool_calls": [arguments]})
-        elif isinstance(piece, Step):
-            yield _chunk(reply, {}, qwenrun_step=piece.data)
-        else:
-            yield _chunk(reply, {}, piece.reason)
-            if reply.include_usage:
-                yield {**_chunk(reply, {}), "choices": [], "usage": _usage(piece)}

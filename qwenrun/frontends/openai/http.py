@@ -34,8 +34,14 @@ def unknown_model(name: str) -> APIError:
     return APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The JSON body, refusing more than ``limit`` bytes by Content-Length and by bytes read."""
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of the body, refusing more than ``limit`` bytes by Content-Length and by bytes
+    read, a body that is not ``application/json`` (as ``vllm serve``: a form or text body is a
+    mistake) and JSON that is not an object."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = repr(media_type) if media_type else "none"
+        raise APIError(400, f"Content-Type must be application/json (got {shown})")
     too_large = APIError(413, f"the request body is larger than {limit} bytes",
                          code="request_too_large", headers={"Connection": "close"})  # fmt: skip
     declared = request.headers.get("content-length")
@@ -62,7 +68,17 @@ async def read_json(request: Request, limit: int) -> Any:
         except (UnicodeEncodeError, RecursionError):
             raise APIError(400, "the body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate, "
                            "which is not text (the tokenizer cannot encode it)") from None  # fmt: skip
+    if not isinstance(body, dict):
+        raise APIError(400, f"the body must be a JSON object, not {_json_type(body)}")
     return body
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as a client would say it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -79,8 +95,9 @@ async def observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Piec
                 metrics.count_tool_call(mode, piece.call.name)
             elif isinstance(piece, chat.Step) and piece.data.get("type") == "tool_call":
                 metrics.count_tool_call(mode, str(piece.data.get("name")))
-            elif isinstance(piece, chat.Finish):
-                metrics.count_tokens(mode, piece.prompt_tokens, piece.completion_tokens)
+            elif isinstance(piece, chat.Finish):  # n choices share one prompt
+                prompt = piece.prompt_tokens if piece.choice == 0 else 0
+                metrics.count_tokens(mode, prompt, piece.completion_tokens)
             yield piece
 
 

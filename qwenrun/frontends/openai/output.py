@@ -87,6 +87,8 @@ class ResponseBuilder:
             return self._function_call(piece)
         if isinstance(piece, chat.Step):
             return self._step(piece.data)
+        if isinstance(piece, chat.Logprobs):  # the Responses API returns no token log probabilities
+            return []
         return self._finish(piece)
 
     def fail(self, code: str, message: str) -> list[Event]:

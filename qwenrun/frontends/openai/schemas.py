@@ -1,9 +1,9 @@
 """The wire format of the OpenAI-compatible server: request models (pydantic) and the error body.
 
-Every request body is validated here before anything reaches the agent or the engine. Fields
-OpenAI defines but qwenrun cannot honour (``n > 1``, ``logprobs``, ``response_format``) are
-rejected with a clear message rather than silently ignored; fields it does not know at all
-(``user``, ``metadata``, ...) are ignored, as vLLM does. :class:`APIError` carries an HTTP status
+Every request body is validated here before anything reaches the agent or the engine. Fields it
+does not know at all (``user``, ``metadata``, ...) are ignored, as vLLM does; what a mode cannot
+honour (``n > 1``, ``logprobs`` or ``response_format`` in agent mode) is refused in
+:mod:`qwenrun.frontends.openai.chat` with a message naming the field. :class:`APIError` carries an HTTP status
 and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "APIError",
@@ -133,15 +141,13 @@ def _depth(node: Any) -> int:
     return depth
 
 
-def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
-    """A function's ``parameters`` must be a valid JSON Schema of an object."""
-    if schema.get("type", "object") != "object":
-        raise ValueError("must be a JSON Schema of type 'object'")
+def _check_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Any valid JSON Schema, nested at most ``MAX_SCHEMA_DEPTH`` levels."""
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
     try:
         from jsonschema import Draft202012Validator, exceptions, validators  # type: ignore[import-untyped]
-    except ImportError:  # without jsonschema only the shape above is checked
+    except ImportError:  # pragma: no cover - without jsonschema only the depth is checked
         return schema
     try:
         validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
@@ -149,6 +155,13 @@ def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
         where = ".".join(str(part) for part in exc.absolute_path)
         raise ValueError(f"not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
     return schema
+
+
+def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
+    """A function's ``parameters`` must be a valid JSON Schema of an object."""
+    if schema.get("type", "object") != "object":
+        raise ValueError("must be a JSON Schema of type 'object'")
+    return _check_schema(schema)
 
 
 class FunctionDefinition(_Model):
@@ -166,6 +179,33 @@ class FunctionDefinition(_Model):
 class ToolDefinition(_Model):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+class JSONSchemaSpec(_Model):
+    """``response_format.json_schema``: the answer must be JSON of ``schema``."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_schema(value)
+
+
+class ResponseFormat(_Model):
+    """``response_format``: free text, any JSON object, or JSON of a schema (structured outputs)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema: {name, schema}")
+        return self
 
 
 class ToolName(_Model):
@@ -238,31 +278,25 @@ class ChatCompletionRequest(_Model):
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(None, ge=-1, description="-1: no limit")
     include_reasoning: bool = True
-    n: int | None = None
+    n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's bound, and vLLM's default max_logprobs
+    response_format: ResponseFormat | None = None
 
-    @field_validator("n")
+    @field_validator("top_logprobs")
     @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError("only n=1 is supported")
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives per token the engine must score (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return value
+    def json_format(self) -> bool:
+        """Whether ``response_format`` asks for JSON (``json_object`` or ``json_schema``)."""
+        return self.response_format is not None and self.response_format.type != "text"
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -309,9 +343,15 @@ def engine_message(message: SystemMessage | UserMessage | AssistantMessage | Too
 _MODELS: Sequence[type[BaseModel]] = (
     ChatCompletionRequest, SystemMessage, UserMessage, AssistantMessage, ToolMessage, TextPart,
     ToolCallItem, FunctionCall, ToolDefinition, FunctionDefinition, NamedToolChoice, ToolName, StreamOptions,
-    StructuredOutputs,
+    StructuredOutputs, ResponseFormat, JSONSchemaSpec,
 )  # fmt: skip
-_FIELDS = frozenset(name for model in _MODELS for name in model.model_fields)
+_FIELDS = frozenset(
+    name
+    for model in _MODELS
+    for field, info in model.model_fields.items()
+    for name in (field, info.alias)
+    if name
+)
 
 
 def _param(loc: Sequence[str | int], fields: frozenset[str] = _FIELDS) -> str | None:
