@@ -14,6 +14,7 @@ arguments.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import inspect
 import json
@@ -21,10 +22,12 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
+from qwenrun.engines.prompts import PromptTokenizer
 from qwenrun.engines.vllm_inputs import (
     END_TOKENS,
     engine_arg_defaults,
@@ -65,6 +68,8 @@ class VLLMEngine:
         self._lock = asyncio.Lock()
         self._dead = False
         self._template: str | None = None
+        self._prompts: PromptTokenizer | None = None
+        self._pool: ThreadPoolExecutor | None = None
         fmt = spec.model.tool_call_format
         self.tool_call_format: str = "hermes" if fmt == "auto" else fmt  # "auto" is resolved at start
         # forced calls by (id of the tools list, choice), with the list they were made for
@@ -127,24 +132,33 @@ class VLLMEngine:
             except Exception as exc:
                 engine.shutdown()
                 raise EngineError(f"vLLM started but has no usable tokenizer: {exc}") from exc
-            template = getattr(tokenizer, "chat_template", None)
-            self._template = template if isinstance(template, str) else None
-            self.tool_call_format = resolve_format(self.spec.model.tool_call_format, self._template)
-            self._forced.clear()
-            self._engine, self._tokenizer, self._dead = engine, tokenizer, False
+            self.attach(engine, tokenizer, int(config.max_model_len))
             # As vLLM's own server does after start-up: move the (millions of) objects that torch,
             # vLLM and the model created to the permanent generation, so that full collections
             # during serving stay short instead of stalling every stream on the event loop.
             gc.collect()
             gc.freeze()
-            self.max_model_len = int(config.max_model_len)
             log.info("vLLM engine ready: %s (max_model_len %d, %s tool calls)", self.model_name,
                      self.max_model_len, self.tool_call_format)  # fmt: skip
+
+    def attach(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
+        """Serve with ``engine``, an already started ``AsyncLLM`` (or a stand-in with its
+        ``generate``/``abort`` methods, as benchmarks use), and its Hugging Face ``tokenizer``."""
+        template = getattr(tokenizer, "chat_template", None)
+        self._template = template if isinstance(template, str) else None
+        self.tool_call_format = resolve_format(self.spec.model.tool_call_format, self._template)
+        self._forced.clear()
+        self._engine, self._tokenizer, self._dead = engine, tokenizer, False
+        self._prompts = PromptTokenizer(tokenizer)
+        self.max_model_len = max_model_len
 
     async def shutdown(self) -> None:
         """Stop the engine and its child processes (idempotent)."""
         async with self._lock:
             engine, self._engine, self._tokenizer = self._engine, None, None
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False)
             if engine is None:
                 return
             result = engine.shutdown()
@@ -269,11 +283,13 @@ class VLLMEngine:
             raise EngineError("the engine is not started; call `await engine.start()` first")
         if self.errored:
             raise EngineError("the vLLM engine has died; restart qwenrun")
-        text = self.render(request.messages, request.tools, chat_template_kwargs=request.chat_template_kwargs)
-        opens = prompt_opens_thinking(text)  # the answer starts as reasoning (sent on the first delta)
-        constraint, prefill = self._forcing(request, text)
-        text += prefill
-        prompt_ids = list(self._tokenizer.encode(text, add_special_tokens=False))
+        # The chat template and the tokenizer run in the engine's prompt thread, as `vllm serve`
+        # does: the event loop goes on streaming other requests meanwhile (the Rust tokenizer
+        # releases the GIL), and one thread keeps the caches of forced calls and prompt pieces
+        # free of races.
+        opens, constraint, prefill, prompt_ids = await asyncio.get_running_loop().run_in_executor(
+            self._prompt_thread(), contextvars.copy_context().run, self._prompt, request
+        )
         limit = self.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
             raise RequestError(
@@ -336,6 +352,22 @@ class VLLMEngine:
                     await engine.abort(request_id)
                 except Exception:  # already gone
                     log.debug("abort of %s failed", request_id, exc_info=True)
+
+    def _prompt_thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qwenrun-prompts")
+        return self._pool
+
+    def _prompt(self, request: Request) -> tuple[bool, Constraint | None, str, list[int]]:
+        """Whether the answer starts as reasoning, the constraint and prefill of ``request``, and
+        its prompt's token ids (the pieces seen before are reused: :mod:`.prompts`)."""
+        text = self.render(request.messages, request.tools, chat_template_kwargs=request.chat_template_kwargs)
+        opens = prompt_opens_thinking(text)  # the answer starts as reasoning (sent on the first delta)
+        constraint, prefill = self._forcing(request, text)
+        prompts = self._prompts
+        if prompts is None or prompts.tokenizer is not self._tokenizer:  # a tokenizer set by hand
+            prompts = self._prompts = PromptTokenizer(self._tokenizer)
+        return opens, constraint, prefill, prompts.encode(text + prefill)
 
     def _error(self, exc: Exception) -> EngineError | RequestError:
         name = type(exc).__name__
