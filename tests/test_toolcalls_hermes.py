@@ -351,6 +351,31 @@ BARE_CASES: list[tuple[str, str, str, list[tuple[str, dict[str, Any], str | None
     ("json_scalar_list", "[1, 2, 3]", "[1, 2, 3]", []),
     ("backtick_prose", "`f` is a tool", "`f` is a tool", []),
     ("empty_fence", "```\n```", "```\n```", []),
+    # the model wrote its call again and again until max_tokens: the complete ones are calls
+    (
+        "repeated_then_cut",
+        '{"name": "f", "arguments": {"a": 1}}\n{"name": "f", "arguments": {"a": 1}}\n{"name": "f", "argu',
+        "",
+        [("f", {"a": 1}, OK), ("f", {"a": 1}, OK)],
+    ),
+    (
+        "fences_then_an_open_cut_fence",
+        '```json\n{"name": "g", "arguments": {}}\n```\n```json\n{"name": "g", "arguments": {"x": "ab',
+        "",
+        [("g", {}, OK)],
+    ),
+    (
+        "complete_but_unclosed_fence",
+        '```json\n{"name": "g", "arguments": {}}\n',
+        "",
+        [("g", {}, OK)],
+    ),
+    (  # prose after a call is no cut: a malformed call, which the agent repairs
+        "prose_after_a_call",
+        '{"name": "f", "arguments": {}} then I will answer',
+        "",
+        [("f", {}, "text after the call's JSON")],
+    ),
     # broken JSON that names a declared tool: a malformed call (the agent repairs it)
     (
         "truncated_object",

@@ -19,6 +19,7 @@ import click
 
 from qwenrun.agent import Agent
 from qwenrun.config import AgentSpec
+from qwenrun.engines import VLLMEngineSpec
 from qwenrun.errors import ConfigError
 from qwenrun.frontends import FRONTENDS
 from qwenrun.sessions import open_store
@@ -58,7 +59,9 @@ def launch(options: Launch) -> None:
 
 async def start_with_status(agent: Agent) -> None:
     """Start the engine with a status line on stderr."""
-    click.echo(f"Loading {agent.spec.model.path} ({agent.spec.engine.kind}) ...", err=True)
+    engine = agent.spec.engine
+    where = "vLLM" if isinstance(engine, VLLMEngineSpec) else engine.base_url
+    click.echo(f"Loading {agent.spec.model.path} ({where}) ...", err=True)
     started = time.perf_counter()
     await agent.start()
     click.echo(

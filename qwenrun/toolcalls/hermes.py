@@ -161,7 +161,9 @@ def _fields(obj: Any) -> tuple[str, dict[str, Any], str | None]:
 
 
 def _json_values(text: str) -> list[Any] | None:
-    """The JSON values ``text`` consists of (whitespace or commas between them), else None."""
+    """The JSON values ``text`` consists of (whitespace or commas between them), else None. A last
+    value cut off at the end of the text (the answer reached ``max_tokens`` while the model wrote
+    its call again) is dropped when complete values come before it."""
     values: list[Any] = []
     i, end = 0, len(text)
     while True:
@@ -171,6 +173,9 @@ def _json_values(text: str) -> list[Any] | None:
             return values
         try:
             value, i = _JSON.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            cut = text[i] in "{[" and (exc.pos >= end - 1 or exc.msg.startswith("Unterminated string"))
+            return values if values and cut else None
         except (ValueError, RecursionError):
             return None
         values.append(value)
@@ -178,7 +183,8 @@ def _json_values(text: str) -> list[Any] | None:
 
 def _unfenced(text: str) -> str | None:
     """The bodies of the ```` ``` ```` blocks that ``text`` (stripped) consists of, joined; None if
-    there is anything but whitespace around them. Text that does not start with a fence is itself."""
+    there is anything but whitespace around them. Text that does not start with a fence is itself.
+    A last block left open (the answer was cut) counts with what it holds."""
     if not text.startswith("```"):
         return text
     bodies, at = [], 0
@@ -187,7 +193,12 @@ def _unfenced(text: str) -> str | None:
             return None
         bodies.append(match.group(1))
         at = match.end()
-    if text[at:].strip() or not bodies:
+    rest = text[at:].strip()
+    if rest.startswith("```"):  # an open last block: its body so far
+        rest = _FENCE_RX.sub("", rest, count=1)
+        bodies.append(rest)
+        rest = ""
+    if rest or not bodies:
         return None
     return "\n".join(bodies)
 
@@ -223,7 +234,8 @@ def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_i
         named = _BARE_NAME_RX.match(body)
         if named and named.group(1) in tools:
             _, error = _decode(body.strip())
-            return [ToolCall(new_id(), named.group(1), {}, text, error or "invalid JSON", bare=True)]
+            problem = error or "text after the call's JSON"
+            return [ToolCall(new_id(), named.group(1), {}, text, problem, bare=True)]
         return None
     objects = [item for value in values for item in (value if isinstance(value, list) else [value])]
     calls = []
