@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu.sh agent      # issue 8: agent vs raw vLLM, TP=1, Qwen2.5-7B shape, dummy bf16
 #   bash benchmarks/gpu.sh tp         # issue 11: TP=1 and TP=2 (needs 2 GPUs), same model
 #   bash benchmarks/gpu.sh server     # issue 8: qwenrun's OpenAI server vs `vllm serve`, same model
+#   bash benchmarks/gpu.sh multiturn  # issue 22: N sessions x 6 turns, 20 tools, qwenrun vs raw loop
+#   bash benchmarks/gpu.sh startup    # issue 22: `qwenrun up` vs `vllm serve` to ready, cold and warm
 # Writes logs and JSON under $OUT (or /tmp).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -15,11 +17,19 @@ COMMON=(--model $M --dtype bfloat16 --load-format dummy --max-model-len 4096 --g
 case "${1:-agent}" in
   agent)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/agent_vs_raw.py "${COMMON[@]}" --sessions 1,16,64,256 \
-      --answer-tokens 128 --repeat ${REPEAT:-4} --tool ${TOOL:-async} --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' ;;
+      --answer-tokens 128 --repeat ${REPEAT:-4} --tool ${TOOL:-async} --single-stream --json $OUT/agent_vs_raw_tp1.json 2>&1 | tee $OUT/agent_vs_raw_tp1.log | grep '\[bench\]' | grep -v RESULT ;;
   server)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/server_vs_vllm.py "${COMMON[@]}" --max-num-seqs 256 --no-enforce-eager \
       --requests ${REQUESTS:-512} --concurrency ${CONCURRENCY:-64} --max-tokens 128 --warmup 64 --time-limit 60 \
       --rounds ${ROUNDS:-1} --logs $OUT/server-logs --json $OUT/server_vs_vllm.json 2>&1 | tee $OUT/server_vs_vllm.log | grep '\[bench\]' ;;
+  multiturn)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multiturn.py --model $M --dtype bfloat16 --load-format dummy \
+      --max-model-len 8192 --gpu-memory-utilization 0.85 --sessions ${SESSIONS:-1,16,64,256} --repeat ${REPEAT:-3} \
+      --json $OUT/multiturn.json 2>&1 | tee $OUT/multiturn.log | grep '\[bench\]' | grep -v RESULT ;;
+  startup)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/startup.py "${COMMON[@]}" --max-num-seqs 256 --no-enforce-eager \
+      --rounds ${ROUNDS:-1} --logs /tmp/startup-logs --json $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep '\[bench\]' | grep -v RESULT
+    mkdir -p $OUT/startup-logs && cp /tmp/startup-logs/*.log $OUT/startup-logs/ ;;
   tp)
     for tp in 2 1; do
       devs=$([ $tp = 2 ] && echo 0,1 || echo 0)

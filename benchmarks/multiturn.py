@@ -43,25 +43,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent_vs_raw import Probe, no_tool_calls  # noqa: E402
+from agent_vs_raw import Probe, no_tool_calls
 
-from qwenrun.agent import Agent  # noqa: E402
-from qwenrun.config import AgentSpec  # noqa: E402
-from qwenrun.engines.base import Request  # noqa: E402
-from qwenrun.engines.vllm import VLLMEngine  # noqa: E402
-from qwenrun.testing import PinnedEngine, literal_regex  # noqa: E402
-from qwenrun.tools import Tool  # noqa: E402
-from qwenrun.toolcalls.hermes import FORCED_PREFILL  # noqa: E402
+from qwenrun.agent import Agent
+from qwenrun.config import AgentSpec
+from qwenrun.engines.base import Request
+from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.testing import PinnedEngine, literal_regex
+from qwenrun.toolcalls.hermes import FORCED_PREFILL
+from qwenrun.tools import Tool
 
 SYSTEM = (
     "You are Ops, the operations assistant of a software company. You answer questions about "
     "projects, services, tickets and deployments. Always look the facts up with a tool before you "
     "answer, quote the numbers the tool returned, and keep answers short and precise."
 )
-WORDS = (
-    "city region date unit limit query account order ticket device sensor channel user team "
-    "project file branch commit metric window"
-).split()
+WORDS = ["city", "region", "date", "unit", "limit", "query", "account", "order", "ticket", "device", "sensor", "channel", "user", "team", "project", "file", "branch", "commit", "metric", "window"]
 QUESTIONS = (
     "What is the state of the payments service right now?",
     "And how many tickets are open for it?",
@@ -304,7 +301,7 @@ def raw_side(
     common = {"temperature": 0.45, "top_p": 0.9, "skip_special_tokens": False, "output_kind": RequestOutputKind.DELTA}
     call_params = [
         SamplingParams(max_tokens=96, structured_outputs=StructuredOutputsParams(
-            regex=literal_regex(call_text(turn_call(schemas, k)))), **common)  # fmt: skip
+            regex=literal_regex(call_text(turn_call(schemas, k)))), **common)
         for k in range(args.turns)
     ]
     answer_params = SamplingParams(**answer, **common)

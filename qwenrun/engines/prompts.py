@@ -58,8 +58,8 @@ def marker_id(tokenizer: Any, marker: str = MARKER) -> int | None:
     for token_id, token in _added_tokens(tokenizer).items():
         content = getattr(token, "content", str(token))
         if content == marker:
-            if (getattr(token, "lstrip", True) or getattr(token, "rstrip", True)
-                    or getattr(token, "single_word", True) or getattr(token, "normalized", True)):  # fmt: skip
+            flags = ("lstrip", "rstrip", "single_word", "normalized")
+            if any(getattr(token, flag, True) for flag in flags):
                 return None
             found = int(token_id)
         elif _overlaps(content, marker):
