@@ -631,12 +631,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=16, help="sessions of the warm-up run of each side")
     parser.add_argument("--cpu", action="store_true", help="set VLLM_CPU_KVCACHE_SPACE=1")
-    parser.add_argument("--quick", action="store_true", help="smoke: 1 and 3 sessions, 3 turns, 4 tools, 8 tokens")
+    parser.add_argument("--quick", action="store_true", help="smoke: 1 and 3 sessions, 3 turns, 4 tools, 8 tokens, max_model_len <= 4096")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     args.sessions = [int(n) for n in args.sessions.split(",")]
     if args.quick:
         args.sessions, args.turns, args.tools, args.answer_tokens, args.repeat, args.warmup = [1, 3], 3, 4, 8, 1, 2
+        args.max_model_len = min(args.max_model_len, 4096)  # the tiny models' positions
     return args
 
 
