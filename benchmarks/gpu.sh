@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh server     # issue 8: qwenrun's OpenAI server vs `vllm serve`, same model
 #   bash benchmarks/gpu.sh multiturn  # issue 22: N sessions x 6 turns, 20 tools, qwenrun vs raw loop
 #   bash benchmarks/gpu.sh startup    # issue 22: `qwenrun up` vs `vllm serve` to ready, cold and warm
+#     (after `server`, whose starts are cold: PHASES=warm CACHE_ROOT=/tmp/vllm-caches for warm starts alone)
 # Writes logs and JSON under $OUT (or /tmp).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -21,14 +22,14 @@ case "${1:-agent}" in
   server)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/server_vs_vllm.py "${COMMON[@]}" --max-num-seqs 256 --no-enforce-eager \
       --requests ${REQUESTS:-512} --concurrency ${CONCURRENCY:-64} --max-tokens 128 --warmup 64 --time-limit 60 \
-      --rounds ${ROUNDS:-1} --logs $OUT/server-logs --json $OUT/server_vs_vllm.json 2>&1 | tee $OUT/server_vs_vllm.log | grep '\[bench\]' ;;
+      --rounds ${ROUNDS:-1} --cache-root /tmp/vllm-caches --logs $OUT/server-logs --json $OUT/server_vs_vllm.json 2>&1 | tee $OUT/server_vs_vllm.log | grep '\[bench\]' ;;
   multiturn)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multiturn.py --model $M --dtype bfloat16 --load-format dummy \
       --max-model-len 8192 --gpu-memory-utilization 0.85 --sessions ${SESSIONS:-1,16,64,256} --repeat ${REPEAT:-3} \
       --json $OUT/multiturn.json 2>&1 | tee $OUT/multiturn.log | grep '\[bench\]' | grep -v RESULT ;;
   startup)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/startup.py "${COMMON[@]}" --max-num-seqs 256 --no-enforce-eager \
-      --rounds ${ROUNDS:-1} --logs /tmp/startup-logs --json $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep '\[bench\]' | grep -v RESULT
+      --rounds ${ROUNDS:-1} --phases ${PHASES:-cold,warm} --cache-root ${CACHE_ROOT:-/tmp/startup-caches} --logs /tmp/startup-logs --json $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep '\[bench\]' | grep -v RESULT
     mkdir -p $OUT/startup-logs && cp /tmp/startup-logs/*.log $OUT/startup-logs/ ;;
   tp)
     for tp in 2 1; do

@@ -456,6 +456,8 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     startups: dict[str, list[float]] = {name: [] for name in SERVERS}
 
     async def up(name: str) -> Server:
+        if args.cache_root:  # each server its own vLLM cache (torch.compile): the first start is cold
+            os.environ["VLLM_CACHE_ROOT"] = str(Path(args.cache_root) / name)
         server = await start(name, args.model, args.max_tokens, workdir, args.startup_timeout, args.engine)
         startups[name].append(server.startup_s)
         await warm_up(server, args)
@@ -607,6 +609,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-enforce-eager", action="store_true", help="GPU: allow CUDA graphs, torch.compile"
     )
     parser.add_argument("--logs", help="keep the server logs in this folder (default: a temp dir)")
+    parser.add_argument("--cache-root", help="VLLM_CACHE_ROOT of each server: this folder / its name")
     parser.add_argument("--quick", action="store_true", help="smoke: 16 requests, 8 tokens, 1 round, stream")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)

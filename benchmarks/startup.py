@@ -3,7 +3,8 @@
 Each server is started as a subprocess and timed until ``/health`` answers 200, then until its
 first chat completion has been answered (what a user waits for). Cold: a fresh, empty vLLM cache
 folder (``VLLM_CACHE_ROOT``: torch.compile artefacts) for that server; warm: the same folder again,
-as a second start on one machine has it. Both servers get their own folders, so neither inherits
+as a second start on one machine has it (``--phases warm --cache-root`` of an earlier run's
+caches, such as ``server_vs_vllm.py --cache-root``'s, measures warm starts alone). Both servers get their own folders, so neither inherits
 the other's compile cache, and the order alternates between rounds (the file cache of the Python
 packages is warm after the first start of either: the first start of the run is also reported).
 
@@ -59,9 +60,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     starts: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
         order = SERVERS if round_ % 2 == 0 else SERVERS[::-1]
-        for phase in ("cold", "warm"):
+        for phase in args.phases:
             for name in order:
-                cache = workdir / f"cache-{name}-{round_}"  # empty for "cold", filled by it for "warm"
+                # empty for "cold", filled by the cold start (or an earlier benchmark) for "warm"
+                cache = Path(args.cache_root or workdir / "cache") / (
+                    name if round_ == 0 else f"{name}-{round_}"
+                )
+                if phase == "cold" and cache.exists() and any(cache.iterdir()):
+                    raise SystemExit(f"{cache} is not empty: a cold start needs a fresh cache folder")
                 result = await one_start(name, args, cache, workdir)
                 results[name][phase].append(result)
                 starts.append({"server": name, "phase": phase, "round": round_, **result})
@@ -71,10 +77,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         name: {
             phase: {key: statistics.median(r[key] for r in runs) for key in ("health_s", "first_answer_s")}
             for phase, runs in phases.items()
+            if runs
         }
         for name, phases in results.items()
     }
-    for phase in ("cold", "warm"):
+    for phase in args.phases:
         ours, theirs = summary["qwenrun"][phase], summary["vllm"][phase]
         print(f"[bench] {phase}: qwenrun {ours['health_s']:.1f} s / vLLM {theirs['health_s']:.1f} s to /health "
               f"(ratio {ours['health_s'] / theirs['health_s']:.3f}); first answer {ours['first_answer_s']:.1f} / "
@@ -84,8 +91,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / ".cache" / "tiny-qwen2"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=str(Path(__file__).resolve().parent.parent / ".cache" / "tiny-qwen2")
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of (cold, warm) x both servers")
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--dtype", default="float32")
@@ -94,10 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--no-enforce-eager", action="store_true", help="GPU: torch.compile and CUDA graphs")
-    parser.add_argument("--logs", help="keep the server logs and caches in this folder")
+    parser.add_argument(
+        "--logs", help="keep the server logs (and caches, without --cache-root) in this folder"
+    )
+    parser.add_argument("--cache-root", help="each server's VLLM_CACHE_ROOT is this folder / its name")
+    parser.add_argument("--phases", default="cold,warm", help="cold: fresh caches; warm: the caches again")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     args.model = str(Path(args.model).resolve())
+    args.phases = args.phases.split(",")
     args.engine = EngineConfig(args.dtype, args.load_format, args.max_model_len, args.gpu_memory_utilization,
                                args.max_num_seqs, not args.no_enforce_eager)  # fmt: skip
     return args

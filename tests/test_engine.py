@@ -275,6 +275,37 @@ async def test_streaming_deltas(engine: VLLMEngine) -> None:
 
 
 @pytest.mark.engine
+async def test_prompts_are_tokenized_in_the_prompt_thread_reusing_pieces(engine: VLLMEngine) -> None:
+    """The chat template and the tokenizer run off the event loop (as ``vllm serve`` does), and a
+    second call of a conversation tokenizes only its new messages; the ids are the whole prompt's."""
+    import threading
+
+    tokenizer = engine._tokenizer
+    seen: list[tuple[str, str]] = []
+    encode = tokenizer.encode
+
+    def spy(text: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append((threading.current_thread().name, text))
+        return encode(text, *args, **kwargs)
+
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "spy 广州?"}]
+    second = [*first, {"role": "assistant", "content": "It rains."}, {"role": "user", "content": "spy 北京?"}]
+    tokenizer.encode = spy
+    try:
+        await _collect(engine.generate(Request(messages=first, overrides={"max_tokens": 2})))
+        seen.clear()
+        await _collect(engine.generate(Request(messages=second, overrides={"max_tokens": 2})))
+    finally:
+        del tokenizer.encode
+    assert seen and all(name.startswith("qwenrun-prompts") for name, _ in seen)
+    pieces = [text for _, text in seen]
+    assert not any("Be brief." in text or "spy 广州?" in text for text in pieces)  # reused
+    assert any("spy 北京?" in text for text in pieces)
+    text = engine.render(second)
+    assert engine._prompts is not None and engine._prompts.encode(text) == encode(text, add_special_tokens=False)
+
+
+@pytest.mark.engine
 async def test_not_incremental_is_one_delta_with_the_same_text(engine: VLLMEngine) -> None:
     """``incremental=False`` (vLLM's FINAL_ONLY): the whole completion in one delta, the same
     greedy text and counts as the streamed deltas."""

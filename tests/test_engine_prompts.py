@@ -193,3 +193,22 @@ def test_a_tokenizer_that_fails_the_probe_tokenizes_whole() -> None:
     prompts = PromptTokenizer(tokenizer)
     assert not prompts.enabled
     assert prompts.encode(f"a{MARKER}b") == whole(tokenizer, f"a{MARKER}b")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_the_real_qwen_tokenizer_reuses_pieces_and_tokenizes_as_a_whole(real_model_dir: Path, reasoning: bool) -> None:
+    """Qwen2.5-Coder-0.5B's own tokenizer (151k tokens, Qwen's chat template): cut at ``<|im_start|>``,
+    equal ids over a growing conversation, arbitrary text too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model_dir))
+    prompts = PromptTokenizer(tokenizer)
+    assert prompts.enabled and prompts.marker_id == tokenizer.convert_tokens_to_ids(MARKER)
+    for messages in conversation(5, reasoning=reasoning):
+        text = render(tokenizer, messages)
+        assert prompts.encode(text) == whole(tokenizer, text)
+        assert prompts.encode(text + "<tool_call>\n") == whole(tokenizer, text + "<tool_call>\n")
+    assert prompts.hits > prompts.misses
+    odd = "e\u0301 <|im_start|>\u0301x  \n<|im_end|><|im_start|><|im_start|> 广州\r\n\t<tool_call>"
+    assert prompts.encode(odd) == whole(tokenizer, odd)
