@@ -585,7 +585,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     prefix = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tools=agent.tool_schemas(),
                                            tokenize=False)  # fmt: skip
     report["prefix_tokens"] = len(tokenizer.encode(prefix, add_special_tokens=False))
-    print(f"[bench] system prompt + {args.tools} tools: {report['prefix_tokens']} tokens", flush=True)
+    prompts = getattr(engine, "_prompts", None)
+    report["prompt_pieces"] = bool(prompts is not None and prompts.enabled)
+    print(f"[bench] system prompt + {args.tools} tools: {report['prefix_tokens']} tokens; qwenrun reuses "
+          f"prompt pieces: {report['prompt_pieces']}", flush=True)  # fmt: skip
     sides = {"raw": raw_side(engine._engine, tokenizer, agent.tool_schemas(), args, answer),
              "qwenrun": qwenrun_side(agent, args.turns)}  # fmt: skip
     warm = min(args.warmup, max(args.sessions))
