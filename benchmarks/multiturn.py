@@ -647,7 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     result = asyncio.run(main(arguments))
-    print("[bench] RESULT " + json.dumps(result), flush=True)
+    print("RESULT " + json.dumps(result), flush=True)
     if arguments.json:
         Path(arguments.json).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.json).write_text(json.dumps(result, indent=1))

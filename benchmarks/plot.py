@@ -12,6 +12,10 @@ Reads the JSON files under ``--results`` (default ``benchmarks/results``) and wr
   ``server_vs_vllm_h100.png`` from ``server-h100-final/*.json``, those present: req/s and p50 latency of
   qwenrun's OpenAI server and of vLLM's per mode and run, and the front-end process's CPU time per
   request against each run's req/s.
+* ``h200_ratio_vs_n.png`` and ``h200_multiturn_turns.png`` from ``h200-perf2/`` (issue 22): the
+  qwenrun/raw ratio against N for the single-turn runs, the multi-turn run and the single-turn run
+  before issue 22; and per turn index of the multi-turn run, the render + tokenize time per session
+  and the time to the answer's first token after the tool's result.
 
 Prints one ``RESULT {json}`` line naming the files written.
 
@@ -217,6 +221,84 @@ def server_row(axes: Any, report: dict[str, Any]) -> None:
     ax.legend(fontsize=7)
 
 
+H200_RUNS = "h200-perf2"  # issue 22: benchmarks/gpu.sh agent (twice), multiturn, startup, server
+H200_BASELINE = {1: 1.000, 16: 0.988, 64: 1.010, 256: 0.963}  # the same benchmark before issue 22
+
+
+def multiturn_rows(folder: Path) -> list[dict[str, Any]]:
+    """The rows (one per N) of every ``multiturn*/multiturn.json`` under ``folder``, by N."""
+    rows = [row for path in sorted(folder.glob("multiturn*/multiturn.json")) for row in load(path)["rows"]]
+    return sorted(rows, key=lambda row: row["n"])
+
+
+def plot_h200_ratios(results: Path, out: Path) -> Path | None:
+    """qwenrun/raw sessions per second against N: the single-turn runs, the multi-turn run, and the
+    single-turn run before issue 22."""
+    folder = results / H200_RUNS
+    agent_runs = sorted(folder.glob("agent-*/agent_vs_raw_tp1.json"))
+    turns = multiturn_rows(folder)
+    if not agent_runs and not turns:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ns = sorted(H200_BASELINE)
+    ax.plot(ns, [H200_BASELINE[n] for n in ns], "--", color=RAW_COLOR, marker="x", label="single-turn, before")
+    for index, path in enumerate(agent_runs, 1):
+        rows = load(path)["rows"]
+        ax.plot([r["n"] for r in rows], [r["ratio"] for r in rows], marker="o", color=OURS_COLOR,
+                alpha=1.0 if index == 1 else 0.55, label=f"single-turn, run {index}")  # fmt: skip
+    if turns:
+        ax.plot([r["n"] for r in turns], [r["ratio"] for r in turns], marker="s", color="#d62728",
+                label="6-turn sessions, 20 tools")  # fmt: skip
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(0.99, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("concurrent sessions N")
+    ax.set_ylabel("qwenrun / raw loop (sessions/s, median of 3)")
+    ax.set_title("H200, vllm 0.26, Qwen2.5-7B shape (dummy bf16): qwenrun's agent loop vs a hand-written loop",
+                 fontsize=8)  # fmt: skip
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "h200_ratio_vs_n.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_h200_turns(results: Path, out: Path) -> Path | None:
+    """Per turn index of the multi-turn run: the client's render + tokenize time per session (raw:
+    on the event loop; qwenrun: in its prompt thread), and the time to the answer's first token
+    after the tool's result."""
+    rows = multiturn_rows(results / H200_RUNS)
+    if not rows:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for row in rows:
+        n = row["n"]
+        turn = [t["turn"] for t in row["raw"]["per_turn"]]
+        left.plot(turn, [t["render_tokenize_loop_ms_per_session"] for t in row["raw"]["per_turn"]], "--",
+                  marker="x", color=RAW_COLOR, alpha=0.4 + 0.15 * rows.index(row), label=f"raw N={n}")  # fmt: skip
+        left.plot(turn, [t["render_tokenize_thread_ms_per_session"] for t in row["qwenrun"]["per_turn"]],
+                  marker="o", color=OURS_COLOR, alpha=0.4 + 0.15 * rows.index(row), label=f"qwenrun N={n}")  # fmt: skip
+        if n <= 64:
+            right.plot(turn, [t["ttft_p50_ms"] for t in row["raw"]["per_turn"]], "--", marker="x",
+                       color=RAW_COLOR, alpha=0.4 + 0.2 * rows.index(row), label=f"raw N={n}")  # fmt: skip
+            right.plot(turn, [t["ttft_p50_ms"] for t in row["qwenrun"]["per_turn"]], marker="o",
+                       color=OURS_COLOR, alpha=0.4 + 0.2 * rows.index(row), label=f"qwenrun N={n}")  # fmt: skip
+    left.set_title("chat template + tokenizer, ms per session and turn", fontsize=9)
+    right.set_title("first answer token after the tool result, p50 ms", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("turn index (the history grows ~900 tokens a turn)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out / "h200_multiturn_turns.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -230,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot_agent_vs_raw(args.results, out),
         plot_server(args.results, out),
         plot_server(args.results, out, "server-h100-final", H100_SERVER_FILES, "server_vs_vllm_h100.png"),
+        plot_h200_ratios(args.results, out),
+        plot_h200_turns(args.results, out),
     )
     written = [p for p in plots if p]
     for path in written:

@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     report = asyncio.run(main(arguments))
-    print("[bench] RESULT " + json.dumps(report), flush=True)
+    print("RESULT " + json.dumps(report), flush=True)
     if arguments.json:
         Path(arguments.json).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.json).write_text(json.dumps(report, indent=1))

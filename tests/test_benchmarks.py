@@ -45,13 +45,38 @@ def test_plot_on_the_committed_results(tmp_path: Path) -> None:
     report = result_of(run("plot.py", "--results", str(BENCH / "results"), "--out", str(tmp_path)))
     written = [Path(path) for path in report["written"]]
     assert tmp_path / "agent_vs_raw.png" in written
+    assert {tmp_path / "h200_ratio_vs_n.png", tmp_path / "h200_multiturn_turns.png"} <= set(written)
     for path in written:
         assert path.parent == tmp_path
         assert path.read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("script", ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py"])
+@pytest.mark.parametrize(
+    "script", ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py", "multiturn.py", "startup.py"]
+)
 def test_engine_benchmarks_parse_their_arguments(script: str) -> None:
     done = run(script, "--help")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "--quick" in done.stdout and "--json" in done.stdout
+    assert "--json" in done.stdout and ("--quick" in done.stdout or "--phases" in done.stdout)
+
+
+def test_multiturn_on_the_fake_engine(tmp_path: Path) -> None:
+    """Both sides of the multi-turn benchmark run the same turns with the tiny model's tokenizer
+    and template (no vLLM engine): every session makes its tool call each turn, qwenrun's prompts
+    are tokenized in its prompt thread, the raw loop's on the event loop."""
+    from qwenrun.tiny import build_tiny_model
+
+    model = build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
+    out = tmp_path / "multiturn.json"
+    report = result_of(run("multiturn.py", "--model", str(model), "--engine", "fake", "--quick", "--step-ms", "1",
+                           "--json", str(out)))  # fmt: skip
+    assert report["prompt_pieces"] is True and report["turns"] == 3 and report["tools"] == 4
+    assert [row["n"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        raw, ours = row["raw"], row["qwenrun"]
+        assert len(raw["per_turn"]) == len(ours["per_turn"]) == 3
+        for a, b in zip(raw["per_turn"], ours["per_turn"], strict=True):  # the same conversation (run ids differ)
+            assert abs(a["call_prompt_tokens"] - b["call_prompt_tokens"]) < 0.01 * a["call_prompt_tokens"]
+        assert ours["render_tokenize_loop_ms_per_turn"] == 0 < ours["render_tokenize_thread_ms_per_turn"]
+        assert raw["render_tokenize_loop_ms_per_turn"] > 0 == raw["render_tokenize_thread_ms_per_turn"]
+    assert json.loads(out.read_text()) == report
