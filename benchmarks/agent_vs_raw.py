@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -127,6 +127,9 @@ def raw_session_factory(
     return session
 
 
+T = TypeVar("T")
+
+
 class Probe:
     """What the event loop went through during one run: its lag (how late a 5 ms sleep woke up: the
     longest stretch of work that held the loop) and the garbage collector's pauses."""
@@ -151,6 +154,18 @@ class Probe:
         else:
             self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_started))
 
+    async def timed(self, work: Awaitable[T]) -> tuple[T, float]:
+        """``work``'s result and its wall time, with the loop and the collector watched meanwhile."""
+        watcher = asyncio.ensure_future(self.watch())
+        gc.callbacks.append(self.on_gc)
+        started = time.perf_counter()
+        try:
+            result = await work
+            return result, time.perf_counter() - started
+        finally:
+            gc.callbacks.remove(self.on_gc)
+            watcher.cancel()
+
     def report(self) -> dict[str, float]:
         lags = sorted(self.lags) or [0.0]
         return {
@@ -172,15 +187,8 @@ async def measure(run: Callable[[str], Awaitable[int]], n: int) -> dict[str, flo
         return tokens
 
     probe = Probe()
-    watcher = asyncio.ensure_future(probe.watch())
-    gc.callbacks.append(probe.on_gc)
-    started = time.perf_counter()
-    try:
-        tokens = sum(await asyncio.gather(*(timed(q) for q in questions(n))))
-        wall = time.perf_counter() - started
-    finally:
-        gc.callbacks.remove(probe.on_gc)
-        watcher.cancel()
+    counts, wall = await probe.timed(asyncio.gather(*(timed(q) for q in questions(n))))
+    tokens = sum(counts)
     latencies.sort()
     return {
         "sessions": n,

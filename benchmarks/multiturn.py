@@ -466,8 +466,6 @@ def per_turn(traces: list[Trace], meter_by_turn: list[dict[str, float]]) -> list
 
 async def measure(run: Callable[[str, int], Awaitable[int]], n: int, turns: int, meter: Meter) -> dict[str, Any]:
     """N sessions at once, each ``turns`` turns."""
-    import gc
-
     run_id = uuid.uuid4().hex[:8]
     traces = [Trace() for _ in range(n)]
     meter.take()
@@ -477,15 +475,8 @@ async def measure(run: Callable[[str, int], Awaitable[int]], n: int, turns: int,
         return await run(run_id, index)
 
     probe = Probe()
-    watcher = asyncio.ensure_future(probe.watch())
-    gc.callbacks.append(probe.on_gc)
-    started = time.perf_counter()
-    try:
-        tokens = sum(await asyncio.gather(*(one(i) for i in range(n))))
-        wall = time.perf_counter() - started
-    finally:
-        gc.callbacks.remove(probe.on_gc)
-        watcher.cancel()
+    counts, wall = await probe.timed(asyncio.gather(*(one(i) for i in range(n))))
+    tokens = sum(counts)
     on_loop, off_loop = meter.take()
     loop_ms, thread_ms = 1e3 * sum(on_loop.values()), 1e3 * sum(off_loop.values())
     by_turn = [{"loop": 1e3 * on_loop.get(k, 0.0), "thread": 1e3 * off_loop.get(k, 0.0)} for k in range(turns)]
