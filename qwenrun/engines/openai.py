@@ -29,7 +29,7 @@ from typing import Any
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines import OpenAIEngineSpec
-from qwenrun.engines.base import Constraint, Delta, Health, Request
+from qwenrun.engines.base import Constraint, Delta, Health, Request, sampling_values
 from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
 from qwenrun.loading import secret_from_env
 from qwenrun.toolcalls.hermes import ToolCall, new_call_id, parse
@@ -56,26 +56,6 @@ def _settings(spec: AgentSpec) -> OpenAIEngineSpec:
     return spec.engine
 
 
-def _sampling(sampling: SamplingSpec, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-        "repetition_penalty": sampling.repetition_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-    }
-    if sampling.stop:
-        values["stop"] = list(sampling.stop)
-    if sampling.top_k is not None:
-        values["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        values["seed"] = sampling.seed
-    values.update(sampling.extra)
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    return values
-
-
 def _constraint(constraint: Constraint) -> dict[str, Any]:
     if constraint.json is not None:
         schema = {"name": "answer", "schema": constraint.json}
@@ -94,7 +74,7 @@ def request_body(
     """The JSON body of the streamed chat completion for ``request``."""
     body: dict[str, Any] = {"model": model, "messages": list(request.messages), "stream": True,
                             "stream_options": {"include_usage": True}}  # fmt: skip
-    values = _sampling(request.sampling or sampling, request.overrides)
+    values = sampling_values(request.sampling or sampling, request.overrides)
     vendor = {key: value for key, value in values.items() if key not in _OPENAI_FIELDS}
     body.update({key: value for key, value in values.items() if key in _OPENAI_FIELDS})
     if request.tools:

@@ -15,7 +15,7 @@ from typing import Any
 
 from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines import VLLMEngineSpec
-from qwenrun.engines.base import TokenLogprob
+from qwenrun.engines.base import TokenLogprob, sampling_values
 from qwenrun.errors import ConfigError
 
 __all__ = [
@@ -120,21 +120,8 @@ def sampling_kwargs(sampling: SamplingSpec, overrides: Mapping[str, Any] | None 
     """
     from vllm.sampling_params import RequestOutputKind
 
-    kwargs: dict[str, Any] = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-        "repetition_penalty": sampling.repetition_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "stop": list(sampling.stop),
-    }
-    if sampling.top_k is not None:
-        kwargs["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        kwargs["seed"] = sampling.seed
-    kwargs.update(sampling.extra)
-    kwargs.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    kwargs = sampling_values(sampling, overrides)
+    kwargs.setdefault("stop", [])
     kwargs["skip_special_tokens"] = False
     kwargs["output_kind"] = RequestOutputKind.DELTA
     return kwargs
