@@ -39,6 +39,7 @@ from qwenrun.frontends.openai.http import (
     collect,
     observe,
     read_json,
+    serving_mode,
     unknown_model,
     unless_disconnected,
 )
@@ -193,9 +194,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         reply = chat.Reply(
             req.model, include_usage=include_usage, choices=req.n or 1, logprobs=bool(req.logprobs)
         )
-        if req.model not in (served, agent.name):
-            raise unknown_model(req.model)
-        mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
+        mode = serving_mode(request, req.model, served, agent.name)
         session_id = request.headers.get(chat.SESSION_HEADER)
         headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
         approval = request.headers.get(chat.APPROVAL_HEADER)

@@ -1,6 +1,7 @@
 """HTTP plumbing shared by the OpenAI-compatible routes (chat completions, responses).
 
-Reading a JSON body under a size limit, cancelling work when the client disconnects, counting a
+Reading a JSON body under a size limit, telling the two modes apart by the request's model name,
+cancelling work when the client disconnects, counting a
 stream of :mod:`~qwenrun.frontends.openai.chat` pieces in the metrics, and the common errors.
 """
 
@@ -11,16 +12,19 @@ import json
 import re
 from collections.abc import Awaitable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from qwenrun.frontends.openai import chat
-from qwenrun.frontends.openai.metrics import Metrics
+from qwenrun.frontends.openai.metrics import MODE_KEY, Metrics
 from qwenrun.frontends.openai.schemas import APIError
 
-__all__ = ["PING_S", "ClientGone", "collect", "observe", "read_json", "unknown_model", "unless_disconnected"]
+__all__ = [
+    "PING_S", "ClientGone", "collect", "observe", "read_json", "serving_mode", "unknown_model",
+    "unless_disconnected",
+]  # fmt: skip
 
 T = TypeVar("T")
 PING_S = 15  # SSE keep-alive comments while a tool step runs (proxies drop idle connections)
@@ -71,6 +75,16 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, f"the body must be a JSON object, not {_json_type(body)}")
     return body
+
+
+def serving_mode(request: Request, model: str, served: str, agent: str) -> Literal["passthrough", "agent"]:
+    """``passthrough`` for the served model's name, ``agent`` for the agent's (noted on the request
+    for the metrics); 404 for any other name."""
+    if model not in (served, agent):
+        raise unknown_model(model)
+    mode: Literal["passthrough", "agent"] = "passthrough" if model == served else "agent"
+    setattr(request.state, MODE_KEY, mode)
+    return mode
 
 
 def _json_type(value: Any) -> str:

@@ -37,7 +37,7 @@ from qwenrun.frontends.openai.http import (
     collect,
     observe,
     read_json,
-    unknown_model,
+    serving_mode,
     unless_disconnected,
 )
 from qwenrun.frontends.openai.items import (
@@ -225,9 +225,7 @@ def register(
             req = ResponsesRequest.model_validate(body)
         except ValidationError as exc:
             raise invalid_request(exc, FIELDS) from None
-        if req.model not in (served, agent.name):
-            raise unknown_model(req.model)
-        mode = request.state.qwenrun_mode = "passthrough" if req.model == served else "agent"
+        mode = serving_mode(request, req.model, served, agent.name)
         owner = responses.owner(request)
         conversation: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
