@@ -221,7 +221,7 @@ class _FakeVLLM:
 
 def _fake_engine(fake: _FakeVLLM) -> VLLMEngine:
     engine = VLLMEngine(_spec({"max_model_len": 100}))
-    engine._engine, engine._tokenizer, engine.max_model_len = fake, _FakeTokenizer(), 100
+    engine.attach(fake, _FakeTokenizer(), 100)
     return engine
 
 

@@ -431,7 +431,7 @@ class _Tokenizer:
 def fake_vllm_engine(spec: AgentSpec, monkeypatch: pytest.MonkeyPatch, after: int = 3) -> VLLMEngine:
     """A VLLMEngine "started" on DyingAsyncLLM, without importing vLLM."""
     engine = VLLMEngine(spec)
-    engine._engine, engine._tokenizer, engine.max_model_len = DyingAsyncLLM(after), _Tokenizer(), 4096
+    engine.attach(DyingAsyncLLM(after), _Tokenizer(), 4096)
     monkeypatch.setattr(engine, "_sampling_params", lambda *args, **kwargs: None)
     monkeypatch.setattr(engine_module, "tokens_prompt", lambda ids: {"prompt_token_ids": ids})
     return engine

@@ -365,8 +365,7 @@ class VLLMEngine:
         opens = prompt_opens_thinking(text)  # the answer starts as reasoning (sent on the first delta)
         constraint, prefill = self._forcing(request, text)
         prompts = self._prompts
-        if prompts is None or prompts.tokenizer is not self._tokenizer:  # a tokenizer set by hand
-            prompts = self._prompts = PromptTokenizer(self._tokenizer)
+        assert prompts is not None  # made by attach() with the tokenizer
         return opens, constraint, prefill, prompts.encode(text + prefill)
 
     def _error(self, exc: Exception) -> EngineError | RequestError:
