@@ -123,14 +123,21 @@ def build(engine: ScriptedEngine, **frontend: Any) -> tuple[Agent, FastAPI]:
     return agent, create_app(agent)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Harness]:
+@contextmanager
+def scripted_server() -> Iterator[Harness]:
+    """A running server whose ScriptedEngine answers from the harness's script and replies."""
     holder: list[Harness] = []
     engine = ScriptedEngine(lambda request: holder[0].reply(request))
     agent, app = build(engine)
     with running(app) as url:
         holder.append(Harness(url, engine, agent, []))
         yield holder[0]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Harness]:
+    with scripted_server() as harness:
+        yield harness
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server import AGENT, QUESTION, SERVED, WEATHER_TOOL, Harness, build, running
+from test_server import AGENT, QUESTION, SERVED, WEATHER_TOOL, Harness, scripted_server
 
-from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.testing import tool_call_text
 
 USER: Any = [{"role": "user", "content": QUESTION}]
 THOUGHT = "<think>\nThe user wants the weather.\n</think>\n\n"
@@ -24,12 +24,8 @@ CODE_TOOL: Any = {"type": "function", "function": {"name": "run_code", "paramete
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Harness]:
-    holder: list[Harness] = []
-    engine = ScriptedEngine(lambda request: holder[0].reply(request))
-    agent, app = build(engine)
-    with running(app) as url:
-        holder.append(Harness(url, engine, agent, []))
-        yield holder[0]
+    with scripted_server() as harness:
+        yield harness
 
 
 @pytest.fixture
