@@ -1,4 +1,5 @@
-"""Helpers of the parser tests: deterministic ids, feeding a parser in chunks, event checks."""
+"""Helpers of the parser tests: deterministic ids, feeding a parser in chunks, event checks, and the
+hypothesis pieces the fuzz tests share (cut points, random edits of a text)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import itertools
 import json
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+from hypothesis import strategies as st
 
 from qwenrun.toolcalls import Reasoning, ToolCallDelta
 from qwenrun.toolcalls.hermes import ToolCall
@@ -20,6 +23,24 @@ class Incremental(Protocol):
 def ids() -> Callable[[], str]:
     counter = itertools.count()
     return lambda: f"id{next(counter)}"
+
+
+cut_lists = st.lists(st.integers(0, 10_000), max_size=12)  # where a text is cut into chunks
+
+
+def mutate(draw: st.DrawFn, text: str, tokens: list[str]) -> str:
+    """``text`` after up to 4 random edits: one of ``tokens`` inserted, 1-6 characters deleted, or
+    the rest cut off."""
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, len(text)))
+        kind = draw(st.sampled_from(["insert", "delete", "truncate"]))
+        if kind == "insert":
+            text = text[:at] + draw(st.sampled_from(tokens)) + text[at:]
+        elif kind == "delete":
+            text = text[:at] + text[at + draw(st.integers(1, 6)) :]
+        else:
+            text = text[:at]
+    return text
 
 
 def bounds(text: str, cuts: Iterable[int]) -> list[tuple[int, int]]:

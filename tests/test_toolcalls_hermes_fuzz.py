@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from typing import Any
 
+from chunking import cut_lists, ids, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,11 +43,6 @@ arguments = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 names = st.text(min_size=1, max_size=12).filter(lambda s: bool(s.strip()))
 
 
-def ids() -> Callable[[], str]:
-    counter = itertools.count()
-    return lambda: f"id{next(counter)}"
-
-
 def render(name: str, args: dict[str, Any]) -> str:
     return (
         "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
@@ -62,16 +57,7 @@ valid_call = st.builds(render, names, arguments)
 def mutated_calls(draw: st.DrawFn) -> str:
     parts = draw(st.lists(st.one_of(valid_call, noisy_text), min_size=1, max_size=4))
     text = "".join(parts)
-    for _ in range(draw(st.integers(0, 4))):
-        at = draw(st.integers(0, len(text)))
-        kind = draw(st.sampled_from(["insert", "delete", "truncate"]))
-        if kind == "insert":
-            text = text[:at] + draw(st.sampled_from(TOKENS)) + text[at:]
-        elif kind == "delete":
-            text = text[:at] + text[at + draw(st.integers(1, 6)) :]
-        else:
-            text = text[:at]
-    return text
+    return mutate(draw, text, TOKENS)
 
 
 def stream(
@@ -100,9 +86,6 @@ def check(text: str, cuts: list[int], tools: frozenset[str] | None = None) -> Pa
         assert "".join(shown).strip() == expected.content
         assert [e for e in events if isinstance(e, ToolCall)] == expected.tool_calls
     return expected
-
-
-cut_lists = st.lists(st.integers(0, 10_000), max_size=12)
 
 
 @settings(max_examples=4000, **SETTINGS)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from chunking import check_events, feed_cuts, ids
+from chunking import check_events, cut_lists, feed_cuts, ids, mutate
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -107,9 +107,6 @@ def check(text: str, cuts: list[int]) -> ParseResult:
     return expected
 
 
-cut_lists = st.lists(st.integers(0, 10_000), max_size=12)
-
-
 @settings(max_examples=2000, **SETTINGS)  # type: ignore[arg-type]
 @given(noisy_text, cut_lists)
 def test_noisy_text(text: str, cuts: list[int]) -> None:
@@ -120,16 +117,7 @@ def test_noisy_text(text: str, cuts: list[int]) -> None:
 def mutated_calls(draw: st.DrawFn) -> str:
     calls = st.builds(lambda p: render("f", p[0]), typed_params())
     text = "".join(draw(st.lists(st.one_of(calls, noisy_text), min_size=1, max_size=3)))
-    for _ in range(draw(st.integers(0, 4))):
-        at = draw(st.integers(0, len(text)))
-        kind = draw(st.sampled_from(["insert", "delete", "truncate"]))
-        if kind == "insert":
-            text = text[:at] + draw(st.sampled_from(TOKENS)) + text[at:]
-        elif kind == "delete":
-            text = text[:at] + text[at + draw(st.integers(1, 6)) :]
-        else:
-            text = text[:at]
-    return text
+    return mutate(draw, text, TOKENS)
 
 
 @settings(max_examples=2000, **SETTINGS)  # type: ignore[arg-type]
