@@ -2,9 +2,10 @@
 
 1. ``hermes.parse`` (one-shot) and ``hermes.StreamParser`` fed in chunks of 1, 4 and 16 characters,
    over realistic Qwen2.5 answers with 0, 1 and 3 tool calls: µs per call and µs per KB.
-2. Linearity: the same work on an input 4x longer, for plain text, many calls, and the adversarial
-   "rescue" input (every block ends in a string left open); the time ratio should be ~4 (16 would
-   be quadratic). This is the scaling check that used to be a timed test.
+2. Linearity: the same work on an input 4x longer, for plain text, many calls, the adversarial
+   "rescue" input (every block ends in a string left open), and a Qwen3-Coder value full of tags
+   that are not structural, fed one character at a time; the time ratio should be ~4 (16 would be
+   quadratic). These are the scaling checks that used to be timed tests.
 3. The agent loop's overhead per model step: one weather turn (forced tool call, tool, answer) on
    ``qwenrun.testing.ScriptedEngine``, against iterating the very same deltas raw, and against a
    minimal hand-written loop (raw deltas + ``hermes.parse`` + the tool + the messages).
@@ -37,7 +38,7 @@ from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Request
 from qwenrun.events import Final
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
-from qwenrun.toolcalls import hermes
+from qwenrun.toolcalls import Qwen3CoderParser, hermes
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 CHUNK_SIZES = (1, 4, 16)
@@ -140,11 +141,40 @@ def linear_workload(prefix: str, unit: str, n: int) -> Callable[[], object]:
     return go
 
 
+TAGS_PIECE = '</tool_call>" <parameter=s>\n</function> x <tool_call> </parameter>x\n'
+
+
+def qwen3_coder_workload(n: int) -> Callable[[], object]:
+    """A Qwen3-Coder call whose value is full of tags that are not structural, fed one character
+    at a time (the former timed test of tests/test_toolcalls_qwen3_coder.py)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string"}}}}}]  # fmt: skip
+    value = TAGS_PIECE * max(1, n // len(TAGS_PIECE))
+    text = f"<tool_call>\n<function=f>\n<parameter=s>\n{value}\n</parameter>\n</function>\n</tool_call>"
+
+    def go() -> None:
+        parser = Qwen3CoderParser(tools, ids())
+        for char in text:
+            parser.feed(char)
+        parser.finish()
+
+    return go
+
+
+def linear_workloads() -> dict[str, Callable[[int], Callable[[], object]]]:
+    workloads: dict[str, Callable[[int], Callable[[], object]]] = {
+        label: lambda n, prefix=prefix, unit=unit: linear_workload(prefix, unit, n)
+        for label, (prefix, unit) in LINEAR_CASES.items()
+    }
+    workloads["qwen3-coder tags"] = qwen3_coder_workload
+    return workloads
+
+
 def bench_linearity(n: int, repeat: int) -> list[dict[str, Any]]:
     rows = []
-    for label, (prefix, unit) in LINEAR_CASES.items():
-        small = min(timeit.repeat(linear_workload(prefix, unit, n), repeat=repeat, number=1))
-        large = min(timeit.repeat(linear_workload(prefix, unit, 4 * n), repeat=repeat, number=1))
+    for label, workload in linear_workloads().items():
+        small = min(timeit.repeat(workload(n), repeat=repeat, number=1))
+        large = min(timeit.repeat(workload(4 * n), repeat=repeat, number=1))
         rows.append(
             {
                 "case": label,
@@ -313,10 +343,10 @@ def print_tables(report: dict[str, Any]) -> None:
             line += f" {row[f'stream{size}_us']:>16.1f} {row[f'stream{size}_us_per_kb']:>8.1f}"
         print(line)
     print("\nLinearity: time for 4x the input (4 = linear, 16 = quadratic)")
-    print(f"{'case':<8} {'n':>8} {'n ms':>9} {'4n ms':>9} {'ratio':>6}")
+    print(f"{'case':<16} {'n':>8} {'n ms':>9} {'4n ms':>9} {'ratio':>6}")
     for row in report["linearity"]:
         print(
-            f"{row['case']:<8} {row['n']:>8} {row['small_ms']:>9.2f} {row['large_ms']:>9.2f} {row['ratio_4x']:>6.2f}"
+            f"{row['case']:<16} {row['n']:>8} {row['small_ms']:>9.2f} {row['large_ms']:>9.2f} {row['ratio_4x']:>6.2f}"
         )
     print("\nAgent loop on ScriptedEngine: one weather turn (call -> tool -> answer), sequential")
     print(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
@@ -90,15 +89,31 @@ async def test_the_seed_weather_flow() -> None:
 
 
 async def test_parallel_calls_run_concurrently() -> None:
-    both = tool_call_text("slow", {"seconds": 0.3}) + tool_call_text("slow", {"seconds": 0.3})
-    agent, _ = make_agent([both, "done"])
-    started = time.perf_counter()
-    events = await collect(agent, "go")
-    elapsed = time.perf_counter() - started
+    """Both calls have started before either ends: each one waits until the other has started
+    (run one after the other, the first would wait out its time limit and fail)."""
+    log: list[tuple[str, str]] = []
+    both_started = asyncio.Event()
+
+    async def meet(name: str) -> str:
+        """Start, wait for the other call to start, end.
+
+        Args:
+            name: Which call this is.
+        """
+        log.append(("start", name))
+        if len([event for event in log if event[0] == "start"]) == 2:
+            both_started.set()
+        await both_started.wait()
+        log.append(("end", name))
+        return f"met {name}"
+
+    script = [tool_call_text("meet", {"name": "a"}) + tool_call_text("meet", {"name": "b"}), "done"]
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}, "agent": {"timeout_s": 10}})
+    events = await collect(Agent(spec, ScriptedEngine(script), tools=[meet]), "go")
     results = [e for e in events if isinstance(e, ToolResult)]
-    assert [r.content for r in results] == ["slept", "slept"]
+    assert [(r.content, r.is_error) for r in results] == [("met a", False), ("met b", False)]
     assert len({r.id for r in results}) == 2
-    assert elapsed < 0.55, f"two 0.3 s tools took {elapsed:.2f} s: not parallel"
+    assert [kind for kind, _ in log] == ["start", "start", "end", "end"], log
 
 
 async def test_parallel_tool_calls_off_runs_only_the_first() -> None:

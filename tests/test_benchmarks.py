@@ -36,8 +36,19 @@ def test_bench_parser_quick(tmp_path: Path) -> None:
     report = result_of(run("bench_parser.py", "--quick", "--json", str(out)))
     assert [row["answer"] for row in report["parser"]] == ["0 calls", "1 call", "3 calls"]
     assert [row["calls"] for row in report["parser"]] == [0, 1, 3]
-    assert {row["case"] for row in report["linearity"]} == {"text", "calls", "rescues"}
+    assert {row["case"] for row in report["linearity"]} == {"text", "calls", "rescues", "qwen3-coder tags"}
     assert [row["chunk_chars"] for row in report["agent"]] == [1, 4]
+    assert json.loads(out.read_text()) == report
+
+
+def test_cli_startup_quick(tmp_path: Path) -> None:
+    out = tmp_path / "cli_startup.json"
+    report = result_of(run("cli_startup.py", "--quick", "--json", str(out)))
+    agents = len(list((ROOT / "agents").glob("*.yaml")))
+    assert [row["command"] for row in report["commands"]] == [
+        "python -c pass", "import qwenrun.cli", f"qwenrun validate ({agents} agents)"
+    ]  # fmt: skip
+    assert report["commands"][0]["wall_vs_python"] == 1.0
     assert json.loads(out.read_text()) == report
 
 

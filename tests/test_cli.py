@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -99,24 +98,23 @@ def test_validate_with_set_override(runner: CliRunner) -> None:
     assert "engine.max_num_seqs: Input should be greater than 0" in result.output
 
 
-def test_validate_is_fast_and_imports_no_vllm_or_torch() -> None:
+HEAVY = ("vllm", "torch", "transformers", "tokenizers", "huggingface_hub", "numpy",
+         "fastapi", "chainlit", "mcp", "openai")  # fmt: skip
+
+
+def test_validate_imports_no_vllm_torch_or_other_heavy_package() -> None:
+    """``qwenrun validate`` of every shipped agent file, in a fresh interpreter, loads none of the
+    packages that take seconds to import (its speed is measured by benchmarks/cli_startup.py)."""
     code = (
-        "import sys, time; t = time.process_time(); from qwenrun.cli import main\n"
+        "import sys\nfrom qwenrun.cli import main\n"
         "try:\n    main(['validate', *sys.argv[1:]])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "print(time.process_time() - t, 'vllm' in sys.modules, 'torch' in sys.modules)"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules) or '(none)')"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    # the first run writes the bytecode caches an installed package has; the second one is timed
-    subprocess.run([sys.executable, "-c", code, *AGENTS], capture_output=True, env=env, check=True)
-    started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, *AGENTS], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", code, *AGENTS], capture_output=True, text=True, check=True, timeout=120
     )
-    wall = time.perf_counter() - started
-    in_process, vllm_loaded, torch_loaded = done.stdout.split()[-3:]
-    assert (vllm_loaded, torch_loaded) == ("False", "False")
-    assert float(in_process) < 0.5, f"validate took {in_process} s of CPU"
-    assert wall < 5  # interpreter start included; a loose bound against pathological imports
+    assert done.stdout.splitlines()[-1] == "(none)", done.stdout
+    assert done.stdout.count(": ok (") == len(AGENTS) > 0
 
 
 def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:

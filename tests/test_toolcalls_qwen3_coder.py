@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -349,24 +348,15 @@ def test_never_raises_on_pathological_values() -> None:
     assert_stream_agrees(call("f", o="[" * 300), sizes=[1, 7, 300])
 
 
-def test_linear_time() -> None:
-    """A long value full of tags that are not structural, fed one character at a time."""
+def test_a_long_value_full_of_tags_fed_one_character_at_a_time() -> None:
+    """Tags inside a value that are not structural stay in the value (how the time grows with
+    such a value is measured by benchmarks/bench_parser.py, case ``qwen3-coder tags``)."""
     piece = '</tool_call>" <parameter=s>\n</function> x <tool_call> </parameter>x\n'
-    text = call("f", s=piece * 2000)
-    started = time.perf_counter()
     parser = Qwen3CoderParser(TOOLS)
-    for char in text:
+    for char in call("f", s=piece * 2000):
         parser.feed(char)
     parser.finish()
-    elapsed = time.perf_counter() - started
-    assert parser.result().tool_calls[0].arguments == {"s": piece * 2000}
-    small = call("f", s=piece * 200)
-    started = time.perf_counter()
-    parser = Qwen3CoderParser(TOOLS)
-    for char in small:
-        parser.feed(char)
-    parser.finish()
-    assert elapsed < 30 * (time.perf_counter() - started) + 0.5  # ~10x the work, not ~100x
+    assert [(c.name, c.arguments) for c in parser.result().tool_calls] == [("f", {"s": piece * 2000})]
 
 
 def test_deltas_of_a_parallel_call_sequence() -> None:
