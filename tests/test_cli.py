@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -280,6 +281,48 @@ def test_run_is_quiet_without_v(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert lines[0] == f"Loading {tiny_model_dir} (vLLM) ..." and lines[1].startswith("Ready in "), done.stderr
     assert len(lines) == 2, done.stderr[-3000:]
     assert "→ get_current_weather(city=" in done.stdout
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_eval_is_quiet_without_v(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`qwenrun eval` of one case on the tiny vLLM model: without -v, stderr holds its progress
+    line and nothing of vLLM (nanobind's leak report at exit was 30 to 500 lines)."""
+    tool = {"type": "function", "function": {"name": "get_current_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+    case = {"id": "w1", "category": "weather", "messages": [{"role": "user", "content": "广州天气情况如何?"}],
+            "tools": [tool], "expected": [{"get_current_weather": {"city": ["广州"]}}]}  # fmt: skip
+    (tmp_path / "cases.jsonl").write_text(json.dumps(case, ensure_ascii=False) + "\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    command = [str(Path(sys.executable).with_name("qwenrun")), "eval", str(ROOT / "agents" / "weather-tiny.yaml"),
+               "cases.jsonl", "--set", f"model.path={tiny_model_dir}", "--set", "sampling.max_tokens=40"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nanobind" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.splitlines()
+    assert re.fullmatch(r"\[1/1\] w1: qwenrun (pass|FAIL) vllm-hermes (pass|FAIL) \(.* s\).*", line), line
+    assert "qwenrun eval: 1 cases via agent, model tiny-qwen2" in done.stdout
+
+
+QUIET_EXIT = """
+import atexit, os, sys, types
+sys.modules["triton"] = types.ModuleType("triton")  # as vLLM leaves it
+atexit.register(os.write, 2, b"nanobind: leaked 4 instances!\\n")  # runs after the CLI's handlers
+from qwenrun.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(("flags", "leaked"), [([], False), (["-v"], True)])
+@pytest.mark.parametrize("command", [["schema"], ["validate", WEATHER]])
+def test_every_command_hides_what_triton_writes_at_exit(flags: list[str], leaked: bool, command: list[str]) -> None:
+    """Once Triton is imported, what is written to stderr after a command is done (nanobind's leak
+    report) shows only with -v, whatever the command."""
+    done = subprocess.run([sys.executable, "-c", QUIET_EXIT, *flags, *command], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert ("nanobind: leaked" in done.stderr) is leaked, done.stderr
 
 
 @pytest.mark.parametrize(("flags", "level"), [([], "ERROR"), (["-v"], None)])

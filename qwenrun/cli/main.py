@@ -57,6 +57,7 @@ def main(verbose: int, log_format: str) -> None:
         # multiprocessing's resource tracker (a process of its own) reports the shared memory that
         # vLLM's engine core leaves behind when it is stopped in a hurry
         os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
+    _quiet_exit()  # here, so that every command that starts an engine (run, up, eval, replay...) is quiet
 
 
 _verbose = 0
@@ -66,8 +67,9 @@ _exit_quieted = False
 def _quiet_exit() -> None:
     """Without -v, nothing after the command's own output: once the command is done, the
     interpreter's finalization writes nothing to stderr. Triton (imported by vLLM) leaks nanobind
-    objects, and nanobind reports each at exit: ~30 lines of "nanobind: leaked ..." after every
-    answer. Errors of the command itself are printed before this runs."""
+    objects, and nanobind reports each at exit: 30 to 500 lines of "nanobind: leaked ..." after
+    every command that started an engine. Errors of the command itself are printed before this
+    runs; a command that never imported Triton keeps its stderr to the end."""
     global _exit_quieted
     if _verbose or _exit_quieted:
         return
@@ -125,7 +127,6 @@ def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
 
     with errors():
         spec = load_spec(file, overrides)
-        _quiet_exit()
         launch(Launch(spec, file, overrides, resume, make_agent=common.make_agent))
 
 
@@ -141,7 +142,6 @@ def run(file: str, prompt: str, as_json: bool, overrides: tuple[str, ...]) -> No
 
     with errors():
         agent = common.make_agent(load_spec(file, overrides))
-        _quiet_exit()
 
         async def once(agent: Agent) -> None:
             await run_once(agent, prompt, as_json=as_json)
