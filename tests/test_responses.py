@@ -353,6 +353,49 @@ async def test_agent_mode_refuses_what_it_cannot_run(body: dict[str, Any], messa
     assert reply.status_code == 400 and message in reply.json()["error"]["message"]
 
 
+async def test_agent_mode_records_its_turns_in_the_session_of_the_header(db: Path) -> None:
+    """As the chat route does: with ``X-Qwenrun-Session`` the session's history is loaded, only
+    the last user input is used, and the turn is recorded (JSON and streamed alike)."""
+    store = SQLiteStore(db)
+    header = {chat.SESSION_HEADER: "ticket-1"}
+    async with serving(lambda r: ANSWER if r.messages[-1]["role"] == "tool" else CALL, store) as srv, srv.client() as c:
+        first = await c.responses.with_raw_response.create(model=AGENT, input=QUESTION, extra_headers=header)
+        assert first.headers["x-qwenrun-session"] == "ticket-1" and first.parse().output_text == ANSWER
+        input_: Any = [{"role": "user", "content": "ignored"}, {"role": "user", "content": "广州呢?"}]
+        async with c.responses.with_streaming_response.create(
+            model=AGENT, input=input_, stream=True, extra_headers=header
+        ) as second:
+            assert second.headers["x-qwenrun-session"] == "ticket-1"
+            lines = [line async for line in second.iter_lines()]
+        assert "event: response.completed" in lines
+        assert [m["content"] for m in srv.engine.calls[-1].messages if m["role"] == "user"] == [QUESTION, "广州呢?"]
+        plain = await c.responses.with_raw_response.create(model=AGENT, input="北京?")  # stateless
+        assert "x-qwenrun-session" not in plain.headers
+    stored = store.get("ticket-1")
+    assert stored is not None and (stored.info.frontend, stored.info.turns) == ("openai", 2)
+    kinds = [r.data["role"] if r.kind == "message" else r.data["type"] for r in stored.records]
+    assert kinds == ["user", "assistant", "tool", "assistant", "final"] * 2
+    assert [r.data["content"] for r in stored.records if r.data.get("role") == "user"] == [QUESTION, "广州呢?"]
+    assert [info.id for info in store.list()] == ["ticket-1"]
+    store.close()
+
+
+async def test_the_session_header_is_refused_where_it_cannot_apply(db: Path) -> None:
+    header = {chat.SESSION_HEADER: "s-1"}
+    async with serving([ANSWER], SQLiteStore(db)) as srv, srv.client() as client:
+        first = await client.responses.create(model=AGENT, input=QUESTION)
+        with pytest.raises(openai.BadRequestError, match="X-Qwenrun-Session needs agent mode"):
+            await client.responses.create(model=SERVED, input=QUESTION, extra_headers=header)
+        with pytest.raises(openai.BadRequestError, match=r"X-Qwenrun-Session .* or previous_response_id .*not both"):
+            await client.responses.create(model=AGENT, input="x", previous_response_id=first.id, extra_headers=header)
+        with pytest.raises(openai.BadRequestError, match="expected 1 to 128 characters"):
+            await client.responses.create(model=AGENT, input="x", extra_headers={chat.SESSION_HEADER: "a b"})
+    async with serving([]) as srv, srv.client() as client:
+        with pytest.raises(openai.BadRequestError, match="records no sessions") as error:
+            await client.responses.create(model=AGENT, input="x", extra_headers=header)
+    assert error.value.code == "sessions_disabled"
+
+
 # -- reasoning -----------------------------------------------------------------------------------
 
 

@@ -261,14 +261,14 @@ def test_a_locked_database_is_retried_not_lost(tmp_path: Path, caplog: pytest.Lo
                 retried.set()
 
     handler = Retries()
-    logging.getLogger("qwenrun.sessions.sqlite").addHandler(handler)
+    logging.getLogger("qwenrun.sessions").addHandler(handler)  # the writer logs under it
     try:
         store.create(SessionInfo("a", "x"))
         store.append("a", 1, "message", {"role": "user", "content": "q"}, {})  # returns: never waits for the lock
         assert rows_on_disk(path) == 0  # not written yet: the lock is still held
         assert retried.wait(60), "the writer never met the lock"
     finally:
-        logging.getLogger("qwenrun.sessions.sqlite").removeHandler(handler)
+        logging.getLogger("qwenrun.sessions").removeHandler(handler)
     blocker.execute("COMMIT")
     assert store.load("a") == [{"role": "user", "content": "q"}]
     assert writes[-1] == (2, False) or sum(n for n, failed in writes if not failed) == 2

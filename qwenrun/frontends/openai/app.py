@@ -217,7 +217,7 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
         # to the garbage collector), and it sends keep-alive comments while a slow tool runs.
         return EventSourceResponse(_events(reply, first, observed, request), ping=PING_S, headers=headers)
 
-    responses.register(app, agent, frontend, metrics, guarded)  # /v1/responses (docs/server.md)
+    responses.register(app, agent, frontend, metrics, guarded, busy)  # /v1/responses (docs/server.md)
     return app
 
 

@@ -212,9 +212,16 @@ def skeleton(request: ResponsesRequest, agent: Agent) -> dict[str, Any]:
 
 
 def register(
-    app: FastAPI, agent: Agent, frontend: OpenAIFrontend, metrics: Metrics, guarded: list[Any]
+    app: FastAPI,
+    agent: Agent,
+    frontend: OpenAIFrontend,
+    metrics: Metrics,
+    guarded: list[Any],
+    busy: set[str] | None = None,
 ) -> None:
-    """Add the Responses API routes to the OpenAI front end's ``app``."""
+    """Add the Responses API routes to the OpenAI front end's ``app``. ``busy``: the stored
+    sessions with a turn in progress, shared with the chat route (``X-Qwenrun-Session``)."""
+    busy = set() if busy is None else busy
     responses = Responses(agent, frontend, keyed=bool(app.state.api_key_required))
     served = agent.spec.served_model_name
 
@@ -237,12 +244,19 @@ def register(
         chat_req = chat_request(req, body, mode, conversation)
         builder = ResponseBuilder(skeleton(req, agent), server_label=agent.name)
         approval = request.headers.get(chat.APPROVAL_HEADER)
+        session_id = request.headers.get(chat.SESSION_HEADER)
+        headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
         if mode == "passthrough":
-            if approval is not None:
-                raise APIError(400, f"{chat.APPROVAL_HEADER} needs agent mode (model {agent.name!r})")
+            for header, value in ((chat.SESSION_HEADER, session_id), (chat.APPROVAL_HEADER, approval)):
+                if value is not None:
+                    raise APIError(400, f"{header} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, chat_req, frontend, builder.response["id"])
-        else:  # approval as in the chat route: an agent with `ask` tools needs the header
-            pieces = chat.agent_turn(agent, chat_req, frontend, approval=approval)
+        else:  # sessions and approval as in the chat route: the turn is recorded in the session
+            if session_id is not None and req.previous_response_id is not None:
+                raise APIError(400, f"give {chat.SESSION_HEADER} (the stored session's history) or "
+                               "previous_response_id (the stored response's conversation), not both",
+                               param="previous_response_id")  # fmt: skip
+            pieces = chat.agent_turn(agent, chat_req, frontend, session_id, busy, approval)
 
         def keep() -> None:
             if req.store:
@@ -255,9 +269,11 @@ def register(
             for piece in collected:
                 builder.feed(piece)
             keep()
-            return JSONResponse(builder.response)
+            return JSONResponse(builder.response, headers=headers)
         first = await unless_disconnected(request, anext(observed))  # a dead engine is a real 503
-        return EventSourceResponse(_events(builder, first, observed, request, keep), ping=PING_S)
+        return EventSourceResponse(
+            _events(builder, first, observed, request, keep), ping=PING_S, headers=headers
+        )
 
     @app.get("/v1/responses/{response_id}", dependencies=guarded)
     async def get_response(response_id: str, request: Request) -> Response:
