@@ -32,10 +32,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def http_server(port: int) -> Iterator[str]:
+def http_server(port: int, *flags: str) -> Iterator[str]:
     """The test server on streamable HTTP at 127.0.0.1:``port`` until the block ends; its URL."""
     process = subprocess.Popen(
-        [sys.executable, SERVER, "--http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, SERVER, "--http", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 30

@@ -8,7 +8,9 @@ server), ``die`` (the process exits mid-call), ``describe_env`` (which variables
 
 Flags: ``--pid-file FILE`` writes the server's pid (and that of a ``--spawn-child``: a ``sleep``
 in a session of its own, which outlives a kill of the server's process group) for the leak tests;
-``--malformed`` adds tools with a broken input schema and an unusable name; ``--exit-at-start``
+``--malformed`` adds tools with a broken input schema and an unusable name; ``--changing`` adds
+``reshape``, which adds ``multiply``, removes ``echo``, changes ``add``'s description and sends
+``notifications/tools/list_changed``; ``--exit-at-start``
 writes to stderr and exits before speaking MCP; ``--stdout-noise`` prints a non-MCP line first.
 """
 
@@ -87,10 +89,28 @@ def whoami(ctx: Context) -> str:  # type: ignore[type-arg]
     return str(request.headers.get("authorization")) if request is not None else "(stdio)"
 
 
-def build(malformed: bool) -> FastMCP:
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers (added at run time by reshape)."""
+    return a * b
+
+
+async def reshape(ctx: Context) -> str:  # type: ignore[type-arg]
+    """Add multiply, remove echo, describe add anew, and tell the client that the tools changed."""
+    server = ctx.fastmcp
+    server.add_tool(multiply)
+    server.remove_tool("echo")
+    server.remove_tool("add")
+    server.add_tool(add, description="Add two integers (described anew by reshape).")
+    await ctx.session.send_tool_list_changed()
+    return "reshaped"
+
+
+def build(malformed: bool, changing: bool = False) -> FastMCP:
     tools = [
         Tool.from_function(f) for f in (add, echo, note, fail, huge, hang, freeze, die, describe_env, whoami)
     ]
+    if changing:
+        tools.append(Tool.from_function(reshape))
     if malformed:
         broken = Tool.from_function(echo, name="broken_schema")
         broken.parameters = {"type": "object", "properties": {"text": {"type": "no-such-type"}}}
@@ -107,6 +127,7 @@ def main() -> None:
     parser.add_argument("--pid-file")
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--malformed", action="store_true")
+    parser.add_argument("--changing", action="store_true")
     parser.add_argument("--exit-at-start", action="store_true")
     parser.add_argument("--stdout-noise", action="store_true")
     args = parser.parse_args()
@@ -122,7 +143,7 @@ def main() -> None:
             out.write(" ".join(map(str, pids)))
     if args.stdout_noise:
         print("this line is not JSON-RPC", flush=True)
-    server = build(args.malformed)
+    server = build(args.malformed, args.changing)
     if args.http is not None:
         server.settings.port = args.http
         server.run(transport="streamable-http")

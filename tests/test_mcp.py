@@ -11,6 +11,7 @@ session of its own must go too). pytest's ``-W error`` turns unclosed streams in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import warnings
@@ -323,6 +324,38 @@ async def test_an_http_server_that_goes_away_is_reconnected_with_backoff(
     finally:
         await servers.close()
     assert server.failures >= 1
+
+
+# -- notifications/tools/list_changed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_tools_list_changed_refreshes_the_agents_tools(transport: str) -> None:
+    """The server adds a tool, removes one and describes one anew, then sends
+    notifications/tools/list_changed: the agent's tools, and the tools the model is shown, follow
+    (no restart); a tool that did not change stays the same object."""
+    with contextlib.ExitStack() as stack:
+        if transport == "stdio":
+            entry = stdio("--changing")
+        else:
+            entry = {"mcp": {"name": "test", "url": stack.enter_context(http_server(free_port(), "--changing"))}}
+        script = [tool_call_text("reshape", {}), "reshaped", tool_call_text("multiply", {"a": 6, "b": 7}), "42"]
+        agent = Agent(spec_of(entry), ScriptedEngine(script))
+        async with agent:
+            assert {"add", "echo", "note", "reshape"} <= set(agent.tools) and "multiply" not in agent.tools
+            add, note = agent.tools["add"], agent.tools["note"]
+            assert (await agent.ask("reshape yourself")).text == "reshaped"
+            await until(lambda: "multiply" in agent.tools)
+            assert "echo" not in agent.tools and agent.tools["note"] is note
+            assert agent.tools["add"] is not add
+            assert agent.tools["add"].description == "Add two integers (described anew by reshape)."
+            assert (await agent.ask("6 * 7?")).text == "42"
+            engine = agent.engine
+            assert isinstance(engine, ScriptedEngine)
+            shown = [tool["function"]["name"] for tool in engine.calls[2].tools or []]
+            assert "multiply" in shown and "echo" not in shown
+            assert engine.calls[3].messages[-1]["content"] == "42"  # multiply ran on the server
+            assert agent.mcp.connections[0].failures == 0
 
 
 def test_results_become_text_for_the_model() -> None:

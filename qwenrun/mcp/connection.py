@@ -18,7 +18,9 @@ with the last error of one that is down. A call that ends without an answer (its
 cancelled turn, a closed connection) makes the supervisor ping the server; without an answer in
 ``PING_TIMEOUT_S`` it is restarted (a streamable HTTP server that dies mid-call leaves that call
 waiting forever: python-sdk #1577). The server's stderr goes to a pipe: its last lines end the
-error messages, all of them are logged at debug level.
+error messages, all of them are logged at debug level. On ``notifications/tools/list_changed`` the
+supervisor lists the tools again (the handler that receives it must not wait for an answer itself)
+and hands the new list to ``on_tools_changed``.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.loading import secret_from_env
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["McpConnection", "State", "describe"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 State = Literal["stopped", "starting", "ready", "down"]
 BACKOFF_FIRST_S = 0.5
@@ -77,6 +80,7 @@ class McpConnection:
         self.failures = 0  # crashes and failed starts, for reports
         self.listed: list[types.Tool] = []  # the server's tools as it listed them last
         self.on_ready: Callable[[McpConnection], None] | None = None  # after each (re)start
+        self.on_tools_changed: Callable[[McpConnection], None] | None = None  # after a new tools/list
         self._session: ClientSession | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._stderr_lock = threading.Lock()
@@ -87,6 +91,7 @@ class McpConnection:
         self._stopping = False
         self._ended = False
         self._check = False
+        self._relist = False  # the server said that its tool list changed
         self._gone = asyncio.Event()
         self._stop = asyncio.Event()
         self._next_start: float | None = None  # loop time of the next start of a server that is down
@@ -161,7 +166,7 @@ class McpConnection:
         from mcp import ClientSession
         from mcp import types as mcp_types
 
-        self._ended = self._check = False
+        self._ended = self._check = self._relist = False
         self._wake.clear()
         self._gone = gone = asyncio.Event()  # the calls on this session stop waiting when it is set
         async with contextlib.AsyncExitStack() as stack:
@@ -199,6 +204,9 @@ class McpConnection:
                 if self._check:
                     self._check = False
                     await self._ping(session)
+                if self._relist:
+                    self._relist = False
+                    await self._list_again(session)
 
     async def _initialize(self, session: ClientSession) -> list[types.Tool]:
         """``initialize`` and ``tools/list`` within ``startup_timeout_s`` (a stop cuts it short)."""
@@ -207,33 +215,56 @@ class McpConnection:
             await session.initialize()
             return await _list_tools(session)
 
-        started = asyncio.ensure_future(handshake())
-        started.add_done_callback(_retrieve)
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({started, stop}, timeout=self.spec.startup_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            stop.cancel()
-            if not started.done():
-                started.cancel()
+        started = await self._until_stop(handshake(), self.spec.startup_timeout_s)
         if self._stopping:
             return []
         if not started.done() or started.cancelled():
             raise TimeoutError
         return started.result()
 
-    async def _ping(self, session: ClientSession) -> None:
-        """ServerGone unless the server answers a ping in time (a stop cuts the wait short)."""
-        ping = asyncio.ensure_future(session.send_ping())
-        ping.add_done_callback(_retrieve)
+    async def _until_stop(self, work: Coroutine[Any, Any, T], timeout: float | None) -> asyncio.Future[T]:
+        """Run ``work`` until it ends, a stop comes or ``timeout`` passes; its future (cancelled
+        unless it ended)."""
+        future = asyncio.ensure_future(work)
+        future.add_done_callback(_retrieve)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({ping, stop}, timeout=PING_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({future, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-            if not ping.done():
-                ping.cancel()
+            if not future.done():
+                future.cancel()
+        return future
+
+    async def _list_again(self, session: ClientSession) -> None:
+        """``tools/list`` after ``notifications/tools/list_changed``; the new list goes to
+        ``on_tools_changed``. An error answer keeps the old list; no answer within
+        ``startup_timeout_s`` is ServerGone (a stop cuts the wait short)."""
+        from mcp.shared.exceptions import McpError
+
+        listing = await self._until_stop(_list_tools(session), self.spec.startup_timeout_s)
+        if self._stopping:
+            return
+        if not listing.done() or listing.cancelled():
+            if self._ended:
+                raise ServerGone("the server closed the connection")
+            raise ServerGone(f"it did not answer tools/list within {self.spec.startup_timeout_s:g} s "
+                             "after it said that its tools changed")  # fmt: skip
+        error = listing.exception()
+        if isinstance(error, McpError):
+            log.warning("MCP server %r (%s) said that its tools changed, then failed to list them: %s; "
+                        "its tools stay as they were", self.name, self.where, describe(error))  # fmt: skip
+            return
+        if error is not None:
+            raise error
+        self.listed = listing.result()
+        log.info("MCP server %r: its tools changed: %s", self.name, ", ".join(t.name for t in self.listed))
+        if self.on_tools_changed is not None:
+            self.on_tools_changed(self)
+
+    async def _ping(self, session: ClientSession) -> None:
+        """ServerGone unless the server answers a ping in time (a stop cuts the wait short)."""
+        ping = await self._until_stop(session.send_ping(), PING_TIMEOUT_S)
         if self._stopping or (ping.done() and not ping.cancelled() and ping.exception() is None):
             return
         if self._ended:
@@ -365,8 +396,15 @@ class McpConnection:
     # -- what the server says besides answers ---------------------------------------------------
 
     async def _on_message(self, message: Any) -> None:
+        from mcp import types as mcp_types
+
         if isinstance(message, Exception):
             log.warning("MCP server %r sent something that is not MCP: %s", self.name, describe(message))
+        elif isinstance(message, mcp_types.ServerNotification) and isinstance(
+            message.root, mcp_types.ToolListChangedNotification
+        ):  # listed by the supervisor: this handler runs in the session's receive loop
+            self._relist = True
+            self._wake.set()
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         log.debug("MCP server %r [%s]: %s", self.name, params.level, params.data)

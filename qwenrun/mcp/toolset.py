@@ -75,6 +75,7 @@ class McpToolset:
             if connection.state == "ready":
                 self._register(connection)
             connection.on_ready = self._register  # a server that comes up later adds its tools then
+            connection.on_tools_changed = self._register  # notifications/tools/list_changed
         self._started = True
         if self.clashes and strict:
             clashes = list(self.clashes)
@@ -86,23 +87,42 @@ class McpToolset:
         await asyncio.gather(*(connection.close() for connection in self.connections))
 
     def _register(self, connection: McpConnection) -> None:
-        """Add the tools of a server that (re)started; report clashes and tools left out."""
+        """Make the server's tools in the agent's tools the ones it listed last (it (re)started,
+        or said that its tools changed): new ones join, gone ones leave, changed ones are
+        replaced, unchanged ones are kept as they are; report clashes and tools left out."""
         built, problems = build_tools(connection)
         self.problems[connection.name] = problems
         for problem in problems:
             log.log(self._level, "%s: MCP server %r: %s", connection.where, connection.name, problem)
-        added = self.added.setdefault(connection.name, [])
+        listed = {tool.name for tool in built}
+        before = self.added.get(connection.name, [])
+        for gone in before:
+            if gone.name not in listed and self._tools.get(gone.name) is gone:
+                del self._tools[gone.name]
+        added = self.added[connection.name] = []
         for tool in built:
             owner = self._tools.get(tool.name)
-            if owner is None:
+            if owner is not None and owner.origin == tool.origin:  # the same server's: kept or updated
+                if _same(owner, tool):
+                    tool = owner
                 self._tools[tool.name] = tool
                 added.append(tool)
-            elif owner.origin != tool.origin:  # the same server again (a restart) keeps its tool
+            elif owner is None:
+                self._tools[tool.name] = tool
+                added.append(tool)
+            else:
                 clash = _clash(self.spec, connection, tool.name, owner)
                 if clash not in self.clashes:
                     self.clashes.append(clash)
                 if self._started:  # a server that came up late: its tool is left out
                     log.error("%s (the tool is left out)", clash)
+
+
+def _same(old: Tool, new: Tool) -> bool:
+    """Whether the model sees no difference between two tools of one server."""
+    return (old.description, old.parameters, old.timeout_s, old.approval) == (
+        new.description, new.parameters, new.timeout_s, new.approval
+    )  # fmt: skip
 
 
 def _clash(spec: AgentSpec, connection: McpConnection, name: str, owner: Tool) -> str:
