@@ -380,6 +380,38 @@ async def test_agent_mode_records_its_turns_in_the_session_of_the_header(db: Pat
     store.close()
 
 
+async def test_a_session_runs_one_turn_at_a_time_across_both_apis(db: Path) -> None:
+    """A turn of the session in progress on the chat route (its tool waits): a response for the
+    same session is a 409 until that turn ends."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def wait_here() -> str:
+        """Wait until the test says so."""
+        started.set()
+        await release.wait()
+        return "released"
+
+    store = SQLiteStore(db)
+    script = lambda r: "done" if r.messages[-1]["role"] == "tool" else tool_call_text("wait_here", {})  # noqa: E731
+    agent = Agent(make_spec(), ScriptedEngine(script), tools=[wait_here], store=store)
+    header = {chat.SESSION_HEADER: "shared"}
+    async with serve_in_loop(create_app(agent)) as url:
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        async with client:
+            turn = asyncio.ensure_future(client.chat.completions.create(
+                model=AGENT, messages=[{"role": "user", "content": "wait"}], extra_headers=header))  # fmt: skip
+            await asyncio.wait_for(started.wait(), 30)
+            with pytest.raises(openai.ConflictError, match="has a turn in progress"):
+                await client.responses.create(model=AGENT, input="and now?", extra_headers=header)
+            release.set()
+            assert (await turn).choices[0].message.content == "done"
+            after = await client.responses.create(model=AGENT, input="and now?", extra_headers=header)
+    assert after.output_text == "done"
+    stored = store.get("shared")
+    assert stored is not None and stored.info.turns == 2
+    store.close()
+
+
 async def test_the_session_header_is_refused_where_it_cannot_apply(db: Path) -> None:
     header = {chat.SESSION_HEADER: "s-1"}
     async with serving([ANSWER], SQLiteStore(db)) as srv, srv.client() as client:
