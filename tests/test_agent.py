@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from qwenrun.agent import ANSWER_NOTE, Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent import Agent
+from qwenrun.agent.loop import ANSWER_NOTE
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import FORCED_PREFILL, forced_call
 from qwenrun.tools import Tool
 

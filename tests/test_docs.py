@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
 ROOT = Path(__file__).resolve().parent.parent

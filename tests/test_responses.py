@@ -22,15 +22,15 @@ from openai import AsyncOpenAI
 from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent.plugins import load_tools
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError, RequestError
 from qwenrun.frontends.openai import chat, create_app, responses
 from qwenrun.frontends.openai.chat import ReasoningText as Reasoning
 from qwenrun.frontends.openai.items import to_messages
 from qwenrun.frontends.openai.output import ResponseBuilder
-from qwenrun.plugins import load_tools
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 SERVED = "Qwen2.5-7B-Instruct"
 AGENT = "weather"

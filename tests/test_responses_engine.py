@@ -23,11 +23,11 @@ from openai import AsyncOpenAI
 from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import PinnedEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.testing import PinnedEngine
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

@@ -25,11 +25,11 @@ from openai import AsyncOpenAI, OpenAI
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Constraint, Delta, Request
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app, serve
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.forcing import forced_call
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 

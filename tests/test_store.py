@@ -18,7 +18,7 @@ import pytest
 
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions import open_store
@@ -32,7 +32,7 @@ from qwenrun.sessions.store import (
     store_path,
     valid_session_id,
 )
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 
 def get_current_weather(city: str) -> str:
@@ -352,7 +352,7 @@ async def test_resume_continues_history_and_turn_numbers(store: SQLiteStore) -> 
 async def test_reasoning_is_recorded_resumed_and_does_not_change_a_replay(store: SQLiteStore) -> None:
     """Each assistant message keeps its reasoning (``reasoning_content``); a resumed session has it
     back for the chat template, and ``qwenrun replay`` compares the calls as before."""
-    from qwenrun.replay import recorded_turns, replay
+    from qwenrun.agent.replay import recorded_turns, replay
 
     def thinking(request: ModelRequest) -> str:
         return f"<think>\nthought {len(request.messages)}\n</think>\n\n" + weather_script(request)
@@ -535,8 +535,8 @@ async def test_server_session_header_errors(store: SQLiteStore) -> None:
 
 
 async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLiteStore) -> None:
-    from qwenrun.frontends import chainlit as web
-    from qwenrun.frontends import chainlit_view
+    from qwenrun.frontends.chainlit import app as web
+    from qwenrun.frontends.chainlit import view as chainlit_view
 
     web.import_chainlit()  # first: it imports chainlit quietly, under a private app root
     spec = make_spec(frontend={"kind": "chainlit"})

@@ -3,7 +3,7 @@
 A :class:`Client` stands for one browser tab: Chainlit's own socket handlers
 (``connection_successful``, ``client_message``, ``stop``) run for real against a
 ``WebsocketSession`` whose emits are recorded; :meth:`Client.thread` rebuilds what the browser
-would show from them. The agent runs on a :class:`~qwenrun.testing.ScriptedEngine`.
+would show from them. The agent runs on a :class:`~qwenrun.engines.scripted.ScriptedEngine`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from click.testing import CliRunner
 
 from qwenrun.agent import Agent
 from qwenrun.cli import main
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.events import Final, TextDelta
-from qwenrun.frontends import ChainlitFrontend, chainlit_view
-from qwenrun.frontends import chainlit as web
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.frontends.chainlit import app as web
+from qwenrun.frontends.chainlit import view as chainlit_view
+from qwenrun.frontends.settings import ChainlitFrontend
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "广州天气情况如何?"
@@ -561,11 +562,11 @@ def test_reload_agent_keeps_the_mcp_servers_or_asks_for_a_restart(cl: Any, confi
 
 DYING_UI = """
 import asyncio, sys
-from qwenrun.frontends import chainlit as web
-from qwenrun.frontends import chainlit_view
+from qwenrun.frontends.chainlit import app as web
+from qwenrun.frontends.chainlit import view as chainlit_view
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.engines.scripted import ScriptedEngine
 
 class Engine(ScriptedEngine):
     async def start(self):

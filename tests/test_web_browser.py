@@ -3,7 +3,7 @@
 The server runs in a subprocess (Chainlit ends its process with ``os._exit`` on shutdown) on a
 free 127.0.0.1 port. This file is also that subprocess's entry point: ``python
 tests/test_web_browser.py AGENT.yaml PORT`` serves the agent file with a deterministic
-:class:`~qwenrun.testing.ScriptedEngine` and a local weather tool, so the tests are fast. One test
+:class:`~qwenrun.engines.scripted.ScriptedEngine` and a local weather tool, so the tests are fast. One test
 (marked ``engine`` too) serves the tiny random-weight vLLM model through ``qwenrun up``. The
 approval test serves an agent with an ``approval: ask`` tool and an MCP server (tests/mcp_server.py).
 """
@@ -28,7 +28,7 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-    from qwenrun.testing import ModelRequest
+    from qwenrun.engines.scripted import ModelRequest
 
 pytestmark = pytest.mark.browser
 
@@ -83,7 +83,7 @@ def get_current_weather(city: str) -> str:
 
 def script(request: ModelRequest) -> str:
     """The scripted model: a weather tool call, an answer, a long text, or the question history."""
-    from qwenrun.testing import tool_call_text
+    from qwenrun.engines.scripted import tool_call_text
 
     last = request.messages[-1]
     if last["role"] == "tool":
@@ -107,9 +107,9 @@ def script(request: ModelRequest) -> str:
 
 def serve_scripted(path: str, port: int) -> None:
     from qwenrun.agent import Agent
-    from qwenrun.config import AgentSpec
-    from qwenrun.frontends import chainlit as web
-    from qwenrun.testing import ScriptedEngine
+    from qwenrun.engines.scripted import ScriptedEngine
+    from qwenrun.frontends.chainlit import app as web
+    from qwenrun.spec.agent_file import AgentSpec
     from qwenrun.tools import Tool
 
     spec = AgentSpec.from_file(path)

@@ -1,7 +1,7 @@
 """Sessions that last: the :class:`SessionStore` interface, its records, and the store of a spec.
 
 A stored session is a row of ``sessions`` and its *records* in order: every message of its history
-as :class:`~qwenrun.agent.Session` appends it (user, assistant with its tool calls, tool results,
+as :class:`~qwenrun.agent.loop.Session` appends it (user, assistant with its tool calls, tool results,
 in OpenAI format, each with metadata: usage, timing) and the events of its turns (``final`` with
 the turn's usage, ``error``, ``cancelled``). :meth:`SessionStore.load` gives the history back to
 resume the session; every front end (REPL, Chainlit, OpenAI server) writes to the same store.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from qwenrun.events import Final, Usage
 
 if TYPE_CHECKING:
-    from qwenrun.config import AgentSpec
+    from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = [
     "DB_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore", "StoredResponse",
