@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from weather import get_current_weather
 
 from qwenrun.agent import Agent
 from qwenrun.agent.observability import (
@@ -40,16 +41,6 @@ from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city.
-    """
-    if city == "火星":
-        raise ValueError("no station on Mars")
-    return f"{city}：晴"
 
 
 def script(request: ModelRequest) -> str:

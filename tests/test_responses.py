@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
+from weather import get_current_weather
 
 from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
@@ -43,14 +44,6 @@ TOOL: Any = {
 }  # fmt: skip
 NO_TRACES = RunConfig(tracing_disabled=True)
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 深圳.
-    """
-    return f"目前{city}多云到晴，气温28~31℃。"
 
 
 def make_spec(**frontend: Any) -> AgentSpec:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from weather import get_current_weather
 
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
@@ -33,15 +34,6 @@ from qwenrun.sessions.store import (
     valid_session_id,
 )
 from qwenrun.spec.agent_file import AgentSpec
-
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 广州.
-    """
-    return f"{city}：晴，25°C"
 
 
 def weather_script(request: ModelRequest) -> str:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
-from test_web import Client
+from test_chainlit import Client
 from weather import weather_tool
 
 from qwenrun.agent import Agent

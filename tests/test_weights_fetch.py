@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 from click.testing import CliRunner
-from test_convert import DiskUsage, leftovers, tiny_gguf  # noqa: F401 (a fixture)
+from test_weights_convert import DiskUsage, leftovers, tiny_gguf  # noqa: F401 (a fixture)
 
 from qwenrun.cli import main
 from qwenrun.errors import ChecksumError, DiskFullError, DownloadError
