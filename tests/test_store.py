@@ -247,6 +247,26 @@ def test_a_locked_database_is_retried_not_lost(tmp_path: Path) -> None:
     store.close()
 
 
+def test_observers_subscribe_to_the_stores_writes_and_a_broken_one_is_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store: SessionStore = SQLiteStore(tmp_path / "observed.db")
+    seen: list[tuple[int, bool]] = []
+
+    def broken(seconds: float, records: int, failed: bool) -> None:
+        raise RuntimeError("observer bug")
+
+    store.subscribe(broken)
+    store.subscribe(lambda seconds, records, failed: seen.append((records, failed)))
+    store.create(SessionInfo("a", "x"))
+    store.append("a", 1, "message", {"role": "user", "content": "q"}, {})
+    store.flush()
+    assert sum(records for records, failed in seen if not failed) == 2 and seen[-1][1] is False
+    assert store.load("a") == [{"role": "user", "content": "q"}]
+    assert "session store observer failed" in caplog.text
+    store.close()
+
+
 def test_session_ids() -> None:
     assert valid_session_id(uuid.uuid4().hex) and valid_session_id(str(uuid.uuid4()))
     assert valid_session_id("my-chat:2.a_b")

@@ -116,7 +116,7 @@ class Metrics:
         self.tool_calls.labels(self.tool_label(name), mode).inc()
 
     def observe_store_write(self, seconds: float, records: int, failed: bool) -> None:
-        """A :class:`~qwenrun.sessions.sqlite.SQLiteStore` ``on_write`` observer."""
+        """A session store's write observer (:meth:`~qwenrun.sessions.store.SessionStore.subscribe`)."""
         self.store_writes.observe(seconds)
         self.store_records.labels("lost" if failed else "ok").inc(records)
 

@@ -31,8 +31,8 @@ def bind_metrics(agent: Agent, metrics: Metrics) -> None:
     """Report ``agent``'s turns, model and tool calls and session store writes to ``metrics`` (the
     front end binds its metrics to the agent it serves; the agent knows nothing of them)."""
     agent.telemetry = Telemetry(agent.telemetry.tracer, metrics)
-    if agent.store is not None and hasattr(agent.store, "on_write"):
-        agent.store.on_write = metrics.observe_store_write
+    if agent.store is not None:
+        agent.store.subscribe(metrics.observe_store_write)
 
 
 def _endpoint(path: str) -> str:
