@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.testing import PinnedEngine, literal_regex
+from qwenrun.engines.scripted import PinnedEngine, literal_regex
+from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 CALL = json.dumps({"name": "get_current_weather", "arguments": {"city": "广州"}}, ensure_ascii=False)

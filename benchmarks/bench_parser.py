@@ -7,7 +7,7 @@
    that are not structural, fed one character at a time; the time ratio should be ~4 (16 would be
    quadratic). These are the scaling checks that used to be timed tests.
 3. The agent loop's overhead per model step: one weather turn (forced tool call, tool, answer) on
-   ``qwenrun.testing.ScriptedEngine``, against iterating the very same deltas raw, and against a
+   ``qwenrun.engines.scripted.ScriptedEngine``, against iterating the very same deltas raw, and against a
    minimal hand-written loop (raw deltas + ``hermes.parse`` + the tool + the messages).
 
 No vLLM, no model, no timing assertion: it prints a table and one ``RESULT {json}`` line.
@@ -34,10 +34,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Request
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Final
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls import Qwen3CoderParser, hermes
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 

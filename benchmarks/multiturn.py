@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agent_vs_raw import Probe, no_tool_calls
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Request
-from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.testing import PinnedEngine, literal_regex
+from qwenrun.engines.scripted import PinnedEngine, literal_regex
+from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 from qwenrun.tools import Tool
 

@@ -631,7 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     model = str(Path(args.model).resolve())
     if not (Path(model) / "config.json").exists():
-        from qwenrun.tiny import build_tiny_model
+        from qwenrun.weights.tiny import build_tiny_model
 
         build_tiny_model(Path(model))
     args.model = model

@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = str(Path(args.model).resolve())
     if not (Path(model_dir) / "config.json").exists():
         sys.path.insert(0, str(ROOT))
-        from qwenrun.tiny import build_tiny_model
+        from qwenrun.weights.tiny import build_tiny_model
 
         build_tiny_model(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

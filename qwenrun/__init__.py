@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, EngineError, PluginError, QwenrunError, ToolError
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.version import __version__
 
 if TYPE_CHECKING:

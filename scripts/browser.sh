@@ -1,6 +1,6 @@
 # Sourced by scripts/test.sh: the browser tests drive Debian's Chromium. Install it when it is
 # missing and this machine allows it (root and apt-get); otherwise export the reason, and the
-# browser tests are skipped with it (tests/test_web_browser.py reads QWENRUN_BROWSER_SKIP).
+# browser tests are skipped with it (tests/test_chainlit_browser.py reads QWENRUN_BROWSER_SKIP).
 QWENRUN_CHROMIUM=${QWENRUN_CHROMIUM:-/usr/bin/chromium}
 if [ ! -x "$QWENRUN_CHROMIUM" ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -4,7 +4,7 @@ the tiny model's Qwen3 flavours (.cache/tiny-qwen3, .cache/tiny-qwen3-coder) and
 a started engine of each, one at a time (pytest runs the tests of one flavour, then the other).
 
 The real-model tier (``@pytest.mark.real_model``): ``real_model_dir`` fetches Qwen2.5-Coder-0.5B
-through :mod:`qwenrun.models` into the shared cache (once per machine, about a minute), ``real_spec``
+through :mod:`qwenrun.weights.fetch` into the shared cache (once per machine, about a minute), ``real_spec``
 is ``agents/weather-small.yaml`` on it, and ``real_engine`` one started engine for the session."""
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.models import fetch
-from qwenrun.tiny import build_tiny_model
+from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.weights.fetch import fetch
+from qwenrun.weights.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,24 +7,15 @@ import json
 from typing import Any
 
 import pytest
+from weather import get_current_weather, weather_of
 
-from qwenrun.agent import ANSWER_NOTE, Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent import Agent
+from qwenrun.agent.loop import ANSWER_NOTE
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import FORCED_PREFILL, forced_call
 from qwenrun.tools import Tool
-
-SEED_SENTENCE = "目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
-
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 广州.
-    """
-    return SEED_SENTENCE.format(city=city)
 
 
 async def slow(seconds: float) -> str:
@@ -308,7 +299,7 @@ async def test_bare_json_call_runs_the_tool() -> None:
     (call,) = [e for e in events if isinstance(e, ToolCall)]
     assert (call.name, call.arguments) == ("get_current_weather", {"city": "广州"})
     (result,) = [e for e in events if isinstance(e, ToolResult)]
-    assert result.content == SEED_SENTENCE.format(city="广州")
+    assert result.content == weather_of("广州")
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["广州多", "云到晴", "。"]  # streamed
     assert isinstance(events[-1], Final) and events[-1].text == "广州多云到晴。"
     assert engine.calls[1].messages[2]["tool_calls"][0]["function"]["name"] == "get_current_weather"

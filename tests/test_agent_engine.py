@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.agent.plugins import load_tools
+from qwenrun.engines.scripted import PinnedEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Event, Final, ToolCall, ToolResult
-from qwenrun.plugins import load_tools
-from qwenrun.testing import PinnedEngine
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from qwenrun.agent import Agent
+from qwenrun.agent.plugins import load_tools
 from qwenrun.approval import ApprovalRequest, escape, fixed_approver, shown_call
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Event, Final, ToolCall, ToolResult
-from qwenrun.plugins import load_tools
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
 WRITTEN: list[str] = []

@@ -75,7 +75,7 @@ def test_multiturn_on_the_fake_engine(tmp_path: Path) -> None:
     """Both sides of the multi-turn benchmark run the same turns with the tiny model's tokenizer
     and template (no vLLM engine): every session makes its tool call each turn, qwenrun's prompts
     are tokenized in its prompt thread, the raw loop's on the event loop."""
-    from qwenrun.tiny import build_tiny_model
+    from qwenrun.weights.tiny import build_tiny_model
 
     model = build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
     out = tmp_path / "multiturn.json"

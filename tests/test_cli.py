@@ -17,8 +17,8 @@ from qwenrun import __version__
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).parent.parent
 AGENTS = sorted(str(p) for p in (ROOT / "agents").glob("*.yaml"))

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from qwenrun.cli import main
 from qwenrun.cli.parse import chat_template_of, template_opens_thinking
-from qwenrun.testing import tool_call_text
-from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
+from qwenrun.engines.scripted import tool_call_text
 from qwenrun.toolcalls import parse_output
+from qwenrun.weights.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 
 TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]  # fmt: skip

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError
+from qwenrun.spec.agent_file import AgentSpec
 
 AGENTS = sorted((Path(__file__).parent.parent / "agents").glob("*.yaml"))
 

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Delta, Request
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Final, Reasoning, TextDelta, Usage
 from qwenrun.frontends.console import EventPrinter, printable
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 WEATHER = str(ROOT / "agents" / "weather.yaml")
@@ -33,9 +33,9 @@ SCRIPT = textwrap.dedent(
     """
     import asyncio
     from qwenrun.agent import Agent
-    from qwenrun.config import AgentSpec
+    from qwenrun.spec.agent_file import AgentSpec
     from qwenrun.frontends.console import repl
-    from qwenrun.testing import ScriptedEngine
+    from qwenrun.engines.scripted import ScriptedEngine
 
     def script(request):
         question = request.messages[-1]["content"]

@@ -15,7 +15,6 @@ import yaml
 from click.testing import CliRunner
 
 from qwenrun.cli import main
-from qwenrun.config import AgentSpec
 from qwenrun.deploy import (
     AGENT_PATH,
     IN_FLIGHT_METRIC,
@@ -29,6 +28,7 @@ from qwenrun.deploy import (
 )
 from qwenrun.deploy.files import GENERATED
 from qwenrun.errors import ConfigError
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = sorted((ROOT / "agents").glob("*.yaml"))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def test_the_test_script_installs_chromium_when_it_can(tmp_path: Path, uid: str,
 def test_without_chromium_the_browser_tests_are_skipped_with_the_reason(tmp_path: Path) -> None:
     env = {**os.environ, "QWENRUN_CHROMIUM": str(tmp_path / "nope"), "QWENRUN_BROWSER_SKIP": "no root here"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_web_browser.py", "-k", "password_login", "-rs", "-p",
+        [sys.executable, "-m", "pytest", "tests/test_chainlit_browser.py", "-k", "password_login", "-rs", "-p",
          "no:cacheprovider", f"--basetemp={tmp_path / 'tmp'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

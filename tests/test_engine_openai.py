@@ -29,15 +29,16 @@ import pytest_asyncio
 from loopback import serve_in_loop
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engines.base import Constraint, Engine, Request, create_engine
+from qwenrun.agent.plugins import load_tools
+from qwenrun.engines.base import Constraint, Engine, Request
 from qwenrun.engines.openai import OpenAIEngine, _reasoning, request_body
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.registry import create_engine
+from qwenrun.engines.scripted import PinnedEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.events import Event, Final, TextDelta, ToolCall, ToolResult
 from qwenrun.frontends.openai import create_app
-from qwenrun.plugins import load_tools
-from qwenrun.testing import PinnedEngine
+from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
 
 pytestmark = pytest.mark.engine
 

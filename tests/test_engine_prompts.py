@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from weather import weather_tool
 
 from qwenrun.engines.prompts import MARKER, PromptTokenizer, marker_id
-from qwenrun.engines.vllm_inputs import template_messages
-from qwenrun.tiny import build_tiny_model
+from qwenrun.engines.vllm.inputs import template_messages
+from qwenrun.weights.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAVOURS = {"qwen2": "tiny-qwen2", "qwen3": "tiny-qwen3", "qwen3_coder": "tiny-qwen3-coder"}

@@ -14,9 +14,9 @@ from weather import weather_tool
 
 from qwenrun import cli
 from qwenrun.cli import eval as eval_cli
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError
 from qwenrun.evals.readers import meant_a_call
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
 
 CALL = '{"name": "get_current_weather", "arguments": {"city": "Paris"}}'
 REPLIES = {

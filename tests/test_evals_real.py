@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.evals.bfcl import import_bfcl
 from qwenrun.evals.evaluate import evaluate
 from qwenrun.evals.readers import meant_a_call
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "bfcl"

@@ -24,13 +24,13 @@ import pytest
 from mcp_fixtures import free_port, http_server, stdio
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.events import ToolResult
 from qwenrun.mcp import connection, processes
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
-from qwenrun.testing import ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.tools import Tool, run_call
 

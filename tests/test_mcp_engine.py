@@ -1,6 +1,6 @@
 """MCP tools through the whole agent loop on the real vLLM engine (tiny random-weight model).
 
-The weights are random, so the calls are pinned (:class:`~qwenrun.testing.PinnedEngine`); every
+The weights are random, so the calls are pinned (:class:`~qwenrun.engines.scripted.PinnedEngine`); every
 tool is real: the entry-point weather plugin, the test server of ``tests/mcp_server.py`` over stdio
 and over streamable HTTP on 127.0.0.1, and ``mcp-server-time`` from PyPI run by uvx in an
 environment of its own (its ``mcp`` version need not be ours). The tool results go back to the
@@ -19,11 +19,11 @@ from mcp_fixtures import free_port, http_server, stdio, time_server
 
 from qwenrun.agent import Agent
 from qwenrun.approval import ApprovalRequest
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import PinnedEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Event, Final, ToolResult
 from qwenrun.mcp import processes
-from qwenrun.testing import PinnedEngine
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

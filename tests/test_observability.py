@@ -1,4 +1,4 @@
-"""Observability (qwenrun/observability.py): OpenTelemetry spans, Prometheus metrics shared with the
+"""Observability (qwenrun/agent/observability.py): OpenTelemetry spans, Prometheus metrics shared with the
 server's /metrics, JSON logs with the session id, and no cost when none of it is configured."""
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from weather import get_current_weather
 
 from qwenrun.agent import Agent
-from qwenrun.cli import common as cli
-from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
-from qwenrun.errors import EngineError
-from qwenrun.frontends.openai import create_app
-from qwenrun.frontends.openai.metrics import bind_metrics
-from qwenrun.observability import (
+from qwenrun.agent.observability import (
     SESSION_ID,
     JsonFormatter,
     Metrics,
@@ -35,21 +30,17 @@ from qwenrun.observability import (
     Telemetry,
     environment_tracer,
 )
+from qwenrun.cli import common as cli
+from qwenrun.cli import main as cli_main
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.errors import EngineError
+from qwenrun.frontends.openai import create_app
+from qwenrun.frontends.openai.metrics import bind_metrics
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city.
-    """
-    if city == "火星":
-        raise ValueError("no station on Mars")
-    return f"{city}：晴"
 
 
 def script(request: ModelRequest) -> str:
@@ -147,14 +138,14 @@ def test_no_opentelemetry_and_no_prometheus_import_without_configuration() -> No
 import os, sys
 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None); os.environ.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.engines.scripted import ScriptedEngine
 agent = Agent(AgentSpec.from_dict({"model": {"path": "x"}}), ScriptedEngine(["hi"]), tools=[])
 assert agent.telemetry.tracer is None and agent.telemetry.metrics is None
 print(agent.ask and __import__("asyncio").run(agent.ask("q")).text)
 print(sorted(m for m in sys.modules if m.startswith(("opentelemetry", "prometheus_client"))))
 os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # a closed port: spans are dropped
-from qwenrun.observability import environment_tracer
+from qwenrun.agent.observability import environment_tracer
 from opentelemetry import trace
 tracer = environment_tracer()
 print(type(trace.get_tracer_provider()).__name__, tracer is not None)

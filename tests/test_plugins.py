@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qwenrun import plugins
+from qwenrun.agent import plugins
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, PluginError
+from qwenrun.spec.agent_file import AgentSpec
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ from openai import AsyncOpenAI
 from weather import weather_tool
 
 from qwenrun.agent import Agent, Session
-from qwenrun.config import AgentSpec
-from qwenrun.convert import MARKER
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Event, Final, ToolCall, ToolResult
 from qwenrun.frontends.openai import create_app
-from qwenrun.models import RECIPES, download_gguf
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.weights.convert import MARKER
+from qwenrun.weights.fetch import RECIPES, download_gguf
 
 pytestmark = pytest.mark.real_model
 

@@ -39,14 +39,14 @@ from test_reliability_doc import figure, record
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
-from qwenrun.engines import vllm as engine_module
 from qwenrun.engines.base import Delta, Request
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.engines.vllm import engine as engine_module
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.errors import EngineError
 from qwenrun.events import Event, Final, ToolResult
 from qwenrun.frontends.openai import create_app
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 120  # agent.max_tool_output_chars of these tests
@@ -333,9 +333,9 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive() -> None:
         """
         import asyncio, threading
         from qwenrun.agent import Agent
-        from qwenrun.config import AgentSpec
+        from qwenrun.spec.agent_file import AgentSpec
         from qwenrun.frontends.console import run_once
-        from qwenrun.testing import ScriptedEngine, tool_call_text
+        from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
 
         def hang() -> str:
             '''Never returns.'''
@@ -631,7 +631,7 @@ SERVER_SCRIPT = textwrap.dedent(
     from qwenrun.cli import main
     from qwenrun.agent import Agent
     from qwenrun.errors import EngineError
-    from qwenrun.testing import ScriptedEngine
+    from qwenrun.engines.scripted import ScriptedEngine
 
     class Engine(ScriptedEngine):
         async def start(self):

@@ -35,11 +35,11 @@ from test_reliability_doc import figure, record
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Delta, Request
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_FILES = sorted((ROOT / "agents").glob("*.yaml"))

@@ -36,9 +36,9 @@ from test_reliability_doc import figure, record
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.frontends.openai import create_app
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

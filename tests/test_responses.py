@@ -18,19 +18,20 @@ import pytest
 from fastapi.testclient import TestClient
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
+from weather import get_current_weather
 
 from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent.plugins import load_tools
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError, RequestError
 from qwenrun.frontends.openai import chat, create_app, responses
 from qwenrun.frontends.openai.chat import ReasoningText as Reasoning
 from qwenrun.frontends.openai.items import to_messages
 from qwenrun.frontends.openai.output import ResponseBuilder
-from qwenrun.plugins import load_tools
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 SERVED = "Qwen2.5-7B-Instruct"
 AGENT = "weather"
@@ -43,14 +44,6 @@ TOOL: Any = {
 }  # fmt: skip
 NO_TRACES = RunConfig(tracing_disabled=True)
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 深圳.
-    """
-    return f"目前{city}多云到晴，气温28~31℃。"
 
 
 def make_spec(**frontend: Any) -> AgentSpec:

@@ -19,15 +19,16 @@ import pytest
 import pytest_asyncio
 from loopback import serve_in_loop
 from openai import AsyncOpenAI
+from weather import get_current_weather
 
 from agents import Agent as SdkAgent
 from agents import ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import PinnedEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions.sqlite import SQLiteStore
-from qwenrun.testing import PinnedEngine
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 
@@ -43,14 +44,6 @@ TOOL: Any = {
 NO_TRACES = RunConfig(tracing_disabled=True)
 ran: list[str] = []  # the cities the client-side tool (pass-through) was called with
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 深圳.
-    """
-    return f"目前{city}多云到晴，气温28~31℃。"
 
 
 @function_tool(name_override="get_current_weather")

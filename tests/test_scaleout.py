@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from qwenrun.cli import main
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm_inputs import engine_kwargs
+from qwenrun.engines.vllm.inputs import engine_kwargs
 from qwenrun.errors import ConfigError
+from qwenrun.spec.agent_file import AgentSpec
 
 MODEL = "Qwen/Qwen2.5-72B-Instruct"
 TP_PP_DP = "tensor_parallel_size x pipeline_parallel_size x data_parallel_size"

@@ -22,11 +22,11 @@ from loopback import serve_in_loop
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine
 from qwenrun.errors import ConfigError
-from qwenrun.frontends import ChainlitFrontend, OpenAIFrontend
 from qwenrun.frontends.openai import create_app, serve
-from qwenrun.testing import ModelRequest, ScriptedEngine
+from qwenrun.frontends.settings import ChainlitFrontend, OpenAIFrontend
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED, AGENT_NAME = "secure-model", "secure-agent"
@@ -253,7 +253,7 @@ def test_the_system_prompt_template_is_sandboxed(template: str, problem: str, tm
         ("!!python/object/new:subprocess.Popen [['touch', '{marker}']]", "python/object/new:subprocess.Popen"),
         ("!!python/name:os.system ''", "python/name:os.system"),
         ("!!python/module:os ''", "python/module:os"),
-        ("!!python/object:qwenrun.config.AgentSpec {{}}", "python/object:qwenrun.config.AgentSpec"),
+        ("!!python/object:qwenrun.spec.agent_file.AgentSpec {{}}", "python/object:qwenrun.spec.agent_file.AgentSpec"),
         ("!<tag:yaml.org,2002:python/object/apply:os.system> ['touch {marker}']", "python/object/apply:os.system"),
     ],
 )  # fmt: skip

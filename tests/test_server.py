@@ -22,14 +22,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from openai import AsyncOpenAI, OpenAI
-from weather import weather_tool
+from weather import get_current_weather, weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Constraint, Delta, Request
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app, serve
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.forcing import forced_call
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
@@ -40,14 +40,6 @@ WEATHER_TOOL = weather_tool({"type": "string", "description": "The city, e.g. �
 CALL = tool_call_text("get_current_weather", {"city": "深圳"})
 ANSWER = "深圳今天多云到晴，气温28~31℃。"
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 深圳.
-    """
-    return f"目前{city}多云到晴，气温28~31℃，吹轻微的偏北风。"
 
 
 def make_spec(**frontend: Any) -> AgentSpec:

@@ -15,9 +15,9 @@ from openai import OpenAI
 from test_server import get_current_weather, running
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.frontends.openai import create_app
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
 SERVED = "Qwen2.5-7B-Instruct"

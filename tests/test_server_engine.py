@@ -24,9 +24,9 @@ from pydantic import Field
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.frontends.openai import create_app
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from test_server import AGENT, QUESTION, SERVED, WEATHER_TOOL, Harness, scripted_server
 
-from qwenrun.testing import tool_call_text
+from qwenrun.engines.scripted import tool_call_text
 
 USER: Any = [{"role": "user", "content": QUESTION}]
 THOUGHT = "<think>\nThe user wants the weather.\n</think>\n\n"

@@ -13,14 +13,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 from qwenrun.agent import Agent
+from qwenrun.agent.replay import compare, format_call, recorded_turns
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
-from qwenrun.config import AgentSpec
-from qwenrun.replay import compare, format_call, recorded_turns
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.sessions import open_store
 from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.sessions.store import DB_ENV, SessionInfo
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.spec.agent_file import AgentSpec
 
 CALLS: list[str] = []  # what the weather tool was asked, in order
 

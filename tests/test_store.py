@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from weather import get_current_weather
 
 from qwenrun.agent import Agent
 from qwenrun.cli import common as cli
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions import open_store
@@ -32,16 +33,7 @@ from qwenrun.sessions.store import (
     store_path,
     valid_session_id,
 )
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
-
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 广州.
-    """
-    return f"{city}：晴，25°C"
+from qwenrun.spec.agent_file import AgentSpec
 
 
 def weather_script(request: ModelRequest) -> str:
@@ -277,6 +269,26 @@ def test_a_locked_database_is_retried_not_lost(tmp_path: Path, caplog: pytest.Lo
     blocker.close()
 
 
+def test_observers_subscribe_to_the_stores_writes_and_a_broken_one_is_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store: SessionStore = SQLiteStore(tmp_path / "observed.db")
+    seen: list[tuple[int, bool]] = []
+
+    def broken(seconds: float, records: int, failed: bool) -> None:
+        raise RuntimeError("observer bug")
+
+    store.subscribe(broken)
+    store.subscribe(lambda seconds, records, failed: seen.append((records, failed)))
+    store.create(SessionInfo("a", "x"))
+    store.append("a", 1, "message", {"role": "user", "content": "q"}, {})
+    store.flush()
+    assert sum(records for records, failed in seen if not failed) == 2 and seen[-1][1] is False
+    assert store.load("a") == [{"role": "user", "content": "q"}]
+    assert "session store observer failed" in caplog.text
+    store.close()
+
+
 def test_session_ids() -> None:
     assert valid_session_id(uuid.uuid4().hex) and valid_session_id(str(uuid.uuid4()))
     assert valid_session_id("my-chat:2.a_b")
@@ -374,7 +386,7 @@ async def test_resume_continues_history_and_turn_numbers(store: SQLiteStore) -> 
 async def test_reasoning_is_recorded_resumed_and_does_not_change_a_replay(store: SQLiteStore) -> None:
     """Each assistant message keeps its reasoning (``reasoning_content``); a resumed session has it
     back for the chat template, and ``qwenrun replay`` compares the calls as before."""
-    from qwenrun.replay import recorded_turns, replay
+    from qwenrun.agent.replay import recorded_turns, replay
 
     def thinking(request: ModelRequest) -> str:
         return f"<think>\nthought {len(request.messages)}\n</think>\n\n" + weather_script(request)
@@ -551,8 +563,8 @@ async def test_server_session_header_errors(store: SQLiteStore) -> None:
 
 
 async def test_chainlit_records_under_the_thread_id_and_resumes_it(store: SQLiteStore) -> None:
-    from qwenrun.frontends import chainlit as web
-    from qwenrun.frontends import chainlit_view
+    from qwenrun.frontends.chainlit import app as web
+    from qwenrun.frontends.chainlit import view as chainlit_view
 
     web.import_chainlit()  # first: it imports chainlit quietly, under a private app root
     spec = make_spec(frontend={"kind": "chainlit"})

@@ -2,7 +2,7 @@
 (Qwen3's template: thinking, Hermes calls) and qwen3_coder flavour (Qwen3-Coder's: XML calls).
 
 Each test runs once per flavour (``flavour_engine``). The weights are random, so structured
-outputs decide the text: :class:`~qwenrun.testing.PinnedEngine` pins a think block plus a call in
+outputs decide the text: :class:`~qwenrun.engines.scripted.PinnedEngine` pins a think block plus a call in
 the engine's format, and the answer after the tool result; the engine's own forced calls (a closed
 think block, then a JSON-schema or XML structural-tag call) are tested unpinned. The agent loop,
 the REPL and one-shot runs, and Chainlit (its socket handlers, in process) are here; the OpenAI
@@ -18,20 +18,20 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
-from test_web import Client
+from test_chainlit import Client
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent.plugins import load_tools
 from qwenrun.engines.base import Constraint, Delta, OutputReader, Request
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import PinnedEngine, literal_regex, tool_call_body
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.errors import RequestError
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult
-from qwenrun.frontends import chainlit as web
-from qwenrun.frontends import chainlit_view
+from qwenrun.frontends.chainlit import app as web
+from qwenrun.frontends.chainlit import view as chainlit_view
 from qwenrun.frontends.console import repl, run_once
-from qwenrun.plugins import load_tools
-from qwenrun.testing import PinnedEngine, literal_regex, tool_call_body
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

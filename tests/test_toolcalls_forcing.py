@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from weather import weather_tool
 
-from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 from qwenrun.toolcalls import FORCED_PREFILL, forced_call, parse_output, thinking_prefill
 from qwenrun.toolcalls.hermes import forced_call as hermes_forced_call
+from qwenrun.weights.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 
 FORECAST = {
     "type": "function",

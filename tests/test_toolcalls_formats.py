@@ -9,8 +9,6 @@ import pytest
 from chunking import check_events, feed_sized, ids
 from test_toolcalls_hermes import CASES as HERMES_CASES
 
-from qwenrun.tiny import CHAT_TEMPLATE as QWEN25_TEMPLATE
-from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 from qwenrun.toolcalls import (
     PARSERS,
     HermesParser,
@@ -21,6 +19,8 @@ from qwenrun.toolcalls import (
     new_parser,
     resolve_format,
 )
+from qwenrun.weights.tiny import CHAT_TEMPLATE as QWEN25_TEMPLATE
+from qwenrun.weights.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 
 
 def test_table() -> None:
@@ -71,7 +71,7 @@ def test_resolve_format_overrides_and_rejects() -> None:
 
 def test_import_loads_neither_vllm_nor_torch() -> None:
     code = (
-        "import sys, qwenrun.toolcalls, qwenrun.tiny; "
+        "import sys, qwenrun.toolcalls, qwenrun.weights.tiny; "
         "sys.exit(any(m in sys.modules for m in ('vllm', 'torch', 'transformers')))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

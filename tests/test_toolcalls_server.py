@@ -32,13 +32,13 @@ from test_toolcalls_engine import (
 from weather import weather_tool
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent.plugins import load_tools
 from qwenrun.engines.openai import OpenAIEngine
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.scripted import tool_call_body
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Final, Reasoning, ToolCall, ToolResult
 from qwenrun.frontends.openai import create_app
-from qwenrun.plugins import load_tools
-from qwenrun.testing import tool_call_body
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

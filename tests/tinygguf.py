@@ -34,7 +34,7 @@ def _gguf_name(name: str) -> str:
 
 
 def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
-    """Write the model of ``model_dir`` (built by :func:`qwenrun.tiny.build_tiny_model`) as GGUF."""
+    """Write the model of ``model_dir`` (built by :func:`qwenrun.weights.tiny.build_tiny_model`) as GGUF."""
     import gguf
     from safetensors.numpy import load_file
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qwenrun.config import AgentSpec
 from qwenrun.errors import ConfigError, QwenrunError
+from qwenrun.spec.agent_file import AgentSpec
 
 if TYPE_CHECKING:
     from qwenrun.agent import Agent

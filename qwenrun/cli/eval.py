@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from qwenrun.cli.common import ConfigProblem, errors
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Engine
 from qwenrun.errors import QwenrunError
 from qwenrun.evals.cases import select
 from qwenrun.evals.runner import Via
+from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = ["eval_command", "import_bfcl_command", "make_engine"]
 

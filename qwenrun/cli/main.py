@@ -3,7 +3,7 @@
 modules.
 
 ``validate`` and ``schema`` never import vLLM or torch and start no MCP server; ``up`` hands the
-file to the front end its ``frontend.kind`` names (:func:`qwenrun.frontends.base.launch`);
+file to the front end its ``frontend.kind`` names (:func:`qwenrun.frontends.registry.launch`);
 ``tools --agent FILE`` starts the file's MCP servers (not its engine) to list their tools.
 """
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from qwenrun.agent.observability import configure_logging
 from qwenrun.cli import common
 from qwenrun.cli.common import ConfigProblem, errors, load_spec, set_option
 from qwenrun.cli.deploy import deploy
@@ -26,9 +27,8 @@ from qwenrun.cli.eval import eval_command, import_bfcl_command
 from qwenrun.cli.models import model
 from qwenrun.cli.parse import parse
 from qwenrun.cli.sessions import replay, sessions
-from qwenrun.config import AgentSpec
 from qwenrun.errors import QwenrunError
-from qwenrun.observability import configure_logging
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.version import __version__
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _quiet_exit() -> None:
 @set_option
 def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Check agent files (syntax, types, tools, template) without starting anything."""
-    from qwenrun.plugins import load_tools
+    from qwenrun.agent.plugins import load_tools
 
     problems = []
     for path in files:
@@ -123,7 +123,8 @@ def schema() -> None:
 @click.option("--resume", metavar="SESSION_ID", help="Continue a recorded session (cli front end).")
 def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Start the agent with the front end its file names (cli, chainlit or openai)."""
-    from qwenrun.frontends.base import Launch, launch
+    from qwenrun.frontends.base import Launch
+    from qwenrun.frontends.registry import launch
 
     with errors():
         spec = load_spec(file, overrides)
@@ -163,7 +164,7 @@ def tools(ctx: click.Context, doctor: bool, agent_file: str | None) -> None:
     """List the installed tools (entry points of group qwenrun.tools), or an agent file's tools."""
     if ctx.invoked_subcommand is not None:
         return
-    from qwenrun import plugins
+    from qwenrun.agent import plugins
 
     if agent_file is not None:
         with errors():
@@ -196,8 +197,8 @@ def tools(ctx: click.Context, doctor: bool, agent_file: str | None) -> None:
 
 def _agent_tools(path: str, doctor: bool) -> None:
     """``qwenrun tools --agent FILE [--doctor]``: its entry-point tools, then each MCP server's."""
+    from qwenrun.agent.plugins import load_tools
     from qwenrun.mcp.toolset import survey
-    from qwenrun.plugins import load_tools
 
     spec = load_spec(path, ())
     found = {tool.name: tool for tool in load_tools(spec, strict=True)}
@@ -248,7 +249,7 @@ def _summary(entry: Any) -> str:
 @agent_option
 def tools_show(name: str, agent_file: str | None) -> None:
     """Print the OpenAI/Hermes schema of one tool (of an agent file: MCP tools too)."""
-    from qwenrun import plugins
+    from qwenrun.agent import plugins
 
     if agent_file is not None:
         from qwenrun.mcp.toolset import survey
@@ -280,7 +281,7 @@ def tools_show(name: str, agent_file: str | None) -> None:
 )  # fmt: skip
 def tiny_model(directory: str, force: bool, flavour: str) -> None:
     """Build the tiny random-weight Qwen model used by the demo and the tests."""
-    from qwenrun.tiny import build_tiny_model
+    from qwenrun.weights.tiny import build_tiny_model
 
     path = build_tiny_model(directory, force=force, flavour=flavour)
     click.echo(f"tiny model ({flavour}) ready in {path}")

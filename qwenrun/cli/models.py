@@ -1,4 +1,5 @@
-"""``qwenrun model fetch|import|list``: the command line of :mod:`qwenrun.models` (registered by the CLI).
+"""``qwenrun model fetch|import|list``: the command line of :mod:`qwenrun.weights.fetch`
+(registered by the CLI).
 
 Progress goes to stderr; ``fetch`` prints only the model folder on stdout, so scripts can write
 ``QWEN_MODEL=$(qwenrun model fetch qwen2.5-coder-0.5b)``.
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from qwenrun import convert, models
 from qwenrun.cli.common import errors
+from qwenrun.weights import convert
+from qwenrun.weights import fetch as models
 
 __all__ = ["model"]
 

@@ -212,9 +212,9 @@ def replay(
 ) -> None:
     """Re-run a session's user turns against the agent (FILE, else the recorded one) and show where
     the tool calls differ. Exit code 1 when they do."""
+    from qwenrun.agent.replay import recorded_turns
+    from qwenrun.agent.replay import replay as run_replay
     from qwenrun.frontends.base import run_agent
-    from qwenrun.replay import recorded_turns
-    from qwenrun.replay import replay as run_replay
 
     stored = _get(_store_path(db, file), session_id)
     file = file or stored.info.source

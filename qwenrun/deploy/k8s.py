@@ -21,12 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
-from qwenrun.config import AgentSpec
 from qwenrun.deploy.files import dump_yaml
-from qwenrun.engines import VLLMEngineSpec
+from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.errors import QwenrunError
-from qwenrun.frontends import OpenAIFrontend
-from qwenrun.loading import apply_overrides
+from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.loading import apply_overrides
 from qwenrun.version import __version__
 
 __all__ = [

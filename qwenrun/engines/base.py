@@ -6,9 +6,9 @@ so a new option is one field here rather than a keyword copied into every implem
 ``tool_choice`` ``required`` or a tool name asks the engine to force a call: the in-process vLLM
 engine does it with a prefilled ``<tool_call>`` and a structured-output constraint of the model's
 tool-call format (after closing a think block), a remote endpoint with its own ``tool_choice``.
-:func:`create_engine` builds the engine ``engine.kind`` names. An engine tells the format of its
-model's tool calls (``tool_call_format``) and, on the first delta, whether the text starts inside a
-think block; :class:`OutputReader` reads the deltas with the matching
+:func:`~qwenrun.engines.registry.create_engine` builds the engine ``engine.kind`` names. An engine
+tells the format of its model's tool calls (``tool_call_format``) and, on the first delta, whether
+the text starts inside a think block; :class:`OutputReader` reads the deltas with the matching
 :class:`~qwenrun.toolcalls.OutputParser` into reasoning, text and tool calls, the same way for the
 agent loop, the OpenAI server's pass-through and ``qwenrun parse``.
 """
@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from qwenrun.engines import ENGINES
-from qwenrun.errors import ConfigError
 from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning, ToolCall
 
 if TYPE_CHECKING:
-    from qwenrun.config import AgentSpec, SamplingSpec
+    from qwenrun.spec.agent_file import SamplingSpec
 
 __all__ = [
-    "Constraint", "Delta", "Engine", "Health", "OutputReader", "Request", "TokenLogprob", "create_engine",
+    "Constraint", "Delta", "Engine", "Health", "OutputReader", "Request", "TokenLogprob",
     "sampling_values", "wait_until_dead",
 ]  # fmt: skip
 
@@ -247,14 +244,3 @@ def sampling_values(sampling: SamplingSpec, overrides: Mapping[str, Any] | None 
     values.update(sampling.extra)
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
     return values
-
-
-def create_engine(spec: AgentSpec) -> Engine:
-    """The engine ``spec.engine.kind`` names (its module is imported now)."""
-    kind = spec.engine.kind
-    row = ENGINES.get(kind)
-    if row is None:  # the config's union and the table disagree: a programming error
-        raise ConfigError(f"{spec.source}: engine.kind: no engine backend {kind!r}")
-    module, _, name = row.target.partition(":")
-    engine: Engine = getattr(importlib.import_module(module), name)(spec)
-    return engine

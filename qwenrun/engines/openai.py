@@ -27,11 +27,11 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engines import OpenAIEngineSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request, sampling_values
+from qwenrun.engines.settings import OpenAIEngineSpec
 from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
-from qwenrun.loading import secret_from_env
+from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.spec.loading import secret_from_env
 from qwenrun.toolcalls.hermes import ToolCall, new_call_id, parse
 
 __all__ = ["OpenAIEngine", "request_body"]

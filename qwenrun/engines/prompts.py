@@ -27,7 +27,7 @@ from typing import Any
 
 __all__ = ["MARKER", "PromptTokenizer"]
 
-log = logging.getLogger("qwenrun.engines.vllm")
+log = logging.getLogger("qwenrun.engines.vllm.engine")
 
 MARKER = "<|im_start|>"
 _PROBE = (

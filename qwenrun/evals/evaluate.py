@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qwenrun.config import AgentSpec
-from qwenrun.engines.base import Engine, create_engine
+from qwenrun.engines.base import Engine
+from qwenrun.engines.registry import create_engine
 from qwenrun.evals.cases import Case
 from qwenrun.evals.report import CaseResult, Report, judge, summarize
 from qwenrun.evals.runner import Via, run_cases
+from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = ["evaluate"]
 

@@ -27,14 +27,14 @@ from typing import Any, Literal
 from pydantic import ConfigDict, create_model
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
+from qwenrun.agent.observability import Telemetry
 from qwenrun.engines.base import Delta, Engine, Health, Request
 from qwenrun.errors import MissingExtraError, QwenrunError, ToolError
 from qwenrun.evals.cases import Case, FunctionTool
 from qwenrun.evals.checker import Call
 from qwenrun.events import Final, Repair, ToolCall, ToolResult, Usage
-from qwenrun.frontends import OpenAIFrontend
-from qwenrun.observability import Telemetry
+from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
 __all__ = ["Outcome", "Recorder", "Via", "run_cases"]

@@ -1,5 +1,6 @@
-"""What every front end gets and shares: the :class:`Launch` of ``qwenrun up``, running it
-(:func:`launch`), and starting an agent with a status line (:func:`start_with_status`).
+"""What every front end gets and shares: the :class:`Launch` of ``qwenrun up`` (run by
+:func:`qwenrun.frontends.registry.launch`) and starting an agent with a status line
+(:func:`start_with_status`).
 
 A front end is a module with ``run(launch: Launch) -> None`` that serves until it is stopped; it
 builds its agent with ``launch.make_agent`` (the CLI's, which tests replace) and keeps its state
@@ -9,7 +10,6 @@ in its own objects, never in module globals.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,13 +18,11 @@ from typing import Any
 import click
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.engines import VLLMEngineSpec
-from qwenrun.errors import ConfigError
-from qwenrun.frontends import FRONTENDS
+from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.sessions import open_store
+from qwenrun.spec.agent_file import AgentSpec
 
-__all__ = ["Launch", "default_agent", "launch", "run_agent", "start_with_status"]
+__all__ = ["Launch", "default_agent", "run_agent", "start_with_status"]
 
 
 def default_agent(spec: AgentSpec) -> Agent:
@@ -42,19 +40,6 @@ class Launch:
     overrides: tuple[str, ...] = ()  # the --set overrides it was loaded with
     resume: str | None = None  # a recorded session to continue (front ends with `resumes`)
     make_agent: Callable[[AgentSpec], Agent] = field(default=default_agent)
-
-
-def launch(options: Launch) -> None:
-    """Run the front end of ``options.spec`` until it stops."""
-    kind = options.spec.frontend.kind
-    row = FRONTENDS.get(kind)
-    if row is None:  # the config's union and the table disagree: a programming error
-        raise ConfigError(f"{options.spec.source}: frontend.kind: no front end {kind!r}")
-    if options.resume is not None and not row.resumes:
-        raise ConfigError(f"--resume is for frontend.kind cli, not {kind}")
-    module, _, name = row.target.partition(":")
-    run: Callable[[Launch], None] = getattr(importlib.import_module(module), name)
-    run(options)
 
 
 async def start_with_status(agent: Agent) -> None:

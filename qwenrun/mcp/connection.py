@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
 from qwenrun.errors import ConfigError, ToolError
-from qwenrun.loading import secret_from_env
 from qwenrun.mcp import processes
 from qwenrun.mcp.spec import McpStdioServer, McpToolsSpec
+from qwenrun.spec.loading import secret_from_env
 from qwenrun.version import __version__
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from qwenrun.approval import Approval
-from qwenrun.settings import Settings
+from qwenrun.spec.base import Settings
 
 __all__ = ["TOOL_NAME", "McpHttpServer", "McpServer", "McpStdioServer", "McpToolsSpec"]
 

@@ -33,7 +33,7 @@ from qwenrun.tools import Tool
 if TYPE_CHECKING:
     from mcp import types
 
-    from qwenrun.config import AgentSpec
+    from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = ["McpToolset", "ServerReport", "build_tools", "result_text", "survey"]
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from qwenrun.sessions.store import SessionStore, store_path
 
 if TYPE_CHECKING:
-    from qwenrun.config import AgentSpec
+    from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = ["open_store"]
 

@@ -20,18 +20,24 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.sessions.store import Record, RecordKind, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.store import (
+    Record,
+    RecordKind,
+    SessionInfo,
+    StoredResponse,
+    StoredSession,
+    WriteObserver,
+)
 
-__all__ = ["SQLiteStore", "WriteObserver"]
+__all__ = ["SQLiteStore"]
 
 log = logging.getLogger(__name__)
 
-WriteObserver = Callable[[float, int, bool], None]  # (seconds, records, failed) of one batch
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, agent TEXT NOT NULL, source TEXT, frontend TEXT NOT NULL,
@@ -86,7 +92,7 @@ class SQLiteStore:
         on_write: WriteObserver | None = None,
     ) -> None:
         self.path = str(path)
-        self.on_write = on_write
+        self._observers: builtins.list[WriteObserver] = [on_write] if on_write is not None else []
         self._memory = self.path == ":memory:"
         self._timeout = busy_timeout_s
         if not self._memory:
@@ -204,11 +210,15 @@ class SQLiteStore:
                 else:
                     log.warning("session store %s: %s; retrying", self.path, exc)
                     time.sleep(0.05 * 4**attempt)
-        if self.on_write is not None:
+        for observer in self._observers:
             try:
-                self.on_write(time.perf_counter() - started, len(batch), failed)
+                observer(time.perf_counter() - started, len(batch), failed)
             except Exception:  # an observer's bug must not stop the writer
                 log.exception("session store observer failed")
+
+    def subscribe(self, observer: WriteObserver) -> None:
+        """Call ``observer(seconds, records, failed)`` after each batch this store writes."""
+        self._observers.append(observer)
 
     def _transaction(self, batch: builtins.list[_Op]) -> None:
         conn = self._writer

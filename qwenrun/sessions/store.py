@@ -1,7 +1,7 @@
 """Sessions that last: the :class:`SessionStore` interface, its records, and the store of a spec.
 
 A stored session is a row of ``sessions`` and its *records* in order: every message of its history
-as :class:`~qwenrun.agent.Session` appends it (user, assistant with its tool calls, tool results,
+as :class:`~qwenrun.agent.loop.Session` appends it (user, assistant with its tool calls, tool results,
 in OpenAI format, each with metadata: usage, timing) and the events of its turns (``final`` with
 the turn's usage, ``error``, ``cancelled``). :meth:`SessionStore.load` gives the history back to
 resume the session; every front end (REPL, Chainlit, OpenAI server) writes to the same store.
@@ -17,6 +17,7 @@ import builtins
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -24,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from qwenrun.events import Final, Usage
 
 if TYPE_CHECKING:
-    from qwenrun.config import AgentSpec
+    from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = [
     "DB_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore", "StoredResponse",
-    "StoredSession", "default_path", "session_info", "store_path", "turn_record", "usage_meta",
-    "valid_session_id",
+    "StoredSession", "WriteObserver", "default_path", "session_info", "store_path", "turn_record",
+    "usage_meta", "valid_session_id",
 ]  # fmt: skip
 
 DB_ENV = "QWENRUN_SESSIONS_DB"
@@ -82,6 +83,10 @@ class StoredSession:
         return [record.data for record in self.records if record.kind == "message"]
 
 
+WriteObserver = Callable[[float, int, bool], None]
+"""What a store reports after writing a batch: its seconds, its records, whether it failed."""
+
+
 @runtime_checkable
 class SessionStore(Protocol):
     """Where sessions last. ``append`` must not block its caller (it runs on the event loop)."""
@@ -105,6 +110,10 @@ class SessionStore(Protocol):
 
     def flush(self) -> None:
         """Wait until every appended record is written."""
+
+    def subscribe(self, observer: WriteObserver) -> None:
+        """Call ``observer(seconds, records, failed)`` after each batch of records is written (an
+        observer that raises is logged and the store goes on)."""
 
     def close(self) -> None:
         """Write what is pending and release the store."""

@@ -28,10 +28,8 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import wait_until_dead
 from qwenrun.errors import ConfigError, EngineError, RequestError
-from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai import chat, completions, responses
 from qwenrun.frontends.openai.http import (
     PING_S,
@@ -45,7 +43,9 @@ from qwenrun.frontends.openai.http import (
 )
 from qwenrun.frontends.openai.metrics import Metrics, MetricsMiddleware, bind_metrics
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
-from qwenrun.loading import secret_from_env
+from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.loading import secret_from_env
 
 __all__ = ["create_app", "serve"]
 

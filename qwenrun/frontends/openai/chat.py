@@ -34,10 +34,9 @@ from typing import Any
 
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import Approver, fixed_approver
-from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
+from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
-from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -45,6 +44,7 @@ from qwenrun.frontends.openai.schemas import (
     engine_message,
     text_of,
 )
+from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sessions.store import valid_session_id
 from qwenrun.toolcalls import OutputEvent, ToolCallDelta, hermes
 from qwenrun.toolcalls import Reasoning as ModelReasoning

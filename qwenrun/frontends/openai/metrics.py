@@ -5,7 +5,7 @@ counts every request by endpoint, mode and status, and tracks latency and reques
 The chat route tells it the mode and, for streams, the real outcome through ``scope["state"]``
 (``qwenrun_mode``, ``qwenrun_status``: e.g. 499 for a client that went away, 503 for an engine
 error after the 200 headers). Token and tool-call counters are fed by the chat route.
-The metric definitions (the agent's too) live in :mod:`qwenrun.observability`.
+The metric definitions (the agent's too) live in :mod:`qwenrun.agent.observability`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenrun.agent import Agent
-from qwenrun.observability import LATENCY_BUCKETS, MAX_TOOL_LABELS, Metrics, Telemetry
+from qwenrun.agent.observability import LATENCY_BUCKETS, MAX_TOOL_LABELS, Metrics, Telemetry
 
 __all__ = [
     "LATENCY_BUCKETS", "MAX_TOOL_LABELS", "MODE_KEY", "STATUS_KEY", "Metrics", "MetricsMiddleware",
@@ -31,8 +31,8 @@ def bind_metrics(agent: Agent, metrics: Metrics) -> None:
     """Report ``agent``'s turns, model and tool calls and session store writes to ``metrics`` (the
     front end binds its metrics to the agent it serves; the agent knows nothing of them)."""
     agent.telemetry = Telemetry(agent.telemetry.tracer, metrics)
-    if agent.store is not None and hasattr(agent.store, "on_write"):
-        agent.store.on_write = metrics.observe_store_write
+    if agent.store is not None:
+        agent.store.subscribe(metrics.observe_store_write)
 
 
 def _endpoint(path: str) -> str:

@@ -30,7 +30,6 @@ from sse_starlette import EventSourceResponse
 
 from qwenrun.agent import Agent
 from qwenrun.errors import EngineError, RequestError
-from qwenrun.frontends import OpenAIFrontend
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.http import (
     PING_S,
@@ -52,6 +51,7 @@ from qwenrun.frontends.openai.items import (
 from qwenrun.frontends.openai.metrics import Metrics
 from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
+from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sessions.store import ResponseStore, StoredResponse
 
 __all__ = ["MemoryResponses", "Responses", "register"]

@@ -1,4 +1,4 @@
-"""qwenrun.preflight: the checks and adjustments before vLLM starts (no engine is started here)."""
+"""qwenrun.engines.vllm.preflight: the checks and adjustments before vLLM starts (no engine is started here)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from qwenrun import cli
-from qwenrun.config import AgentSpec
+from qwenrun.engines.vllm.preflight import (
+    check_devices,
+    check_model_path,
+    platform_kwargs,
+    seeds_crash,
+    sigint_blocked,
+)
 from qwenrun.errors import EngineError
-from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +125,7 @@ def test_processes_started_in_sigint_blocked_never_see_ctrl_c() -> None:
 
 SPAWN = """
 import multiprocessing, time
-from qwenrun.preflight import sigint_blocked
+from qwenrun.engines.vllm.preflight import sigint_blocked
 
 if __name__ == "__main__":
     with sigint_blocked():  # as vLLM starts its engine core: multiprocessing, "spawn"

@@ -1,6 +1,6 @@
 """The base of every settings model of the agent file: unknown keys are errors, defaults validated.
 
-Lives below :mod:`qwenrun.config` so that the registries of engines and front ends
+Lives below :mod:`qwenrun.spec.agent_file` so that the registries of engines and front ends
 (:mod:`qwenrun.engines`, :mod:`qwenrun.frontends`) can define their settings without importing it.
 """
 

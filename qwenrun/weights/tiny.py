@@ -12,9 +12,9 @@ Flavours (``flavour=``): ``qwen2`` (the above), ``qwen3`` (a ``Qwen3ForCausalLM`
 chat template: ``<think>`` reasoning, ``enable_thinking``, Hermes calls) and ``qwen3_coder`` (the
 same model with Qwen3-Coder's template: XML calls). The Qwen3 flavours add ``<tool_response>``,
 ``</tool_response>``, ``<think>`` and ``</think>`` as single added tokens, as Qwen3's tokenizer
-has them; their templates are in :mod:`qwenrun.tiny_templates`.
+has them; their templates are in :mod:`qwenrun.weights.tiny_templates`.
 
-CLI: ``python -m qwenrun.tiny DIR [--flavour NAME] [--seed N] [--force]``.
+CLI: ``python -m qwenrun.weights.tiny DIR [--flavour NAME] [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
+from qwenrun.weights.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 
 __all__ = [
     "CHAT_TEMPLATE", "FLAVOURS", "QWEN3_TOKENS", "SPECIAL_TOKENS", "TOOL_TOKENS", "VOCAB_SIZE",
@@ -368,7 +368,9 @@ def build_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwenrun.tiny", description="Build the tiny test model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qwenrun.weights.tiny", description="Build the tiny test model."
+    )
     parser.add_argument("directory", help="where to write the model (kept if already complete)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="qwen2", help="chat template and format")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

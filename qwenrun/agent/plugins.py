@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from qwenrun.config import AgentSpec, ToolSpec
 from qwenrun.errors import ConfigError, PluginError
+from qwenrun.spec.agent_file import AgentSpec, ToolSpec
 from qwenrun.tools import Tool
 
 try:  # the backport follows the newest metadata semantics on every Python

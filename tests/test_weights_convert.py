@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from tinygguf import write_tiny_gguf
 
-from qwenrun import convert
 from qwenrun.cli import main
 from qwenrun.errors import DiskFullError, ModelError
+from qwenrun.weights import convert
 
 
 class DiskUsage(NamedTuple):
@@ -205,6 +205,6 @@ def _lock_is_held(path: Path) -> bool:
 
 
 def test_import_stays_light() -> None:
-    code = "import sys, qwenrun.cli, qwenrun.models, qwenrun.convert; print(sorted({'torch', 'transformers', 'gguf', 'vllm'} & set(sys.modules)))"
+    code = "import sys, qwenrun.cli, qwenrun.weights.fetch, qwenrun.weights.convert; print(sorted({'torch', 'transformers', 'gguf', 'vllm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert out.stdout.strip() == "[]"

@@ -13,17 +13,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qwenrun.config import AgentSpec, SamplingSpec
-from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import TokenLogprob, sampling_values
+from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.errors import ConfigError
+from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
 
 __all__ = [
     "END_TOKENS", "engine_arg_defaults", "engine_kwargs", "sampling_kwargs", "template_messages",
     "token_logprobs", "tokens_prompt", "vllm_spec",
 ]  # fmt: skip
 
-log = logging.getLogger("qwenrun.engines.vllm")
+log = logging.getLogger("qwenrun.engines.vllm.engine")
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _NOT_ENGINE_ARGS = frozenset({"kind", "available_devices", "gpus_per_node", "env", "extra"})

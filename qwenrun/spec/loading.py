@@ -1,7 +1,7 @@
 """Reading an agent file: safe YAML, ``${ENV}`` interpolation, ``--set`` overrides, and error
 messages that name the file, the path in the document and the problem.
 
-:mod:`qwenrun.config` holds the models and uses these; this module knows nothing of them (the
+:mod:`qwenrun.spec.agent_file` holds the models and uses these; this module knows nothing of them (the
 tags of the ``engine`` and ``frontend`` unions are read from the models). Files of an older
 ``version:`` are upgraded step by step (:data:`UPGRADES`). It must not import vLLM or torch.
 """

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenrun.config import AgentSpec
-from qwenrun.engines import VLLMEngineSpec
+from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.errors import EngineError
+from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = ["check_devices", "check_model_path", "platform_kwargs", "seeds_crash", "sigint_blocked"]
 

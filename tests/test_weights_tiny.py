@@ -12,9 +12,11 @@ import pytest
 from weather import weather_tool
 
 from qwenrun.engines.base import Constraint, Request
-from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.testing import literal_regex
-from qwenrun.tiny import (
+from qwenrun.engines.scripted import literal_regex
+from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.toolcalls import OutputParser, ParsedOutput, detect_format, parse_output, prompt_opens_thinking
+from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.weights.tiny import (
     CHAT_TEMPLATE,
     FLAVOURS,
     QWEN3_TOKENS,
@@ -24,9 +26,7 @@ from qwenrun.tiny import (
     build_tiny_model,
     main,
 )
-from qwenrun.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
-from qwenrun.toolcalls import OutputParser, ParsedOutput, detect_format, parse_output, prompt_opens_thinking
-from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.weights.tiny_templates import QWEN3_CODER_TEMPLATE, QWEN3_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ __all__ = ["REASONING_STEP", "TurnView", "answer", "now"]
 
 REASONING_STEP = "Reasoning"  # the name of the step the model's thinking streams into
 
-log = logging.getLogger("qwenrun.frontends.chainlit")
+log = logging.getLogger("qwenrun.frontends.chainlit.app")
 
 
 async def answer(session: Session, prompt: str, view: TurnView) -> None:

@@ -2,8 +2,8 @@
 
 Thin: agent events become Chainlit messages and steps, nothing else. Chainlit's server and the
 engine share one process and one event loop; the engine starts once, before the port opens, and
-every chat session shares the one :class:`~qwenrun.agent.Agent`. Each chat session keeps its own
-:class:`~qwenrun.agent.Session` (multi-turn history) in ``cl.user_session``. The answer streams
+every chat session shares the one :class:`~qwenrun.agent.loop.Agent`. Each chat session keeps its own
+:class:`~qwenrun.agent.loop.Session` (multi-turn history) in ``cl.user_session``. The answer streams
 token by token; the model's reasoning streams into a collapsed ``Reasoning`` step (type ``llm``);
 each tool call is a ``cl.Step`` of type ``tool`` under the turn's run; tool and engine errors show
 in the chat; the stop button cancels the turn and the session stays usable. A call of an
@@ -40,13 +40,13 @@ import click
 
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
-from qwenrun.config import AgentSpec
 from qwenrun.engines.base import wait_until_dead
 from qwenrun.errors import ConfigError, MissingExtraError, QwenrunError
-from qwenrun.frontends import ChainlitFrontend
 from qwenrun.frontends.base import Launch, start_with_status
-from qwenrun.frontends.chainlit_view import TurnView, answer
-from qwenrun.loading import secret_from_env
+from qwenrun.frontends.chainlit.view import TurnView, answer
+from qwenrun.frontends.settings import ChainlitFrontend
+from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.loading import secret_from_env
 
 __all__ = [
     "ChatApp",

@@ -1,4 +1,4 @@
-"""qwenrun.testing's helpers: the literal regex that pins forced calls on random-weight models."""
+"""qwenrun.engines.scripted's helpers: the literal regex that pins forced calls on random-weight models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qwenrun.testing import literal_regex, tool_call_text
+from qwenrun.engines.scripted import literal_regex, tool_call_text
 
 
 @given(st.text())

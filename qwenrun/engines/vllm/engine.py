@@ -1,4 +1,4 @@
-"""``engine.kind: vllm``: vLLM's async engine in this process (with :mod:`~qwenrun.engines.vllm_inputs`,
+"""``engine.kind: vllm``: vLLM's async engine in this process (with :mod:`~qwenrun.engines.vllm.inputs`,
 the only modules that import vLLM).
 
 :class:`VLLMEngine` renders the conversation with the model's chat template (``chat_template_kwargs``
@@ -7,7 +7,7 @@ tool calls with a prefilled ``<tool_call>`` and a structured-output constraint o
 (:func:`qwenrun.toolcalls.forced_call`; a think block is closed first), and streams vLLM's output
 as :class:`~qwenrun.engines.base.Delta` objects. vLLM is imported lazily,
 inside functions, so that importing this module stays cheap. :func:`engine_kwargs` and
-:func:`sampling_kwargs` (in :mod:`~qwenrun.engines.vllm_inputs`) turn the agent spec into vLLM
+:func:`sampling_kwargs` (in :mod:`~qwenrun.engines.vllm.inputs`) turn the agent spec into vLLM
 arguments.
 """
 
@@ -25,10 +25,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Health, Request
 from qwenrun.engines.prompts import PromptTokenizer
-from qwenrun.engines.vllm_inputs import (
+from qwenrun.engines.vllm.inputs import (
     END_TOKENS,
     engine_arg_defaults,
     engine_kwargs,
@@ -38,8 +37,15 @@ from qwenrun.engines.vllm_inputs import (
     tokens_prompt,
     vllm_spec,
 )
+from qwenrun.engines.vllm.preflight import (
+    check_devices,
+    check_model_path,
+    platform_kwargs,
+    seeds_crash,
+    sigint_blocked,
+)
 from qwenrun.errors import EngineError, RequestError
-from qwenrun.preflight import check_devices, check_model_path, platform_kwargs, seeds_crash, sigint_blocked
+from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
 from qwenrun.toolcalls import (
     forced_call,
     prompt_opens_thinking,

@@ -3,7 +3,7 @@
 * :class:`Metrics`: every Prometheus metric of qwenrun in one registry: the OpenAI server's
   (requests, tokens, tool calls, latency) and the agent's (turns, model and tool call durations,
   session store writes). The server's ``/metrics`` exposes one per app (it binds them to its agent).
-* :class:`Telemetry`: what an :class:`~qwenrun.agent.Agent` reports each turn to: spans
+* :class:`Telemetry`: what an :class:`~qwenrun.agent.loop.Agent` reports each turn to: spans
   ``qwenrun.turn`` > ``qwenrun.model_call`` / ``qwenrun.tool_call`` when a tracer is given or
   OpenTelemetry is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` and the ``opentelemetry`` extra),
   metrics when bound, and log lines carrying the session id. Without them it costs a few
@@ -116,7 +116,7 @@ class Metrics:
         self.tool_calls.labels(self.tool_label(name), mode).inc()
 
     def observe_store_write(self, seconds: float, records: int, failed: bool) -> None:
-        """A :class:`~qwenrun.sessions.sqlite.SQLiteStore` ``on_write`` observer."""
+        """A session store's write observer (:meth:`~qwenrun.sessions.store.SessionStore.subscribe`)."""
         self.store_writes.observe(seconds)
         self.store_records.labels("lost" if failed else "ok").inc(records)
 

@@ -1,4 +1,4 @@
-"""qwenrun.engines.vllm: spec -> vLLM arguments (fast), and the real engine on the tiny model."""
+"""qwenrun.engines.vllm.engine: spec -> vLLM arguments (fast), and the real engine on the tiny model."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from weather import weather_tool
 
-from qwenrun.config import AgentSpec, SamplingSpec
 from qwenrun.engines.base import Constraint, Delta, Engine, Request
-from qwenrun.engines.vllm import VLLMEngine
-from qwenrun.engines.vllm_inputs import engine_kwargs, sampling_kwargs, template_messages
+from qwenrun.engines.scripted import literal_regex
+from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.engines.vllm.inputs import engine_kwargs, sampling_kwargs, template_messages
 from qwenrun.errors import ConfigError, EngineError, RequestError
-from qwenrun.testing import literal_regex
+from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
 from qwenrun.toolcalls.hermes import parse
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'
@@ -53,7 +53,7 @@ def generate(engine: Engine, messages: list[dict[str, Any]], **options: Any) -> 
 
 
 def test_import_does_not_load_vllm() -> None:
-    code = "import sys, qwenrun.engines.vllm; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
+    code = "import sys, qwenrun.engines.vllm.engine; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -101,10 +101,10 @@ def test_engine_kwargs_unknown_extra_key() -> None:
 def test_engine_kwargs_drops_fields_this_vllm_lacks(caplog: pytest.LogCaptureFixture) -> None:
     if "swap_space" in _arg_names():
         pytest.skip("this vLLM still has swap_space")
-    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm"):
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm.engine"):
         assert "swap_space" not in engine_kwargs(_spec())
     assert not caplog.records  # the default is dropped quietly
-    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm"):
+    with caplog.at_level(logging.WARNING, logger="qwenrun.engines.vllm.engine"):
         assert "swap_space" not in engine_kwargs(_spec({"swap_space": 4}))
     assert any("engine.swap_space" in record.getMessage() for record in caplog.records)
 

@@ -2,8 +2,8 @@
 
 The server runs in a subprocess (Chainlit ends its process with ``os._exit`` on shutdown) on a
 free 127.0.0.1 port. This file is also that subprocess's entry point: ``python
-tests/test_web_browser.py AGENT.yaml PORT`` serves the agent file with a deterministic
-:class:`~qwenrun.testing.ScriptedEngine` and a local weather tool, so the tests are fast. One test
+tests/test_chainlit_browser.py AGENT.yaml PORT`` serves the agent file with a deterministic
+:class:`~qwenrun.engines.scripted.ScriptedEngine` and a local weather tool, so the tests are fast. One test
 (marked ``engine`` too) serves the tiny random-weight vLLM model through ``qwenrun up``. The
 approval test serves an agent with an ``approval: ask`` tool and an MCP server (tests/mcp_server.py).
 """
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from weather import get_current_weather, weather_of
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-    from qwenrun.testing import ModelRequest
+    from qwenrun.engines.scripted import ModelRequest
 
 pytestmark = pytest.mark.browser
 
@@ -72,18 +73,10 @@ frontend:
 # -- the server side (runs in the subprocess) ------------------------------------------------
 
 
-def get_current_weather(city: str) -> str:
-    """Get the current weather of a city.
-
-    Args:
-        city: The city, e.g. 广州.
-    """
-    return f"{city}：晴，25°C，东南风2级"
-
 
 def script(request: ModelRequest) -> str:
     """The scripted model: a weather tool call, an answer, a long text, or the question history."""
-    from qwenrun.testing import tool_call_text
+    from qwenrun.engines.scripted import tool_call_text
 
     last = request.messages[-1]
     if last["role"] == "tool":
@@ -107,9 +100,9 @@ def script(request: ModelRequest) -> str:
 
 def serve_scripted(path: str, port: int) -> None:
     from qwenrun.agent import Agent
-    from qwenrun.config import AgentSpec
-    from qwenrun.frontends import chainlit as web
-    from qwenrun.testing import ScriptedEngine
+    from qwenrun.engines.scripted import ScriptedEngine
+    from qwenrun.frontends.chainlit import app as web
+    from qwenrun.spec.agent_file import AgentSpec
     from qwenrun.tools import Tool
 
     spec = AgentSpec.from_file(path)
@@ -249,7 +242,7 @@ def test_weather_question_streams_answer_with_tool_step(
     step.click()
     tool = page.locator(".step[data-step-type='tool']")
     expect(tool).to_contain_text('"city": "广州"')
-    expect(tool.get_by_text("广州：晴，25°C，东南风2级")).to_be_visible()
+    expect(tool.get_by_text(weather_of("广州"))).to_be_visible()
     assert answers(page)[-1] == ANSWER
     # the tool step comes before the answer, both after the question
     html = page.content()
@@ -379,7 +372,7 @@ def test_approve_and_reject_a_call_in_the_chat_and_an_mcp_tool(browser: Browser,
         expect(page.locator(".step[data-step-type='assistant_message']").filter(has_text=ANSWER)).to_be_visible()
         wait_idle(page)
         page.locator("#step-get_current_weather").last.click()
-        expect(page.get_by_text("广州：晴，25°C，东南风2级").last).to_be_visible()
+        expect(page.get_by_text(weather_of("广州")).last).to_be_visible()
 
         ask(page, "深圳天气?")
         expect(page.get_by_role("button", name="Reject")).to_be_visible()

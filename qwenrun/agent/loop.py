@@ -28,14 +28,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import toolcalls
+from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.approval import Approver, review
-from qwenrun.config import AgentSpec
-from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
+from qwenrun.engines.base import Engine, OutputReader, Request
+from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.mcp.toolset import McpToolset
-from qwenrun.observability import Telemetry, TurnTelemetry
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls import hermes
 from qwenrun.tools import Tool, run_call
 
@@ -72,7 +73,7 @@ class Agent:
         self.telemetry = telemetry or Telemetry.from_environment()
         self.engine: Engine = engine if engine is not None else create_engine(spec)
         if tools is None:
-            from qwenrun.plugins import load_tools
+            from qwenrun.agent.plugins import load_tools
 
             tools = load_tools(spec, strict=strict_plugins)
         self.tools: dict[str, Tool] = {}

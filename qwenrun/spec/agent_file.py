@@ -3,7 +3,7 @@
 ``AgentSpec.from_file -> from_text -> from_dict``. Every error is a :class:`ConfigError` whose
 message names the file, the path in the document and the problem, e.g.
 ``agents/weather.yaml: engine.max_num_seqs: Input should be greater than 0``.
-Reading the YAML, ``${ENV}``, ``--set`` and the error messages live in :mod:`qwenrun.loading`.
+Reading the YAML, ``${ENV}``, ``--set`` and the error messages live in :mod:`qwenrun.spec.loading`.
 This module must not import vLLM or torch: ``qwenrun validate`` stays fast.
 """
 
@@ -29,10 +29,12 @@ from pydantic import (
 )
 
 from qwenrun.approval import Approval
-from qwenrun.engines import EngineSpec, VLLMEngineSpec
+from qwenrun.engines.settings import EngineSpec, VLLMEngineSpec
 from qwenrun.errors import ConfigError
-from qwenrun.frontends import CliFrontend, Frontend
-from qwenrun.loading import (
+from qwenrun.frontends.settings import CliFrontend, Frontend
+from qwenrun.mcp.spec import McpToolsSpec
+from qwenrun.spec.base import Settings
+from qwenrun.spec.loading import (
     apply_overrides,
     describe_yaml_error,
     format_validation_error,
@@ -40,8 +42,6 @@ from qwenrun.loading import (
     safe_load,
     upgrade,
 )
-from qwenrun.mcp.spec import McpToolsSpec
-from qwenrun.settings import Settings
 
 __all__ = [
     "CURRENT_VERSION",

@@ -1,0 +1,72 @@
+"""The settings models of the ``frontend:`` table, one per ``frontend.kind`` (default ``cli``).
+
+Pure pydantic: :mod:`qwenrun.spec` builds the agent file from these, and
+:mod:`qwenrun.frontends.registry` pairs each with the function that serves it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, PositiveInt, Tag
+
+from qwenrun.spec.base import Settings
+
+__all__ = ["ChainlitFrontend", "CliFrontend", "Frontend", "OpenAIFrontend", "Starter"]
+
+
+class CliFrontend(Settings):
+    """``frontend.kind: cli`` (the default): a REPL in the terminal."""
+
+    kind: Literal["cli"] = "cli"
+    show_tool_calls: bool = True
+
+
+class OpenAIFrontend(Settings):
+    """``frontend.kind: openai``: an OpenAI-compatible HTTP server (see docs/server.md)."""
+
+    kind: Literal["openai"]
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
+    max_request_bytes: PositiveInt = 1_000_000
+    max_tokens_cap: PositiveInt | None = Field(None, description="Upper bound on a request's max_tokens.")
+    response_retention_days: float | None = Field(
+        30, gt=0, description="Days a stored /v1/responses response is kept (null: until deleted)."
+    )
+
+
+class Starter(Settings):
+    label: str
+    message: str
+
+
+class ChainlitFrontend(Settings):
+    """``frontend.kind: chainlit``: a chat UI in the browser (see docs/chainlit.md)."""
+
+    kind: Literal["chainlit"]
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    title: str | None = None
+    watch: bool = False
+    welcome: str | None = None
+    starters: list[Starter] = Field(default_factory=list)
+    password_env: str | None = Field(None, description="Env variable with the password; enables login.")
+    username: str = "admin"
+    approval_timeout_s: PositiveInt = Field(
+        300, description="How long a call of an `approval: ask` tool waits for Approve / Reject."
+    )
+
+
+def _kind(value: Any) -> str:
+    kind = value.get("kind", "cli") if isinstance(value, dict) else getattr(value, "kind", "cli")
+    return kind if isinstance(kind, str) else "cli"
+
+
+Frontend = Annotated[
+    Annotated[CliFrontend, Tag("cli")]
+    | Annotated[OpenAIFrontend, Tag("openai")]
+    | Annotated[ChainlitFrontend, Tag("chainlit")],
+    Discriminator(_kind),
+]
+"""The ``frontend:`` table: one of the settings models above, by ``kind`` (default ``cli``)."""
