@@ -40,6 +40,7 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
+from google.protobuf.json_format import MessageToDict
 from loopback import serve_in_loop
 from test_server import get_current_weather
 
@@ -188,6 +189,12 @@ async def test_send_returns_the_completed_task_with_the_answer_and_the_tool_step
     ]  # fmt: skip
     assert steps(task)[0]["arguments"] == {"city": "深圳"}
     assert steps(task)[1]["content"] == get_current_weather("深圳")
+    prompt = sum(len(str(m.get("content") or "")) for call in engine.calls for m in call.messages)
+    chunks = -(-len(CALL) // engine.chunk_size) - (-len(ANSWER) // engine.chunk_size)  # one a token
+    assert MessageToDict(task.metadata) == {
+        "stop_reason": "answer", "iterations": 2, "tool_calls": 1,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": chunks, "model_calls": 2},
+    }  # fmt: skip
     assert again.status.state == TaskState.TASK_STATE_COMPLETED and again.artifacts == task.artifacts
     assert get_message_text(again.history[0]) == "深圳天气如何?"
     assert engine.calls[0].messages[-1] == {"role": "user", "content": "深圳天气如何?"}
