@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -47,7 +48,9 @@ from test_server import get_current_weather
 from qwenrun.agent import Agent
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError
-from qwenrun.frontends.a2a import create_app, serve
+from qwenrun.frontends.a2a import create_app
+from qwenrun.frontends.base import Launch
+from qwenrun.frontends.registry import launch
 from qwenrun.sessions import open_store
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
@@ -463,16 +466,35 @@ async def test_the_api_key_and_the_body_limit(monkeypatch: pytest.MonkeyPatch) -
     )
 
 
+# -- docs/a2a.md --------------------------------------------------------------------------------------
+
+
+async def test_the_client_example_of_docs_a2a_md_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "a2a.md").read_text(encoding="utf-8")
+    example = page.split("```python\n", 1)[1].split("```", 1)[0]
+    assert example.rstrip().endswith("asyncio.run(main())")
+    namespace: dict[str, Any] = {}
+    exec(compile(example.rstrip().removesuffix("asyncio.run(main())"), "docs/a2a.md", "exec"), namespace)
+    agent, engine = make_agent(weather_script)
+    async with serving(agent) as url:
+        await namespace["main"](f"{url}/")
+    assert capsys.readouterr().out == f"{ANSWER}\n{ANSWER}\n"
+    assert [call.messages[-1]["content"] for call in engine.calls[::2]] == ["深圳天气如何?", "广州呢?"]
+    assert engine.calls[2].messages[1]["content"] == "深圳天气如何?"  # the follow-up continues the context
+
+
 # -- qwenrun up -------------------------------------------------------------------------------------------
 
 
-def test_serve_prints_the_url_and_stops_when_the_engine_dies(capsys: pytest.CaptureFixture[str]) -> None:
+def test_qwenrun_up_prints_the_url_and_stops_when_the_engine_dies(capsys: pytest.CaptureFixture[str]) -> None:
+    """``qwenrun up``'s path: the registry row of ``a2a``, its ``run``, uvicorn on the configured
+    host and port (0: a free one), the URL on stderr once it listens; exit 1 when the engine dies."""
     agent, engine = make_agent([ANSWER], tools=False, port=0)
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve(agent)
+            launch(Launch(agent.spec, make_agent=lambda spec: agent))
         except BaseException as exc:
             failure.append(exc)
 
