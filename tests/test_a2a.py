@@ -47,7 +47,7 @@ from test_server import get_current_weather
 
 from qwenrun.agent import Agent
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
-from qwenrun.errors import EngineError
+from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.a2a import create_app
 from qwenrun.frontends.base import Launch
 from qwenrun.frontends.registry import launch
@@ -286,6 +286,43 @@ async def test_get_and_cancel_a_running_task_stop_its_turn() -> None:
     }
 
 
+async def test_an_engine_failure_fails_the_task_with_the_reason() -> None:
+    agent, _ = make_agent([], tools=False)  # no reply: the engine raises EngineError
+    async with serving(agent) as url, connected(url, streaming=False) as client:
+        task = await send(client, user("hi"))
+        again = await send(client, user("hi again", context=task.context_id))  # the context goes on
+    assert task.status.state == again.status.state == TaskState.TASK_STATE_FAILED
+    assert get_message_text(task.status.message) == "engine error: the script has no reply left for call 1"
+    assert agent.store is not None
+    stored = agent.store.get(task.context_id)
+    assert stored is not None and [r.data["type"] for r in stored.records if r.kind == "event"] == ["error"] * 2
+
+
+async def test_reasoning_is_one_step_per_model_call() -> None:
+    agent, _ = make_agent(["<think>\nlet me see\n</think>\n\nhello"], tools=False)
+    async with serving(agent) as url, connected(url, streaming=False) as client:
+        task = await send(client, user("hi"))
+    assert steps(task) == [{"type": "reasoning", "text": "let me see"}]
+    assert get_artifact_text(task.artifacts[0]) == "hello"
+
+
+async def test_turns_of_different_contexts_run_at_once() -> None:
+    agent, engine = make_agent(lambda request: "x" * 3000, tools=False, delay_s=0.02)
+    most = 0
+    async with serving(agent) as url, connected(url, streaming=False, polling=True) as client:
+        first = await send(client, user("one"))
+        second = await send(client, user("two"))
+        for _ in range(1000):  # 10 s; each turn alone takes 20 s
+            most = max(most, engine.active)
+            if most == 2:
+                break
+            await asyncio.sleep(0.01)
+        for task in (first, second):
+            await client.cancel_task(CancelTaskRequest(id=task.id))
+    assert most == 2  # both model calls were streaming at the same time
+    assert engine.active == 0
+
+
 # -- approvals: input-required --------------------------------------------------------------------------
 
 
@@ -427,6 +464,17 @@ async def test_bad_messages_are_errors_that_say_what_is_wrong() -> None:
                 await send(client, user("approve", context=running.context_id, task=running.id))
             await polling.cancel_task(CancelTaskRequest(id=running.id))
     assert len(engine.calls) == 1  # only the running task reached the engine
+
+
+def test_an_unset_api_key_variable_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("A2A_TEST_KEY", raising=False)
+    agent, _ = make_agent([ANSWER], tools=False, api_key_env="A2A_TEST_KEY")
+    with pytest.raises(ConfigError) as info:
+        create_app(agent)
+    assert str(info.value) == (
+        "tests/a2a.yaml: frontend.api_key_env: environment variable A2A_TEST_KEY is not set or empty; "
+        "export A2A_TEST_KEY=<key> or remove api_key_env to run without an API key"
+    )
 
 
 async def test_the_api_key_and_the_body_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,13 @@
 """The A2A front end on the real vLLM engine (the tiny random-weight Qwen2 model): the official
 A2A client sends, streams, gets and cancels tasks of a server that runs as a task of the session
-loop (the engine belongs to it). The model's words are noise: the tests assert structure, and that
-a canceled task's engine request is aborted."""
+loop (the engine belongs to it), and the example pair of agents/ runs on it. The model's words are
+noise: the tests assert structure, and that a canceled task's engine request is aborted."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,12 +19,17 @@ from loopback import serve_in_loop
 from test_a2a import connected, events, send, user
 
 from qwenrun.agent import Agent
+from qwenrun.agent.plugins import load_tools
+from qwenrun.engines.scripted import PinnedEngine, tool_call_body
 from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.events import Final, ToolResult
 from qwenrun.frontends.a2a import create_app
 from qwenrun.sessions import open_store
 from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
+
+AGENTS = Path(__file__).resolve().parent.parent / "agents"
 
 
 def a2a_spec(tiny_spec: AgentSpec, **sampling: Any) -> AgentSpec:
@@ -101,3 +107,29 @@ async def _until(condition: Any, timeout_s: float = 60) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("timed out")
+
+
+async def test_the_example_pair_on_the_real_engine(
+    engine: VLLMEngine, tiny_spec: AgentSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """agents/a2a-assistant.yaml asks agents/a2a-weather.yaml over A2A, both on the tiny model: the
+    assistant's call of ask_agent is pinned (its words would be noise), the remote answer is the
+    model's; the tool result is exactly what the remote agent answered and recorded."""
+    tiny = [f"model.path={tiny_spec.model.path}", "sampling.max_tokens=32", "sampling.temperature=0"]
+    remote_spec = AgentSpec.from_file(AGENTS / "a2a-weather.yaml", [*tiny, "sessions.path=':memory:'"])
+    remote = Agent(remote_spec, engine, tools=[], store=open_store(remote_spec))
+    async with serve_in_loop(create_app(remote, shutdown_engine=False)) as url:
+        monkeypatch.setenv("WEATHER_AGENT_URL", f"{url}/")
+        spec = AgentSpec.from_file(
+            AGENTS / "a2a-assistant.yaml", [*tiny, "agent.tool_choice=ask_agent", "sessions.enabled=false"]
+        )
+        pinned = PinnedEngine(engine, tool_call_body("ask_agent", {"message": "深圳天气如何?"}))
+        local = Agent(spec, pinned, load_tools(spec))
+        events = [event async for event in local.session().stream("深圳天气如何?")]
+    (result,) = [event for event in events if isinstance(event, ToolResult)]
+    assert remote.store is not None
+    (info,) = remote.store.list()
+    stored = remote.store.load(info.id)
+    assert stored is not None and stored[0] == {"role": "user", "content": "深圳天气如何?"}
+    assert not result.is_error and result.content == stored[-1]["content"]
+    assert isinstance(events[-1], Final) and events[-1].tool_calls == 1
