@@ -22,6 +22,9 @@ import httpx
 import pytest
 from a2a.client import A2ACardResolver, A2AClientError, Client, ClientConfig, ClientFactory
 from a2a.helpers import get_artifact_text, get_data_parts, get_message_text, new_data_part, new_message
+from a2a.server.agent_execution import RequestContext
+from a2a.server.context import ServerCallContext
+from a2a.server.events.event_queue_v2 import EventQueueSource
 from a2a.types import (
     CancelTaskRequest,
     GetTaskRequest,
@@ -49,8 +52,10 @@ from qwenrun.agent import Agent
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.a2a import create_app
+from qwenrun.frontends.a2a.turns import TurnExecutor
 from qwenrun.frontends.base import Launch
 from qwenrun.frontends.registry import launch
+from qwenrun.frontends.settings import A2AFrontend
 from qwenrun.sessions import open_store
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
@@ -475,6 +480,35 @@ def test_an_unset_api_key_variable_stops_the_start(monkeypatch: pytest.MonkeyPat
         "tests/a2a.yaml: frontend.api_key_env: environment variable A2A_TEST_KEY is not set or empty; "
         "export A2A_TEST_KEY=<key> or remove api_key_env to run without an API key"
     )
+
+
+async def test_two_messages_at_once_to_one_context_start_one_turn() -> None:
+    agent, engine = make_agent(lambda request: "x" * 3000, tools=False, delay_s=0.02)
+    async with serving(agent) as url, connected(url, streaming=False, polling=True) as client:
+        both = await asyncio.gather(
+            send(client, user("one", context="ctx-1")), send(client, user("two", context="ctx-1")),
+            return_exceptions=True,
+        )  # fmt: skip
+        tasks = [task for task in both if isinstance(task, Task)]
+        refused = [error for error in both if not isinstance(error, Task)]
+        for task in tasks:
+            await client.cancel_task(CancelTaskRequest(id=task.id))
+    assert len(tasks) == 1 and len(refused) == 1, both
+    assert isinstance(refused[0], InvalidRequestError) and "context ctx-1 has a turn in progress" in str(refused[0])
+    assert [call.messages[-1]["content"] for call in engine.calls] == [tasks[0].history[0].parts[0].text]
+
+
+async def test_execute_refuses_a_context_that_another_request_took_since_the_check() -> None:
+    """The handler checks a message before the library makes its task; between that check and the
+    executor's start another request may take the context: the executor checks again."""
+    agent, engine = make_agent(["unused"], tools=False)
+    executor = TurnExecutor(agent, A2AFrontend.model_validate({"kind": "a2a"}))
+    executor.busy["ctx-1"] = "task-0"  # the other request's turn
+    request = user("two", context="ctx-1")
+    context = RequestContext(ServerCallContext(), request, task_id="task-1", context_id="ctx-1")
+    with pytest.raises(InvalidRequestError, match="context ctx-1 has a turn in progress \\(task task-0\\)"):
+        await executor.execute(context, EventQueueSource())
+    assert executor.turns == {} and executor.busy == {"ctx-1": "task-0"} and engine.calls == []
 
 
 async def test_the_api_key_and_the_body_limit(monkeypatch: pytest.MonkeyPatch) -> None:

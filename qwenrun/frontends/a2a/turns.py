@@ -179,10 +179,13 @@ class TurnExecutor(AgentExecutor):
                 )
             approval_answer(message, turn.task_id, turn.asking.shown())
             return
-        if message.task_id:  # not a turn of this server: the library answers for the task
+        if message.task_id:  # a task that no turn here waits on: the library answers for it
             return
+        self._check_new(message, message.context_id)
+
+    def _check_new(self, message: Message, context: str) -> None:
+        """The checks of a message that starts a turn in ``context``."""
         prompt_of(message, self.agent.name)
-        context = message.context_id
         if context and not valid_session_id(context):
             raise InvalidParamsError(
                 message="message.contextId: expected 1 to 128 characters of A-Z a-z 0-9 _ . : -"
@@ -214,7 +217,7 @@ class TurnExecutor(AgentExecutor):
         else:
             if context.current_task is not None:
                 raise InvalidRequestError(message=f"task {task_id} waits for no input here")
-            self.check(message)  # again: another request may have taken the context since
+            self._check_new(message, context_id)  # again: another request may have taken the context
             self.busy[context_id] = task_id
             try:
                 await event_queue.enqueue_event(new_task_from_user_message(message))
