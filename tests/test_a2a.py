@@ -66,14 +66,20 @@ KEY = "sk-a2a-test-key"
 
 
 def make_agent(
-    script: Any, *, approval: str = "auto", delay_s: float = 0.0, tools: bool = True, **frontend: Any
+    script: Any,
+    *,
+    approval: str = "auto",
+    delay_s: float = 0.0,
+    tools: bool = True,
+    sessions: str = ":memory:",
+    **frontend: Any,
 ) -> tuple[Agent, ScriptedEngine]:
     spec = AgentSpec.from_dict(
         {
             "model": {"path": "/models/qwen", "served_model_name": "Qwen2.5-7B-Instruct"},
             "agent": {"name": "weather", "description": "Answers questions about the weather."},
             "frontend": {"kind": "a2a", **frontend},
-            "sessions": {"path": ":memory:"},
+            "sessions": {"path": sessions},
         },
         source="tests/a2a.yaml",
     )
@@ -264,6 +270,24 @@ async def test_the_context_id_continues_the_session() -> None:
         "two",
         "turn 2",
     ]
+
+
+async def test_a_context_outlives_a_restart_of_the_server(tmp_path: Path) -> None:
+    def script(request: ModelRequest) -> str:
+        return " / ".join(str(m["content"]) for m in request.messages[1:])
+
+    database = str(tmp_path / "sessions.db")
+    first_agent, _ = make_agent(script, tools=False, sessions=database)
+    async with serving(first_agent) as url, connected(url, streaming=False) as client:
+        first = await send(client, user("one"))
+    assert first_agent.store is not None
+    first_agent.store.close()
+    agent, _ = make_agent(script, tools=False, sessions=database)  # a new server, the same store
+    async with serving(agent) as url, connected(url, streaming=False) as client:
+        second = await send(client, user("two", context=first.context_id))
+        with pytest.raises(TaskNotFoundError):  # tasks live in memory: the old one is gone
+            await client.get_task(GetTaskRequest(id=first.id))
+    assert get_artifact_text(second.artifacts[0]) == "one / one / two"
 
 
 async def test_get_and_cancel_a_running_task_stop_its_turn() -> None:
