@@ -32,6 +32,7 @@ from a2a.types import (
     Role,
     SendMessageRequest,
     StreamResponse,
+    SubscribeToTaskRequest,
     Task,
     TaskState,
 )
@@ -244,6 +245,24 @@ async def test_stream_sends_the_steps_the_answer_in_chunks_then_whole_then_compl
     final = updates[-1]
     assert dict(final.metadata)["stop_reason"] == "answer"
     assert dict(final.metadata)["tool_calls"] == 1
+
+
+async def test_a_client_that_goes_away_can_follow_its_task_again() -> None:
+    """A task outlives the stream that started it: a new client subscribes to it (SubscribeToTask)
+    and sees it to the end."""
+    text = "abcdefghij" * 120
+    agent, _ = make_agent(lambda request: text, tools=False, delay_s=0.01)  # 400 chunks: 4 s
+    async with serving(agent) as url:
+        async with connected(url) as client:
+            stream = client.send_message(user("go"))
+            first = await anext(stream)
+            await stream.aclose()  # the client goes away after the first event
+        async with connected(url) as client:
+            followed = [event async for event in client.subscribe(SubscribeToTaskRequest(id=first.task.id))]
+            task = await client.get_task(GetTaskRequest(id=first.task.id))
+    assert followed[0].task.id == first.task.id
+    assert followed[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    assert task.status.state == TaskState.TASK_STATE_COMPLETED and get_artifact_text(task.artifacts[0]) == text
 
 
 async def test_the_context_id_continues_the_session() -> None:
