@@ -14,5 +14,5 @@ $UV pip install --quiet --python .venv/bin/python "${FIND_LINKS[@]}" \
 # PyPI's torchvision/torchaudio/torchcodec break `import vllm` beside torch 2.13.0+cpu.
 $UV pip uninstall --quiet --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 $UV pip install --quiet --python .venv/bin/python --no-deps -e . \
-    -e plugins/qwenrun-weather -e plugins/qwenrun-calculator -e plugins/qwenrun-rag
+    -e plugins/qwenrun-weather -e plugins/qwenrun-calculator -e plugins/qwenrun-rag -e plugins/qwenrun-a2a
 echo "qwenrun installed in .venv ($(.venv/bin/qwenrun --version))"

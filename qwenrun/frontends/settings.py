@@ -12,7 +12,7 @@ from pydantic import Discriminator, Field, PositiveInt, Tag
 
 from qwenrun.spec.base import Settings
 
-__all__ = ["ChainlitFrontend", "CliFrontend", "Frontend", "OpenAIFrontend", "Starter"]
+__all__ = ["A2AFrontend", "ChainlitFrontend", "CliFrontend", "Frontend", "OpenAIFrontend", "Starter"]
 
 
 class CliFrontend(Settings):
@@ -58,6 +58,23 @@ class ChainlitFrontend(Settings):
     )
 
 
+class A2AFrontend(Settings):
+    """``frontend.kind: a2a``: the agent as an A2A server (see docs/a2a.md)."""
+
+    kind: Literal["a2a"]
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    public_url: str | None = Field(
+        None, pattern=r"^https?://", description="The URL the agent card gives (default: the one asked)."
+    )
+    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
+    max_request_bytes: PositiveInt = 1_000_000
+    max_running_tasks: PositiveInt = Field(32, description="Agent turns running or waiting at once, at most.")
+    approval_timeout_s: PositiveInt = Field(
+        300, description="How long a task waits in input-required for an approval before it is canceled."
+    )
+
+
 def _kind(value: Any) -> str:
     kind = value.get("kind", "cli") if isinstance(value, dict) else getattr(value, "kind", "cli")
     return kind if isinstance(kind, str) else "cli"
@@ -66,7 +83,8 @@ def _kind(value: Any) -> str:
 Frontend = Annotated[
     Annotated[CliFrontend, Tag("cli")]
     | Annotated[OpenAIFrontend, Tag("openai")]
-    | Annotated[ChainlitFrontend, Tag("chainlit")],
+    | Annotated[ChainlitFrontend, Tag("chainlit")]
+    | Annotated[A2AFrontend, Tag("a2a")],
     Discriminator(_kind),
 ]
 """The ``frontend:`` table: one of the settings models above, by ``kind`` (default ``cli``)."""
