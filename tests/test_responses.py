@@ -797,7 +797,7 @@ async def test_thinking_and_a_streamed_xml_call(db: Path) -> None:
             "city": "深圳"
         }
     fragments = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
-    assert len(fragments) > 1 and "".join(fragments) == first.output[1].arguments  # streamed as written
+    assert len(fragments) > 1 and "".join(fragments) == first.output[1].arguments  # its values' pieces
     kinds_ = [kind for kind in kinds(events) if not kind.endswith(".delta")]
     assert kinds_ == [
         "response.created", "response.in_progress",

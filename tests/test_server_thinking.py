@@ -1,7 +1,7 @@
 """The OpenAI server's reasoning and Qwen3-Coder calls on the scripted engine, through the official
 client: ``reasoning`` / ``reasoning_content`` on messages and stream deltas, ``include_reasoning``,
-``chat_template_kwargs`` and ``thinking_token_budget`` per request, XML arguments streamed as
-fragments. (The same on the real engine: ``test_toolcalls_server.py``.)"""
+``chat_template_kwargs`` and ``thinking_token_budget`` per request, XML arguments sent as fragments
+once the call is complete (a malformed one as text), a remote endpoint's lone ``</think>``. (The same on the real engine: ``test_toolcalls_server.py``.)"""
 
 from __future__ import annotations
 
@@ -120,8 +120,9 @@ def test_bad_thinking_fields_are_400s(srv: Harness, body: dict[str, Any], messag
 
 
 def test_qwen3_coder_calls_stream_their_arguments(srv: Harness) -> None:
-    """vLLM #30439: XML arguments stream while written; a value quoting the closing tags stays
-    whole (vLLM PR #45310); stream and non-stream agree."""
+    """vLLM #30439: XML arguments go out as the fragments of their values (once the call is known
+    to be well-formed); a value quoting the closing tags stays whole (vLLM PR #45310); stream and
+    non-stream agree."""
     srv.engine.tool_call_format = "qwen3_coder"
     first = tool_call_text("run_code", {"code": CODE, "times": 2}, format="qwen3_coder")
     second = tool_call_text("run_code", {"code": "pass"}, format="qwen3_coder")
@@ -141,7 +142,7 @@ def test_qwen3_coder_calls_stream_their_arguments(srv: Harness) -> None:
     assert ["".join(parts) for parts in fragments.values()] == [
         c.function.arguments for c in whole.message.tool_calls or []
     ]  # type: ignore[union-attr]
-    assert len(fragments[0]) > 5  # the code value arrives in pieces, not at the end
+    assert len(fragments[0]) > 5  # the code value's pieces as the parser read them
     headers = [t for c in chunks for t in c.choices[0].delta.tool_calls or [] if t.id]
     assert [(t.index, t.function.name if t.function else None) for t in headers] == [
         (0, "run_code"),

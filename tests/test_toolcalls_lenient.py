@@ -11,7 +11,7 @@ from chunking import check_events, cut_lists, feed_cuts, feed_sized, ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.toolcalls import ParseResult, ToolCall, new_parser, parse_output
+from qwenrun.toolcalls import ParseResult, ToolCall, ToolCallDelta, new_parser, parse_output
 from qwenrun.toolcalls.lenient import MAX_PROSE, LenientParser, lenient_calls
 
 FORMATS = ["hermes", "qwen3_coder"]
@@ -204,25 +204,30 @@ def test_holds_back_only_what_may_be_a_call(fmt: str) -> None:
         return made
 
     sp = parser()
-    assert sp.feed("  ") == []  # undecided
-    assert sp.feed("Hel") == []  # a line of prose may introduce a call
-    assert sp.feed("lo.\nHow") == ["  Hello.\nHow"]  # a second line: released, then streamed
-    assert sp.feed(" are you") == [" are you"]
+    assert sp.feed("  ") == ["  "]
+    assert sp.feed("Hel") == ["Hel"]  # prose is text, call or not: it streams
+    assert sp.feed("lo `") == ["lo "]  # a backtick may open a fence: held
+    assert sp.feed("x` {") == ["`x` "]  # from "{" on: held while it may open a call
+    assert sp.feed('"a": 1} yes') == []  # it opens as a call does: held to the end
+    assert sp.finish() == ['{"a": 1} yes']  # no call: the rest is text
     sp = parser()
-    assert sp.feed("x" * MAX_PROSE) == []
-    assert sp.feed("x") == ["x" * (MAX_PROSE + 1)]  # too long to be the line before a call
+    assert sp.feed("Sure.\nHow") == ["Sure.\nHow"]
+    assert sp.feed(" {x}") == [" {x}"]  # a second line of prose: nothing is held any more
     sp = parser()
-    assert sp.feed("See [") == []
-    assert sp.feed("1] and") == ["See [1] and"]  # "[" that does not open a list of objects
+    assert sp.feed("x" * (MAX_PROSE + 1) + " {") == ["x" * (MAX_PROSE + 1) + " {"]  # too long a line
+    sp = parser()
+    assert sp.feed("See [") == ["See "]
+    assert sp.feed("1] and") == ["[1] and"]  # "[" that does not open a list of objects
     sp = parser()
     assert sp.feed("``") == []
     assert sp.feed("`py") == []  # a fence: its language may go on
     assert sp.feed("thon\nimport os") == ["```python\nimport os"]  # code, not a call
     sp = parser()
-    assert sp.feed('Sure: {"name": "f", ') == []  # may be a call: held to the end
+    assert sp.feed('Sure: {"name": "f", ') == ["Sure: "]  # may be a call: held to the end
     assert sp.feed('"arguments": {}}') == []
-    prose, delta, done = sp.finish()
-    assert prose == "Sure:" and isinstance(done, ToolCall) and done.name == "f" and delta.index == 0
+    delta, done = sp.finish()
+    assert isinstance(done, ToolCall) and done.name == "f" and isinstance(delta, ToolCallDelta)
+    assert sp.result() == ParseResult("Sure:", [done])
     sp = parser()
     assert sp.feed('{"a": 1}') == []
     assert sp.feed(" and <tool_call>") == []

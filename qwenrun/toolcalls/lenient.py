@@ -15,9 +15,10 @@ and reads such an answer as calls of the *declared* tools (``tools``) in two sha
 Anything else stays text: a name that is not declared, JSON inside prose, text after it, a second
 line of prose, a tagged call anywhere in the answer (tags win). The JSON must open as a call does
 (``{`` then a quoted key, possibly inside ``[`` or a fence), so ``[1]`` or a fenced block of code is
-told apart early. While streaming, the answer's text is held back as long as it may still be one of
-the two shapes (from ``{``, ``[`` or ```` ``` ```` that opens as a call: to the end; before it: at
-most the first line of prose), so that streaming equals one-shot at every chunking.
+told apart early. While streaming, the answer's text is held back only from where such JSON may
+begin (``{``, ``[`` or ```` ``` ```` within the first line of prose): to the end when it opens as a
+call, else until it cannot; the prose before it is text either way and streams. So streaming
+equals one-shot at every chunking.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def lenient_calls(
 
 class LenientParser:
     """A format's parser that also reads an answer of bare JSON calls of ``tools`` (their names).
-    The inner parser's text events are held back while the answer may be one; a tagged call (any
-    other event) releases them."""
+    The inner parser's text passes on, but from where bare JSON may begin (``{``, ``[``, a fence)
+    it is held back while the answer may still be such calls; a tagged call (any other event)
+    releases it. A line of prose before the JSON is the answer's text either way: it streams."""
 
     def __init__(
         self, inner: ToolCallParser, tools: Collection[str], new_id: IdFactory = new_call_id
@@ -130,8 +132,10 @@ class LenientParser:
         self._tools = frozenset(tools)
         self._new_id = new_id
         self._held: list[str] | None = [] if self._tools else None  # None: not holding (any more)
-        self._opening = _Opening()  # reads the held text until it can tell
-        self._started = False  # non-blank text was held
+        self._opening = _Opening()  # reads the answer until it can tell
+        self._prose: list[str] = []  # the answer's text passed on so far (at most a line)
+        self._passed = 0  # its length (the answer's leading blank not counted)
+        self._started = False  # the answer's first non-blank text came
         self._found: tuple[str, list[ToolCall]] | None = None
 
     def feed(self, chunk: str) -> list[CallEvent]:
@@ -145,15 +149,12 @@ class LenientParser:
         out = self._hold(events)
         if self._held is None:
             return out
-        found = lenient_calls("".join(self._held), self._tools, self._new_id)
+        found = lenient_calls("".join(self._prose + self._held), self._tools, self._new_id)
         if found is None:
             self._release(out)
             return out
         self._found, self._held = found, None
-        prose, calls = found
-        if prose:
-            out.append(prose)
-        for index, call in enumerate(calls):
+        for index, call in enumerate(found[1]):  # the prose before them is passed on already
             if call.ok:
                 out.append(ToolCallDelta(index, call.id, call.name, call.arguments_json()))
             out.append(call)
@@ -176,12 +177,36 @@ class LenientParser:
                 self._release(out)
                 out.append(event)
             else:
-                held.append(event)
-                text = event if self._started else event.lstrip()  # the answer's leading blank
-                self._started = self._started or bool(text)
-                if self._opening.feed(text) is False:
-                    self._release(out)
+                self._text(event, held, out)
         return out
+
+    def _text(self, text: str, held: list[str], out: list[CallEvent]) -> None:
+        """Pass on what is prose for sure, hold back what may begin bare JSON."""
+        if not self._started:  # the answer's leading blank is text either way
+            body = text.lstrip()
+            if len(body) < len(text):
+                out.append(text[: len(text) - len(body)])
+            if not body:
+                return
+            text, self._started = body, True
+        opening = self._opening
+        opened = opening.opener >= 0  # the JSON began earlier: all of it is held
+        verdict = opening.feed(text)
+        if verdict is False:
+            held.append(text)
+            self._release(out)
+            return
+        if opened:
+            held.append(text)
+            return
+        begins = opening.opener if opening.opener >= 0 else opening.pos - opening.ticks
+        pending = "".join(held) + text  # short: held before an opener are at most two backticks
+        cut = begins - self._passed
+        if cut > 0:
+            self._prose.append(pending[:cut])
+            out.append(pending[:cut])
+            self._passed = begins
+        held[:] = [pending[cut:]] if cut < len(pending) else []
 
     def _release(self, out: list[CallEvent]) -> None:
         """Stop holding text back: pass on what was held and stream from now on."""
