@@ -38,7 +38,8 @@ class ParsedOutput:
 
     @property
     def call_in_reasoning(self) -> bool:
-        """The reasoning holds a ``<tool_call>`` tag: a call the model thought of but did not make."""
+        """The reasoning holds a ``<tool_call>`` tag: a call the model thought of (run only when
+        nothing follows the block: :func:`thinking_calls`)."""
         return "<tool_call>" in self.reasoning
 
     def to_dict(self) -> dict[str, Any]:
