@@ -31,11 +31,13 @@ class Reasoning:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """The model asked for a tool; the call is about to run."""
+    """The model asked for a tool; the call is about to run. ``from_thinking``: the model wrote it
+    inside its thinking and answered nothing after it (``agent.calls_in_thinking: run``)."""
 
     id: str
     name: str
     arguments: dict[str, Any]
+    from_thinking: bool = False
     type: Literal["tool_call"] = "tool_call"
 
 

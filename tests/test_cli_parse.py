@@ -131,3 +131,21 @@ def test_tiny_model_flavour(tiny_qwen3_dir: Path) -> None:
     assert done.exit_code == 0 and done.output == f"tiny model (qwen3) ready in {tiny_qwen3_dir}\n"
     bad = runner.invoke(main, ["tiny-model", str(tiny_qwen3_dir), "--flavour", "qwen4"])
     assert bad.exit_code == 2 and "'qwen4' is not one of 'qwen2', 'qwen3', 'qwen3_coder'" in bad.output
+
+
+def test_a_lone_close_think_is_reasoning_unless_the_text_is_known_to_start_as_the_answer() -> None:
+    """Without ``--model`` nobody can tell whether the prompt opened the think block: the text
+    before a lone ``</think>`` is reasoning (as vLLM's qwen3 reasoning parser reads it)."""
+    text = "Let me see.\n</think>\n\nok"
+    code, output = run(text=text)
+    assert code == 0 and (output["reasoning"], output["content"]) == ("Let me see.", "ok")
+    code, output = run("--not-in-reasoning", text=text)
+    assert code == 0 and (output["reasoning"], output["content"]) == ("", text)
+    code, output = run(text="No tags: the answer.")
+    assert code == 0 and (output["reasoning"], output["content"]) == ("", "No tags: the answer.")
+
+
+def test_a_template_that_cannot_be_rendered_tells_nothing() -> None:
+    assert template_opens_thinking("{{ raise_exception('no') }}") is None
+    assert template_opens_thinking("{{ '<think>\\n' if add_generation_prompt }}") is True
+

@@ -865,7 +865,7 @@ async def test_thinking_and_a_streamed_xml_call(db: Path) -> None:
             "city": "深圳"
         }
     fragments = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
-    assert len(fragments) > 1 and "".join(fragments) == first.output[1].arguments  # streamed as written
+    assert len(fragments) > 1 and "".join(fragments) == first.output[1].arguments  # its values' pieces
     kinds_ = [kind for kind in kinds(events) if not kind.endswith(".delta")]
     assert kinds_ == [
         "response.created", "response.in_progress",
@@ -878,6 +878,20 @@ async def test_thinking_and_a_streamed_xml_call(db: Path) -> None:
     assistant = srv.engine.calls[2].messages[1]  # the call's turn, with its thinking for the template
     assert assistant["reasoning_content"] == "The user wants the weather."
     assert assistant["tool_calls"][0]["function"]["name"] == "get_current_weather"
+
+
+async def test_a_streamed_xml_call_that_ends_malformed_is_a_message() -> None:
+    """A Qwen3-Coder call cut inside its value (max_tokens) is the message's text, streamed or not:
+    no ``function_call`` item is opened for it (before, one stayed ``in_progress`` in both)."""
+    cut = "Checking.\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\n深"
+    async with serving([cut, cut], tool_call_format="qwen3_coder") as srv, srv.client() as client:
+        whole = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL])
+        stream = await client.responses.create(model=SERVED, input=QUESTION, tools=[TOOL], stream=True)
+        events = [event async for event in stream]
+    streamed = events[-1].response
+    for out in (whole, streamed):
+        assert [item.type for item in out.output] == ["message"] and out.output_text == cut + "</tool_call>"
+    assert not [event for event in events if "function_call" in event.type]
 
 
 async def test_agent_mode_reasoning_comes_before_each_step() -> None:

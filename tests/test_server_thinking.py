@@ -1,7 +1,7 @@
 """The OpenAI server's reasoning and Qwen3-Coder calls on the scripted engine, through the official
 client: ``reasoning`` / ``reasoning_content`` on messages and stream deltas, ``include_reasoning``,
-``chat_template_kwargs`` and ``thinking_token_budget`` per request, XML arguments streamed as
-fragments. (The same on the real engine: ``test_toolcalls_server.py``.)"""
+``chat_template_kwargs`` and ``thinking_token_budget`` per request, XML arguments sent as fragments
+once the call is complete (a malformed one as text), a remote endpoint's lone ``</think>``. (The same on the real engine: ``test_toolcalls_server.py``.)"""
 
 from __future__ import annotations
 
@@ -120,8 +120,9 @@ def test_bad_thinking_fields_are_400s(srv: Harness, body: dict[str, Any], messag
 
 
 def test_qwen3_coder_calls_stream_their_arguments(srv: Harness) -> None:
-    """vLLM #30439: XML arguments stream while written; a value quoting the closing tags stays
-    whole (vLLM PR #45310); stream and non-stream agree."""
+    """vLLM #30439: XML arguments go out as the fragments of their values (once the call is known
+    to be well-formed); a value quoting the closing tags stays whole (vLLM PR #45310); stream and
+    non-stream agree."""
     srv.engine.tool_call_format = "qwen3_coder"
     first = tool_call_text("run_code", {"code": CODE, "times": 2}, format="qwen3_coder")
     second = tool_call_text("run_code", {"code": "pass"}, format="qwen3_coder")
@@ -141,7 +142,7 @@ def test_qwen3_coder_calls_stream_their_arguments(srv: Harness) -> None:
     assert ["".join(parts) for parts in fragments.values()] == [
         c.function.arguments for c in whole.message.tool_calls or []
     ]  # type: ignore[union-attr]
-    assert len(fragments[0]) > 5  # the code value arrives in pieces, not at the end
+    assert len(fragments[0]) > 5  # the code value's pieces as the parser read them
     headers = [t for c in chunks for t in c.choices[0].delta.tool_calls or [] if t.id]
     assert [(t.index, t.function.name if t.function else None) for t in headers] == [
         (0, "run_code"),
@@ -160,3 +161,74 @@ def test_agent_mode_returns_the_reasoning_of_every_model_call(srv: Harness) -> N
     expected = "The user wants the weather.\n\nNow answer."
     assert (extra(whole)["reasoning"], extra(whole)["reasoning_content"]) == (expected, expected)
     assert stream_parts(chunks)[:2] == ("深圳多云。", expected)
+
+
+GIVEN_TWICE = ("<tool_call>\n<function=run_code>\n<parameter=code>\nx = 1\n</parameter>\n"
+               "<parameter=code>\ny = 2\n</parameter>\n</function>\n</tool_call>")  # fmt: skip
+CUT = "<tool_call>\n<function=run_code>\n<parameter=code>\nprint(1)\nprint("  # max_tokens came
+
+
+@pytest.mark.parametrize(
+    ("answer", "calls"),
+    [
+        (f"Running.\n{GIVEN_TWICE}\n" + tool_call_text("run_code", {"code": "pass"}, format="qwen3_coder"),
+         [("run_code", {"code": "pass"})]),
+        (f"Running.\n{CUT}", []),
+    ],
+    ids=["parameter-given-twice-then-a-good-call", "cut-inside-a-value"],
+)  # fmt: skip
+def test_a_streamed_xml_call_that_ends_malformed_is_text_in_the_stream_too(
+    srv: Harness, answer: str, calls: list[tuple[str, Any]]
+) -> None:
+    """A Qwen3-Coder call whose arguments were being written and that then turns out malformed is
+    returned as text, streamed or not: the stream never sends it as a call (a client cannot take a
+    call back), and the next call gets index 0."""
+    srv.engine.tool_call_format = "qwen3_coder"
+    srv.engine.chunk_size = 2
+    srv.script = lambda request: answer
+    with srv.sync_client() as client:
+        whole = client.chat.completions.create(model=SERVED, messages=USER, tools=[CODE_TOOL]).choices[0]
+        chunks = list(client.chat.completions.create(model=SERVED, messages=USER, tools=[CODE_TOOL], stream=True))
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]  # type: ignore[union-attr]
+    assert got == calls
+    assert whole.message.content is not None and whole.message.content.startswith("Running.\n<tool_call>")
+    content, _, fragments = stream_parts(chunks)
+    headers = [t for c in chunks for t in c.choices[0].delta.tool_calls or [] if t.id] if chunks else []
+    assert content == whole.message.content
+    assert [(t.index, t.function.name if t.function else None) for t in headers] == [
+        (index, name) for index, (name, _) in enumerate(calls)
+    ]
+    assert [json.loads("".join(parts)) for parts in fragments.values()] == [args for _, args in calls]
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == ("tool_calls" if calls else "stop")
+
+
+@pytest.mark.parametrize(
+    ("template", "reasoning", "content"),
+    [({}, "Let me see.", "晴。"), ({"enable_thinking": False}, "", "Let me see.\n</think>\n\n晴。")],
+    ids=["template-unknown", "thinking-off"],
+)
+async def test_a_lone_close_think_from_a_remote_endpoint_ends_the_reasoning(
+    srv: Harness, template: dict[str, Any], reasoning: str, content: str
+) -> None:
+    """``engine.kind: openai`` cannot see the endpoint's template: text before a lone ``</think>``
+    (a Thinking-2507 template behind an endpoint without a reasoning parser) is reasoning, streamed
+    or not; with ``enable_thinking`` false the template closed the block, so the text is the answer."""
+    from qwenrun.engines.base import OutputReader, Request
+    from qwenrun.engines.openai import OpenAIEngine
+    from qwenrun.spec.agent_file import AgentSpec
+
+    srv.script = lambda request: "Let me see.\n</think>\n\n晴。"
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}, "engine": {
+        "kind": "openai", "base_url": f"{srv.url}/v1", "model": SERVED}}, source="remote.yaml")  # fmt: skip
+    engine = OpenAIEngine(spec)
+    await engine.start()
+    try:
+        for incremental in (True, False):
+            reader = OutputReader()
+            request = Request(messages=USER, chat_template_kwargs=template, incremental=incremental)
+            async for delta in engine.generate(request):
+                reader.feed(delta)
+            reader.finish()
+            assert (reader.result().reasoning, reader.result().content) == (reasoning, content), incremental
+    finally:
+        await engine.shutdown()

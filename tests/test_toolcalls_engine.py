@@ -256,6 +256,52 @@ async def test_a_call_inside_the_think_block_is_never_run(flavour_engine: VLLMEn
     assert isinstance(final, Final) and final.text == "No call needed."
 
 
+class InTurn:
+    """The engine with its n-th model call pinned by the n-th of ``pins`` (the last one after that)."""
+
+    def __init__(self, *pins: PinnedEngine) -> None:
+        self.pins = list(pins)
+        self.model_name = pins[0].model_name
+
+    @property
+    def tool_call_format(self) -> str:
+        return self.pins[0].tool_call_format
+
+    async def start(self) -> None:
+        await self.pins[0].start()
+
+    async def shutdown(self) -> None:  # the fixture shuts the real engine down
+        pass
+
+    def health(self) -> Any:
+        return self.pins[0].health()
+
+    def generate(self, request: Request) -> AsyncIterator[Delta]:
+        pin = self.pins.pop(0) if len(self.pins) > 1 else self.pins[0]
+        return pin.generate(request)
+
+
+async def test_a_call_made_while_thinking_runs_when_nothing_follows_the_block(
+    flavour_engine: VLLMEngine,
+) -> None:
+    """vLLM #39056: the model writes a complete call inside its thinking and nothing after
+    ``</think>`` (the real engine writes it, pinned by structured outputs): the agent runs it,
+    marked ``from_thinking``, then answers from its result."""
+    engine = flavour_engine
+    call = tool_call_body("get_current_weather", {"city": "广州"}, format=engine.tool_call_format)
+    thought = f"Let me check.\n<tool_call>\n{call}\n</tool_call>"
+    spec = agent_spec(engine, tool_choice="auto")
+    first = pinned(engine, answer=f"<think>\n{thought}\n</think>\n\n")
+    agent = Agent(spec, InTurn(first, pinned(engine)), load_tools(spec))
+    events = [event async for event in agent.session(record=False).stream(QUESTION)]
+    (shown,) = [e for e in events if isinstance(e, ToolCall)]
+    assert (shown.name, shown.arguments, shown.from_thinking) == ("get_current_weather", {"city": "广州"}, True)
+    assert [e.content for e in events if isinstance(e, ToolResult)] == [SEED]
+    assert reasoning_of(events) == [thought, ANSWER_REASONING]
+    final = events[-1]
+    assert isinstance(final, Final) and final.text == ANSWER and final.tool_calls == 1
+
+
 async def test_thinking_budget(flavour_engine: VLLMEngine) -> None:
     """vLLM's thinking_token_budget closes the think block after that many tokens; the qwen3 engine
     runs vLLM's reasoning parser for it (its spec sets agent.thinking_budget), the qwen3_coder one

@@ -112,7 +112,8 @@ def test_events_in_order() -> None:
 
 
 TOKENS = ["<think>", "</think>", "\n", " ", "x", "<tool_call>", "</tool_call>", HERMES, XML, XML2,
-          "<function=forecast>", "<parameter=days>", "</parameter>", "</function>", "{", '"', "<"]  # fmt: skip
+          "<function=forecast>", "<parameter=days>", "</parameter>", "</function>", "{", '"', "<", "Sure: ",
+          '{"name": "forecast", "arguments": {"days": 2}}', "```json\n", "```"]  # fmt: skip
 texts = st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=3)), max_size=25).map("".join)
 
 
@@ -120,13 +121,14 @@ texts = st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=3)), max_si
 @given(
     texts,
     st.sampled_from(["hermes", "qwen3_coder"]),
+    st.sampled_from([False, True, None]),
     st.booleans(),
     st.lists(st.integers(0, 5000), max_size=10),
 )
-def test_streaming_equals_one_shot(text: str, fmt: str, start: bool, cuts: list[int]) -> None:
-    expected = parse_output(text, fmt, tools=TOOLS, start_in_reasoning=start, new_id=ids())
+def test_streaming_equals_one_shot(text: str, fmt: str, start: bool | None, lenient: bool, cuts: list[int]) -> None:
+    expected = parse_output(text, fmt, tools=TOOLS, lenient=lenient, start_in_reasoning=start, new_id=ids())
     for chunking in (cuts, list(range(1, len(text)))):
-        parser = OutputParser(fmt, tools=TOOLS, start_in_reasoning=start, new_id=ids())
+        parser = OutputParser(fmt, tools=TOOLS, lenient=lenient, start_in_reasoning=start, new_id=ids())
         events = feed_cuts(parser, text, chunking)
         assert parser.result() == expected
         check_events(events, expected.content, expected.tool_calls, expected.reasoning)

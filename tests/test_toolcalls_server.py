@@ -122,7 +122,8 @@ async def test_passthrough_weather_round_trip(flavour_engine: VLLMEngine) -> Non
 async def test_passthrough_arguments_stream_and_stay_whole(
     flavour_engine: VLLMEngine, tool: dict[str, Any], arguments: dict[str, Any]
 ) -> None:
-    """XML arguments stream while they are written (vLLM #30439), a Hermes call's once complete;
+    """XML arguments stream as the fragments of their values (vLLM #30439; sent once the call is
+    complete), a Hermes call's as one;
     a call without parameters has ``{}`` (vLLM #28806); a value quoting ``</tool_call>`` and
     ``</parameter>`` stays whole (vLLM PR #45310)."""
     name = tool["function"]["name"]

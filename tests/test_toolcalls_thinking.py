@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from qwenrun.toolcalls import Reasoning, ThinkingParser, ThinkingResult, prompt_opens_thinking, split_thinking
 
 # (id, start_in_reasoning, text, reasoning, content)
-CASES: list[tuple[str, bool, str, str, str]] = [
+CASES: list[tuple[str, bool | None, str, str, str]] = [
     (
         "qwen3_thinking",
         False,
@@ -46,13 +46,37 @@ CASES: list[tuple[str, bool, str, str, str]] = [
     ("opened_by_prompt_call_unclosed", True, "a <tool_call>\nx", "a <tool_call>\nx", ""),
     ("opened_by_prompt_empty", True, "", "", ""),
     ("opened_by_prompt_blank_block", True, "\n\n</think>\n\nHi", "", "Hi"),
+    # Nobody can tell whether the prompt opened the block (None): a lone </think> closes it.
+    ("unknown_lone_close", None, "Let me see.\n</think>\n\nSunny.", "Let me see.", "Sunny."),
+    ("unknown_lone_close_at_once", None, "</think>\n\nSunny.", "", "Sunny."),
+    ("unknown_leading_blank", None, " \n a \n\n</think> b", "a", "b"),
+    ("unknown_only_the_first_close", None, "a</think>b</think>c", "a", "b</think>c"),
+    ("unknown_open_tag_first", None, "<think>a</think>b", "a", "b"),
+    ("unknown_no_tag_is_answer", None, "It is sunny.", "", "It is sunny."),
+    ("unknown_partial_close_at_end", None, "a</thi", "", "a</thi"),
+    ("unknown_open_tag_later_is_no_lone_close", None, "Hi <think>x</think> y", "", "Hi <think>x</think> y"),
+    (
+        "unknown_call_first_is_the_answer",
+        None,
+        "a <tool_call>\n{}\n</tool_call></think>",
+        "",
+        "a <tool_call>\n{}\n</tool_call></think>",
+    ),
+    ("unknown_blank", None, " \n", "", ""),
+    (
+        "unknown_call_after_the_block",
+        None,
+        'hm</think>\n<tool_call>\n{"name": "f"}\n</tool_call>',
+        "hm",
+        '<tool_call>\n{"name": "f"}\n</tool_call>',
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("start", "text", "reasoning", "content"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_case(start: bool, text: str, reasoning: str, content: str) -> None:
+def test_case(start: bool | None, text: str, reasoning: str, content: str) -> None:
     assert split_thinking(text, start_in_reasoning=start) == ThinkingResult(reasoning, content)
     for size in range(1, len(text) + 1):
         parser = ThinkingParser(start_in_reasoning=start)
@@ -72,6 +96,24 @@ def test_reasoning_streams_and_holds_only_what_it_must() -> None:
     assert parser.feed(" <think>") == [" <think>"]
     assert parser.finish() == []
     assert parser.result() == ThinkingResult("I think so.", "Yes <think>")
+
+
+def test_undecided_text_is_held_until_a_tag_or_the_end_decides() -> None:
+    """Where nobody can tell (None), text before the first tag may be reasoning or answer: held back,
+    then released at once as what it turned out to be, so that streaming equals one-shot."""
+    parser = ThinkingParser(start_in_reasoning=None)
+    assert parser.feed("Let me ") == []
+    assert parser.feed("see. </thi") == []
+    assert parser.feed("nk>\n\nSun") == [Reasoning("Let me see."), "Sun"]
+    assert parser.feed("ny <think>") == ["ny <think>"]  # the answer: streamed as it comes
+    assert parser.finish() == []
+    parser = ThinkingParser(start_in_reasoning=None)
+    assert parser.feed("Sure. <tool") == []
+    assert parser.feed("_call>") == ["Sure. ", "<tool_call>"]  # a call begins the answer
+    parser = ThinkingParser(start_in_reasoning=None)
+    assert parser.feed("It is sunny.") == []
+    assert parser.finish() == ["It is sunny."]  # no tag came: answer text
+    assert parser.result() == ThinkingResult("", "It is sunny.")
 
 
 def test_feed_after_finish_is_an_error() -> None:
@@ -95,13 +137,13 @@ def test_prompt_opens_thinking(prompt: str, opens: bool) -> None:
     assert prompt_opens_thinking(prompt) is opens
 
 
-TOKENS = ["<think>", "</think>", "<thi", "nk>", "</th", "<", ">", "\n", " ", "x", "思考", "<tool_call>"]
+TOKENS = ["<think>", "</think>", "<thi", "nk>", "</th", "<", ">", "\n", " ", "x", "思考", "<tool_call>", "<tool"]
 texts = st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=3)), max_size=30).map("".join)
 
 
 @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts, st.booleans(), st.lists(st.integers(0, 1000), max_size=10))
-def test_streaming_equals_one_shot(text: str, start: bool, cuts: list[int]) -> None:
+@given(texts, st.sampled_from([False, True, None]), st.lists(st.integers(0, 1000), max_size=10))
+def test_streaming_equals_one_shot(text: str, start: bool | None, cuts: list[int]) -> None:
     expected = split_thinking(text, start_in_reasoning=start)
     assert expected.reasoning == expected.reasoning.strip()
     assert expected.content == expected.content.lstrip()

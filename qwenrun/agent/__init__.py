@@ -2,11 +2,23 @@
 the tools of the agent file's plugins (:mod:`~qwenrun.agent.plugins`), telemetry
 (:mod:`~qwenrun.agent.observability`) and replaying recorded sessions (:mod:`~qwenrun.agent.replay`).
 
-``from qwenrun.agent import Agent, Session`` is the public face (also ``from qwenrun import Agent``).
+``from qwenrun.agent import Agent, Session`` is the public face (also ``from qwenrun import Agent``);
+the loop is imported on first use, so that importing a helper module of this package stays cheap.
 """
 
 from __future__ import annotations
 
-from qwenrun.agent.loop import Agent, Session
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwenrun.agent.loop import Agent, Session
 
 __all__ = ["Agent", "Session"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from qwenrun.agent import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'qwenrun.agent' has no attribute {name!r}")

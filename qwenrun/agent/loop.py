@@ -3,8 +3,9 @@
 One bounded async loop per user turn (``max_iterations`` model calls), yielding the typed events of
 :mod:`qwenrun.events`. The model's output is read in its engine's tool-call format (Hermes JSON or
 Qwen3-Coder XML); its thinking becomes :class:`~qwenrun.events.Reasoning` events and the
-assistant message's ``reasoning_content`` (never a call: a ``<tool_call>`` inside ``<think>`` is
-not run). ``agent.enable_thinking`` goes to the chat template, ``agent.thinking_budget`` to vLLM.
+assistant message's ``reasoning_content`` (a ``<tool_call>`` inside ``<think>`` is not run, unless
+the answer after the block is empty: ``agent.calls_in_thinking``). ``agent.enable_thinking`` goes
+to the chat template, ``agent.thinking_budget`` to vLLM.
 Tool calls of one model answer run in parallel, each under its time limit; every tool failure
 becomes an ``Error: ...`` tool result the model can read. ``tool_choice`` ``required`` / a tool
 name is enforced with structured outputs on the first model call of a turn (then it falls back to
@@ -308,8 +309,11 @@ class Session:
             if not spec.parallel_tool_calls:
                 calls = calls[:1]
             message = _with_reasoning(_assistant_message(step.result.content, calls), step.reasoning)
-            self._record(message, usage_meta(step.usage))
-            shown = [ToolCall(call.id, call.name, call.arguments) for call in calls]
+            meta = usage_meta(step.usage)
+            if thought := [call.id for call in calls if call.from_thinking]:  # made while thinking
+                meta["from_thinking"] = thought
+            self._record(message, meta)
+            shown = [ToolCall(call.id, call.name, call.arguments, call.from_thinking) for call in calls]
             for event in shown:
                 yield event
             results = await self._run_calls(calls, shown)
@@ -343,7 +347,8 @@ class Session:
             span = trace.model_call(int(repaired))
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
             lenient = tools is not None and agent.spec.agent.lenient_tool_calls
-            reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient)
+            reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient,
+                                  calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
             started = time.perf_counter()
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(

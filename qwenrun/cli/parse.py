@@ -5,7 +5,8 @@ OpenAI server do (:class:`~qwenrun.engines.base.OutputReader`: the ``<think>`` b
 tool calls of the format), in the format ``--format`` names or, for ``auto``, the one the chat
 template of ``--model DIR`` teaches (read from the directory's files; nothing is downloaded and
 neither transformers nor vLLM is imported). ``--tools FILE`` (an OpenAI ``tools`` list as JSON)
-types the Qwen3-Coder XML values and names the tools whose bare JSON calls are read.
+types the Qwen3-Coder XML values and names the tools whose bare JSON calls (and calls written in
+the thinking, when the answer is empty) are read.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def chat_template_of(directory: str) -> str:
     raise ConfigError(f"--model {directory}: no chat template (none of {', '.join(_TEMPLATE_FILES)} has one)")
 
 
-def template_opens_thinking(template: str) -> bool:
+def template_opens_thinking(template: str) -> bool | None:
     """Whether the template's generation prompt ends inside ``<think>`` (Qwen3 Thinking-2507, QwQ),
     so that the model's text starts as reasoning: the template rendered for one user message in a
-    jinja2 sandbox, as transformers renders it. False when it cannot be rendered."""
+    jinja2 sandbox, as transformers renders it. None when it cannot be rendered (nobody can tell:
+    a lone ``</think>`` ends the reasoning)."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -69,8 +71,8 @@ def template_opens_thinking(template: str) -> bool:
         prompt = env.from_string(template).render(
             messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True
         )
-    except Exception:  # a template qwenrun cannot render alone: assume the usual start
-        return False
+    except Exception:  # a template qwenrun cannot render alone
+        return None
     return prompt_opens_thinking(prompt)
 
 
@@ -107,9 +109,13 @@ def read_tools(path: str) -> list[dict[str, Any]]:
 @click.option(
     "--in-reasoning/--not-in-reasoning", default=None,
     help="The text starts inside a <think> block (the prompt opened it); default: what --model's "
-    "template does, else not.",
+    "template does, else unknown (a lone </think> ends the reasoning).",
 )  # fmt: skip
-@click.option("--strict", is_flag=True, help="Do not read answers that are bare JSON calls as calls.")
+@click.option(
+    "--strict", is_flag=True,
+    help="Read tagged calls after the thinking only: not bare JSON calls, nor calls written in the "
+    "thinking when the answer is empty.",
+)  # fmt: skip
 def parse(
     fmt: str,
     model: str | None,
@@ -124,11 +130,13 @@ def parse(
     with errors():
         template = chat_template_of(model) if model is not None else None
         tools = read_tools(tools_file) if tools_file is not None else None
-    if in_reasoning is None:
-        in_reasoning = template is not None and not no_thinking and template_opens_thinking(template)
+    opens = in_reasoning
+    if opens is None and template is not None:
+        opens = not no_thinking and template_opens_thinking(template)
     reader = OutputReader(
-        resolve_format(fmt, template), tools=tools, lenient=not strict, thinking=not no_thinking
-    )
-    reader.feed(Delta(sys.stdin.read(), "stop", starts_in_reasoning=in_reasoning))
+        resolve_format(fmt, template), tools=tools, lenient=not strict, thinking=not no_thinking,
+        calls_in_thinking=not strict,
+    )  # fmt: skip
+    reader.feed(Delta(sys.stdin.read(), "stop", starts_in_reasoning=opens))
     reader.finish()
     click.echo(json.dumps(reader.result().to_dict(), ensure_ascii=False, indent=2))

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning, ToolCall
+from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning, ToolCall, ToolCallDelta
+from qwenrun.toolcalls.output import thinking_calls
 
 if TYPE_CHECKING:
     from qwenrun.spec.agent_file import SamplingSpec
@@ -111,9 +112,11 @@ class Delta:
     reasoning: str = ""
     """Reasoning an engine received already apart from the text (a remote endpoint's
     ``reasoning`` / ``reasoning_content``)."""
-    starts_in_reasoning: bool = False
+    starts_in_reasoning: bool | None = False
     """Set on the first delta: the prompt ended inside a ``<think>`` block, so the text starts as
-    reasoning (Qwen3 Thinking-2507 and QwQ templates)."""
+    reasoning (Qwen3 Thinking-2507 and QwQ templates); None when the engine cannot tell (a remote
+    endpoint's template): then a lone ``</think>`` ends the reasoning (see
+    :class:`~qwenrun.toolcalls.ThinkingParser`)."""
     logprobs: list[TokenLogprob] | None = None
     """The new tokens' log probabilities, when ``Request.logprobs`` asked for them."""
 
@@ -157,11 +160,14 @@ class OutputReader:
     with ``tools`` (typed XML values; ``lenient``: bare JSON calls), made at the first delta,
     which tells whether the text starts inside a think block. ``calls=False`` splits the
     reasoning off but reads no tool calls (a request without tools). Reasoning and calls an
-    engine received already apart are added as they come. Keeps the token counts and the finish
-    reason of the last delta."""
+    engine received already apart are added as they come. ``calls_in_thinking``: when the answer
+    (text and calls) is empty, ``finish`` reads the complete calls of ``tools`` written in the
+    reasoning (:func:`~qwenrun.toolcalls.output.thinking_calls`). Keeps the token counts and the
+    finish reason of the last delta."""
 
-    __slots__ = ("_calls", "_engine_calls", "_format", "_lenient", "_reasoning", "_thinking", "_tools",
-                 "completion_tokens", "finish_reason", "parser", "prompt_tokens")  # fmt: skip
+    __slots__ = ("_calls", "_engine_calls", "_format", "_lenient", "_reasoning", "_recover", "_recovered",
+                 "_thinking", "_tools", "completion_tokens", "finish_reason", "parser",
+                 "prompt_tokens")  # fmt: skip
 
     def __init__(
         self,
@@ -171,16 +177,19 @@ class OutputReader:
         lenient: bool = False,
         calls: bool = True,
         thinking: bool = True,
+        calls_in_thinking: bool = False,
     ) -> None:
         self._format, self._tools, self._lenient = format, tools, lenient
         self._calls, self._thinking = calls, thinking
+        self._recover = calls and thinking and calls_in_thinking and bool(tools)
+        self._recovered: list[ToolCall] = []
         self.parser: OutputParser | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._engine_calls: list[ToolCall] = []
         self._reasoning: list[str] = []
 
-    def _start(self, in_reasoning: bool) -> OutputParser:
+    def _start(self, in_reasoning: bool | None) -> OutputParser:
         self.parser = OutputParser(
             self._format, tools=self._tools, lenient=self._lenient, calls=self._calls,
             thinking=self._thinking, start_in_reasoning=in_reasoning,
@@ -192,8 +201,8 @@ class OutputReader:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
         parser = self.parser
-        if parser is None:
-            parser = self._start(delta.starts_in_reasoning)
+        if parser is None:  # reasoning sent apart: the endpoint split the think block off the text
+            parser = self._start(False if delta.reasoning else delta.starts_in_reasoning)
         items = parser.feed(delta.text) if delta.text else []
         if delta.tool_calls or delta.reasoning:
             if delta.reasoning:
@@ -205,15 +214,24 @@ class OutputReader:
         return items
 
     def finish(self) -> list[OutputEvent]:
-        return (self.parser or self._start(False)).finish()
+        out = (self.parser or self._start(False)).finish()
+        if self._recover:
+            parsed = self.result()
+            if parsed.reasoning and not parsed.content and not parsed.tool_calls:  # calls made while thinking
+                self._recovered = thinking_calls(parsed.reasoning, self._format, tools=self._tools,
+                                                 lenient=self._lenient)  # fmt: skip
+                for index, call in enumerate(self._recovered):
+                    out += [ToolCallDelta(index, call.id, call.name, call.arguments_json()), call]
+        return out
 
     def result(self) -> ParsedOutput:
         parsed = (self.parser or self._start(False)).result()
-        if not self._reasoning and not self._engine_calls:
+        if not self._reasoning and not self._engine_calls and not self._recovered:
             return parsed
         received = "".join(self._reasoning).strip()
         reasoning = "\n\n".join(part for part in (received, parsed.reasoning) if part)
-        return ParsedOutput(parsed.content, reasoning, [*parsed.tool_calls, *self._engine_calls])
+        calls = [*parsed.tool_calls, *self._engine_calls, *self._recovered]
+        return ParsedOutput(parsed.content, reasoning, calls)
 
 
 async def wait_until_dead(engine: Engine, interval_s: float = 1.0) -> None:

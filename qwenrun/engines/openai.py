@@ -13,7 +13,9 @@ What differs from the in-process engine:
 * Reasoning comes back apart from the text when the endpoint has a reasoning parser (``vllm serve
   --reasoning-parser qwen3``: ``reasoning``, older vLLM ``reasoning_content``) and is carried in
   :attr:`~qwenrun.engines.base.Delta.reasoning`; without one, ``<think>`` in the text is read by
-  qwenrun. ``chat_template_kwargs`` (``enable_thinking``) go to the endpoint as vLLM takes them.
+  qwenrun. Whether the endpoint's template opened the block itself is unknown here
+  (``Delta.starts_in_reasoning`` None: a lone ``</think>`` ends the reasoning), unless
+  ``enable_thinking`` is false. ``chat_template_kwargs`` go to the endpoint as vLLM takes them.
 * A forced call (``tool_choice`` ``required`` or a name, and the agent's repair of a malformed
   call) is the endpoint's ``tool_choice``; a prefilled answer is not possible.
 * A JSON constraint is sent as ``response_format`` (``json_schema``); regex, grammar and choice
@@ -193,6 +195,9 @@ class OpenAIEngine:
         except openai.APIError as exc:
             raise _error(exc) from exc
         calls, prompt, completion, finish, held, held_reasoning = _Calls(), 0, 0, "stop", "", ""
+        # The endpoint's template is unknown: the text may start inside a <think> it opened, unless
+        # thinking is off (then the template closes the block in the prompt).
+        opens = False if request.chat_template_kwargs.get("enable_thinking") is False else None
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -203,7 +208,8 @@ class OpenAIEngine:
                     reasoning = _reasoning(choice.delta)
                     finish = choice.finish_reason or finish
                     if (text or reasoning) and request.incremental:
-                        yield Delta(text, None, prompt, completion, reasoning=reasoning)
+                        yield Delta(text, None, prompt, completion, reasoning=reasoning,
+                                    starts_in_reasoning=opens)  # fmt: skip
                     else:
                         held, held_reasoning = held + text, held_reasoning + reasoning
         except openai.APIError as exc:
@@ -212,7 +218,8 @@ class OpenAIEngine:
             await stream.close()  # a consumer that stops early closes the connection: vLLM aborts
         reason = {"tool_calls": "stop", "function_call": "stop"}.get(finish, finish)
         finish_reason = reason if reason in ("stop", "length") else "stop"
-        yield Delta(held, finish_reason, prompt, completion, calls.calls(), reasoning=held_reasoning)
+        yield Delta(held, finish_reason, prompt, completion, calls.calls(), reasoning=held_reasoning,
+                    starts_in_reasoning=opens)  # fmt: skip
 
 
 def _reasoning(delta: Any) -> str:

@@ -97,7 +97,8 @@ class EventPrinter:
         self._end_line()
         if isinstance(event, ToolCall):
             args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.arguments.items())
-            self._write(click.style(printable(f"  → {event.name}({args})") + "\n", dim=True))
+            note = " (written in its thinking)" if event.from_thinking else ""
+            self._write(click.style(printable(f"  → {event.name}({args}){note}") + "\n", dim=True))
         elif isinstance(event, ToolResult):
             text = " ".join(printable(event.content).split())
             text = text if len(text) <= 160 else text[:157] + "..."

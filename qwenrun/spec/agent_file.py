@@ -131,6 +131,13 @@ class AgentSettings(Settings):
         "a list of them, or one in a ```json fence) when that is the whole answer, as small models "
         "write them; in the agent loop and the OpenAI server's pass-through mode.",
     )
+    calls_in_thinking: Literal["run", "ignore"] = Field(
+        "run",
+        description="A model call whose answer after </think> is empty but whose thinking holds "
+        "complete calls of the agent's tools (vLLM #39056): run: those calls run, marked "
+        "from_thinking in the events and the session; ignore: they stay reasoning. In the agent "
+        "loop and the OpenAI server's pass-through mode.",
+    )
 
 
 class ToolSpec(Settings):

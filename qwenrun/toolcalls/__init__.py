@@ -4,7 +4,8 @@ Pure and stdlib-only (no vLLM, no torch). :class:`OutputParser` / :func:`parse_o
 completion into reasoning, answer text and tool calls; ``PARSERS`` maps a format name to its
 parser class; :func:`detect_format` picks the format from a model's chat template;
 :func:`forced_call` and :func:`thinking_prefill` say how an engine forces a call of a format.
-:mod:`qwenrun.toolcalls.hermes` is the Hermes parser (Qwen2.5/Qwen3 JSON calls, bare JSON calls).
+:mod:`qwenrun.toolcalls.hermes` is the Hermes parser (Qwen2.5/Qwen3 JSON calls);
+:mod:`qwenrun.toolcalls.lenient` reads bare JSON calls over any format.
 """
 
 from __future__ import annotations

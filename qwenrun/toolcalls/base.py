@@ -49,10 +49,9 @@ class ToolCallParser(Protocol):
 
 
 class ParserFactory(Protocol):
-    """A parser class: ``tools`` are the request's OpenAI tools (for typed arguments);
-    ``lenient``: also read an answer that is only bare JSON calls of those tools (where the format
-    supports it: ``hermes``)."""
+    """A parser class: ``tools`` are the request's OpenAI tools (for typed arguments). Bare JSON
+    calls are read over any format (:mod:`qwenrun.toolcalls.lenient`)."""
 
     def __call__(
-        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = ..., *, lenient: bool = False
+        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = ...
     ) -> ToolCallParser: ...

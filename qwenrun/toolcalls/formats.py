@@ -14,6 +14,7 @@ from typing import Any, cast
 from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.base import CallEvent, ParserFactory, ToolCallDelta, ToolCallParser
 from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
+from qwenrun.toolcalls.lenient import LenientParser
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
 
 __all__ = ["AUTO", "PARSERS", "HermesParser", "detect_format", "new_parser", "resolve_format"]
@@ -24,18 +25,12 @@ AUTO = "auto"
 class HermesParser:
     """:class:`qwenrun.toolcalls.hermes.StreamParser` with the common events: each well-formed call is
     preceded by one :class:`ToolCallDelta` holding its whole arguments (a Hermes call is typed
-    JSON, read once complete). ``tools`` give the names whose bare JSON calls are read when
-    ``lenient`` (see :mod:`qwenrun.toolcalls.hermes`)."""
+    JSON, read once complete). ``tools`` are unused: a Hermes call is typed JSON."""
 
     def __init__(
-        self,
-        tools: Sequence[dict[str, Any]] | None = None,
-        new_id: IdFactory = new_call_id,
-        *,
-        lenient: bool = False,
+        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = new_call_id
     ) -> None:
-        names = [str(tool.get("function", tool).get("name")) for tool in tools or ()] if lenient else None
-        self._parser = hermes.StreamParser(new_id, tools=names)
+        self._parser = hermes.StreamParser(new_id)
         self._count = 0
 
     def feed(self, chunk: str) -> list[CallEvent]:
@@ -92,5 +87,10 @@ def new_parser(
     *,
     lenient: bool = False,
 ) -> ToolCallParser:
-    """A fresh parser of ``format`` (a name in ``PARSERS``) for one model output."""
-    return PARSERS[resolve_format(format)](tools, new_id, lenient=lenient)
+    """A fresh parser of ``format`` (a name in ``PARSERS``) for one model output; ``lenient``: one
+    that also reads an answer of bare JSON calls of ``tools`` (:mod:`qwenrun.toolcalls.lenient`)."""
+    parser = PARSERS[resolve_format(format)](tools, new_id)
+    if not lenient:
+        return parser
+    names = [str(tool.get("function", tool).get("name")) for tool in tools or ()]
+    return LenientParser(parser, names, new_id)

@@ -18,14 +18,10 @@ Block boundaries (lessons from vLLM's hermes_tool_parser, issues #45167/#38168):
 * ``<tool_call>`` outside a string inside a block closes it and opens a new one (a forgotten
   closing tag); an unclosed last block (e.g. cut by max_tokens) is parsed at the end.
 
-Bare JSON calls (``tools=`` the names of the declared tools): small Qwen models often answer with
-the call itself, ``{"name": ..., "arguments": {...}}``, sometimes in a ```` ```json ```` fence or as
-a list, instead of the tags. When the *whole* answer (there is no tagged block) is such a JSON value
-(or several, or fenced ones) and every object names a declared tool with an object (or no) argument
-list, it is read as those calls and the content is empty. Anything else stays text: a name that is
-not declared, text around the JSON, a non-object argument list. A broken object that still names a
-declared tool is a malformed call (the agent repairs it). While streaming, an answer that begins with
-``{``, ``[`` or ```` ``` ```` is held back until the end, since only then can it be told apart.
+Bare JSON calls: :func:`bare_calls` reads an answer that is nothing but JSON calls of declared
+tools, ``{"name": ..., "arguments": {...}}`` (several, a list, in ```` ```json ```` fences); a broken
+object that still names a declared tool is a malformed call (the agent repairs it). Reading them
+from a stream, in any format, is :mod:`qwenrun.toolcalls.lenient`.
 """
 
 from __future__ import annotations
@@ -74,7 +70,8 @@ class ToolCall:
     arguments: dict[str, Any]  # {} if not recoverable; always JSON-serialisable
     raw: str
     error: str | None = None
-    bare: bool = False  # written as bare JSON, without the tags (``raw`` is the whole answer)
+    bare: bool = False  # written as bare JSON, without the tags (``raw`` is that JSON)
+    from_thinking: bool = False  # written inside the think block, read as the answer was empty
 
     @property
     def ok(self) -> bool:
@@ -265,12 +262,8 @@ class StreamParser:
     """Incremental parser. ``feed`` returns events: ``str`` is text safe to show now (never part
     of a tag), ``ToolCall`` a block just closed. Work is linear in the total input length."""
 
-    def __init__(self, new_id: IdFactory = new_call_id, *, tools: Collection[str] | None = None) -> None:
+    def __init__(self, new_id: IdFactory = new_call_id) -> None:
         self._new_id = new_id
-        self._tools = frozenset(tools or ())
-        # Bare JSON calls: the text is held back while the answer may still be one (see module doc)
-        self._held: list[str] | None = [] if self._tools else None
-        self._head: str | None = ""  # the answer's first 3 non-blank characters while deciding
         self._tail = ""  # unscanned carry-over (a possible partial tag, a trailing backslash)
         self._in_block = False
         self._blk: list[str] = []  # text of the current block before the current chunk
@@ -285,7 +278,7 @@ class StreamParser:
     def feed(self, chunk: str) -> list[str | ToolCall]:
         if self._finished:
             raise RuntimeError("StreamParser.feed() called after finish()")
-        if not self._in_block and not self._tail and "<" not in chunk and self._held is None:
+        if not self._in_block and not self._tail and "<" not in chunk:
             if chunk:  # plain text: the hot path
                 self._text.append(chunk)
                 return [chunk]
@@ -296,39 +289,12 @@ class StreamParser:
         if self._finished:
             return []
         self._finished = True
-        out = self._run(self._tail, final=True)
-        if self._held is not None and self._held:
-            calls = bare_calls("".join(self._held), self._tools, self._new_id)
-            if calls is None:
-                self._release(out)
-            else:
-                self._text.clear()
-                self._calls.extend(calls)
-                out.extend(calls)
-        return out
+        return self._run(self._tail, final=True)
 
     def _say(self, text: str, out: list[str | ToolCall]) -> None:
-        """Text outside blocks: shown now, or held while the answer may be a bare JSON call."""
+        """Text outside blocks."""
         self._text.append(text)
-        if self._held is None:
-            out.append(text)
-            return
-        self._held.append(text)
-        if self._head is None:  # decided: the answer may be JSON, hold it to the end
-            return
-        self._head = (self._head + text).lstrip()[:3]
-        if self._head in ("", "`", "``"):  # undecided yet
-            return
-        if self._head[0] in "{[" or self._head == "```":
-            self._head = None
-        else:
-            self._release(out)
-
-    def _release(self, out: list[str | ToolCall]) -> None:
-        """Stop holding text back: show what was held and stream from now on."""
-        if self._held:
-            out.append("".join(self._held))
-        self._held = None
+        out.append(text)
 
     def result(self) -> ParseResult:
         """The parse so far; after ``finish()`` equal to ``parse(full_text)``."""
@@ -353,8 +319,6 @@ class StreamParser:
                 if k < 0:
                     self._tail = data[end:]
                     return out
-                if self._held is not None:  # a tagged call: the answer is not a bare JSON call
-                    self._release(out)
                 self._in_block, i = True, k + len(OPEN)
                 bs = i
                 continue
@@ -400,10 +364,9 @@ class StreamParser:
         return text[end:] + data[upto:]
 
 
-def parse(text: str, new_id: IdFactory = new_call_id, *, tools: Collection[str] | None = None) -> ParseResult:
-    """Split Hermes-format model output into content and tool calls. Never raises. With ``tools``
-    (the declared tool names), an answer that is only bare JSON calls of them is read as calls."""
-    sp = StreamParser(new_id, tools=tools)
+def parse(text: str, new_id: IdFactory = new_call_id) -> ParseResult:
+    """Split Hermes-format model output into content and tool calls. Never raises."""
+    sp = StreamParser(new_id)
     sp.feed(text)
     sp.finish()
     return sp.result()

@@ -3,11 +3,14 @@
 :class:`OutputParser` is what the agent loop, the OpenAI server and ``qwenrun parse`` run on a
 completion: :class:`~qwenrun.toolcalls.thinking.ThinkingParser` splits off the ``<think>`` block
 and only the answer text goes on to the tool-call parser of the model's format, so a call written
-after ``</think>`` is a call (vLLM #39056, #42021) and one inside the block is never run.
+after ``</think>`` is a call (vLLM #39056, #42021) and one inside the block is not run as it is
+written. When the answer after the block is empty, :func:`thinking_calls` recovers the complete
+calls of declared tools from the reasoning (``agent.calls_in_thinking``; vLLM #39056 loses them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from qwenrun.toolcalls.formats import new_parser
 from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.thinking import Reasoning, ThinkingParser
 
-__all__ = ["OutputEvent", "OutputParser", "ParsedOutput", "parse_output"]
+__all__ = ["OutputEvent", "OutputParser", "ParsedOutput", "parse_output", "thinking_calls"]
 
 OutputEvent: TypeAlias = str | Reasoning | ToolCallDelta | ToolCall
 
@@ -35,12 +38,14 @@ class ParsedOutput:
 
     @property
     def call_in_reasoning(self) -> bool:
-        """The reasoning holds a ``<tool_call>`` tag: a call the model thought of but did not make."""
+        """The reasoning holds a ``<tool_call>`` tag: a call the model thought of (run only when
+        nothing follows the block: :func:`thinking_calls`)."""
         return "<tool_call>" in self.reasoning
 
     def to_dict(self) -> dict[str, Any]:
         """``{"content", "reasoning", "tool_calls"}`` with OpenAI-style calls (arguments as a JSON
-        string); a malformed call also has ``error`` and the ``raw`` text it came from."""
+        string); a malformed call also has ``error`` and the ``raw`` text it came from, a call read
+        from the thinking ``from_thinking: true``."""
         calls = []
         for call in self.tool_calls:
             item: dict[str, Any] = {
@@ -50,6 +55,8 @@ class ParsedOutput:
             }
             if call.error is not None:
                 item.update(error=call.error, raw=call.raw)
+            if call.from_thinking:
+                item["from_thinking"] = True
             calls.append(item)
         return {"content": self.content, "reasoning": self.reasoning, "tool_calls": calls}
 
@@ -78,10 +85,11 @@ class _TextOnly:
 
 class OutputParser:
     """Incremental parser of one completion. ``format``: a name of ``toolcalls.PARSERS``;
-    ``tools``: the request's OpenAI tools; ``lenient``: also read an answer that is only bare JSON
-    calls of those tools (``hermes``); ``calls=False`` reads no tool calls (the answer is text);
+    ``tools``: the request's OpenAI tools; ``lenient``: also read an answer that is bare JSON calls
+    of those tools (:mod:`qwenrun.toolcalls.lenient`); ``calls=False`` reads no tool calls;
     ``thinking=False`` reads ``<think>`` as plain text;
-    ``start_in_reasoning``: the prompt ended inside ``<think>`` (see ``prompt_opens_thinking``)."""
+    ``start_in_reasoning``: the prompt ended inside ``<think>`` (see ``prompt_opens_thinking``),
+    None where nobody can tell (a lone ``</think>`` ends the reasoning: see ``ThinkingParser``)."""
 
     def __init__(
         self,
@@ -91,7 +99,7 @@ class OutputParser:
         lenient: bool = False,
         calls: bool = True,
         thinking: bool = True,
-        start_in_reasoning: bool = False,
+        start_in_reasoning: bool | None = False,
         new_id: IdFactory = new_call_id,
     ) -> None:
         self._calls: ToolCallParser = (
@@ -158,3 +166,25 @@ def parse_output(
     parser.feed(text)
     parser.finish()
     return parser.result()
+
+
+def thinking_calls(
+    reasoning: str,
+    format: str = "hermes",
+    *,
+    tools: Sequence[dict[str, Any]] | None,
+    lenient: bool = False,
+    new_id: IdFactory = new_call_id,
+) -> list[ToolCall]:
+    """The complete calls of the declared ``tools`` written inside the thinking, read as the answer
+    of a model call whose answer after ``</think>`` is empty (the model made its calls while
+    thinking: vLLM #39056; Qwen3.5 writes them before ``</think>``), marked ``from_thinking``.
+    Malformed calls and calls of undeclared tools are left in the reasoning."""
+    names = {str(tool.get("function", tool).get("name")) for tool in tools or ()}
+    if not names or ("<tool_call>" not in reasoning and not lenient):
+        return []
+    parser = new_parser(format, tools, new_id, lenient=lenient)
+    parser.feed(reasoning)
+    parser.finish()
+    calls = parser.result().tool_calls
+    return [dataclasses.replace(call, from_thinking=True) for call in calls if call.ok and call.name in names]

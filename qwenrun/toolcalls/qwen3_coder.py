@@ -109,16 +109,12 @@ def _held_prefix(s: str, start: int) -> int:
 
 class Qwen3CoderParser:
     """Incremental parser of Qwen3-Coder output. ``tools``: the OpenAI tools of the request (their
-    schemas type the values; without them every value is a string). ``lenient`` is accepted for
-    the common signature: bare JSON calls are a Hermes-format habit (a Hermes JSON body inside
-    ``<tool_call>`` is read in either case)."""
+    schemas type the values; without them every value is a string). A Hermes JSON body inside
+    ``<tool_call>`` is read too; bare JSON calls are read over any format
+    (:mod:`qwenrun.toolcalls.lenient`)."""
 
     def __init__(
-        self,
-        tools: Sequence[dict[str, Any]] | None = None,
-        new_id: IdFactory = new_call_id,
-        *,
-        lenient: bool = False,
+        self, tools: Sequence[dict[str, Any]] | None = None, new_id: IdFactory = new_call_id
     ) -> None:
         self._types = tool_parameter_types(tools)
         self._new_id = new_id

@@ -10,6 +10,13 @@ calls). Two template styles exist, so the caller says where the output starts:
 * ``start_in_reasoning=True`` (Qwen3 Thinking-2507 and later templates, whose prompt ends with
   ``<think>\\n``): the output starts inside the block and only ``</think>`` appears (a repeated
   opening ``<think>`` is dropped). :func:`prompt_opens_thinking` tells from the rendered prompt.
+* ``start_in_reasoning=None``: nobody can tell (a remote endpoint's template, ``qwenrun parse``
+  without ``--model``). As above when the output starts with ``<think>``; else everything before a
+  *lone* ``</think>`` (one before any ``<think>`` or ``<tool_call>``) is reasoning, as vLLM's
+  ``qwen3`` reasoning parser reads it. Until the first of those three tags (or the end) the text
+  cannot be told apart, so it is held back: it comes out as reasoning at a ``</think>``, as answer
+  text at a ``<think>``, a ``<tool_call>`` or the end. (vLLM streams it as reasoning and calls it
+  all reasoning when no ``</think>`` comes, which is wrong for a model that does not think.)
 
 A block left open at the end (output cut by ``max_tokens``) is all reasoning. After the block
 everything is answer text, tags included: only the first block counts, as in vLLM's ``qwen3``
@@ -29,6 +36,8 @@ __all__ = ["Reasoning", "ThinkingParser", "ThinkingResult", "prompt_opens_thinki
 
 THINK, END_THINK = "<think>", "</think>"
 _BLANK = re.compile(r"\s*")
+_DECIDING = re.compile(r"</think>|<think>|<tool_call>")  # the tags that end undecided text
+_DECIDING_TAGS = (END_THINK, THINK, "<tool_call>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,7 @@ class _State(Enum):
     REASON_START = 1  # inside reasoning, before its first non-blank text: a <think> is dropped
     REASON = 2
     CONTENT = 3
+    UNDECIDED = 4  # start_in_reasoning=None, after the first non-blank text: reasoning or answer?
 
 
 def _held(s: str, start: int, tag: str) -> int:
@@ -59,6 +69,16 @@ def _held(s: str, start: int, tag: str) -> int:
     return 0
 
 
+def _held_deciding(s: str, start: int) -> int:
+    """Length of the suffix of ``s[start:]`` that is a proper prefix of a deciding tag (a tag has
+    one ``<``, its first character, so only the last ``<`` can start one)."""
+    k = s.rfind("<", max(start, len(s) - len(_DECIDING_TAGS[2]) + 1))
+    if k < 0:
+        return 0
+    rest = s[k:]
+    return len(rest) if any(tag.startswith(rest) for tag in _DECIDING_TAGS) else 0
+
+
 def prompt_opens_thinking(prompt: str) -> bool:
     """True when a rendered prompt ends inside an open ``<think>`` block (Qwen3 Thinking-2507
     templates), so the model's output starts as reasoning."""
@@ -66,10 +86,13 @@ def prompt_opens_thinking(prompt: str) -> bool:
 
 
 class ThinkingParser:
-    """Incremental splitter. ``feed`` returns ``str`` (answer text) and :class:`Reasoning`."""
+    """Incremental splitter. ``feed`` returns ``str`` (answer text) and :class:`Reasoning`.
+    ``start_in_reasoning``: True, False, or None where nobody can tell (see the module doc)."""
 
-    def __init__(self, *, start_in_reasoning: bool = False) -> None:
+    def __init__(self, *, start_in_reasoning: bool | None = False) -> None:
         self._state = _State.REASON_START if start_in_reasoning else _State.START
+        self._unknown = start_in_reasoning is None
+        self._undecided: list[str] = []  # UNDECIDED: the text held back so far
         self._tail = ""
         self._lead = True  # at the start of a part: blank text is dropped
         self._blank: list[str] = []  # trailing blank reasoning held back
@@ -110,6 +133,11 @@ class ThinkingParser:
             if state is _State.CONTENT:
                 self._answer(data[i:])
                 return self._out
+            if state is _State.UNDECIDED:
+                i = self._undecided_text(data, i, final)
+                if i < 0:
+                    return self._out
+                continue
             if state is _State.REASON:
                 k = data.find(END_THINK, i)
                 end = k if k >= 0 else n - (0 if final else _held(data, i, END_THINK))
@@ -129,10 +157,36 @@ class ThinkingParser:
             elif not final and THINK.startswith(data[j : j + len(THINK)]):
                 self._tail = data[j:]  # "<thi" at the end: wait
                 return self._out
+            elif state is _State.REASON_START:
+                self._state, i = _State.REASON, j
             else:
-                self._state = _State.REASON if state is _State.REASON_START else _State.CONTENT
-                i = j
+                self._state, i = (_State.UNDECIDED if self._unknown else _State.CONTENT), j
+        if final and self._state is _State.UNDECIDED:  # the end decides: answer text
+            self._undecided_text(data, n, final)
         return self._out
+
+    def _undecided_text(self, data: str, i: int, final: bool) -> int:
+        """UNDECIDED: hold the text back up to the first deciding tag, then read it as reasoning
+        (a lone ``</think>``, dropped) or as answer text (``<think>``, ``<tool_call>``: kept, or
+        the end). Returns where to go on, or -1 when all of ``data`` is used up."""
+        m = _DECIDING.search(data, i)
+        if m is None:
+            end = len(data) - (0 if final else _held_deciding(data, i))
+            self._undecided.append(data[i:end])
+            if not final:
+                self._tail = data[end:]
+                return -1
+        else:
+            self._undecided.append(data[i : m.start()])
+        held, self._undecided = "".join(self._undecided), []
+        if m is not None and m.group() == END_THINK:
+            self._state, self._lead = _State.REASON, True
+            self._think(held)
+            self._state, self._lead, self._blank = _State.CONTENT, True, []
+            return m.end()
+        self._state, self._lead = _State.CONTENT, True
+        self._answer(held)
+        return len(data) if m is None else m.start()
 
     def _answer(self, text: str) -> None:
         if self._lead:
@@ -158,7 +212,7 @@ class ThinkingParser:
         self._out.append(Reasoning(piece))
 
 
-def split_thinking(text: str, *, start_in_reasoning: bool = False) -> ThinkingResult:
+def split_thinking(text: str, *, start_in_reasoning: bool | None = False) -> ThinkingResult:
     """One-shot :class:`ThinkingParser`: the reasoning and the answer text of one output."""
     parser = ThinkingParser(start_in_reasoning=start_in_reasoning)
     parser.feed(text)

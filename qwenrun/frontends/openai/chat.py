@@ -11,7 +11,8 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
 
 * pass-through (``model`` = the served model name): the client's messages and tools go to
   ``agent.engine.generate``; tool calls in the output (the engine's format: Hermes JSON or
-  Qwen3-Coder XML, arguments streamed as they are written) become OpenAI ``tool_calls``. As ``vllm
+  Qwen3-Coder XML; sent once complete and well-formed, a malformed one as text) become OpenAI
+  ``tool_calls``. As ``vllm
   serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON ``response_format`` or vLLM's
   ``structured_outputs``, several calls for ``tool_choice: required`` unless
   ``parallel_tool_calls`` is false.
@@ -259,13 +260,18 @@ def passthrough(
     async def pieces() -> Pieces:
         lenient = bool(sent_tools) and agent.spec.agent.lenient_tool_calls
         reader = OutputReader(agent.engine.tool_call_format, tools=sent_tools, lenient=lenient,
-                              calls=bool(sent_tools))  # fmt: skip
+                              calls=bool(sent_tools),
+                              calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
         trim, think_trim, finish, prompt, completion = _Trim(), _Trim(), "stop", 0, 0
-        streamed: dict[str, int] = {}  # id -> index in the answer, of the calls streamed as deltas
-        given = complete = 0  # indexes handed out; well-formed calls returned
+        # The argument deltas of a call being written, held until it is complete: a call that ends
+        # malformed (a parameter given twice, an answer cut by max_tokens) must not have reached
+        # the client as a call, since a stream cannot take back what it sent (the non-streamed
+        # answer has it as text). A well-formed call then goes out as its deltas, in order.
+        writing: dict[str, list[ToolCallDelta]] = {}
+        complete = 0  # well-formed calls returned (the next one's index)
 
         def translate(items: list[OutputEvent]) -> list[Piece]:
-            nonlocal given, complete
+            nonlocal complete
             out: list[Piece] = []
             for item in items:
                 if isinstance(item, str):
@@ -275,21 +281,17 @@ def passthrough(
                     if reasoning_wanted and (text := think_trim(item.text)):
                         out.append(ReasoningText(text))
                 elif isinstance(item, ToolCallDelta):
-                    if item.id not in streamed and not (single and given):
-                        streamed[item.id], given = given, given + 1
-                    if item.id in streamed:
-                        out.append(CallDelta(streamed[item.id], item.id, item.name, item.arguments))
-                elif item.ok and item.id in streamed:
-                    out.append(Call(streamed[item.id], item, streamed=True))
-                    complete += 1
+                    writing.setdefault(item.id, []).append(item)
                 elif item.ok:
-                    if not (single and given):
-                        out.append(Call(given, item))
-                        given, complete = given + 1, complete + 1
-                elif text := trim(item.raw if item.bare else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"):
-                    # A malformed call is returned as text, as vLLM does (one whose arguments were
-                    # being streamed stays a call with the fragments sent; only a cut answer does that).
-                    out.append(Text(text))
+                    deltas = writing.pop(item.id, [])
+                    if not (single and complete):
+                        out += [CallDelta(complete, d.id, d.name, d.arguments) for d in deltas]
+                        out.append(Call(complete, item, streamed=bool(deltas)))
+                        complete += 1
+                else:  # a malformed call is returned as text, as vLLM does
+                    writing.pop(item.id, None)
+                    if text := trim(item.raw if item.bare else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"):
+                        out.append(Text(text))
             return out
 
         stream = agent.engine.generate(
