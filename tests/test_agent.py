@@ -198,6 +198,40 @@ async def test_tool_choice_required_forces_only_the_first_call() -> None:
     assert engine.calls[1].constraint is None
 
 
+async def test_tool_choice_rules_choose_each_turns_first_call() -> None:
+    """agent.tool_choice_rules: a weather question starts with a forced call (then auto, for the
+    answer), a thank-you gets no tools, anything else agent.tool_choice; a caller's tool_choice wins."""
+
+    def script(request: ModelRequest) -> str:
+        if request.constraint is not None:
+            return '{"name": "get_current_weather", "arguments": {"city": "广州"}}'
+        return "不客气" if request.tools is None else "answer"
+
+    spec = AgentSpec.from_dict({
+        "model": {"path": "scripted"}, "tools": ["get_current_weather"],
+        "agent": {"tool_choice": "auto", "tool_choice_rules": [
+            {"when": "天气|weather", "tool_choice": "get_current_weather"},
+            {"when": "^\\W*(谢谢|thanks)\\W*$", "tool_choice": "none"},
+        ]},
+    })  # fmt: skip
+    engine = ScriptedEngine(script)
+    session = Agent(spec, engine, tools=[get_current_weather, slow]).session()
+    finals = []
+    for asked in ("广州天气情况如何？", "谢谢！", "写一首诗"):
+        finals.append((await session.ask(asked)).text)
+    assert finals == ["answer", "不客气", "answer"]
+    assert [(call.tool_choice, call.tools is not None, call.constraint is not None) for call in engine.calls] == [
+        ("get_current_weather", True, True),  # the forced call ...
+        ("auto", True, False),  # ... then the answer from its result
+        ("none", False, False),
+        ("auto", True, False),
+    ]
+    tool = [m for m in session.messages if m["role"] == "tool"]
+    assert [m["content"] for m in tool] == [weather_of("广州")]
+    await session.ask("Weather in Paris?", tool_choice="none")  # the request's choice wins over a rule
+    assert engine.calls[-1].tool_choice == "none"
+
+
 async def test_tool_choice_none_sends_no_tools() -> None:
     agent, engine = make_agent(["just text"], tool_choice="none")
     events = await collect(agent, "q")

@@ -47,8 +47,81 @@ def test_weather_agent_mirrors_the_seed() -> None:
     spec = AgentSpec.from_file(Path(__file__).parent.parent / "agents" / "weather.yaml")
     assert spec.model.path == "Qwen/Qwen2.5-7B-Instruct"
     assert [tool.name for tool in spec.tools] == ["get_current_weather"]
-    assert spec.engine.dtype == "bfloat16"
+    assert spec.engine.dtype == "auto"  # the seed's bfloat16 on a GPU; float32 on a CPU without native bf16
     assert spec.frontend.kind == "cli"
+
+
+@pytest.mark.parametrize("path", AGENTS, ids=[p.name for p in AGENTS])
+def test_no_shipped_agent_asks_for_bfloat16(path: Path) -> None:
+    """vLLM emulates bfloat16 on CPUs without AVX512-BF16 or AMX, about 3x slower than float32:
+    a shipped file says auto (qwenrun picks float32 there) or float32."""
+    engine = AgentSpec.from_file(path).engine
+    assert getattr(engine, "dtype", "auto") in ("auto", "float32")
+
+
+RULES = MINIMAL + """tools: [get_current_weather, calculate]
+agent:
+  tool_choice: auto
+  tool_choice_rules:
+    - {when: '天气|weather|气温', tool_choice: get_current_weather}
+    - {when: '^\\s*(你好|hello|thanks)\\W*$', tool_choice: none}
+    - {when: '\\d\\s*[-+*/]\\s*\\d', tool_choice: required}
+"""
+
+
+def test_tool_choice_rules_choose_a_turns_tool_choice_from_its_message() -> None:
+    agent = load(RULES).agent
+    assert [(rule.when, rule.tool_choice) for rule in agent.tool_choice_rules] == [
+        ("天气|weather|气温", "get_current_weather"),
+        ("^\\s*(你好|hello|thanks)\\W*$", "none"),
+        ("\\d\\s*[-+*/]\\s*\\d", "required"),
+    ]
+    choices = {message: agent.turn_tool_choice(message) for message in (
+        "广州天气情况如何？", "What's the WEATHER in Paris?", "你好", "Hello!", "hello, what is 2 + 3?",
+        "2*3 天气", "写一首诗", "",
+    )}  # fmt: skip
+    assert choices == {
+        "广州天气情况如何？": "get_current_weather",
+        "What's the WEATHER in Paris?": "get_current_weather",  # case-insensitive
+        "你好": "none",
+        "Hello!": "none",
+        "hello, what is 2 + 3?": "required",
+        "2*3 天气": "get_current_weather",  # the first rule that matches
+        "写一首诗": "auto",  # no rule: agent.tool_choice
+        "": "auto",
+    }
+    assert load(MINIMAL).agent.turn_tool_choice("天气") == "auto"
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ("[{when: '(天气', tool_choice: auto}]",
+         "agent.yaml: agent.tool_choice_rules[0].when: Value error, not a regular expression: missing ), unterminated "
+         "subpattern at position 0"),
+        ("[{when: '', tool_choice: auto}]",
+         "agent.yaml: agent.tool_choice_rules[0].when: String should have at least 1 character"),
+        ("[{tool_choice: auto}]", "agent.yaml: agent.tool_choice_rules[0].when: required key is missing"),
+        ("[{when: x, tool_choice: auto, then: none}]",
+         "agent.yaml: agent.tool_choice_rules[0].then: unknown key 'then'; did you mean 'when'? (valid keys: when, tool_choice)"),
+        ("[{when: x, tool_choice: auto}, {when: y, tool_choice: get_weather}]",
+         "agent.yaml: agent.tool_choice_rules[1].tool_choice: 'get_weather' is not 'auto', 'none', "
+         "'required' or a tool of this agent (none declared)"),
+        ("[{when: x, tool_choice: required}]",
+         "agent.yaml: agent.tool_choice_rules[0].tool_choice: 'required' but the agent has no tools"),
+    ],
+    ids=["bad-regex", "empty", "no-when", "unknown-key", "unknown-tool", "required-without-tools"],
+)  # fmt: skip
+def test_bad_tool_choice_rules_say_which_and_why(rules: str, message: str) -> None:
+    assert error_of(MINIMAL + f"agent: {{tool_choice_rules: {rules}}}\n") == message
+
+
+def test_the_small_weather_agent_calls_its_tool_every_turn_but_greetings_and_thanks() -> None:
+    agent = AgentSpec.from_file(Path(__file__).parent.parent / "agents" / "weather-small.yaml").agent
+    for asked in ("广州天气情况如何？", "广州天气情况如何?", "那北京呢？", "And in Rome?", "weather in tokyo", "hello there"):
+        assert agent.turn_tool_choice(asked) == "get_current_weather", asked
+    for said in ("你好", "谢谢！", "谢谢你！", "Thanks!", "thank you.", " Hello ", "再见"):
+        assert agent.turn_tool_choice(said) == "none", said
 
 
 def test_tools_may_be_names_or_mappings() -> None:

@@ -161,6 +161,29 @@ def test_strict_reading_is_one_switch(files: tuple[str, str]) -> None:
     assert outcomes(data, "qwenrun") == strict
 
 
+@pytest.mark.parametrize("via", ["agent", "server"])
+def test_the_agents_tool_choice_rules_apply_to_each_case(
+    via: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case whose question matches a rule of agent.tool_choice_rules gets that tool_choice (a
+    forced call: the scripted model would have chatted), the others the file's; both paths."""
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(
+        f"model: {{path: {tiny_model_dir}, served_model_name: scripted}}\n"
+        "agent: {tool_choice_rules: [{when: weather, tool_choice: get_current_weather}]}\n"
+        "tools: [get_current_weather]\n"
+    )
+    cases = tmp_path / "cases.jsonl"
+    rows = [case("asked", "Paris weather?"), case("chat", "chat", "irrelevance", [])]
+    cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    engine = ScriptedEngine(lambda request: "<tool_call>\n" + CALL if request.constraint else REPLIES["chat"])
+    monkeypatch.setattr(eval_cli, "make_engine", lambda spec: engine)
+    data = report((str(agent), str(cases)), "--via", via)
+    assert outcomes(data, "qwenrun") == {"asked": (True, False), "chat": (True, False)}
+    assert sorted(call.tool_choice for call in engine.calls) == ["auto", "get_current_weather"]
+    assert data["meta"]["tool_choice_rules"] == [{"when": "weather", "tool_choice": "get_current_weather"}]
+
+
 def test_bad_inputs_exit_2(files: tuple[str, str], tmp_path: Path) -> None:
     agent, cases = files
     bad = tmp_path / "bad.jsonl"

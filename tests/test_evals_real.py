@@ -1,10 +1,15 @@
 """`qwenrun eval` with the real model (Qwen2.5-Coder-0.5B-Instruct) on the committed BFCL sample
 (tests/data/bfcl: 5 simple_python cases), through the agent loop and the OpenAI server, on the
 session's shared real engine (``real_model_dir`` / ``real_engine`` of tests/conftest.py, started from
-agents/weather-small.yaml: its engine arguments are those of agents/bfcl.yaml but a progress bar)."""
+agents/weather-small.yaml: its engine arguments are those of agents/bfcl.yaml but a progress bar);
+and ``qwenrun eval`` of the demo agent on its phrasing set (evals/weather-phrasings.jsonl), in a
+process of its own."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,29 @@ async def test_eval_on_a_bfcl_sample(real_engine: VLLMEngine, real_model_dir: Pa
     assert report.total.passed["qwenrun"] >= max(4, report.total.passed["vllm-hermes"])
     table = report.table()
     assert f"qwenrun eval: 5 cases via {via}, model qwen2.5-coder-0.5b" in table
+
+
+PHRASINGS = ROOT / "evals" / "weather-phrasings.jsonl"
+
+
+@pytest.mark.timeout(1200)
+def test_the_small_weather_agent_answers_from_its_tool_however_it_is_asked(real_model_dir: Path) -> None:
+    """``qwenrun eval agents/weather-small.yaml evals/weather-phrasings.jsonl``, as a user runs it (its
+    own process and engine): 20 weather questions (Chinese with full-width punctuation, English,
+    follow-ups in a conversation) get a call of the tool with the right city, at least 19 of them,
+    and greetings and thanks none. With ``tool_choice: auto`` the model called it for 10 of the 20."""
+    command = [sys.executable, "-m", "qwenrun.cli", "eval", str(ROOT / "agents" / "weather-small.yaml"),
+               str(PHRASINGS), "--set", f"model.path={real_model_dir}", "--concurrency", "4", "--json", "-q"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1100, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    categories = {row["category"]: row for row in report["categories"]}
+    assert sorted(categories) == ["chat", "en", "follow-up", "zh"]
+    weather = [row for name, row in categories.items() if name != "chat"]
+    cases = sum(row["cases"] for row in weather)
+    passed = sum(row["passed"]["qwenrun"] for row in weather)
+    failed = {c["id"]: (c["readers"]["qwenrun"]["error"], c["text"]) for c in report["cases"]
+              if not c["readers"]["qwenrun"]["passed"]}  # fmt: skip
+    assert cases == 20 and passed >= 19, failed
+    assert categories["chat"]["passed"]["qwenrun"] == categories["chat"]["cases"] == 4, failed
+    assert categories["follow-up"]["cases"] == 6 and report["total"]["errors"] == 0

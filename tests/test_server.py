@@ -29,7 +29,7 @@ from qwenrun.engines.base import Constraint, Delta, Request
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app, serve
-from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.agent_file import AgentSpec, ToolChoiceRule
 from qwenrun.toolcalls.forcing import forced_call
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
@@ -692,6 +692,28 @@ def test_agent_mode_tool_choice_none_and_bad_requests(srv: Harness) -> None:
     assert not_user_last.value.body["param"] == "messages"  # type: ignore[index]
     assert unknown_tool.value.body["param"] == "tool_choice"  # type: ignore[index]
     assert len(srv.engine.calls) == 1
+
+
+def test_agent_mode_applies_the_files_tool_choice_rules(srv: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request without tool_choice gets the rule that matches its user message (a forced call of
+    the weather tool), or the file's tool_choice; a request's own tool_choice wins."""
+    spec = srv.agent.spec
+    rules = [ToolChoiceRule(when="天气", tool_choice="get_current_weather")]
+    settings = spec.agent.model_copy(update={"tool_choice_rules": rules})
+    monkeypatch.setattr(srv.agent, "spec", spec.model_copy(update={"agent": settings}))
+    srv.replies[:] = [CALL, ANSWER, "不客气。", "不查了。"]
+    with srv.sync_client() as client:
+        def ask(content: str, **options: Any) -> str | None:
+            out = client.chat.completions.create(model=AGENT, messages=[{"role": "user", "content": content}],
+                                                 **options)  # fmt: skip
+            return out.choices[0].message.content
+
+        assert ask(QUESTION) == ANSWER
+        assert ask("谢谢") == "不客气。"
+        assert ask(QUESTION, tool_choice="none") == "不查了。"
+    assert [(call.tool_choice, call.constraint is not None) for call in srv.engine.calls] == [
+        ("get_current_weather", True), ("auto", False), ("auto", False), ("none", False)
+    ]  # fmt: skip
 
 
 # -- models, health, metrics ----------------------------------------------------------------------------

@@ -128,14 +128,14 @@ class Agent:
         if not self.mcp:
             return
         await self.mcp.start(self.tools)
-        choice = self.spec.agent.tool_choice
-        if choice not in ("auto", "none", "required") and choice not in self.tools:
-            down = [c.name for c in self.mcp.connections if c.state != "ready"]
-            raise ConfigError(
-                f"{self.spec.source}: agent.tool_choice: {choice!r} is not a tool of this agent "
-                f"(tools: {', '.join(self.tools) or 'none'}"
-                + (f"; MCP servers that did not start: {', '.join(down)})" if down else ")")
-            )
+        for where, choice in self.spec.tool_choices():
+            if choice not in ("auto", "none", "required") and choice not in self.tools:
+                down = [c.name for c in self.mcp.connections if c.state != "ready"]
+                raise ConfigError(
+                    f"{self.spec.source}: {where}: {choice!r} is not a tool of this agent "
+                    f"(tools: {', '.join(self.tools) or 'none'}"
+                    + (f"; MCP servers that did not start: {', '.join(down)})" if down else ")")
+                )
 
     async def shutdown(self) -> None:
         try:
@@ -273,7 +273,7 @@ class Session:
     ) -> AsyncIterator[Event]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
-        choice = tool_choice or spec.tool_choice
+        choice = tool_choice or spec.turn_tool_choice(prompt)  # the request's, a rule's, or the file's
         total = Usage()
         tool_calls = 0
         iteration = 0

@@ -62,4 +62,6 @@ async def evaluate(
     sampling = spec.sampling
     report.meta = {"concurrency": concurrency, "tool_choice": spec.agent.tool_choice,
                    "temperature": sampling.temperature, "max_tokens": sampling.max_tokens}  # fmt: skip
+    if spec.agent.tool_choice_rules:
+        report.meta["tool_choice_rules"] = [rule.model_dump() for rule in spec.agent.tool_choice_rules]
     return report

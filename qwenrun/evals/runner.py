@@ -178,7 +178,8 @@ class _QuietServer:
 
 
 def _tool_choice(spec: AgentSpec, case: Case) -> Any:
-    choice = spec.agent.tool_choice
+    """The agent's ``tool_choice`` for the case's question (its ``tool_choice_rules`` applied)."""
+    choice = spec.agent.turn_tool_choice(_text(case.messages[-1].content))
     if not case.tools:
         return None
     if choice in ("auto", "none", "required"):

@@ -10,6 +10,7 @@ This module must not import vLLM or torch: ``qwenrun validate`` stays fast.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +51,7 @@ __all__ = [
     "ModelSpec",
     "SamplingSpec",
     "SessionsSpec",
+    "ToolChoiceRule",
     "ToolEntrySpec",
     "ToolSpec",
 ]
@@ -99,6 +101,29 @@ ToolChoice = Annotated[
 ]
 
 
+class ToolChoiceRule(Settings):
+    """One rule of ``agent.tool_choice_rules``: the ``tool_choice`` of a turn whose user message
+    matches ``when``."""
+
+    when: str = Field(
+        min_length=1,
+        description="A Python regular expression, searched (case-insensitively) in the user's message.",
+    )
+    tool_choice: ToolChoice
+
+    @field_validator("when")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    def matches(self, message: str) -> bool:
+        return re.search(self.when, message, re.IGNORECASE) is not None  # re caches the compiled pattern
+
+
 class AgentSettings(Settings):
     """The agent loop and its system prompt."""
 
@@ -109,7 +134,17 @@ class AgentSettings(Settings):
     )
     variables: dict[str, Any] = Field(default_factory=dict)
     max_iterations: PositiveInt = Field(8, description="Model calls per user turn, at most.")
-    tool_choice: ToolChoice = "auto"
+    tool_choice: ToolChoice = Field(
+        "auto",
+        description="The first model call of every turn: 'auto' (the model decides), 'none' (no tools "
+        "in this turn), 'required' or a tool's name (a call is forced; the later calls of the turn are "
+        "'auto', so that the model can answer from the result).",
+    )
+    tool_choice_rules: list[ToolChoiceRule] = Field(
+        default_factory=list,
+        description="Per-turn tool_choice: the first rule whose `when` matches the user's message "
+        "gives the turn's tool_choice; a turn no rule matches gets agent.tool_choice.",
+    )
     parallel_tool_calls: bool = True
     timeout_s: float = Field(30, gt=0, description="Default time limit of one tool call.")
     max_tool_output_chars: PositiveInt = Field(16_000, description="Longer tool results are truncated.")
@@ -138,6 +173,12 @@ class AgentSettings(Settings):
         "from_thinking in the events and the session; ignore: they stay reasoning. In the agent "
         "loop and the OpenAI server's pass-through mode.",
     )
+
+    def turn_tool_choice(self, message: str) -> str:
+        """The ``tool_choice`` of a turn's first model call for the user's ``message``: the first
+        of :attr:`tool_choice_rules` that matches it, else :attr:`tool_choice`."""
+        rule = next((rule for rule in self.tool_choice_rules if rule.matches(message)), None)
+        return self.tool_choice if rule is None else rule.tool_choice
 
 
 class ToolSpec(Settings):
@@ -254,20 +295,29 @@ class AgentSpec(Settings):
         spec._check()
         return spec
 
+    def tool_choices(self) -> list[tuple[str, str]]:
+        """Every ``tool_choice`` of the file, with where it is: ``agent.tool_choice`` and those of
+        ``agent.tool_choice_rules``."""
+        rules = self.agent.tool_choice_rules
+        return [("agent.tool_choice", self.agent.tool_choice)] + [
+            (f"agent.tool_choice_rules[{index}].tool_choice", rule.tool_choice)
+            for index, rule in enumerate(rules)
+        ]
+
     # -- cross-field checks ------------------------------------------------------------------
 
     def _check(self) -> None:
-        choice = self.agent.tool_choice
         names = [tool.name for _, tool in self.plugin_tools]
         servers = self.mcp_servers
-        # an MCP server's tool names are known when it starts (Agent.start checks tool_choice then)
-        if choice not in ("auto", "none", "required") and choice not in names and not servers:
-            raise ConfigError(
-                f"{self.source}: agent.tool_choice: {choice!r} is not 'auto', 'none', 'required' "
-                f"or a tool of this agent ({', '.join(names) or 'none declared'})"
-            )
-        if choice == "required" and not self.tools:
-            raise ConfigError(f"{self.source}: agent.tool_choice: 'required' but the agent has no tools")
+        for where, choice in self.tool_choices():
+            # an MCP server's tool names are known when it starts (Agent.start checks tool_choice then)
+            if choice not in ("auto", "none", "required") and choice not in names and not servers:
+                raise ConfigError(
+                    f"{self.source}: {where}: {choice!r} is not 'auto', 'none', 'required' "
+                    f"or a tool of this agent ({', '.join(names) or 'none declared'})"
+                )
+            if choice == "required" and not self.tools:
+                raise ConfigError(f"{self.source}: {where}: 'required' but the agent has no tools")
         if self.agent.thinking_budget is not None and self.agent.enable_thinking is False:
             raise ConfigError(
                 f"{self.source}: agent.thinking_budget: {self.agent.thinking_budget} is set, but "

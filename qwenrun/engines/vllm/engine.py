@@ -69,6 +69,7 @@ class VLLMEngine:
         self.settings = vllm_spec(spec)
         self.model_name: str = spec.served_model_name
         self.max_model_len: int | None = self.settings.max_model_len
+        self.dtype: str | None = None  # the dtype vLLM computes in ("float32", "bfloat16", ...), once started
         self._engine: Any = None
         self._tokenizer: Any = None
         self._lock = asyncio.Lock()
@@ -139,13 +140,14 @@ class VLLMEngine:
                 engine.shutdown()
                 raise EngineError(f"vLLM started but has no usable tokenizer: {exc}") from exc
             self.attach(engine, tokenizer, int(config.max_model_len))
+            self.dtype = str(getattr(config, "dtype", "")).removeprefix("torch.") or None
             # As vLLM's own server does after start-up: move the (millions of) objects that torch,
             # vLLM and the model created to the permanent generation, so that full collections
             # during serving stay short instead of stalling every stream on the event loop.
             gc.collect()
             gc.freeze()
-            log.info("vLLM engine ready: %s (max_model_len %d, %s tool calls)", self.model_name,
-                     self.max_model_len, self.tool_call_format)  # fmt: skip
+            log.info("vLLM engine ready: %s (%s, max_model_len %d, %s tool calls)", self.model_name,
+                     self.dtype, self.max_model_len, self.tool_call_format)  # fmt: skip
 
     def attach(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
         """Serve with ``engine``, an already started ``AsyncLLM`` (or a stand-in with its

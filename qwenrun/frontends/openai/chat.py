@@ -402,11 +402,11 @@ def agent_turn(
             raise APIError(400, f"{param} is supported in pass-through mode only (model "
                            f"{agent.spec.served_model_name!r}), not by the agent {agent.name!r}",
                            param=param)  # fmt: skip
-    choice = _choice(request, list(agent.tools), agent.spec.agent.tool_choice)
     approver = approver_for(agent, approval)
     last = request.messages[-1]
     if not isinstance(last, UserMessage):
         raise APIError(400, "in agent mode the last message must be the user's", param="messages")
+    choice = _choice(request, list(agent.tools), agent.spec.agent.turn_tool_choice(text_of(last.content)))
     stateless = agent.session(record=False)
     # The agent's system prompt comes from its YAML: client system/developer messages are dropped.
     history = [message for message in request.messages[:-1] if message.role not in ("system", "developer")]
