@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-
 __all__ = ["PostgresServer", "free_port", "postgres_server"]
 
 INSTALL_HINT = (
@@ -93,7 +92,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         try:
             yield PostgresServer(port, "qwenrun", password, run_as)
         finally:
-            subprocess.run([*run_as, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True)
+            subprocess.run(
+                [*run_as, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True
+            )
     except subprocess.CalledProcessError as exc:
         log = Path(root, "log")
         detail = log.read_text(errors="replace")[-2000:] if log.exists() else exc.stderr.decode()[-2000:]

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from qwenrun.errors import StoreError
 from qwenrun.sessions.store import Record, SessionInfo, StoredResponse, StoredSession
@@ -135,13 +135,22 @@ class PostgresStore(QueuedStore):
         self._timeout = connect_timeout_s
         self._secret = _password(url)
         self._writer = self._connect(url)
-        self._migrate(self._writer)
+        try:
+            self._migrate(self._writer)
+        except BaseException:
+            self._writer.close()
+            raise
         self._conninfo = url
         self._pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=False,
             name="qwenrun-sessions", timeout=connect_timeout_s,
         )  # fmt: skip
-        self._pool.open(wait=False)
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)  # a first read must not wait for it
+        except PoolTimeout:
+            self._pool.close()
+            self._writer.close()
+            raise StoreError(f"sessions.url {self.url}: the connection pool did not open") from None
         super().__init__(on_write)
 
     def __repr__(self) -> str:

@@ -110,8 +110,11 @@ class SQLiteStore(QueuedStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # guards the one shared connection of a :memory: store
         self._writer = self._connect()
-        with self._lock:
+        try:
             self._migrate(self._writer)
+        except BaseException:
+            self._writer.close()
+            raise
         self._readers: builtins.list[sqlite3.Connection] = []
         self._local = threading.local()
         super().__init__(on_write)
