@@ -233,13 +233,17 @@ class PostgresStore(QueuedStore):
 
     # -- reading (sees every record this store appended before the call, and what others committed)
 
-    def _rows(self, wait_for: str | None, query: str, args: tuple[Any, ...]) -> builtins.list[Any]:
+    def _rows(
+        self, wait_for: str | None, query: str, args: tuple[Any, ...], *, by_key: bool = False
+    ) -> builtins.list[Any]:
         if wait_for is None:
             self.flush()
         else:
             self._settle(wait_for)
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, conn.transaction():
+                if by_key:  # a chain: one primary-key lookup per step, never a scan per step (the
+                    conn.execute("SET LOCAL enable_seqscan = off")  # planner's guess on fresh tables)
                 return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise StoreError(f"sessions.url {self.url}: {self._scrub(str(exc).strip())}") from None
@@ -273,7 +277,7 @@ class PostgresStore(QueuedStore):
     # -- stored responses (the OpenAI server's /v1/responses) ----------------------------------
 
     def get_response(self, response_id: str, newer_than: float = 0.0) -> StoredResponse | None:
-        chain = self._rows(f"responses/{response_id}", _CHAIN, (response_id, newer_than))
+        chain = self._rows(f"responses/{response_id}", _CHAIN, (response_id, newer_than), by_key=True)
         return chain_response(response_id, chain)
 
     def delete_response(self, response_id: str) -> bool:
