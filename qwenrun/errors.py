@@ -37,6 +37,11 @@ class RequestError(QwenrunError):
         self.code = code
 
 
+class StoreError(QwenrunError):
+    """A session store cannot be used: its database is unreachable, or its schema is newer than
+    this qwenrun's. The message names the store (a database URL without its password)."""
+
+
 class ModelError(QwenrunError):
     """A model could not be fetched, verified or converted (``qwenrun model``)."""
 

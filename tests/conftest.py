@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sqlite3
 import tempfile
 import warnings
 
@@ -25,14 +26,18 @@ os.environ["QWENRUN_SESSIONS_DB"] = os.path.join(
     tempfile.mkdtemp(prefix="qwenrun-test-sessions-"), "sessions.db"
 )
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from pg_server import PostgresServer, postgres_server
 
 from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.sessions.postgres import PostgresStore
+from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.weights.fetch import fetch
 from qwenrun.weights.tiny import build_tiny_model
@@ -152,3 +157,53 @@ async def real_engine(real_spec: AgentSpec) -> AsyncIterator[VLLMEngine]:
     """One started engine on the real model for the whole session (about 50 s to start here)."""
     async with started_engine(real_spec) as engine:
         yield engine
+
+
+# -- the session stores: SQLite and a real PostgreSQL (tests/pg_server.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL cluster for the session (skips where no server is installed)."""
+    with postgres_server() as server:
+        yield server
+
+
+class StoreDB:
+    """One database of a kind (``sqlite`` or ``postgres``); :meth:`open` gives a store on it, as many
+    as wanted (like replicas of a server), all closed at the end of the test."""
+
+    def __init__(self, kind: str, where: str) -> None:
+        self.kind, self.where = kind, where
+        self.opened: list[SQLiteStore | PostgresStore] = []
+
+    def open(self) -> SQLiteStore | PostgresStore:
+        store = SQLiteStore(self.where) if self.kind == "sqlite" else PostgresStore(self.where)
+        self.opened.append(store)
+        return store
+
+    def table(self, name: str) -> str:
+        return name if self.kind == "sqlite" else f"qwenrun_{name}"
+
+    def rows(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        """The rows of a query, on a connection of its own (what is committed)."""
+        if self.kind == "sqlite":
+            with closing(sqlite3.connect(self.where)) as conn:
+                return conn.execute(query, args).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.where, autocommit=True) as conn:
+            cursor = conn.execute(query.replace("?", "%s"), args)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreDB]:
+    """A fresh database of each store kind."""
+    if request.param == "sqlite":
+        db = StoreDB("sqlite", str(tmp_path / "sessions.db"))
+    else:
+        db = StoreDB("postgres", request.getfixturevalue("postgres").database())
+    yield db
+    for store in db.opened:
+        store.close()

@@ -91,3 +91,16 @@ def test_multiturn_on_the_fake_engine(tmp_path: Path) -> None:
         assert ours["render_tokenize_loop_ms_per_turn"] == 0 < ours["render_tokenize_thread_ms_per_turn"]
         assert raw["render_tokenize_loop_ms_per_turn"] > 0 == raw["render_tokenize_thread_ms_per_turn"]
     assert json.loads(out.read_text()) == report
+
+
+def test_store_benchmark_quick() -> None:
+    pytest.importorskip("psycopg")
+    done = run("store.py", "--quick")
+    if done.returncode != 0 and "PostgreSQL server binaries" in done.stderr:
+        pytest.skip("no PostgreSQL server binaries")
+    report = result_of(done)
+    assert [(row["turns"], row["store"]) for row in report["rows"]] == [
+        (1, "sqlite"), (1, "postgres"), (10, "sqlite"), (10, "postgres"),
+    ]  # fmt: skip
+    for row in report["rows"]:  # what a row keeps: the whole conversation, or its own two items
+        assert row["whole_stored_chars"] == row["turns"] * row["delta_stored_chars"]

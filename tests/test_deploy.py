@@ -101,6 +101,9 @@ frontend: {kind: chainlit, title: Weather, port: 9000}
 """
 
 
+POSTGRES = "sessions.store=postgres"  # replicas share their sessions: an autoscaler is allowed
+
+
 def plan_of(tmp_path: Path, text: str = AGENT, overrides: tuple[str, ...] = (), **options: Any) -> K8sPlan:
     return plan_k8s(write_agent(tmp_path, text), overrides, K8sOptions(**options))
 
@@ -119,7 +122,7 @@ def test_every_shipped_agent_deploys_to_valid_manifests(path: Path) -> None:
     plan = plan_k8s(
         str(path), ["model.path=/models/qwen"], K8sOptions(model_volume=ModelVolume("pvc", "models"))
     )
-    assert set(plan.manifests) == {"configmap.yaml", "deployment.yaml", "hpa.yaml", "service.yaml"}
+    assert set(plan.manifests) == {"configmap.yaml", "deployment.yaml", "service.yaml"}  # SQLite: one pod
     for manifest in plan.manifests.values():
         validate(manifest)
 
@@ -158,7 +161,7 @@ def test_the_validators_reject_broken_manifests(tmp_path: Path) -> None:
 
 
 def test_deployment_runs_the_agent_with_its_gpus_probes_and_graceful_stop(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, overrides=("engine.data_parallel_size=2",), image="reg.example/qwenrun:1",
+    plan = plan_of(tmp_path, overrides=("engine.data_parallel_size=2", POSTGRES), image="reg.example/qwenrun:1",
                    replicas=2, grace_period_s=300, startup_timeout_s=3600, shm_size="8Gi")  # fmt: skip
     deployment = plan.manifests["deployment.yaml"]
     pod = deployment["spec"]["template"]["spec"]
@@ -276,7 +279,7 @@ def test_no_api_key_is_warned_and_removes_the_variable(tmp_path: Path) -> None:
 
 
 def test_service_and_autoscaler_target_the_deployment(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, replicas=2, max_replicas=6, namespace="llm")
+    plan = plan_of(tmp_path, overrides=(POSTGRES,), replicas=2, max_replicas=6, namespace="llm")
     deployment, service, hpa = (plan.manifests[f] for f in ("deployment.yaml", "service.yaml", "hpa.yaml"))
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
@@ -396,7 +399,7 @@ def test_files_round_trip_and_stale_ones_are_removed(tmp_path: Path) -> None:
     ray_plan = plan_of(tmp_path, ray=True)
     write_manifests(ray_plan.manifests, out)
     (out / "mine.yaml").write_text("kind: Mine\n")
-    written = write_manifests(plan_of(tmp_path).manifests, out)
+    written = write_manifests(plan_of(tmp_path, overrides=(POSTGRES,)).manifests, out)
     assert sorted(p.name for p in out.iterdir()) == [
         "configmap.yaml",
         "deployment.yaml",
@@ -420,7 +423,8 @@ def test_cli_writes_the_files_and_says_what_next(runner: CliRunner, tmp_path: Pa
     agent = write_agent(tmp_path, AGENT)
     out = tmp_path / "k8s"
     result = runner.invoke(main, ["deploy", "k8s", agent, "-o", str(out), "--model-volume", "pvc:weights",
-                                  "--namespace", "llm", "--set", "engine.max_num_seqs=32"])  # fmt: skip
+                                  "--namespace", "llm", "--set", "engine.max_num_seqs=32",
+                                  "--set", POSTGRES])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
         "configmap.yaml",
@@ -432,6 +436,8 @@ def test_cli_writes_the_files_and_says_what_next(runner: CliRunner, tmp_path: Pa
         "weather-bot-v2: a Deployment, TP x PP x DP = 2 x 1 x 1",
         "next:",
         "  kubectl -n llm create secret generic weather-bot-v2-api-key --from-literal=api-key=<key>",
+        "  kubectl -n llm create secret generic weather-bot-v2-database "
+        "--from-literal=url=postgresql://USER:PASSWORD@HOST/DB",
         f"  kubectl -n llm apply -f {out}",
     ]
     assert result.stderr == "warning: frontend.kind=openai (was chainlit: the pod serves the OpenAI API)\n"
@@ -497,3 +503,43 @@ def test_dockerfile_builds_from_files_the_context_keeps() -> None:
     assert "ARG VLLM_VERSION=0.26.0" in dockerfile and '"vllm==${VLLM_VERSION}"' in dockerfile
     assert 'pip install ".[server]" ${PLUGINS}' in dockerfile
     assert "USER 1000" in dockerfile  # the pods' fsGroup
+
+
+# -- replicas and the session store --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"), [({"replicas": 2}, "--replicas"), ({"max_replicas": 3}, "--max-replicas")]
+)
+def test_replicas_need_the_postgres_store(tmp_path: Path, options: dict[str, Any], flag: str) -> None:
+    with pytest.raises(DeployError, match=f"^{flag}: with sessions.store: sqlite each pod keeps") as info:
+        plan_of(tmp_path, **options)
+    assert "set sessions.store: postgres" in str(info.value)
+    assert "hpa.yaml" not in plan_of(tmp_path).manifests  # one SQLite pod: no autoscaler either
+    unrecorded = plan_of(tmp_path, overrides=("sessions.enabled=false",), replicas=2)
+    assert "hpa.yaml" in unrecorded.manifests
+
+
+def test_postgres_replicas_read_the_database_url_from_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONS_DB", "postgresql://u:hunter2@db/q")  # the file is checked as `up` would
+    text = AGENT + "sessions: {store: postgres, url: '${SESSIONS_DB}'}\n"
+    plan = plan_of(tmp_path, text, replicas=3, database_secret="pg-url")
+    env = container_of(plan.manifests["deployment.yaml"])["env"]
+    assert {"name": "SESSIONS_DB", "valueFrom": {"secretKeyRef": {"name": "pg-url", "key": "url"}}} in env
+    assert "${SESSIONS_DB}" in plan.manifests["configmap.yaml"]["data"]["agent.yaml"]
+    assert "hunter2" not in render_all(plan.manifests)
+    assert plan.manifests["hpa.yaml"]["spec"]["minReplicas"] == 3
+    for manifest in plan.manifests.values():
+        validate(manifest)
+    default = plan_of(tmp_path, overrides=(POSTGRES,), replicas=2)
+    env = container_of(default.manifests["deployment.yaml"])["env"]
+    assert {"name": "QWENRUN_DATABASE_URL",
+            "valueFrom": {"secretKeyRef": {"name": "weather-bot-v2-database", "key": "url"}}} in env  # fmt: skip
+    literal = AGENT + "sessions: {store: postgres, url: 'postgresql://u:hunter2@db/q'}\n"
+    with pytest.raises(
+        DeployError, match=r"sessions.url: write sessions.url: \$\{QWENRUN_DATABASE_URL\}"
+    ) as info:
+        plan_of(tmp_path, literal)
+    assert "hunter2" not in str(info.value)

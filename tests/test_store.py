@@ -9,12 +9,12 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import StoreDB
 from weather import get_current_weather
 
 from qwenrun.agent import Agent
@@ -23,6 +23,7 @@ from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_tex
 from qwenrun.errors import ConfigError, EngineError
 from qwenrun.frontends.openai import create_app
 from qwenrun.sessions import open_store
+from qwenrun.sessions.postgres import PostgresStore
 from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.sessions.store import (
     DB_ENV,
@@ -55,10 +56,9 @@ def make_agent(store: SessionStore | None, script: Any = weather_script, **engin
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "sessions.db")
-    yield opened
-    opened.close()
+def store(store_db: StoreDB) -> SQLiteStore | PostgresStore:
+    """A store of each kind (SQLite, PostgreSQL): the tests that take it run on both."""
+    return store_db.open()
 
 
 def roles(store: SQLiteStore, session_id: str) -> list[str]:
@@ -142,7 +142,9 @@ def test_responses_round_trip_prune_and_reopen(tmp_path: Path, where: str) -> No
     store.put_response(old)
     store.put_response(new)
     assert store.get_response("resp_1") == old  # read right after the queued write
-    assert store.get_response("resp_1", newer_than=150.0) is None and store.get_response("resp_2", 150.0) == new
+    assert (
+        store.get_response("resp_1", newer_than=150.0) is None and store.get_response("resp_2", 150.0) == new
+    )
     store.create(SessionInfo("resp_1", "x"))  # a session of the same id is another thing
     assert store.delete_response("resp_1") is True and store.delete_response("resp_1") is False
     assert store.get_response("resp_1") is None and store.get("resp_1") is not None

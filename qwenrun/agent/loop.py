@@ -210,6 +210,16 @@ class Session:
         except Exception:  # a failing store is logged; the conversation goes on
             log.exception("session %s: cannot record to %r", self.id, self.store)
 
+    async def _written(self) -> None:
+        """Wait until the store has written the turn (before its Final: a replica on the same
+        database may resume the session next, and a crash after the answer loses nothing)."""
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.flush)
+        except Exception:  # a failing store is logged; the conversation goes on
+            log.exception("session %s: cannot flush %r", self.id, self.store)
+
     async def ask(self, prompt: str, **kwargs: Any) -> Final:
         final: Final | None = None
         async for event in self._events(prompt, text=False, **kwargs):  # no TextDelta: cheaper
@@ -261,6 +271,7 @@ class Session:
                 if isinstance(event, Final):
                     trace.end(event)
                     self._write("event", *turn_record(event, trace.started))
+                    await self._written()
                 yield event
         except BaseException as exc:
             if not trace.done:  # an error, a cancellation, or a consumer that stopped listening

@@ -50,6 +50,10 @@ def deploy() -> None:
     help="Requests in flight per pod the autoscaler aims at (default: max_num_seqs x DP / 2).",
 )
 @click.option("--api-key-secret", metavar="SECRET", help="Secret with key 'api-key' (default: NAME-api-key).")
+@click.option(
+    "--database-secret", metavar="SECRET",
+    help="sessions.store: postgres: Secret with key 'url' (default: NAME-database).",
+)  # fmt: skip
 @click.option("--no-api-key", is_flag=True, help="Serve without an API key (warned).")
 @click.option("--ray", is_flag=True, help="A KubeRay RayCluster (default when TP x PP x DP > gpus_per_node).")
 @click.option("--cpu", default="4", show_default=True, help="CPU request of a GPU pod.")
@@ -73,6 +77,7 @@ def k8s(
     max_replicas: int | None,
     target_in_flight: int | None,
     api_key_secret: str | None,
+    database_secret: str | None,
     no_api_key: bool,
     ray: bool,
     cpu: str,
@@ -90,7 +95,8 @@ def k8s(
     options = K8sOptions(
         image=image, name=name, namespace=namespace, replicas=replicas, max_replicas=max_replicas,
         target_in_flight=target_in_flight, model_volume=model_volume, model_mount=model_mount,
-        api_key=not no_api_key, api_key_secret=api_key_secret, ray=ray, cpu=cpu, memory=memory,
+        api_key=not no_api_key, api_key_secret=api_key_secret, database_secret=database_secret,
+        ray=ray, cpu=cpu, memory=memory,
         shm_size=shm_size, startup_timeout_s=startup_timeout, grace_period_s=grace_period,
     )  # fmt: skip
     with errors():
@@ -111,5 +117,8 @@ def k8s(
     click.echo("next:")
     if plan.api_key_secret:
         secret = f"secret generic {plan.api_key_secret} --from-literal=api-key=<key>"
+        click.echo(f"  kubectl{in_namespace} create {secret}")
+    if plan.database_secret:
+        secret = f"secret generic {plan.database_secret} --from-literal=url=postgresql://USER:PASSWORD@HOST/DB"
         click.echo(f"  kubectl{in_namespace} create {secret}")
     click.echo(f"  kubectl{in_namespace} apply -f {directory}")

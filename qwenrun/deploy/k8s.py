@@ -5,7 +5,8 @@ the pod asks for TP x PP x DP GPUs and vLLM runs every rank in it. When it does 
 ``engine.gpus_per_node``, or ``--ray``), a KubeRay ``RayCluster`` instead: the head pod starts Ray
 and then ``qwenrun up``, whose vLLM places its workers on the worker pods with its Ray executor.
 The agent file travels in a ``ConfigMap``, rewritten to serve ``frontend.kind: openai`` on 0.0.0.0
-with the API key read from a Secret that the manifests reference and never contain.
+with the API key read from a Secret that the manifests reference and never contain. Several
+replicas (or an autoscaler) need ``sessions.store: postgres``, whose URL comes from a Secret too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qwenrun.deploy.files import dump_yaml
 from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.errors import QwenrunError
 from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.sessions.store import URL_ENV
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import apply_overrides
 from qwenrun.version import __version__
@@ -46,6 +48,8 @@ IN_FLIGHT_METRIC = "qwenrun_requests_in_flight"
 """The gauge of :mod:`qwenrun.frontends.openai.metrics` the autoscaler follows (through a metrics adapter)."""
 API_KEY_ENV = "QWENRUN_API_KEY"
 API_KEY_SECRET_KEY = "api-key"
+DATABASE_SECRET_KEY = "url"
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MAX_NAME = 40  # room for the suffixes KubeRay and we add (-head-svc, -api-key, pod hashes)
 _RAY_HEAD_SCRIPT = (
@@ -100,6 +104,7 @@ class K8sOptions:
     model_mount: str = "/models"
     api_key: bool = True
     api_key_secret: str | None = None
+    database_secret: str | None = None
     ray: bool = False
     cpu: str = "4"
     memory: str = "32Gi"
@@ -119,6 +124,8 @@ class K8sPlan:
     changes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     api_key_secret: str | None = None
+    database_secret: str | None = None  # the Secret whose key 'url' the pods read (sessions.store: postgres)
+    database_env: str = URL_ENV
 
     @property
     def ray(self) -> bool:
@@ -194,6 +201,14 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
             "--replicas: a Ray cluster serves one engine; deploy more under other --name values"
         )
     spec = AgentSpec.from_dict(copy.deepcopy(data), source=path)
+    shared = spec.sessions.enabled and spec.sessions.store == "postgres"
+    if spec.sessions.enabled and not shared and (options.replicas > 1 or (options.max_replicas or 1) > 1):
+        flag = "--replicas" if options.replicas > 1 else "--max-replicas"
+        raise DeployError(
+            f"{flag}: with sessions.store: sqlite each pod keeps its sessions and stored responses in a "
+            "file of its own (a previous_response_id answered by one pod is a 404 on another): set "
+            "sessions.store: postgres (and sessions.url: ${QWENRUN_DATABASE_URL}) to run several replicas"
+        )
     name = options.name or _k8s_name(spec.agent.name)
     if not _NAME.match(name) or len(name) > _MAX_NAME:
         raise DeployError(
@@ -206,6 +221,9 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
     plan = K8sPlan(name, spec, agent_yaml, {}, changes)
     plan.warnings.extend(change for change in changes if change.startswith("frontend.kind="))
     plan.warnings.extend(_model_warnings(spec, options))
+    if shared:
+        plan.database_secret = options.database_secret or f"{name}-database"
+        plan.database_env = _database_env(data, path)
     if options.api_key:
         plan.api_key_secret = options.api_key_secret or f"{name}-api-key"
     else:
@@ -215,6 +233,22 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
         )
     _Builder(plan, options).build(ray, tp * pp * dp, per_node or tp)
     return plan
+
+
+def _database_env(data: dict[str, Any], path: str) -> str:
+    """The variable the pod's ``sessions.url`` names (``${VAR}``); a URL written in the file is
+    refused: the ConfigMap would carry its password."""
+    sessions = data.get("sessions") if isinstance(data.get("sessions"), dict) else {}
+    url = sessions.get("url") if sessions else None
+    if url is None:
+        return URL_ENV  # the store's default
+    found = _ENV_REFERENCE.match(str(url))
+    if found is None:
+        raise DeployError(
+            f"{path}: sessions.url: write sessions.url: ${{{URL_ENV}}}, not the URL itself: the pods "
+            "read it from a Secret, and the ConfigMap must not carry the database password"
+        )
+    return found.group(1)
 
 
 def _k8s_name(agent_name: str) -> str:
@@ -266,7 +300,8 @@ class _Builder:
             selector = {"ray.io/cluster": self.name, "ray.io/node-type": "head"}
         else:
             manifests["deployment.yaml"] = self.deployment(gpus)
-            manifests["hpa.yaml"] = self.autoscaler()
+            if self.plan.database_secret or not self.plan.spec.sessions.enabled:  # pods that share state
+                manifests["hpa.yaml"] = self.autoscaler()
             selector = self.selector
         manifests["service.yaml"] = {
             "apiVersion": "v1", "kind": "Service", "metadata": self.metadata(),
@@ -371,6 +406,9 @@ class _Builder:
         if self.plan.api_key_secret and self.frontend.api_key_env:
             env.append({"name": self.frontend.api_key_env, "valueFrom": {"secretKeyRef": {
                 "name": self.plan.api_key_secret, "key": API_KEY_SECRET_KEY}}})  # fmt: skip
+        if self.plan.database_secret:
+            env.append({"name": self.plan.database_env, "valueFrom": {"secretKeyRef": {
+                "name": self.plan.database_secret, "key": DATABASE_SECRET_KEY}}})  # fmt: skip
         container: dict[str, Any] = {
             "name": "qwenrun", "image": options.image, "imagePullPolicy": "IfNotPresent",
             "command": command, **({"args": args} if args else {}),

@@ -1,44 +1,40 @@
 """The SQLite :class:`~qwenrun.sessions.store.SessionStore` (``sessions.store: sqlite``, the default),
 also the :class:`~qwenrun.sessions.store.ResponseStore` of the OpenAI server's stored responses.
 
-:class:`SQLiteStore` never makes its caller wait for the disk: ``append`` serialises the message
-and queues it; one writer thread commits what is queued in one transaction (WAL journal, a busy
-timeout for other processes on the same file, retries), within milliseconds, so a crash loses at
-most the turn in flight. A read of a session waits for that session's queued records only (a
-list waits for all), then uses one connection per thread. ``:memory:`` is private to the object.
-Responses take the same path: ``put_response`` queues, reading one waits for its own writes.
+:class:`SQLiteStore` never makes its caller wait for the disk (:class:`~qwenrun.sessions.writer.QueuedStore`):
+one writer thread commits what is queued in one transaction (WAL journal, a busy timeout for other
+processes on the same file, retries), within milliseconds, so a crash loses at most the turn in
+flight. Reads use one connection per thread. ``:memory:`` is private to the object. The schema's
+version is SQLite's ``user_version``: a file of an older qwenrun is upgraded when it is opened
+(responses kept whole become deltas), one of a newer qwenrun is refused.
 """
 
 from __future__ import annotations
 
-import atexit
 import builtins
 import json
-import logging
 import os
-import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.sessions.store import (
-    Record,
-    RecordKind,
-    SessionInfo,
-    StoredResponse,
-    StoredSession,
+from qwenrun.sessions.store import Record, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.writer import (
+    SCHEMA_VERSION,
+    Op,
+    QueuedStore,
     WriteObserver,
+    chain_response,
+    check_version,
+    delta_rows,
 )
 
 __all__ = ["SQLiteStore"]
 
-log = logging.getLogger(__name__)
-
-_SCHEMA = """
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, agent TEXT NOT NULL, source TEXT, frontend TEXT NOT NULL,
     model TEXT NOT NULL, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
@@ -56,6 +52,16 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_created ON responses (created);
 """
+_RESPONSES_2 = """
+CREATE TABLE responses_2 (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL, response TEXT NOT NULL,
+    parent TEXT, items TEXT NOT NULL, length INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
+);
+"""
+_RESPONSES_2_INDEXES = """
+CREATE INDEX responses_by_created ON responses (created);
+CREATE INDEX responses_by_parent ON responses (parent);
+"""
 _INFO = "id, agent, source, frontend, model, title, created, updated, turns, messages"
 _CREATE = f"INSERT OR IGNORE INTO sessions ({_INFO}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
 _APPEND = (
@@ -64,25 +70,31 @@ _APPEND = (
 )
 _TOUCH = "UPDATE sessions SET updated = ?, turns = MAX(turns, ?), messages = messages + ? WHERE id = ?"
 _PUT_RESPONSE = (
-    "INSERT OR REPLACE INTO responses (id, owner, created, response, conversation) VALUES (?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO responses (id, owner, created, response, parent, items, length) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-# ("create", SessionInfo), ("append", session_id, turn, kind, data, meta, created),
-# ("response", id, owner, created, response, conversation), ("unrespond", id), ("prune", before)
-_Op = tuple[Any, ...]
+# a response and its ancestors, newest first (the head row's own columns only at depth 0)
+_CHAIN = """
+WITH RECURSIVE chain(depth, parent, items, owner, created, response) AS (
+    SELECT 0, parent, items, owner, created, response FROM responses
+    WHERE id = ? AND deleted = 0 AND created >= ?
+    UNION ALL
+    SELECT c.depth + 1, r.parent, r.items, NULL, NULL, NULL FROM responses r JOIN chain c ON r.id = c.parent
+) SELECT parent, items, owner, created, response FROM chain ORDER BY depth
+"""
+# what no live response needs: deleted (or expired) rows that are nobody's ancestor
+_COLLECT = """
+WITH RECURSIVE needed(id) AS (
+    SELECT id FROM responses WHERE deleted = 0
+    UNION SELECT r.parent FROM responses r JOIN needed n ON r.id = n.id WHERE r.parent IS NOT NULL
+) DELETE FROM responses WHERE deleted = 1 AND id NOT IN (SELECT id FROM needed)
+"""
 
 
-def _key_of(op: _Op) -> str:
-    """What a read waits for: a session's id, or ``responses/<id>`` (never a valid session id)."""
-    if op[0] == "create":
-        return str(op[1].id)
-    return str(op[1]) if op[0] == "append" else f"responses/{op[1]}"
-
-
-class SQLiteStore:
+class SQLiteStore(QueuedStore):
     """A :class:`SessionStore` in one SQLite file (or ``:memory:``, private to this object)."""
 
-    BATCH = 500
-    RETRIES = 4
+    transient = (sqlite3.Error,)
 
     def __init__(
         self,
@@ -92,25 +104,20 @@ class SQLiteStore:
         on_write: WriteObserver | None = None,
     ) -> None:
         self.path = str(path)
-        self._observers: builtins.list[WriteObserver] = [on_write] if on_write is not None else []
         self._memory = self.path == ":memory:"
         self._timeout = busy_timeout_s
         if not self._memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # guards the one shared connection of a :memory: store
         self._writer = self._connect()
-        with self._lock:
-            self._writer.executescript(_SCHEMA)
+        try:
+            self._migrate(self._writer)
+        except BaseException:
+            self._writer.close()
+            raise
         self._readers: builtins.list[sqlite3.Connection] = []
         self._local = threading.local()
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._state = threading.Condition()
-        self._queued = self._written = 0
-        self._pending: dict[str, int] = {}  # records queued but not yet written, by session
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="qwenrun-session-store", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
+        super().__init__(on_write)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -124,45 +131,43 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at commit but for power loss
         return conn
 
-    # -- writing (any thread; never waits for the disk) ---------------------------------------
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema, or upgrade a file of an older qwenrun to :data:`SCHEMA_VERSION`."""
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        check_version(version, self.path)
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")  # one process upgrades; the others then see the new version
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version < 1:  # a new file, or one of before the versions (same tables)
+                for statement in _SCHEMA_1.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            if version < 2:  # responses kept whole -> deltas
+                rows = conn.execute(
+                    "SELECT id, owner, created, response, conversation FROM responses ORDER BY created, id"
+                ).fetchall()
+                conn.execute(_RESPONSES_2)
+                deltas = delta_rows([(row[0], row[3], row[4]) for row in rows])
+                conn.executemany(
+                    "INSERT INTO responses_2 (id, owner, created, response, parent, items, length) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*row[:4], *delta[1:]) for row, delta in zip(rows, deltas, strict=True)],
+                )
+                conn.execute("DROP TABLE responses")
+                conn.execute("ALTER TABLE responses_2 RENAME TO responses")
+                for statement in _RESPONSES_2_INDEXES.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
-    def create(self, info: SessionInfo) -> None:
-        self._put(("create", info))
-
-    def append(
-        self, session_id: str, turn: int, kind: RecordKind, data: dict[str, Any], meta: dict[str, Any]
-    ) -> None:
-        dump = json.dumps  # serialised now: a snapshot, and the writer thread does only SQL
-        self._put(("append", session_id, turn, kind, dump(data, ensure_ascii=False),
-                   dump(meta, ensure_ascii=False), time.time()))  # fmt: skip
-
-    def _put(self, op: _Op) -> None:
-        session_id = _key_of(op)
-        with self._state:
-            if self._closed:
-                raise RuntimeError(f"{self!r} is closed")
-            self._queued += 1
-            self._pending[session_id] = self._pending.get(session_id, 0) + 1
-            self._queue.put(op)
-
-    def flush(self, timeout: float | None = None) -> None:
-        with self._state:
-            target = self._queued
-            self._state.wait_for(lambda: self._written >= target or not self._thread.is_alive(), timeout)
-
-    def _settle(self, session_id: str) -> None:
-        """Wait until this session's queued records are written (not the other sessions')."""
-        with self._state:
-            self._state.wait_for(lambda: session_id not in self._pending or not self._thread.is_alive())
-
-    def close(self) -> None:
-        with self._state:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._thread.join()
-        atexit.unregister(self.close)
+    def _release(self) -> None:
         with self._lock:
             for conn in [self._writer, *self._readers]:
                 conn.close()
@@ -170,80 +175,46 @@ class SQLiteStore:
 
     # -- the writer thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch: builtins.list[_Op] = []
-            op = self._queue.get()
-            while op is not None:
-                batch.append(op)
-                if len(batch) >= self.BATCH:
-                    break
-                try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            stop = op is None
-            if batch:
-                self._write(batch)
-            with self._state:
-                self._written += len(batch)
-                for done in batch:
-                    session_id = _key_of(done)
-                    left = self._pending.pop(session_id) - 1
-                    if left:
-                        self._pending[session_id] = left
-                self._state.notify_all()
-
-    def _write(self, batch: builtins.list[_Op]) -> None:
-        started = time.perf_counter()
-        for attempt in range(self.RETRIES):
+    def _transaction(self, batch: builtins.list[Op]) -> None:
+        with self._lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                with self._lock:
-                    self._transaction(batch)
-                failed = False
-                break
-            except sqlite3.Error as exc:
-                failed = True
-                if attempt == self.RETRIES - 1:
-                    log.error("session store %s: %d records lost: %s", self.path, len(batch), exc)
-                else:
-                    log.warning("session store %s: %s; retrying", self.path, exc)
-                    time.sleep(0.05 * 4**attempt)
-        for observer in self._observers:
-            try:
-                observer(time.perf_counter() - started, len(batch), failed)
-            except Exception:  # an observer's bug must not stop the writer
-                log.exception("session store observer failed")
+                for op in batch:
+                    self._apply(conn, op)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-    def subscribe(self, observer: WriteObserver) -> None:
-        """Call ``observer(seconds, records, failed)`` after each batch this store writes."""
-        self._observers.append(observer)
-
-    def _transaction(self, batch: builtins.list[_Op]) -> None:
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for op in batch:
-                if op[0] == "create":
-                    info: SessionInfo = op[1]
-                    conn.execute(_CREATE, (info.id, info.agent, info.source, info.frontend, info.model,
-                                           info.title, info.created, info.updated))  # fmt: skip
-                elif op[0] == "response":
-                    conn.execute(_PUT_RESPONSE, op[1:])
-                elif op[0] == "unrespond":
-                    conn.execute("DELETE FROM responses WHERE id = ?", (op[1],))
-                elif op[0] == "prune":
-                    conn.execute("DELETE FROM responses WHERE created < ?", (op[1],))
-                else:
-                    _, session_id, turn, kind, data, meta, created = op
-                    conn.execute(_APPEND, (session_id, session_id, turn, kind, data, meta, created))
-                    conn.execute(_TOUCH, (created, turn, int(kind == "message"), session_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    def _apply(self, conn: sqlite3.Connection, op: Op) -> None:
+        if op[0] == "create":
+            info: SessionInfo = op[1]
+            conn.execute(_CREATE, (info.id, info.agent, info.source, info.frontend, info.model,
+                                   info.title, info.created, info.updated))  # fmt: skip
+        elif op[0] == "response":
+            stored: StoredResponse = op[1]
+            items: str = op[2]
+            parent = None
+            if stored.parent is not None:
+                row = conn.execute("SELECT length FROM responses WHERE id = ?", (stored.parent,)).fetchone()
+                parent = stored.parent if row is not None and row[0] == stored.inherited else None
+            if parent is None and stored.inherited:  # the parent is gone: keep the whole conversation
+                items = json.dumps(stored.conversation, ensure_ascii=False)
+            response = json.dumps(stored.response, ensure_ascii=False)
+            conn.execute(_PUT_RESPONSE, (stored.id, stored.owner, stored.created, response, parent,
+                                         items, len(stored.conversation)))  # fmt: skip
+        elif op[0] == "unrespond":
+            conn.execute("UPDATE responses SET deleted = 1 WHERE id = ?", (op[1],))
+            conn.execute(_COLLECT)
+        elif op[0] == "prune":
+            conn.execute("UPDATE responses SET deleted = 1 WHERE created < ?", (op[1],))
+            conn.execute(_COLLECT)
+        else:
+            _, session_id, turn, kind, data, meta, created = op
+            conn.execute(_APPEND, (session_id, session_id, turn, kind, data, meta, created))
+            conn.execute(_TOUCH, (created, turn, int(kind == "message"), session_id))
 
     # -- reading (sees every record appended before the call) -------------------------------
 
@@ -297,29 +268,18 @@ class SQLiteStore:
 
     # -- stored responses (the OpenAI server's /v1/responses) ----------------------------------
 
-    def put_response(self, stored: StoredResponse) -> None:
-        response = json.dumps(stored.response, ensure_ascii=False)  # serialised now, as append does
-        conversation = json.dumps(stored.conversation, ensure_ascii=False)
-        self._put(("response", stored.id, stored.owner, stored.created, response, conversation))
-
     def get_response(self, response_id: str, newer_than: float = 0.0) -> StoredResponse | None:
-        query = "SELECT owner, created, response, conversation FROM responses WHERE id = ? AND created >= ?"
         with self._reader(f"responses/{response_id}") as conn:
-            row = conn.execute(query, (response_id, newer_than)).fetchone()
-        if row is None:
-            return None
-        owner, created, response, conversation = row
-        return StoredResponse(response_id, owner, created, json.loads(response), json.loads(conversation))
+            chain = conn.execute(_CHAIN, (response_id, newer_than)).fetchall()
+        return chain_response(response_id, chain)
 
     def delete_response(self, response_id: str) -> bool:
         key = f"responses/{response_id}"
         with self._reader(key) as conn:
-            known = conn.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone()
+            query = "SELECT 1 FROM responses WHERE id = ? AND deleted = 0"
+            known = conn.execute(query, (response_id,)).fetchone()
         if known is None:
             return False
         self._put(("unrespond", response_id))
         self._settle(key)
         return True
-
-    def prune_responses(self, older_than: float) -> None:
-        self._put(("prune", older_than))

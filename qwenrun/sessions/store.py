@@ -7,7 +7,8 @@ the turn's usage, ``error``, ``cancelled``). :meth:`SessionStore.load` gives the
 resume the session; every front end (REPL, Chainlit, OpenAI server) writes to the same store.
 
 The SQLite implementation, :class:`~qwenrun.sessions.sqlite.SQLiteStore`, is the default
-(``sessions.store: sqlite``); another store implements the same protocol. It also keeps the
+(``sessions.store: sqlite``); :class:`~qwenrun.sessions.postgres.PostgresStore`
+(``sessions.store: postgres``) lets replicas on several hosts share their sessions. It also keeps the
 OpenAI server's stored responses (:class:`ResponseStore`): ``previous_response_id`` continues them.
 """
 
@@ -22,18 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from qwenrun.errors import ConfigError
 from qwenrun.events import Final, Usage
 
 if TYPE_CHECKING:
     from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = [
-    "DB_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore", "StoredResponse",
-    "StoredSession", "WriteObserver", "default_path", "session_info", "store_path", "turn_record",
-    "usage_meta", "valid_session_id",
+    "DB_ENV", "URL_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore",
+    "StoredResponse", "StoredSession", "WriteObserver", "database_url", "default_path", "session_info",
+    "store_path", "turn_record", "usage_meta", "valid_session_id",
 ]  # fmt: skip
 
 DB_ENV = "QWENRUN_SESSIONS_DB"
+URL_ENV = "QWENRUN_DATABASE_URL"
 RecordKind = Literal["message", "event"]
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -128,23 +131,28 @@ class StoredResponse:
     created: float
     response: dict[str, Any]  # the response object, as the server returned it
     conversation: list[dict[str, Any]]  # every input and output item so far: the next turn's context
+    parent: str | None = None  # the previous_response_id it continues
+    inherited: int = 0  # how many of ``conversation``'s first items are the parent's (stored there)
 
 
 @runtime_checkable
 class ResponseStore(Protocol):
-    """Where stored responses last. ``put_response`` must not block its caller."""
+    """Where stored responses last. A store keeps only the items a response adds to its ``parent``
+    (the conversation is the parent's, then those); callers run it off the event loop."""
 
     def put_response(self, stored: StoredResponse) -> None:
-        """Keep a response (replacing one of the same id)."""
+        """Keep a response (replacing one of the same id); returns once another process (a replica
+        on the same database) can read it. The parent's items are ``conversation[:inherited]``."""
 
     def get_response(self, response_id: str, newer_than: float = 0.0) -> StoredResponse | None:
         """The response of that id created after ``newer_than`` (a time.time()), or None."""
 
     def delete_response(self, response_id: str) -> bool:
-        """Delete a response; whether it existed."""
+        """Delete a response (those that continue it keep their conversation); whether it existed."""
 
     def prune_responses(self, older_than: float) -> None:
-        """Delete the responses created before ``older_than`` (a time.time()); need not wait."""
+        """Delete the responses created before ``older_than`` (a time.time()), but not the items a
+        newer response still needs; need not wait."""
 
 
 def session_info(spec: AgentSpec, session_id: str, title: str = "") -> SessionInfo:
@@ -200,3 +208,15 @@ def store_path(spec: AgentSpec) -> str:
     if not os.path.isabs(path) and not spec.source.startswith("<"):
         path = os.path.join(os.path.dirname(os.path.abspath(spec.source)), path)
     return path
+
+
+def database_url(spec: AgentSpec) -> str:
+    """The PostgreSQL URL of a spec (``store: postgres``): ``sessions.url``, else
+    ``$QWENRUN_DATABASE_URL``."""
+    url = spec.sessions.url.get_secret_value() if spec.sessions.url is not None else os.environ.get(URL_ENV)
+    if not url:
+        raise ConfigError(
+            f"{spec.source}: sessions.url: store postgres needs a database URL: write "
+            f"url: ${{{URL_ENV}}} and set {URL_ENV} (postgresql://USER:PASSWORD@HOST:PORT/DB)"
+        )
+    return url

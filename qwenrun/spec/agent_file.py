@@ -24,9 +24,11 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     PrivateAttr,
+    SecretStr,
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from qwenrun.approval import Approval
@@ -206,7 +208,11 @@ class SessionsSpec(Settings):
     """Where every front end records its sessions (``qwenrun sessions`` reads them back)."""
 
     enabled: bool = Field(True, description="Record every turn; false: sessions live in memory only.")
-    store: Literal["sqlite"] = "sqlite"
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="sqlite: one file, nothing to start (the default); postgres: a PostgreSQL "
+        "database that several replicas share (sessions.url).",
+    )
     path: str | None = Field(
         None,
         min_length=1,
@@ -214,6 +220,21 @@ class SessionsSpec(Settings):
         "$QWENRUN_SESSIONS_DB, else $XDG_DATA_HOME/qwenrun/sessions.db, else "
         "~/.local/share/qwenrun/sessions.db.",
     )
+    url: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="store: postgres: the database, a libpq URL (postgresql://USER:PASSWORD@HOST/DB); "
+        "write ${QWENRUN_DATABASE_URL} to keep the password out of the file. Never logged. "
+        "Default: $QWENRUN_DATABASE_URL.",
+    )
+
+    @model_validator(mode="after")
+    def _one_store(self) -> SessionsSpec:
+        if self.store == "sqlite" and self.url is not None:
+            raise ValueError("url is for store: postgres (store: sqlite uses path)")
+        if self.store == "postgres" and self.path is not None:
+            raise ValueError("path is for store: sqlite (store: postgres uses url)")
+        return self
 
 
 class AgentSpec(Settings):

@@ -5,8 +5,9 @@ A request is validated (:mod:`~qwenrun.frontends.openai.items`), its conversatio
 that runs on the chat route's own machinery (:func:`chat.passthrough` for the served model name,
 :func:`chat.agent_turn` for the agent name); the pieces become output items and events
 (:mod:`~qwenrun.frontends.openai.output`). With ``store`` (the default) the response and its
-conversation are kept in the agent's session store (SQLite, so they outlive a restart; in memory
-when sessions are off), owned by a hash of the API key that created them and deleted after the
+conversation are kept in the agent's session store (SQLite or PostgreSQL, so they outlive a restart
+and replicas share them; in memory when sessions are off; each keeps only the items it adds to its
+previous response), owned by a hash of the API key that created them and deleted after the
 front end's ``response_retention_days``.
 """
 
@@ -19,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -125,11 +126,20 @@ class Responses:
         await self.get(response_id, owner)
         await asyncio.to_thread(self.store.delete_response, response_id)
 
-    def keep(self, response: dict[str, Any], owner: str, conversation: list[dict[str, Any]]) -> None:
-        """Store a finished response (the store queues it; nothing here waits for the disk)."""
+    async def keep(
+        self,
+        response: dict[str, Any],
+        owner: str,
+        conversation: list[dict[str, Any]],
+        previous: StoredResponse | None = None,
+    ) -> None:
+        """Store a finished response before the client sees it (another replica on the same database
+        may get its ``previous_response_id`` next); the store keeps what it adds to ``previous``."""
         now = time.time()
+        parent, inherited = (None, 0) if previous is None else (previous.id, len(previous.conversation))
+        stored = StoredResponse(response["id"], owner, now, response, conversation, parent, inherited)
         try:
-            self.store.put_response(StoredResponse(response["id"], owner, now, response, conversation))
+            await asyncio.to_thread(self.store.put_response, stored)
             if self.retention_s is not None and now - self._pruned > PRUNE_EVERY_S:
                 self._pruned = now
                 self.store.prune_responses(self._cutoff())
@@ -235,6 +245,7 @@ def register(
         mode = serving_mode(request, req.model, served, agent.name)
         owner = responses.owner(request)
         conversation: list[dict[str, Any]] = []
+        previous: StoredResponse | None = None
         if req.previous_response_id is not None:
             previous = await responses.get(req.previous_response_id, owner, param="previous_response_id")
             conversation = list(previous.conversation)
@@ -258,9 +269,9 @@ def register(
                                param="previous_response_id")  # fmt: skip
             pieces = chat.agent_turn(agent, chat_req, frontend, session_id, busy, approval)
 
-        def keep() -> None:
+        async def keep() -> None:
             if req.store:
-                responses.keep(builder.response, owner, [*conversation, *builder.output])
+                await responses.keep(builder.response, owner, [*conversation, *builder.output], previous)
 
         observed = observe(metrics, mode, pieces)
         if not req.stream:
@@ -268,7 +279,7 @@ def register(
             builder.start()
             for piece in collected:
                 builder.feed(piece)
-            keep()
+            await keep()
             return JSONResponse(builder.response, headers=headers)
         first = await unless_disconnected(request, anext(observed))  # a dead engine is a real 503
         return EventSourceResponse(
@@ -297,7 +308,7 @@ async def _events(
     first: chat.Piece,
     pieces: chat.Pieces,
     request: Request,
-    keep: Callable[[], None],
+    keep: Callable[[], Awaitable[None]],
 ) -> AsyncGenerator[dict[str, str], None]:
     """The events of a streamed response; the response is stored before its terminal event, and an
     error after the headers ends the stream with ``response.failed``."""
@@ -314,7 +325,7 @@ async def _events(
             async for piece in all_pieces():
                 events = builder.feed(piece)
                 if isinstance(piece, chat.Finish):
-                    keep()
+                    await keep()
                 for event in events:
                     yield _sse(event)
     except RequestError as exc:  # the engine refused this request (a prompt over max_model_len)
