@@ -10,8 +10,11 @@ becomes an ``Error: ...`` tool result the model can read. ``tool_choice`` ``requ
 name is enforced with structured outputs on the first model call of a turn (then it falls back to
 ``auto`` so the model can answer), and a malformed call is retried once with a grammar-forced call.
 Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a call the model
-repeats with the same arguments in one turn is not run again: the model is asked for its answer
-with the tools off. A tool with ``approval: ask``
+repeats with the same arguments in one turn is not run again: the model call stops as soon as the
+repeat is complete (``agent.stop_repeated_calls``), and the model is asked for its answer with the
+tools off; identical calls of one answer run once (each id gets the result). Arguments a tool's
+schema does not declare are dropped before it runs, with a :class:`~qwenrun.events.Notice`
+(``agent.extra_arguments``). A tool with ``approval: ask``
 runs only if the session's approver (a callback its front end gives, :mod:`qwenrun.approval`) says
 yes; ``deny`` never runs. The agent's MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add
 their tools to it.
@@ -20,6 +23,7 @@ their tools to it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -32,11 +36,13 @@ from qwenrun.approval import Approver, review
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, Notice, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.observability import Telemetry, TurnTelemetry
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.toolcalls import hermes
+from qwenrun.toolcalls.repeats import RepeatWatch, Seen
 from qwenrun.tools import Tool, run_call
 
 if TYPE_CHECKING:
@@ -280,8 +286,9 @@ class Session:
         while iteration < spec.max_iterations:
             iteration += 1
             step = _Step()
+            seen = self._seen(done) if done and spec.stop_repeated_calls else None
             try:
-                async for event in self._model_call(choice, options, step, text, note):
+                async for event in self._model_call(choice, options, step, text, note, seen):
                     yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
@@ -289,7 +296,10 @@ class Session:
                     self._record(partial, {"interrupted": True})
             total += step.usage
             calls = [call for call in step.result.tool_calls if call.ok]
-            if calls and choice != "none":
+            dropped: dict[str, dict[str, Any]] = {}  # call id -> the undeclared arguments taken out
+            if spec.extra_arguments == "drop":
+                calls = [self._declared(call, dropped) for call in calls]
+            if (calls or step.repeated) and choice != "none":
                 fresh = [call for call in calls if _call_key(call) not in done]
                 if not fresh:  # the same call again (small models loop): answer with tools off
                     log.debug("session %s: repeated tool call(s) %s; asking for the answer", self.id,
@@ -308,10 +318,15 @@ class Session:
                 calls = calls[:1]
             message = _with_reasoning(_assistant_message(step.result.content, calls), step.reasoning)
             self._record(message, usage_meta(step.usage))
+            for call in calls:
+                if call.id in dropped:
+                    notice = _dropped_notice(call, dropped[call.id])
+                    self._write("event", event_dict(notice))
+                    yield notice
             shown = [ToolCall(call.id, call.name, call.arguments) for call in calls]
             for event in shown:
                 yield event
-            results = await self._run_calls(calls, shown)
+            results = await self._run_once(calls, shown)
             for result in results:
                 self._record(
                     {
@@ -330,11 +345,38 @@ class Session:
         self._record({"role": "assistant", "content": note}, {"note": "max_iterations"})
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
+    def _declared(self, call: hermes.ToolCall, dropped: dict[str, dict[str, Any]]) -> hermes.ToolCall:
+        """``call`` without the arguments its tool's schema does not declare (noted in ``dropped``)."""
+        tool = self.agent.tools.get(call.name)
+        extra = tool.undeclared(call.arguments) if tool is not None else []
+        if not extra:
+            return call
+        dropped[call.id] = {key: call.arguments[key] for key in extra}
+        kept = {key: value for key, value in call.arguments.items() if key not in dropped[call.id]}
+        return dataclasses.replace(call, arguments=kept)
+
+    def _seen(self, done: set[tuple[str, str]]) -> Seen:
+        """Whether a call (name, arguments) as the model writes it is one of ``done``."""
+        drop = self.agent.spec.agent.extra_arguments == "drop"
+
+        def seen(name: str, arguments: dict[str, Any]) -> bool:
+            call = hermes.ToolCall("", name, arguments, "")
+            return _call_key(self._declared(call, {}) if drop else call) in done
+
+        return seen
+
     async def _model_call(
-        self, choice: str, options: _Calls, step: _Step, text: bool, note: str | None = None
+        self,
+        choice: str,
+        options: _Calls,
+        step: _Step,
+        text: bool,
+        note: str | None = None,
+        seen: Seen | None = None,
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``."""
+        if ``text``. With ``seen``, it stops as soon as the output holds a complete call that
+        ``seen`` knows (``step.repeated``)."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False
@@ -343,6 +385,7 @@ class Session:
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
             lenient = tools is not None and agent.spec.agent.lenient_tool_calls
             reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient)
+            watch = RepeatWatch(seen) if seen is not None and tools is not None else None
             started = time.perf_counter()
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
@@ -366,6 +409,16 @@ class Session:
                             step.reasoning += item.text
                             if text:
                                 yield Reasoning(item.text)
+                        elif watch is not None and isinstance(item, hermes.ToolCall):
+                            watch.saw(item)
+                    if watch is not None and watch.feed(
+                        delta.text, starts_in_reasoning=delta.starts_in_reasoning
+                    ):
+                        step.repeated = True  # stop the generation now (closing it aborts the request)
+                        tokens = reader.completion_tokens
+                        log.info("session %s: stopped the model after %d tokens: it writes %s again, "
+                                 "which ran this turn", self.id, tokens, watch.call)  # fmt: skip
+                        break
             except BaseException as exc:
                 span.fail(exc)
                 raise
@@ -389,7 +442,8 @@ class Session:
             yield usage
             result = reader.result()
             bad = result.malformed
-            if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
+            repair = agent.spec.agent.repair_malformed_calls and bool(agent.tools) and not step.repeated
+            if not bad or repaired or not repair:
                 step.result = result
                 step.done = True
                 return
@@ -413,6 +467,19 @@ class Session:
             for index, result in zip(runnable, ran, strict=True):
                 results[index] = result
         return [result for result in results if result is not None]
+
+    async def _run_once(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
+        """:meth:`_run_calls` with identical calls (name and arguments) run once: each of their ids
+        gets the one result."""
+        first: dict[tuple[str, str], int] = {}
+        for index, call in enumerate(calls):
+            first.setdefault(_call_key(call), index)
+        if len(first) == len(calls):
+            return await self._run_calls(calls, shown)
+        unique = sorted(first.values())
+        ran = await self._run_calls([calls[i] for i in unique], [shown[i] for i in unique])
+        by_key = {_call_key(calls[index]): result for index, result in zip(unique, ran, strict=True)}
+        return [dataclasses.replace(by_key[_call_key(call)], id=call.id) for call in calls]
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
@@ -446,12 +513,23 @@ class _Step:
         self.reasoning = ""
         self.done = False
         self.finish_reason: str | None = None
+        self.repeated = False  # stopped early: the output held a call already run this turn
         self.usage = Usage()
         self.result = toolcalls.ParsedOutput("", "", [])
 
 
 def _call_key(call: hermes.ToolCall) -> tuple[str, str]:
     return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
+
+
+def _dropped_notice(call: hermes.ToolCall, dropped: dict[str, Any]) -> Notice:
+    shown = ", ".join(
+        f"{key}={json.dumps(value, ensure_ascii=False)[:200]}" for key, value in dropped.items()
+    )
+    message = (
+        f"{call.name}: dropped {shown}: not in the tool's schema (agent.extra_arguments: reject keeps it)"
+    )
+    return Notice("extra_arguments", message, call.id, call.name, {"dropped": dropped})
 
 
 def _with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:
