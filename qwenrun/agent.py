@@ -9,12 +9,10 @@ Tool calls of one model answer run in parallel, each under its time limit; every
 becomes an ``Error: ...`` tool result the model can read. ``tool_choice`` ``required`` / a tool
 name is enforced with structured outputs on the first model call of a turn (then it falls back to
 ``auto`` so the model can answer), and a malformed call is retried once with a grammar-forced call.
-Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a call the model
-repeats with the same arguments in one turn is not run again: the model call stops as soon as the
-repeat is complete (``agent.stop_repeated_calls``), and the model is asked for its answer with the
-tools off; identical calls of one answer run once (each id gets the result). Arguments a tool's
-schema does not declare are dropped before it runs, with a :class:`~qwenrun.events.Notice`
-(``agent.extra_arguments``). A tool with ``approval: ask``
+Calls written as bare JSON are read too (``agent.lenient_tool_calls``); arguments a tool's schema
+does not declare are dropped (``agent.extra_arguments``); identical calls of one answer run once; a
+call repeated in one turn is not run again: its model call stops there (``agent.stop_repeated_calls``)
+and the model is asked for its answer with the tools off. A tool with ``approval: ask``
 runs only if the session's approver (a callback its front end gives, :mod:`qwenrun.approval`) says
 yes; ``deny`` never runs. The agent's MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add
 their tools to it.
@@ -36,14 +34,14 @@ from qwenrun.approval import Approver, review
 from qwenrun.config import AgentSpec
 from qwenrun.engines.base import Engine, OutputReader, Request, create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, Notice, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.observability import Telemetry, TurnTelemetry
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.repeats import RepeatWatch, Seen
-from qwenrun.tools import Tool, run_call
+from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
 if TYPE_CHECKING:
     from qwenrun.sessions.store import RecordKind, SessionStore
@@ -282,23 +280,21 @@ class Session:
         tool_calls = 0
         iteration = 0
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
+        checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
         note: str | None = None  # a transient instruction for the next model call only
         while iteration < spec.max_iterations:
             iteration += 1
-            step = _Step()
-            seen = self._seen(done) if done and spec.stop_repeated_calls else None
+            step = _Step(_seen(done, checked) if done and spec.stop_repeated_calls else None)
             try:
-                async for event in self._model_call(choice, options, step, text, note, seen):
+                async for event in self._model_call(choice, options, step, text, note):
                     yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
                     partial = _with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
                     self._record(partial, {"interrupted": True})
             total += step.usage
-            calls = [call for call in step.result.tool_calls if call.ok]
-            dropped: dict[str, dict[str, Any]] = {}  # call id -> the undeclared arguments taken out
-            if spec.extra_arguments == "drop":
-                calls = [self._declared(call, dropped) for call in calls]
+            pairs = [declared_only(checked, call) for call in step.result.tool_calls if call.ok]
+            calls, dropped = [call for call, _ in pairs], {call.id: extra for call, extra in pairs if extra}
             if (calls or step.repeated) and choice != "none":
                 fresh = [call for call in calls if _call_key(call) not in done]
                 if not fresh:  # the same call again (small models loop): answer with tools off
@@ -318,15 +314,13 @@ class Session:
                 calls = calls[:1]
             message = _with_reasoning(_assistant_message(step.result.content, calls), step.reasoning)
             self._record(message, usage_meta(step.usage))
-            for call in calls:
-                if call.id in dropped:
-                    notice = _dropped_notice(call, dropped[call.id])
-                    self._write("event", event_dict(notice))
-                    yield notice
+            for notice in (dropped_notice(call, dropped[call.id]) for call in calls if call.id in dropped):
+                self._write("event", event_dict(notice))
+                yield notice
             shown = [ToolCall(call.id, call.name, call.arguments) for call in calls]
             for event in shown:
                 yield event
-            results = await self._run_once(calls, shown)
+            results = await self._run_calls(calls, shown)
             for result in results:
                 self._record(
                     {
@@ -345,38 +339,11 @@ class Session:
         self._record({"role": "assistant", "content": note}, {"note": "max_iterations"})
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
-    def _declared(self, call: hermes.ToolCall, dropped: dict[str, dict[str, Any]]) -> hermes.ToolCall:
-        """``call`` without the arguments its tool's schema does not declare (noted in ``dropped``)."""
-        tool = self.agent.tools.get(call.name)
-        extra = tool.undeclared(call.arguments) if tool is not None else []
-        if not extra:
-            return call
-        dropped[call.id] = {key: call.arguments[key] for key in extra}
-        kept = {key: value for key, value in call.arguments.items() if key not in dropped[call.id]}
-        return dataclasses.replace(call, arguments=kept)
-
-    def _seen(self, done: set[tuple[str, str]]) -> Seen:
-        """Whether a call (name, arguments) as the model writes it is one of ``done``."""
-        drop = self.agent.spec.agent.extra_arguments == "drop"
-
-        def seen(name: str, arguments: dict[str, Any]) -> bool:
-            call = hermes.ToolCall("", name, arguments, "")
-            return _call_key(self._declared(call, {}) if drop else call) in done
-
-        return seen
-
     async def _model_call(
-        self,
-        choice: str,
-        options: _Calls,
-        step: _Step,
-        text: bool,
-        note: str | None = None,
-        seen: Seen | None = None,
+        self, choice: str, options: _Calls, step: _Step, text: bool, note: str | None = None
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``. With ``seen``, it stops as soon as the output holds a complete call that
-        ``seen`` knows (``step.repeated``)."""
+        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False
@@ -385,7 +352,7 @@ class Session:
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
             lenient = tools is not None and agent.spec.agent.lenient_tool_calls
             reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient)
-            watch = RepeatWatch(seen) if seen is not None and tools is not None else None
+            watch = RepeatWatch(step.seen) if step.seen is not None and tools is not None else None
             started = time.perf_counter()
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
@@ -400,7 +367,7 @@ class Session:
             )
             try:
                 async for delta in deltas:
-                    for item in reader.feed(delta):
+                    for item in (items := reader.feed(delta)):
                         if isinstance(item, str):
                             step.text += item
                             if text:
@@ -409,15 +376,9 @@ class Session:
                             step.reasoning += item.text
                             if text:
                                 yield Reasoning(item.text)
-                        elif watch is not None and isinstance(item, hermes.ToolCall):
-                            watch.saw(item)
-                    if watch is not None and watch.feed(
-                        delta.text, starts_in_reasoning=delta.starts_in_reasoning
-                    ):
-                        step.repeated = True  # stop the generation now (closing it aborts the request)
-                        tokens = reader.completion_tokens
-                        log.info("session %s: stopped the model after %d tokens: it writes %s again, "
-                                 "which ran this turn", self.id, tokens, watch.call)  # fmt: skip
+                    if watch is not None and watch.read(delta.text, items, delta.starts_in_reasoning):
+                        step.repeated = repaired = True  # no repair; closing the stream aborts the generation
+                        log.info("session %s: stopped a model call at its repeat of %s", self.id, watch.call)
                         break
             except BaseException as exc:
                 span.fail(exc)
@@ -442,8 +403,7 @@ class Session:
             yield usage
             result = reader.result()
             bad = result.malformed
-            repair = agent.spec.agent.repair_malformed_calls and bool(agent.tools) and not step.repeated
-            if not bad or repaired or not repair:
+            if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
                 step.result = result
                 step.done = True
                 return
@@ -453,33 +413,24 @@ class Session:
 
     async def _run_calls(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
         """Ask the approver about each call that needs it (one at a time, in order), then run the
-        approved calls in parallel; a refused call's result says why it did not run."""
+        approved calls in parallel; a refused call's result says why it did not run. Identical calls
+        (name and arguments) are asked about and run once: each of their ids gets the result."""
+        keys = [_call_key(call) for call in calls]
+        first = [keys.index(key) for key in keys]  # the index of each call's first identical one
         results: list[ToolResult | None] = [None] * len(calls)
         for index, event in enumerate(shown):
             tool = self.agent.tools.get(event.name)
-            if tool is not None and tool.approval != "auto":
+            if tool is not None and tool.approval != "auto" and first[index] == index:
                 results[index] = await review(event, tool.approval, tool.origin, self.approver)
-        runnable = [index for index, result in enumerate(results) if result is None]
+        runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
         if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
             results[runnable[0]] = await self._run_tool(calls[runnable[0]])
         elif runnable:
             ran = await asyncio.gather(*(self._run_tool(calls[index]) for index in runnable))
             for index, result in zip(runnable, ran, strict=True):
                 results[index] = result
-        return [result for result in results if result is not None]
-
-    async def _run_once(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
-        """:meth:`_run_calls` with identical calls (name and arguments) run once: each of their ids
-        gets the one result."""
-        first: dict[tuple[str, str], int] = {}
-        for index, call in enumerate(calls):
-            first.setdefault(_call_key(call), index)
-        if len(first) == len(calls):
-            return await self._run_calls(calls, shown)
-        unique = sorted(first.values())
-        ran = await self._run_calls([calls[i] for i in unique], [shown[i] for i in unique])
-        by_key = {_call_key(calls[index]): result for index, result in zip(unique, ran, strict=True)}
-        return [dataclasses.replace(by_key[_call_key(call)], id=call.id) for call in calls]
+        return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
+                if (got := results[index]) is not None]  # fmt: skip
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
@@ -506,14 +457,14 @@ class _Calls:
 
 
 class _Step:
-    """What one model call produced (filled in while streaming)."""
+    """What one model call produced (filled in while streaming); ``seen``: the calls it must not repeat."""
 
-    def __init__(self) -> None:
+    def __init__(self, seen: Seen | None = None) -> None:
+        self.seen, self.repeated = seen, False  # repeated: it stopped at a call of ``seen``
         self.text = ""
         self.reasoning = ""
         self.done = False
         self.finish_reason: str | None = None
-        self.repeated = False  # stopped early: the output held a call already run this turn
         self.usage = Usage()
         self.result = toolcalls.ParsedOutput("", "", [])
 
@@ -522,14 +473,9 @@ def _call_key(call: hermes.ToolCall) -> tuple[str, str]:
     return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
 
 
-def _dropped_notice(call: hermes.ToolCall, dropped: dict[str, Any]) -> Notice:
-    shown = ", ".join(
-        f"{key}={json.dumps(value, ensure_ascii=False)[:200]}" for key, value in dropped.items()
-    )
-    message = (
-        f"{call.name}: dropped {shown}: not in the tool's schema (agent.extra_arguments: reject keeps it)"
-    )
-    return Notice("extra_arguments", message, call.id, call.name, {"dropped": dropped})
+def _seen(done: set[tuple[str, str]], tools: Mapping[str, Tool]) -> Seen:
+    """Whether a call as written is one of ``done`` (its arguments undeclared by ``tools`` dropped)."""
+    return lambda name, args: _call_key(declared_only(tools, hermes.ToolCall("", name, args, ""))[0]) in done
 
 
 def _with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ with a pydantic model is hidden from the model and filled from the agent YAML
 arguments its schema does not list (``additionalProperties``). A tool can also be a JSON schema plus
 an async call (:meth:`Tool.from_schema`, what an MCP server's tools become); ``jsonschema`` checks
 its arguments. :meth:`Tool.undeclared` names the arguments of a call that the schema does not
-declare (the agent loop drops them: ``agent.extra_arguments``).
+declare; :func:`declared_only` drops them from a call (the agent loop: ``agent.extra_arguments``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import json
@@ -32,10 +33,10 @@ from pydantic.fields import FieldInfo
 
 from qwenrun.approval import Approval
 from qwenrun.errors import PluginError, ToolError
-from qwenrun.events import ToolResult
+from qwenrun.events import Notice, ToolResult
 from qwenrun.toolcalls.hermes import ToolCall
 
-__all__ = ["Tool", "format_result", "run_call"]
+__all__ = ["Tool", "declared_only", "dropped_notice", "format_result", "run_call"]
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,29 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     cleaned: dict[str, Any] = clean(schema)
     cleaned.setdefault("properties", {})
     return cleaned
+
+
+def declared_only(tools: Mapping[str, Tool], call: ToolCall) -> tuple[ToolCall, dict[str, Any]]:
+    """``call`` without the arguments its tool's schema does not declare, and those (name: value);
+    the call itself when there are none (or its tool is not among ``tools``)."""
+    tool = tools.get(call.name)
+    extra = tool.undeclared(call.arguments) if tool is not None else []
+    if not extra:
+        return call, {}
+    dropped = {key: call.arguments[key] for key in extra}
+    kept = {key: value for key, value in call.arguments.items() if key not in dropped}
+    return dataclasses.replace(call, arguments=kept), dropped
+
+
+def dropped_notice(call: ToolCall, dropped: Mapping[str, Any]) -> Notice:
+    """The notice that ``dropped`` were taken out of ``call`` before it ran."""
+    shown = ", ".join(
+        f"{key}={json.dumps(value, ensure_ascii=False)[:200]}" for key, value in dropped.items()
+    )
+    message = (
+        f"{call.name}: dropped {shown}: not in the tool's schema (agent.extra_arguments: reject keeps it)"
+    )
+    return Notice("extra_arguments", message, call.id, call.name, {"dropped": dict(dropped)})
 
 
 CANCEL_GRACE_S = 0.5

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qwenrun.toolcalls.hermes import ToolCall
@@ -39,8 +39,8 @@ _JSON = json.JSONDecoder(strict=False)
 
 class RepeatWatch:
     """Feed each piece of a completion's text (:meth:`feed`) and each complete call its parser
-    returns (:meth:`saw`); both answer True from the moment a call that ``seen`` knows is complete,
-    which :attr:`call` then holds as ``(name, arguments)``."""
+    returns (:meth:`saw`), or both at once (:meth:`read`); they answer True from the moment a call
+    that ``seen`` knows is complete, which :attr:`call` then holds as ``(name, arguments)``."""
 
     __slots__ = ("_buffer", "_escaped", "_head", "_in_string", "_opens", "_reasoning", "_seen", "_started",
                  "_tail", "call")  # fmt: skip
@@ -56,7 +56,15 @@ class RepeatWatch:
         self._in_string = self._escaped = False
         self.call: tuple[str, dict[str, Any]] | None = None
 
-    def feed(self, text: str, *, starts_in_reasoning: bool = False) -> bool:
+    def read(self, text: str, items: Iterable[object], starts_in_reasoning: bool = False) -> bool:
+        """:meth:`saw` the complete calls among ``items`` (what an output parser returned for this
+        piece), then :meth:`feed` the piece's ``text``."""
+        for item in items:
+            if isinstance(item, ToolCall):
+                self.saw(item)
+        return self.feed(text, starts_in_reasoning)
+
+    def feed(self, text: str, starts_in_reasoning: bool = False) -> bool:
         """Read the next piece of the completion (``starts_in_reasoning``: on the first piece, the
         prompt left a think block open)."""
         if self.call is not None:

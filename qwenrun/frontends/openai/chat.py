@@ -14,11 +14,8 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
   Qwen3-Coder XML, arguments streamed as they are written) become OpenAI ``tool_calls``. As ``vllm
   serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON ``response_format`` or vLLM's
   ``structured_outputs``, several calls for ``tool_choice: required`` unless
-  ``parallel_tool_calls`` is false. Where the client runs the tool loop, the model (small ones
-  above all) often writes again a call whose result the messages already hold: with
-  ``frontend.answer_repeated_calls`` (on by default) the generation stops at that call and the
-  model is asked for its answer with the tools off, as the agent loop does (``tool_choice: auto``
-  only; a call written before the repeat is returned as usual).
+  ``parallel_tool_calls`` is false. A call the messages hold with its result, written again, gets
+  the answer with the tools off instead (:mod:`~qwenrun.frontends.openai.repeats`).
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
   Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
@@ -29,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -37,12 +33,13 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenrun.agent import ANSWER_NOTE, Agent, Session
+from qwenrun.agent import Agent, Session
 from qwenrun.approval import Approver, fixed_approver
 from qwenrun.engines import VLLMEngineSpec
 from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
 from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
 from qwenrun.frontends import OpenAIFrontend
+from qwenrun.frontends.openai.repeats import RepeatedCalls
 from qwenrun.frontends.openai.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -53,7 +50,6 @@ from qwenrun.frontends.openai.schemas import (
 from qwenrun.sessions.store import valid_session_id
 from qwenrun.toolcalls import OutputEvent, ToolCallDelta, hermes
 from qwenrun.toolcalls import Reasoning as ModelReasoning
-from qwenrun.toolcalls.repeats import RepeatWatch
 
 SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
 APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
@@ -261,13 +257,13 @@ def passthrough(
     sampling = {**agent.sampling_overrides(), **overrides(request, agent, frontend)}
     template = {**agent.chat_template_kwargs(), **(request.chat_template_kwargs or {})}
     reasoning_wanted = request.include_reasoning
-    watched = frontend.answer_repeated_calls and bool(sent_tools) and choice == "auto"
-    answered = _answered_calls(messages) if watched and request.wanted_logprobs() is None else set()
 
     async def pieces() -> Pieces:
         lenient = bool(sent_tools) and agent.spec.agent.lenient_tool_calls
         reader = OutputReader(agent.engine.tool_call_format, tools=sent_tools, lenient=lenient,
                               calls=bool(sent_tools))  # fmt: skip
+        watched = frontend.answer_repeated_calls and choice == "auto" and request.wanted_logprobs() is None
+        repeats = RepeatedCalls(reader, messages if watched and sent_tools else [])
         trim, think_trim, finish, prompt, completion = _Trim(), _Trim(), "stop", 0, 0
         streamed: dict[str, int] = {}  # id -> index in the answer, of the calls streamed as deltas
         given = complete = 0  # indexes handed out; well-formed calls returned
@@ -300,78 +296,30 @@ def passthrough(
                     out.append(Text(text))
             return out
 
-        def request_for(
-            messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, choice: str, request_id: str
-        ) -> Request:
-            return Request(
-                messages=messages, tools=tools, tool_choice=choice, parallel_tool_calls=not single,
+        stream = repeats.generate(
+            agent.engine,
+            Request(
+                messages=messages, tools=sent_tools, tool_choice=choice, parallel_tool_calls=not single,
                 sampling=agent.spec.sampling, overrides=sampling, constraint=constraint,
                 chat_template_kwargs=template, request_id=request_id,
                 incremental=bool(request.stream),  # non-streaming: one delta
                 logprobs=request.wanted_logprobs(),
-            )  # fmt: skip
-
-        # A call the messages hold with its result, written again: stop there (calls are then
-        # returned whole, not streamed, since one may turn out to be that repeat).
-        watch = RepeatWatch(lambda name, args: _call_key(name, args) in answered) if answered else None
-        stream = agent.engine.generate(request_for(messages, sent_tools, choice, request_id))
+            ),
+        )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
-                items = reader.feed(delta)
-                if watch is not None:
-                    items = [item for item in items if not isinstance(item, ToolCallDelta)]
-                    seen = [watch.saw(item) for item in items if isinstance(item, hermes.ToolCall)]
-                    if any(seen) or watch.feed(delta.text, starts_in_reasoning=delta.starts_in_reasoning):
-                        break  # closing the stream aborts the generation
-                for piece in translate(items):
+                for piece in translate(repeats.read(delta)):
                     yield piece
                 if delta.logprobs:
                     yield Logprobs(delta.logprobs)
-        if watch is None or watch.call is None:
-            for piece in translate(reader.finish()):
-                yield piece
-        elif not complete:  # the answer, with the tools off (the repeat is not returned)
-            answer = OutputReader(agent.engine.tool_call_format, calls=False)
-            note = [*messages, {"role": "system", "content": ANSWER_NOTE}]
-            stream = agent.engine.generate(request_for(note, None, "none", f"{request_id}-answer"))
-            async with closing(stream):
-                async for delta in stream:
-                    finish = delta.finish_reason or finish
-                    for piece in translate(answer.feed(delta)):
-                        yield piece
-            for piece in translate(answer.finish()):
-                yield piece
-            prompt, completion = prompt + answer.prompt_tokens, completion + answer.completion_tokens
+        for piece in translate(repeats.finish()):
+            yield piece
         reason = "tool_calls" if complete else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
 
     return pieces()
-
-
-def _call_key(name: str, arguments: Any) -> tuple[str, str]:
-    return name, json.dumps(arguments, sort_keys=True, ensure_ascii=False)
-
-
-def _answered_calls(messages: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """The calls (name, arguments) of this turn (after the last user message) whose result the
-    messages hold."""
-    last_user = max((i for i, message in enumerate(messages) if message.get("role") == "user"), default=-1)
-    turn = messages[last_user + 1 :]
-    results = {message.get("tool_call_id") for message in turn if message.get("role") == "tool"}
-    answered = set()
-    for message in turn:
-        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
-        for call in calls or ():
-            function = call.get("function") or {}
-            try:
-                arguments = json.loads(function.get("arguments") or "{}")
-            except ValueError:
-                continue
-            if call.get("id") in results and isinstance(function.get("name"), str):
-                answered.add(_call_key(function["name"], arguments))
-    return answered
 
 
 def passthrough_choices(
