@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Event", "Final", "Reasoning", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage", "to_dict"]
+__all__ = [
+    "Event", "Final", "Notice", "Reasoning", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage",
+    "to_dict",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,21 @@ class Repair:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A warning about the turn that changed nothing the model reads as an error, for the user's
+    eyes: the CLI shows it with ``-v``, ``run --json`` prints it, and the session records it.
+    ``code`` says what happened; ``extra_arguments``: the arguments ``data`` lists (name and value)
+    were dropped from call ``id`` of tool ``name`` before it ran (its schema does not declare them)."""
+
+    code: Literal["extra_arguments"]
+    message: str
+    id: str = ""
+    name: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    type: Literal["notice"] = "notice"
+
+
+@dataclass(frozen=True, slots=True)
 class Final:
     """The end of a turn: the answer text, why the turn stopped, and the turn's total usage."""
 
@@ -92,7 +110,7 @@ class Final:
     type: Literal["final"] = "final"
 
 
-Event = TextDelta | Reasoning | ToolCall | ToolResult | Usage | Repair | Final
+Event = TextDelta | Reasoning | ToolCall | ToolResult | Usage | Repair | Notice | Final
 
 
 def to_dict(event: Event) -> dict[str, Any]:

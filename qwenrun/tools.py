@@ -4,8 +4,11 @@
 The schema comes from the signature and the Google/NumPy/reST docstring through pydantic's public
 API (``create_model`` + ``model_json_schema``). A keyword-only parameter named ``settings`` annotated
 with a pydantic model is hidden from the model and filled from the agent YAML
-(``tools: [{name: ..., settings: {...}}]``). A tool can also be a JSON schema plus an async call
-(:meth:`Tool.from_schema`, what an MCP server's tools become); ``jsonschema`` checks its arguments.
+(``tools: [{name: ..., settings: {...}}]``). A ``**kwargs`` parameter makes the tool accept
+arguments its schema does not list (``additionalProperties``). A tool can also be a JSON schema plus
+an async call (:meth:`Tool.from_schema`, what an MCP server's tools become); ``jsonschema`` checks
+its arguments. :meth:`Tool.undeclared` names the arguments of a call that the schema does not
+declare; :func:`declared_only` drops them from a call (the agent loop: ``agent.extra_arguments``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import json
@@ -24,19 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import docstring_parser
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from qwenrun.approval import Approval
 from qwenrun.errors import PluginError, ToolError
-from qwenrun.events import ToolResult
+from qwenrun.events import Notice, ToolResult
 from qwenrun.toolcalls.hermes import ToolCall
 
-__all__ = ["Tool", "format_result", "run_call"]
+__all__ = ["Tool", "declared_only", "dropped_notice", "format_result", "run_call"]
 
 log = logging.getLogger(__name__)
 
 SETTINGS_PARAMETER = "settings"
+# Top-level keywords of a JSON schema under which an object may hold keys its `properties` do not
+# list: whoever can tell which keys such a schema declares has to evaluate it; qwenrun keeps them all.
+_OPEN_KEYWORDS = ("patternProperties", "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas")
 
 
 @dataclass(slots=True)
@@ -55,6 +62,7 @@ class Tool:
     _is_async: bool = field(default=False, repr=False)
     approval: Approval = "auto"
     _validator: Any = field(default=None, repr=False)  # a jsonschema validator of the arguments
+    _extra: TypeAdapter[Any] | None = field(default=None, repr=False)  # a **kwargs parameter's values
 
     @classmethod
     def from_function(
@@ -81,12 +89,16 @@ class Tool:
         described = {param.arg_name: param.description or "" for param in docstring.params}
         fields: dict[str, Any] = {}
         settings_model: type[BaseModel] | None = None
+        extra: TypeAdapter[Any] | None = None  # a **kwargs parameter: any other key, of its type
         for param in signature.parameters.values():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                raise PluginError(f"tool {tool_name!r}: *args/**kwargs are not supported ({param.name!r})")
+            if param.kind == param.VAR_POSITIONAL:
+                raise PluginError(f"tool {tool_name!r}: *args is not supported ({param.name!r})")
             if param.name not in hints:
                 raise PluginError(f"tool {tool_name!r}: parameter {param.name!r} has no type annotation")
             annotation = hints[param.name]
+            if param.kind == param.VAR_KEYWORD:
+                extra = TypeAdapter(annotation)
+                continue
             if param.name == SETTINGS_PARAMETER:
                 if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                     raise PluginError(
@@ -105,7 +117,9 @@ class Tool:
         )
         try:
             arguments_model = create_model(
-                f"{tool_name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
+                f"{tool_name}_arguments",
+                __config__=ConfigDict(extra="forbid" if extra is None else "allow"),
+                **fields,
             )
             parameters = _clean_schema(arguments_model.model_json_schema())
         except Exception as exc:  # pydantic cannot build a schema for some annotation
@@ -128,6 +142,7 @@ class Tool:
             origin=origin,
             _is_async=inspect.iscoroutinefunction(function),
             approval=approval,
+            _extra=extra,
         )
 
     @classmethod
@@ -192,19 +207,44 @@ class Tool:
             "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
         }
 
+    def undeclared(self, arguments: Mapping[str, Any]) -> list[str]:
+        """The keys of ``arguments`` that the tool's schema does not declare, in order; none when
+        the tool accepts any key (``additionalProperties`` true or a schema, a ``**kwargs``
+        parameter, or a schema whose keys only evaluating it could tell)."""
+        schema = self.parameters
+        accepts_more = schema.get("additionalProperties") not in (None, False)
+        if accepts_more or any(keyword in schema for keyword in _OPEN_KEYWORDS):
+            return []
+        declared = schema.get("properties")
+        if not isinstance(declared, Mapping):
+            return []
+        return [key for key in arguments if key not in declared]
+
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Check the model's arguments against the schema; ToolError names each bad argument."""
         if self.arguments_model is None:
             return self._check_json(dict(arguments))
         try:
             model = self.arguments_model.model_validate(dict(arguments))
+            extra = {key: self._extra_value(key, value) for key, value in (model.model_extra or {}).items()}
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
                 for err in exc.errors(include_url=False)
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
-        return {name: getattr(model, name) for name in type(model).model_fields}
+        return {**{name: getattr(model, name) for name in type(model).model_fields}, **extra}
+
+    def _extra_value(self, key: str, value: Any) -> Any:
+        """A value for the ``**kwargs`` parameter, checked against its annotation."""
+        if key == SETTINGS_PARAMETER:  # filled from the YAML; the model never sets it
+            raise ToolError(f"invalid arguments for {self.name}: {key}: not an argument of this tool")
+        assert self._extra is not None  # only a **kwargs tool's model allows extra keys
+        try:
+            return self._extra.validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(str(err["msg"]) for err in exc.errors(include_url=False))
+            raise ToolError(f"invalid arguments for {self.name}: {key}: {problems}") from None
 
     def _check_json(self, arguments: dict[str, Any]) -> dict[str, Any]:
         if self._validator is None:
@@ -319,6 +359,29 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     cleaned: dict[str, Any] = clean(schema)
     cleaned.setdefault("properties", {})
     return cleaned
+
+
+def declared_only(tools: Mapping[str, Tool], call: ToolCall) -> tuple[ToolCall, dict[str, Any]]:
+    """``call`` without the arguments its tool's schema does not declare, and those (name: value);
+    the call itself when there are none (or its tool is not among ``tools``)."""
+    tool = tools.get(call.name)
+    extra = tool.undeclared(call.arguments) if tool is not None else []
+    if not extra:
+        return call, {}
+    dropped = {key: call.arguments[key] for key in extra}
+    kept = {key: value for key, value in call.arguments.items() if key not in dropped}
+    return dataclasses.replace(call, arguments=kept), dropped
+
+
+def dropped_notice(call: ToolCall, dropped: Mapping[str, Any]) -> Notice:
+    """The notice that ``dropped`` were taken out of ``call`` before it ran."""
+    shown = ", ".join(
+        f"{key}={json.dumps(value, ensure_ascii=False)[:200]}" for key, value in dropped.items()
+    )
+    message = (
+        f"{call.name}: dropped {shown}: not in the tool's schema (agent.extra_arguments: reject keeps it)"
+    )
+    return Notice("extra_arguments", message, call.id, call.name, {"dropped": dict(dropped)})
 
 
 CANCEL_GRACE_S = 0.5

@@ -12,7 +12,18 @@ from weather import get_current_weather, weather_of
 from qwenrun.agent import Agent
 from qwenrun.agent.loop import ANSWER_NOTE
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import (
+    Event,
+    Final,
+    Notice,
+    Reasoning,
+    Repair,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    Usage,
+    to_dict,
+)
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import FORCED_PREFILL, forced_call
 from qwenrun.tools import Tool
@@ -126,9 +137,8 @@ async def test_parallel_tool_calls_off_runs_only_the_first() -> None:
             "Error: unknown tool 'nope'; available: get_current_weather, slow, boom",
         ),
         (
-            tool_call_text("get_current_weather", {"town": "x"}),
-            "Error: invalid arguments for get_current_weather: city: Field required; town: Extra inputs are not "
-            "permitted",
+            tool_call_text("get_current_weather", {"town": "x"}),  # `town` is dropped (not in the schema)
+            "Error: invalid arguments for get_current_weather: city: Field required",
         ),
     ],
 )
@@ -371,14 +381,166 @@ async def test_a_repeated_call_is_not_run_again_and_the_answer_comes_with_tools_
 
 
 async def test_only_the_new_calls_of_a_partly_repeated_answer_run() -> None:
-    again = tool_call_text("get_current_weather", {"city": "广州"}) + tool_call_text(
-        "get_current_weather", {"city": "深圳"}
+    again = tool_call_text("get_current_weather", {"city": "深圳"}) + tool_call_text(
+        "get_current_weather", {"city": "广州"}
     )
     agent, engine = make_agent([BARE, again, "两地都多云。"])
     events = await collect(agent, "广州和深圳天气?")
     cities = [e.arguments["city"] for e in events if isinstance(e, ToolCall)]
     assert cities == ["广州", "深圳"]
     assert len(engine.calls[2].messages[-2]["tool_calls"]) == 1  # the repeat is left out
+
+
+async def test_a_new_call_after_a_repeat_is_read_only_without_the_early_stop() -> None:
+    """The model call stops at the first complete repeat: a call written after it is never read,
+    and the model is asked for its answer; with ``stop_repeated_calls: false`` it runs."""
+    again = tool_call_text("get_current_weather", {"city": "广州"}) + tool_call_text(
+        "get_current_weather", {"city": "深圳"}
+    )
+    for stop, cities in ((True, ["广州"]), (False, ["广州", "深圳"])):
+        agent, engine = make_agent([BARE, again, "两地都多云。"], stop_repeated_calls=stop)
+        events = await collect(agent, "广州和深圳天气?")
+        assert [e.arguments["city"] for e in events if isinstance(e, ToolCall)] == cities, stop
+        assert [call.tools is not None for call in engine.calls] == [True, True, not stop]
+
+
+# -- arguments the schema does not declare; repeats stopped as they stream ------------------------------
+
+ECHOED = {"city": "深圳", "required": ["city"]}  # what Qwen2.5-Coder-0.5B wrote: the schema's `required`
+
+
+async def test_undeclared_arguments_are_dropped_with_a_notice(tmp_path: Any) -> None:
+    from qwenrun.sessions.sqlite import SQLiteStore
+
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    engine = ScriptedEngine([tool_call_text("get_current_weather", ECHOED), "深圳多云到晴。"])
+    store = SQLiteStore(tmp_path / "sessions.db")
+    session = Agent(spec, engine, tools=[get_current_weather], store=store).session()
+    events = [event async for event in session.stream("那深圳呢？明天适合出门吗?")]
+    notice, call, result = (e for e in events if isinstance(e, Notice | ToolCall | ToolResult))
+    assert isinstance(notice, Notice) and isinstance(call, ToolCall) and isinstance(result, ToolResult)
+    assert (notice.code, notice.id, notice.name, notice.data) == (
+        "extra_arguments", call.id, "get_current_weather", {"dropped": {"required": ["city"]}}
+    )  # fmt: skip
+    assert notice.message.startswith('get_current_weather: dropped required=["city"]: not in the tool')
+    assert call.arguments == {"city": "深圳"}  # the call as it ran, and as the history keeps it
+    assert (result.content, result.is_error) == (weather_of("深圳"), False)
+    assert engine.calls[1].messages[2]["tool_calls"][0]["function"]["arguments"] == '{"city": "深圳"}'
+    store.flush()
+    stored = store.get(session.id)
+    assert stored is not None
+    recorded = [r.data for r in stored.records if r.kind == "event" and r.data.get("type") == "notice"]
+    assert recorded == [to_dict(notice)]
+
+
+async def test_extra_arguments_reject_leaves_them_to_the_tool() -> None:
+    agent, _ = make_agent([tool_call_text("get_current_weather", ECHOED), "Sorry."], extra_arguments="reject")
+    events = await collect(agent, "那深圳呢?")
+    assert not [e for e in events if isinstance(e, Notice)]
+    (result,) = [e for e in events if isinstance(e, ToolResult)]
+    assert result.is_error and result.content.endswith("required: Extra inputs are not permitted")
+
+
+async def test_a_tool_that_accepts_any_key_gets_the_extra_arguments() -> None:
+    def tag(city: str, **extra: int) -> str:
+        """Echo the city and the other keys."""
+        return json.dumps({"city": city, **extra}, ensure_ascii=False)
+
+    async def lookup(arguments: dict[str, Any]) -> str:
+        return json.dumps(arguments, ensure_ascii=False)
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "additionalProperties": True}
+    tools = [Tool.from_function(tag), Tool.from_schema("lookup", "Look it up.", schema, lookup)]
+    calls = tool_call_text("tag", {"city": "深圳", "days": 2}) + tool_call_text(
+        "lookup", {"city": "深圳", "x": 1}
+    )
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    events = await collect(Agent(spec, ScriptedEngine([calls, "ok"]), tools=tools), "go")
+    assert not [e for e in events if isinstance(e, Notice)]
+    contents = [json.loads(e.content) for e in events if isinstance(e, ToolResult)]
+    assert contents == [{"city": "深圳", "days": 2}, {"city": "深圳", "x": 1}]
+
+
+def chunks(characters: int, size: int = 3) -> int:
+    """How many chunks of ``size`` the scripted engine sends for that many characters (its "tokens")."""
+    return -(-characters // size)
+
+
+BARE_LINE = (
+    '{"name": "get_current_weather", "arguments": {"city": "广州"}}\n'  # as the real 0.5B model writes
+)
+
+
+REPEAT_FORMS = {
+    "bare": ("hermes", BARE_LINE),
+    "hermes": ("hermes", tool_call_text("get_current_weather", {"city": "广州"})),
+    "qwen3_coder": (
+        "qwen3_coder",
+        tool_call_text("get_current_weather", {"city": "广州"}, format="qwen3_coder"),
+    ),
+}
+
+
+@pytest.mark.parametrize("form", REPEAT_FORMS, ids=REPEAT_FORMS.keys())
+async def test_a_repeated_call_stops_the_model_call_as_soon_as_it_is_complete(form: str) -> None:
+    fmt, call = REPEAT_FORMS[form]
+    looping = call * 8  # what the model writes after the tool's result until max_tokens
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    engine = ScriptedEngine([call, looping, "广州多云到晴。"], tool_call_format=fmt)
+    events = await collect(Agent(spec, engine, tools=[get_current_weather]), "广州天气情况如何?")
+    first, second, third = (e for e in events if isinstance(e, Usage))
+    assert first.completion_tokens == chunks(len(call))  # the engine's tokens: its chunks
+    # the second call is read up to the repeat's end ("}" of its JSON; XML: its closing tag), no further
+    end = call.index("}}") + 2 if fmt == "hermes" else len(call)
+    assert second.completion_tokens == chunks(end) < chunks(len(looping)) // 7
+    assert engine.active == 0  # its stream was closed, not left open
+    assert [call.tools is not None for call in engine.calls] == [True, True, False]
+    final = events[-1]
+    assert isinstance(final, Final) and (final.text, final.tool_calls) == ("广州多云到晴。", 1)
+    assert (
+        final.usage.completion_tokens
+        == first.completion_tokens + second.completion_tokens + third.completion_tokens
+    )
+
+
+async def test_without_the_early_stop_the_model_call_runs_to_its_end() -> None:
+    call = tool_call_text("get_current_weather", {"city": "广州"})
+    agent, _ = make_agent([call, call * 8, "广州多云到晴。"], stop_repeated_calls=False)
+    events = await collect(agent, "广州天气情况如何?")
+    second = [e for e in events if isinstance(e, Usage)][1]
+    assert second.completion_tokens == chunks(len(call * 8))
+    assert isinstance(events[-1], Final) and events[-1].text == "广州多云到晴。"
+
+
+async def test_a_repeat_inside_the_reasoning_does_not_stop_the_model_call() -> None:
+    call = tool_call_text("get_current_weather", {"city": "广州"})
+    thought = f"<think>\nI already ran {BARE_LINE}so I answer.\n</think>\n\n广州多云到晴。"
+    agent, engine = make_agent([call, thought])
+    events = await collect(agent, "广州天气情况如何?")
+    final = events[-1]
+    assert isinstance(final, Final) and final.text == "广州多云到晴。" and len(engine.calls) == 2
+
+
+async def test_identical_calls_of_one_answer_run_once_and_each_id_gets_the_result() -> None:
+    runs: list[str] = []
+
+    def get_current_weather(city: str) -> str:
+        """Get the current weather of a city."""
+        runs.append(city)
+        return weather_of(city)
+
+    twice = tool_call_text("get_current_weather", {"city": "广州"}) * 2
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    engine = ScriptedEngine([twice, "广州多云到晴。"])
+    events = await collect(Agent(spec, engine, tools=[get_current_weather]), "广州天气情况如何?")
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert runs == ["广州"] and len(calls) == 2 and calls[0].id != calls[1].id
+    assert [(r.id, r.content) for r in results] == [(c.id, weather_of("广州")) for c in calls]
+    history = engine.calls[1].messages
+    assert [m["tool_call_id"] for m in history if m["role"] == "tool"] == [c.id for c in calls]
+    final = events[-1]
+    assert isinstance(final, Final) and final.text == "广州多云到晴。"
 
 
 # -- thinking and the Qwen3-Coder format -----------------------------------------------------------

@@ -16,7 +16,7 @@ from qwenrun.agent import Agent
 from qwenrun.agent.plugins import load_tools
 from qwenrun.engines.scripted import PinnedEngine
 from qwenrun.engines.vllm.engine import VLLMEngine
-from qwenrun.events import Event, Final, ToolCall, ToolResult
+from qwenrun.events import Event, Final, ToolCall, ToolResult, Usage
 from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
@@ -130,6 +130,28 @@ async def test_a_repeated_call_runs_once_and_max_iterations_bounds_the_loop(
     assert isinstance(final, Final)  # the third call, with the tools off, is the answer
     assert (final.stop_reason, final.iterations, final.tool_calls) == ("answer", 3, 1)
     assert len([e for e in events if isinstance(e, ToolResult)]) == 1
+
+
+async def test_a_repeat_stops_the_vllm_request_and_identical_calls_run_once(
+    engine: VLLMEngine, tiny_spec: AgentSpec
+) -> None:
+    """Every model call with the tools on writes the same call four times: the first answer's
+    four run once (four ids, one result), the second answer stops after its first block (vLLM's
+    request is aborted: it generated a fraction of the first's tokens), then the answer comes."""
+    body = call_json("get_current_weather", {"city": "广州"})
+    four = "\n</tool_call>\n<tool_call>\n".join([body] * 4)
+    pinned = PinnedEngine(engine, four, every_call=True, call_max_tokens=600)
+    spec = weather_spec(tiny_spec, max_iterations=3)
+    events = await run(Agent(spec, pinned, load_tools(spec)), "广州天气情况如何?")
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert len({c.id for c in calls}) == 4 and [r.id for r in results] == [c.id for c in calls]
+    assert {(r.content, r.is_error) for r in results} == {(SEED_SENTENCE, False)}
+    first, second, _ = (e for e in events if isinstance(e, Usage))
+    assert 0 < second.completion_tokens < first.completion_tokens / 2, (first, second)
+    final = events[-1]
+    assert isinstance(final, Final) and final.stop_reason in ("answer", "length") and final.tool_calls == 4
+    assert engine.num_unfinished_requests() == 0
 
 
 async def test_concurrent_sessions_on_one_engine(engine: VLLMEngine, tiny_spec: AgentSpec) -> None:

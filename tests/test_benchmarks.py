@@ -63,7 +63,8 @@ def test_plot_on_the_committed_results(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py", "multiturn.py", "startup.py"]
+    "script",
+    ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py", "multiturn.py", "startup.py", "demo_turns.py"],
 )
 def test_engine_benchmarks_parse_their_arguments(script: str) -> None:
     done = run(script, "--help")

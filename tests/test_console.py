@@ -116,6 +116,8 @@ def test_reasoning_is_dimmed_and_cannot_drive_the_terminal() -> None:
     assert "\x1b[31m" not in shown and "\r" not in shown and "\x07" not in shown  # the model's own codes
     assert shown.startswith("\x1b[2mthink \\x1b[31mred") and shown.endswith("on\n\x1b[0m\nanswer\n")
     assert printable("tab\tline\nbell\x07 c1\x9b") == "tab\tline\nbell\\x07 c1\\x9b"
+
+
 # -- what reaches the terminal (CliRunner, scripted engine) -------------------------------------
 
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m"  # set the window title, clear the screen, 8-bit CSI
@@ -163,7 +165,44 @@ def test_model_and_tool_text_cannot_drive_the_terminal(monkeypatch: pytest.Monke
     else:
         assert "answer \\x1b]0;pwned\\x07\\x1b[2J\\x9b31mdone" in result.output
         assert "← \\x1b]0;pwned\\x07\\x1b[2J\\x9b31msunny in 广州\\x1b[8m" in result.output
-        assert "→ hostile_tool(city=\"广州\\u001b[8m\")" in result.output  # json.dumps escapes it
+        assert '→ hostile_tool(city="广州\\u001b[8m")' in result.output  # json.dumps escapes it
+
+
+def echoing_script(request: ModelRequest) -> str:
+    """A call with an argument the tool's schema does not declare, as a small model echoes `required`."""
+    if request.messages[-1]["role"] == "user":
+        return tool_call_text("hostile_tool", {"city": "深圳", "required": ["city"]})
+    return "深圳 done"
+
+
+@pytest.mark.parametrize("command", ["run", "up"])
+@pytest.mark.parametrize("verbose", [False, True])
+def test_dropped_arguments_are_shown_with_v(
+    monkeypatch: pytest.MonkeyPatch, command: str, verbose: bool
+) -> None:
+    scripted_cli(monkeypatch, echoing_script)
+    args = ["up", WEATHER] if command == "up" else ["run", WEATHER, "-p", "深圳?"]
+    result = CliRunner().invoke(cli_main, ["-v", *args] if verbose else args, input="深圳?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    notice = '  ! hostile_tool: dropped required=["city"]: not in the tool\'s schema'
+    assert (notice in result.output) == verbose, result.output
+    assert '→ hostile_tool(city="深圳")\n' in result.output and "sunny in 深圳" in result.output
+    if verbose:  # the notice comes right before the call it changed
+        assert result.output.index(notice) < result.output.index("→ hostile_tool")
+
+
+def test_run_json_prints_the_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted_cli(monkeypatch, echoing_script)
+    result = CliRunner().invoke(cli_main, ["run", WEATHER, "-p", "深圳?", "--json"])
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    (notice,) = [e for e in events if e["type"] == "notice"]
+    (call,) = [e for e in events if e["type"] == "tool_call"]
+    assert (notice["code"], notice["id"], notice["data"]) == (
+        "extra_arguments",
+        call["id"],
+        {"dropped": {"required": ["city"]}},
+    )
+    assert call["arguments"] == {"city": "深圳"}
 
 
 def test_printable_keeps_text_and_shows_controls() -> None:
@@ -182,7 +221,11 @@ class CutEngine(ScriptedEngine):
 @pytest.mark.parametrize(
     ("engine", "agent", "note"),
     [
-        (CutEngine(["the answer was"]), {}, "the answer was\n(cut off: the answer reached sampling.max_tokens)\n"),
+        (
+            CutEngine(["the answer was"]),
+            {},
+            "the answer was\n(cut off: the answer reached sampling.max_tokens)\n",
+        ),
         (ScriptedEngine([""]), {}, "(the model's answer is empty)\n"),
         (
             ScriptedEngine([tool_call_text("hostile_tool", {"city": "x"})] * 2),
@@ -278,7 +321,9 @@ class Terminal:
 @pytest.mark.engine
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(sys.platform != "linux", reason="a Linux pty")
-def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_engine_lives(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_engine_lives(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """``qwenrun up`` in a terminal: Ctrl-C during an answer stops it, vLLM's processes (which get
     the terminal's SIGINT too) live on and answer the next question; and the REPL is quiet: no
     vLLM warnings before the prompt, no nanobind or shutdown lines at /exit."""

@@ -86,6 +86,11 @@ def test_weather_agent_calls_the_tool_and_answers_from_it(first_turn: tuple[Sess
     city = calls[0].arguments["city"]
     assert (results[0].content, results[0].is_error) == (mock_sentence(city), False)
     assert len(calls) == len(results) == 1, events  # a repeated call is not run again
+    # the call (18 tokens), its repeat stopped as soon as it is complete (17; it used to run on to
+    # max_tokens, 128), the answer with the tools off (25): 171 tokens before, at most 70 now
+    assert (
+        isinstance(final, Final) and final.usage.model_calls == 3 and final.usage.completion_tokens <= 70
+    ), final
     assert isinstance(final, Final) and final.stop_reason == "answer", final
     # the answer is built from the tool's sentence, and is no (repeated) call written as text
     assert "多云到晴" in final.text and "28~31℃" in final.text, final.text

@@ -306,21 +306,26 @@ async def test_hung_sync_tools_hold_no_shared_worker(tmp_path_factory: pytest.Te
         """Answers at once."""
         return "quick"
 
+    def hangs_sync_n(n: int) -> str:
+        """Blocks its thread until the test module ends (``n`` tells the calls apart: identical calls run once)."""
+        RELEASE.wait()
+        return "released"
+
     def script(request: ModelRequest) -> str:
         last = request.messages[-1]
         if last["role"] == "user" and last["content"] == "hang":
-            return "\n".join(tool_call_text("hangs_sync", {}) for _ in range(count))
+            return "\n".join(tool_call_text("hangs_sync_n", {"n": n}) for n in range(count))
         if last["role"] == "user" and last["content"] == "quick":
             return tool_call_text("quick", {})
         return "done"
 
     spec = AgentSpec.from_dict({"model": {"path": "scripted"}, "agent": {"timeout_s": TIMEOUT}})
-    agent = Agent(spec, ScriptedEngine(script), tools=[hangs_sync, quick])
+    agent = Agent(spec, ScriptedEngine(script), tools=[hangs_sync_n, quick])
     session = agent.session()
     events = [event async for event in session.stream("hang")]
     hung = [event for event in events if isinstance(event, ToolResult)]
-    assert [result.content for result in hung] == [f"Error: hangs_sync timed out after {TIMEOUT:g} s"] * count
-    threads = [thread for thread in threading.enumerate() if thread.name == "qwenrun-tool-hangs_sync"]
+    assert [result.content for result in hung] == [f"Error: hangs_sync_n timed out after {TIMEOUT:g} s"] * count  # fmt: skip
+    threads = [thread for thread in threading.enumerate() if thread.name == "qwenrun-tool-hangs_sync_n"]
     assert len(threads) >= count and all(thread.daemon for thread in threads)
     events = [event async for event in session.stream("quick")]
     assert [(e.content, e.is_error) for e in events if isinstance(e, ToolResult)] == [("quick", False)]

@@ -293,10 +293,27 @@ def test_show_makes_terminal_escapes_visible(h: Harness) -> None:
     assert "clear\\x1b[2J" in h.invoke("sessions", "list").output
 
 
+def test_show_and_export_tell_the_dropped_arguments(h: Harness) -> None:
+    def echoing(request: ModelRequest) -> str:  # echoes the schema's `required` into the call
+        if request.messages[-1]["role"] == "user":
+            return tool_call_text("get_current_weather", {"city": "深圳", "required": ["city"]})
+        return weather_script(request)
+
+    h.script = echoing
+    session_id = h.chat("深圳呢?")
+    shown = h.invoke("sessions", "show", session_id).output
+    assert '  ! get_current_weather: dropped required=["city"]: not in the tool\'s schema' in shown, shown
+    assert '→ get_current_weather({"city": "深圳"})' in shown and "答：深圳：晴" in shown
+    markdown = h.invoke("sessions", "export", session_id, "--format", "markdown").output
+    assert '*notice: get_current_weather: dropped required=["city"]' in markdown, markdown
+
+
 def test_list_columns_fit_long_ids_and_agent_names(h: Harness) -> None:
     store = h.store()
     chainlit_id = "0b6f3c1e-2f4a-4c55-9d57-3a1e8c2b7f10"  # Chainlit's thread ids: 36 characters
-    store.create(SessionInfo(chainlit_id, "weather-chat-with-a-long-name", frontend="chainlit", title="广州?"))
+    store.create(
+        SessionInfo(chainlit_id, "weather-chat-with-a-long-name", frontend="chainlit", title="广州?")
+    )
     store.create(SessionInfo("a" * 32, "weather", title="深圳?"))
     store.close()
     lines = h.invoke("sessions", "list").output.splitlines()

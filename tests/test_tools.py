@@ -118,7 +118,7 @@ def bad_settings(*, settings: dict[str, str]) -> str:
     ("function", "message"),
     [
         (untyped, "tool 'untyped': parameter 'city' has no type annotation"),
-        (variadic, "tool 'variadic': *args/**kwargs are not supported ('cities')"),
+        (variadic, "tool 'variadic': *args is not supported ('cities')"),
         (bad_settings, "tool 'bad_settings': parameter 'settings' must be annotated with a pydantic model"),
     ],
 )
@@ -126,6 +126,56 @@ def test_unusable_signatures_are_plugin_errors(function: Any, message: str) -> N
     with pytest.raises(PluginError) as info:
         Tool.from_function(function)
     assert str(info.value) == message
+
+
+async def noop(arguments: dict[str, Any]) -> str:
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("schema", "undeclared"),
+    [
+        ({"type": "object", "properties": {"city": {}}}, ["required", "x"]),
+        ({"type": "object", "properties": {"city": {}}, "additionalProperties": False}, ["required", "x"]),
+        ({"type": "object", "properties": {}}, ["city", "required", "x"]),  # takes no arguments
+        ({"type": "object", "properties": {"city": {}}, "additionalProperties": True}, []),
+        ({"type": "object", "properties": {"city": {}}, "additionalProperties": {"type": "integer"}}, []),
+        ({"type": "object", "patternProperties": {"^x": {}}}, []),  # only evaluating the schema tells
+        ({"type": "object", "anyOf": [{"properties": {"city": {}}}, {"properties": {"x": {}}}]}, []),
+    ],
+)
+def test_undeclared_names_the_arguments_a_schema_does_not_declare(schema: Any, undeclared: list[str]) -> None:
+    tool = Tool.from_schema("t", "", schema, noop)
+    assert tool.undeclared({"city": "深圳", "required": ["city"], "x": 1}) == undeclared
+
+
+def test_a_function_declares_its_parameters_and_kwargs_accept_any_other() -> None:
+    assert Tool.from_function(get_current_weather).undeclared(
+        {"city": "a", "required": [], "unit": "celsius"}
+    ) == ["required"]
+
+    def tagged(city: str, **tags: int) -> str:
+        return city + ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+    tool = Tool.from_function(tagged)
+    assert tool.parameters["additionalProperties"] is True and tool.undeclared({"city": "a", "days": 2}) == []
+    assert (
+        asyncio.run(tool.call({"city": "深圳", "days": "2", "n": 1})) == "深圳days=2,n=1"
+    )  # checked as ints
+    with pytest.raises(
+        ToolError, match=r"^invalid arguments for tagged: days: Input should be a valid integer"
+    ):
+        asyncio.run(tool.call({"city": "深圳", "days": "two"}))
+
+
+async def test_kwargs_never_reach_the_settings_parameter() -> None:
+    async def configured(text: str, *, settings: Settings, **extra: Any) -> str:
+        return settings.prefix + text
+
+    tool = Tool.from_function(configured, settings={"prefix": "#"})
+    assert await tool.call({"text": "a", "other": 1}) == "#a"
+    with pytest.raises(ToolError, match=r"^invalid arguments for configured: settings: not an argument"):
+        await tool.call({"text": "a", "settings": {"prefix": "!"}})
 
 
 def test_settings_given_to_a_tool_without_settings() -> None:
@@ -172,8 +222,13 @@ ADD_SCHEMA = {
 
 
 async def test_a_schema_tool_checks_its_arguments_then_calls() -> None:
-    tool = Tool.from_schema("add", "Add.", ADD_SCHEMA, record, timeout_s=3, origin="somewhere", approval="ask")
-    assert tool.openai_schema() == {"type": "function", "function": {"name": "add", "description": "Add.", "parameters": ADD_SCHEMA}}
+    tool = Tool.from_schema(
+        "add", "Add.", ADD_SCHEMA, record, timeout_s=3, origin="somewhere", approval="ask"
+    )
+    assert tool.openai_schema() == {
+        "type": "function",
+        "function": {"name": "add", "description": "Add.", "parameters": ADD_SCHEMA},
+    }
     assert (tool.timeout_s, tool.origin, tool.approval) == (3, "somewhere", "ask")
     assert await tool.call({"a": 1, "b": 2}) == {"got": {"a": 1, "b": 2}}
     with pytest.raises(ToolError) as bad:
@@ -205,5 +260,7 @@ def test_a_malformed_schema_is_a_plugin_error(schema: Any, message: str) -> None
 async def test_a_schema_without_type_is_an_object_and_refs_are_never_fetched() -> None:
     tool = Tool.from_schema("t", "", {"properties": {"x": {"$ref": "https://example.com/x.json"}}}, record)
     assert tool.parameters == {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
-    with pytest.raises(ToolError, match=r"^cannot check the arguments of t: Unresolvable: https://example.com/x.json$"):
+    with pytest.raises(
+        ToolError, match=r"^cannot check the arguments of t: Unresolvable: https://example.com/x.json$"
+    ):
         await tool.call({"x": 1})

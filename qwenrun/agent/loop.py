@@ -10,9 +10,10 @@ Tool calls of one model answer run in parallel, each under its time limit; every
 becomes an ``Error: ...`` tool result the model can read. ``tool_choice`` ``required`` / a tool
 name is enforced with structured outputs on the first model call of a turn (then it falls back to
 ``auto`` so the model can answer), and a malformed call is retried once with a grammar-forced call.
-Calls written as bare JSON are read too (``agent.lenient_tool_calls``), and a call the model
-repeats with the same arguments in one turn is not run again: the model is asked for its answer
-with the tools off. A tool with ``approval: ask``
+Calls written as bare JSON are read too (``agent.lenient_tool_calls``); arguments a tool's schema
+does not declare are dropped (``agent.extra_arguments``); identical calls of one answer run once; a
+call repeated in one turn is not run again: its model call stops there (``agent.stop_repeated_calls``)
+and the model is asked for its answer with the tools off. A tool with ``approval: ask``
 runs only if the session's approver (a callback its front end gives, :mod:`qwenrun.approval`) says
 yes; ``deny`` never runs. The agent's MCP servers (:mod:`qwenrun.mcp`) start and stop with it and add
 their tools to it.
@@ -21,7 +22,7 @@ their tools to it.
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import time
 import uuid
@@ -30,16 +31,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import toolcalls
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
+from qwenrun.agent.steps import Step, TurnOptions, assistant_message, call_key, seen_calls, with_reasoning
 from qwenrun.approval import Approver, review
 from qwenrun.engines.base import Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls import hermes
-from qwenrun.tools import Tool, run_call
+from qwenrun.toolcalls.repeats import RepeatWatch
+from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
 if TYPE_CHECKING:
     from qwenrun.sessions.store import RecordKind, SessionStore
@@ -263,7 +267,7 @@ class Session:
         self._turn = 1 + sum(1 for message in self.messages if message.get("role") == "user")
         trace = self._trace = self.agent.telemetry.turn(self.id, self.agent.name, self._turn)
         try:
-            calls = _Calls(
+            calls = TurnOptions(
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
             )
@@ -280,7 +284,7 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, options: _Calls, text: bool
+        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool
     ) -> AsyncIterator[Event]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
@@ -289,21 +293,23 @@ class Session:
         tool_calls = 0
         iteration = 0
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
+        checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
         note: str | None = None  # a transient instruction for the next model call only
         while iteration < spec.max_iterations:
             iteration += 1
-            step = _Step()
+            step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
             try:
                 async for event in self._model_call(choice, options, step, text, note):
                     yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
-                    partial = _with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
+                    partial = with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
                     self._record(partial, {"interrupted": True})
             total += step.usage
-            calls = [call for call in step.result.tool_calls if call.ok]
-            if calls and choice != "none":
-                fresh = [call for call in calls if _call_key(call) not in done]
+            pairs = [declared_only(checked, call) for call in step.result.tool_calls if call.ok]
+            calls, dropped = [call for call, _ in pairs], {call.id: extra for call, extra in pairs if extra}
+            if (calls or step.repeated) and choice != "none":
+                fresh = [call for call in calls if call_key(call) not in done]
                 if not fresh:  # the same call again (small models loop): answer with tools off
                     log.debug("session %s: repeated tool call(s) %s; asking for the answer", self.id,
                               ", ".join(call.name for call in calls))  # fmt: skip
@@ -313,17 +319,20 @@ class Session:
             if not calls or choice == "none":
                 content = step.result.content
                 meta = usage_meta(step.usage, step.finish_reason)
-                self._record(_with_reasoning({"role": "assistant", "content": content}, step.reasoning), meta)
+                self._record(with_reasoning({"role": "assistant", "content": content}, step.reasoning), meta)
                 stop: Literal["answer", "length"] = "length" if step.finish_reason == "length" else "answer"
                 yield Final(content, stop, iteration, tool_calls, total)
                 return
             if not spec.parallel_tool_calls:
                 calls = calls[:1]
-            message = _with_reasoning(_assistant_message(step.result.content, calls), step.reasoning)
+            message = with_reasoning(assistant_message(step.result.content, calls), step.reasoning)
             meta = usage_meta(step.usage)
             if thought := [call.id for call in calls if call.from_thinking]:  # made while thinking
                 meta["from_thinking"] = thought
             self._record(message, meta)
+            for notice in (dropped_notice(call, dropped[call.id]) for call in calls if call.id in dropped):
+                self._write("event", event_dict(notice))
+                yield notice
             shown = [ToolCall(call.id, call.name, call.arguments, call.from_thinking) for call in calls]
             for event in shown:
                 yield event
@@ -340,17 +349,17 @@ class Session:
                 )
                 yield result
             tool_calls += len(calls)
-            done.update(_call_key(call) for call in calls)
+            done.update(call_key(call) for call in calls)
             choice = "auto"  # a forced tool_choice applies to the first call of a turn only
         note = f"(stopped after {spec.max_iterations} model calls without a final answer)"
         self._record({"role": "assistant", "content": note}, {"note": "max_iterations"})
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, options: _Calls, step: _Step, text: bool, note: str | None = None
+        self, choice: str, options: TurnOptions, step: Step, text: bool, note: str | None = None
     ) -> AsyncIterator[Event]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``."""
+        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False
@@ -360,6 +369,7 @@ class Session:
             lenient = tools is not None and agent.spec.agent.lenient_tool_calls
             reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient,
                                   calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
+            watch = RepeatWatch(step.seen) if step.seen is not None and tools is not None else None
             started = time.perf_counter()
             extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
@@ -374,7 +384,7 @@ class Session:
             )
             try:
                 async for delta in deltas:
-                    for item in reader.feed(delta):
+                    for item in (items := reader.feed(delta)):
                         if isinstance(item, str):
                             step.text += item
                             if text:
@@ -383,6 +393,10 @@ class Session:
                             step.reasoning += item.text
                             if text:
                                 yield Reasoning(item.text)
+                    if watch is not None and watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
+                        step.repeated = repaired = True  # no repair; closing the stream aborts the generation
+                        log.info("session %s: stopped a model call at its repeat of %s", self.id, watch.call)
+                        break
             except BaseException as exc:
                 span.fail(exc)
                 raise
@@ -416,20 +430,24 @@ class Session:
 
     async def _run_calls(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
         """Ask the approver about each call that needs it (one at a time, in order), then run the
-        approved calls in parallel; a refused call's result says why it did not run."""
+        approved calls in parallel; a refused call's result says why it did not run. Identical calls
+        (name and arguments) are asked about and run once: each of their ids gets the result."""
+        keys = [call_key(call) for call in calls]
+        first = [keys.index(key) for key in keys]  # the index of each call's first identical one
         results: list[ToolResult | None] = [None] * len(calls)
         for index, event in enumerate(shown):
             tool = self.agent.tools.get(event.name)
-            if tool is not None and tool.approval != "auto":
+            if tool is not None and tool.approval != "auto" and first[index] == index:
                 results[index] = await review(event, tool.approval, tool.origin, self.approver)
-        runnable = [index for index, result in enumerate(results) if result is None]
+        runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
         if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
             results[runnable[0]] = await self._run_tool(calls[runnable[0]])
         elif runnable:
             ran = await asyncio.gather(*(self._run_tool(calls[index]) for index in runnable))
             for index, result in zip(runnable, ran, strict=True):
                 results[index] = result
-        return [result for result in results if result is not None]
+        return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
+                if (got := results[index]) is not None]  # fmt: skip
 
     async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
@@ -444,50 +462,3 @@ class Session:
             raise
         span.end_tool(result)
         return result
-
-
-class _Calls:
-    """What every model call of a turn gets: sampling overrides and chat template variables."""
-
-    __slots__ = ("overrides", "template")
-
-    def __init__(self, overrides: dict[str, Any], template: dict[str, Any]) -> None:
-        self.overrides, self.template = overrides, template
-
-
-class _Step:
-    """What one model call produced (filled in while streaming)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.reasoning = ""
-        self.done = False
-        self.finish_reason: str | None = None
-        self.usage = Usage()
-        self.result = toolcalls.ParsedOutput("", "", [])
-
-
-def _call_key(call: hermes.ToolCall) -> tuple[str, str]:
-    return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
-
-
-def _with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:
-    """``message`` with the model call's reasoning as ``reasoning_content`` (what Qwen3's chat
-    template reads: it keeps it for the current tool loop and drops it from earlier turns)."""
-    reasoning = reasoning.strip()
-    return {**message, "reasoning_content": reasoning} if reasoning else message
-
-
-def _assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:
-    return {
-        "role": "assistant",
-        "content": content,
-        "tool_calls": [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments_json()},
-            }
-            for call in calls
-        ],
-    }

@@ -128,7 +128,7 @@ def up(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
 
     with errors():
         spec = load_spec(file, overrides)
-        launch(Launch(spec, file, overrides, resume, make_agent=common.make_agent))
+        launch(Launch(spec, file, overrides, resume, make_agent=common.make_agent, verbose=_verbose))
 
 
 @main.command()
@@ -145,7 +145,7 @@ def run(file: str, prompt: str, as_json: bool, overrides: tuple[str, ...]) -> No
         agent = common.make_agent(load_spec(file, overrides))
 
         async def once(agent: Agent) -> None:
-            await run_once(agent, prompt, as_json=as_json)
+            await run_once(agent, prompt, as_json=as_json, notices=_verbose > 0)
 
         run_agent(agent, once)
 

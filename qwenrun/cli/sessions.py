@@ -136,6 +136,8 @@ def _show_record(record: Record) -> str:
         if data.get("type") == "final":
             what = f"{data.get('stop_reason')}, {data.get('tool_calls')} tool calls, {_usage(meta)}, {took}"
             return click.style(f"({what})", dim=True)
+        if data.get("type") == "notice":
+            return click.style(f"  ! {data.get('message')}", fg="yellow")
         return click.style(f"({data.get('type')}: {data.get('error')}, after {took})", fg="red")
     role = data.get("role")
     if role == "tool":
@@ -185,7 +187,9 @@ def _markdown(stored: StoredSession) -> Iterator[str]:
             turn = record.turn
             yield f"\n## Turn {turn}"
         data, meta = record.data, record.meta
-        if record.kind == "event":
+        if record.kind == "event" and data.get("type") == "notice":
+            yield f"\n*notice: {data.get('message')}*"
+        elif record.kind == "event":
             what = data.get("stop_reason") if data.get("type") == "final" else data.get("error")
             took = f"{meta.get('duration_s', 0):.2f} s"
             yield f"\n*{data.get('type')}: {what}; {_usage(meta) or 'no usage'}, {took}*"

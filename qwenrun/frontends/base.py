@@ -40,6 +40,7 @@ class Launch:
     overrides: tuple[str, ...] = ()  # the --set overrides it was loaded with
     resume: str | None = None  # a recorded session to continue (front ends with `resumes`)
     make_agent: Callable[[AgentSpec], Agent] = field(default=default_agent)
+    verbose: int = 0  # -v given this many times (the terminal shows the loop's notices with -v)
 
 
 async def start_with_status(agent: Agent) -> None:

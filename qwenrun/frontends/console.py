@@ -5,6 +5,7 @@ the conversation, ``/exit`` (or end of input) leaves, ``/help`` lists the comman
 current answer and keeps the session. Text from the model and the tools is printed with its control
 characters made visible (:func:`printable`): an ESC in a tool result must not drive the user's
 terminal. A call of an ``approval: ask`` tool waits for y/n on the terminal (:func:`console_approver`).
+The loop's notices (arguments dropped from a call) are shown with ``-v``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ import click
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, escape
 from qwenrun.errors import QwenrunError, RequestError
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
+from qwenrun.events import (
+    Event,
+    Final,
+    Notice,
+    Reasoning,
+    Repair,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    Usage,
+    to_dict,
+)
 from qwenrun.frontends.base import Launch, run_agent
 
 __all__ = ["EventPrinter", "console_approver", "printable", "repl", "run", "run_once"]
@@ -48,12 +60,20 @@ def printable(text: str) -> str:
 
 class EventPrinter:
     """Prints events compactly: the reasoning streams dimmed, the answer streams, tool steps get one
-    dim line each."""
+    dim line each; the loop's notices one yellow line if ``notices`` (``-v``)."""
 
-    def __init__(self, out: TextIO | None = None, *, show_tools: bool = True, as_json: bool = False) -> None:
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        *,
+        show_tools: bool = True,
+        as_json: bool = False,
+        notices: bool = False,
+    ) -> None:
         self.out = out
         self.show_tools = show_tools
         self.as_json = as_json
+        self.notices = notices
         self._open_line = False
         self._thinking = False  # the last thing printed was reasoning
 
@@ -92,7 +112,9 @@ class EventPrinter:
         if isinstance(event, Final):
             self._final(event)
             return
-        if isinstance(event, Usage) or (not self.show_tools and not isinstance(event, Repair)):
+        if isinstance(event, Notice) and not self.notices:
+            return
+        if isinstance(event, Usage) or (not self.show_tools and not isinstance(event, Repair | Notice)):
             return
         self._end_line()
         if isinstance(event, ToolCall):
@@ -106,6 +128,8 @@ class EventPrinter:
             self._write(click.style(f"  ← {text}\n", dim=not event.is_error, fg=colour))
         elif isinstance(event, Repair):
             self._write(click.style(f"  ! {printable(event.reason)}\n", fg="yellow"))
+        elif isinstance(event, Notice):
+            self._write(click.style(f"  ! {printable(event.message)}\n", fg="yellow"))
 
     def _final(self, final: Final) -> None:
         """End the turn's line, with a word when the answer is not all there: cut at max_tokens,
@@ -138,7 +162,7 @@ def run(launch: Launch) -> None:
             raise QwenrunError(f"no session {resume!r} in {where}; see `qwenrun sessions list`")
 
     async def body(agent: Agent) -> None:
-        await repl(agent, resume=resume)
+        await repl(agent, resume=resume, notices=launch.verbose > 0)
 
     run_agent(agent, body)
 
@@ -160,10 +184,12 @@ def console_approver(next_line: Callable[[], Awaitable[str | None]]) -> Approver
     return approve
 
 
-async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final:
-    """Answer one prompt, printing events as they come; approvals are read from stdin."""
+async def run_once(agent: Agent, prompt: str, *, as_json: bool = False, notices: bool = False) -> Final:
+    """Answer one prompt, printing events as they come (``notices``: the loop's too); approvals
+    are read from stdin."""
     printer = EventPrinter(
         as_json=as_json,
+        notices=notices,
         show_tools=agent.spec.frontend.kind != "cli" or getattr(agent.spec.frontend, "show_tool_calls", True),
     )
     reader: _LineReader | None = None
@@ -182,13 +208,16 @@ async def run_once(agent: Agent, prompt: str, *, as_json: bool = False) -> Final
     return final
 
 
-async def repl(agent: Agent, stdin: TextIO | None = None, *, resume: str | None = None) -> None:
+async def repl(
+    agent: Agent, stdin: TextIO | None = None, *, resume: str | None = None, notices: bool = False
+) -> None:
     """Read questions until ``/exit`` or end of input; stream each answer.
 
-    ``resume``: the id of a recorded session to continue (its history is loaded from the store).
+    ``resume``: the id of a recorded session to continue (its history is loaded from the store);
+    ``notices``: show the loop's notices (``-v``).
     """
     show = getattr(agent.spec.frontend, "show_tool_calls", True)
-    printer = EventPrinter(show_tools=show)
+    printer = EventPrinter(show_tools=show, notices=notices)
     lines = _LineReader(stdin or sys.stdin)
     session = agent.session(resume, approver=console_approver(lines.next))
     _announce(session, resumed=resume is not None)

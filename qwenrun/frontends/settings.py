@@ -34,6 +34,12 @@ class OpenAIFrontend(Settings):
     response_retention_days: float | None = Field(
         30, gt=0, description="Days a stored /v1/responses response is kept (null: until deleted)."
     )
+    answer_repeated_calls: bool = Field(
+        True,
+        description="Pass-through mode: when the model writes a call that the request's messages already "
+        "hold with its result, stop it and ask for the answer with the tools off (as the agent loop "
+        "does), instead of returning the call again or as text.",
+    )
 
 
 class Starter(Settings):

@@ -176,6 +176,20 @@ class AgentSettings(Settings):
         "loop and the OpenAI server's pass-through mode.",
     )
 
+    extra_arguments: Literal["drop", "reject"] = Field(
+        "drop",
+        description="Arguments of a call that the tool's schema does not declare (small models echo "
+        "schema keys such as 'required'): 'drop' removes them before the arguments are checked, with a "
+        "notice event (shown with -v, kept in the session); 'reject' leaves them, and the tool refuses "
+        "the call. A tool that accepts any key (additionalProperties, **kwargs) gets them either way.",
+    )
+    stop_repeated_calls: bool = Field(
+        True,
+        description="Stop a model call as soon as its output holds a complete call equal (name and "
+        "arguments) to one already run in this turn, then ask for the answer with the tools off "
+        "(false: let the model write on until it ends or reaches max_tokens, then do the same).",
+    )
+
     def turn_tool_choice(self, message: str) -> str:
         """The ``tool_choice`` of a turn's first model call for the user's ``message``: the first
         of :attr:`tool_choice_rules` that matches it, else :attr:`tool_choice`."""

@@ -15,7 +15,8 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
   ``tool_calls``. As ``vllm
   serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON ``response_format`` or vLLM's
   ``structured_outputs``, several calls for ``tool_choice: required`` unless
-  ``parallel_tool_calls`` is false.
+  ``parallel_tool_calls`` is false. A call the messages hold with its result, written again, gets
+  the answer with the tools off instead (:mod:`~qwenrun.frontends.openai.repeats`).
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
   Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
@@ -38,6 +39,7 @@ from qwenrun.approval import Approver, fixed_approver
 from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
 from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
+from qwenrun.frontends.openai.repeats import RepeatedCalls
 from qwenrun.frontends.openai.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -262,6 +264,8 @@ def passthrough(
         reader = OutputReader(agent.engine.tool_call_format, tools=sent_tools, lenient=lenient,
                               calls=bool(sent_tools),
                               calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
+        watched = frontend.answer_repeated_calls and choice == "auto" and request.wanted_logprobs() is None
+        repeats = RepeatedCalls(reader, messages if watched and sent_tools else [])
         trim, think_trim, finish, prompt, completion = _Trim(), _Trim(), "stop", 0, 0
         # The argument deltas of a call being written, held until it is complete: a call that ends
         # malformed (a parameter given twice, an answer cut by max_tokens) must not have reached
@@ -294,24 +298,25 @@ def passthrough(
                         out.append(Text(text))
             return out
 
-        stream = agent.engine.generate(
+        stream = repeats.generate(
+            agent.engine,
             Request(
                 messages=messages, tools=sent_tools, tool_choice=choice, parallel_tool_calls=not single,
                 sampling=agent.spec.sampling, overrides=sampling, constraint=constraint,
                 chat_template_kwargs=template, request_id=request_id,
                 incremental=bool(request.stream),  # non-streaming: one delta
                 logprobs=request.wanted_logprobs(),
-            )
+            ),
         )  # fmt: skip
         async with closing(stream):
             async for delta in stream:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
-                for piece in translate(reader.feed(delta)):
+                for piece in translate(repeats.read(delta)):
                     yield piece
                 if delta.logprobs:
                     yield Logprobs(delta.logprobs)
-        for piece in translate(reader.finish()):
+        for piece in translate(repeats.finish()):
             yield piece
         reason = "tool_calls" if complete else ("length" if finish == "length" else "stop")
         yield Finish(reason, prompt, completion)
