@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwenrun.errors import ConfigError
-from qwenrun.frontends.settings import ChainlitFrontend, CliFrontend, OpenAIFrontend
+from qwenrun.frontends.settings import ChainlitFrontend, CliFrontend, McpFrontend, OpenAIFrontend
 from qwenrun.spec.base import Settings
 
 if TYPE_CHECKING:
@@ -51,10 +51,17 @@ def _chainlit() -> Run:
     return run
 
 
+def _mcp() -> Run:
+    from qwenrun.frontends.mcp import run
+
+    return run
+
+
 FRONTENDS: dict[str, FrontendKind] = {
     "cli": FrontendKind(CliFrontend, _console, resumes=True),
     "openai": FrontendKind(OpenAIFrontend, _openai),
     "chainlit": FrontendKind(ChainlitFrontend, _chainlit),
+    "mcp": FrontendKind(McpFrontend, _mcp),
 }
 
 
