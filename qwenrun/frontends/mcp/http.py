@@ -83,6 +83,16 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+class _Endpoint:
+    """The session manager as an ASGI app (Starlette routes a plain function as a GET handler)."""
+
+    def __init__(self, manager: StreamableHTTPSessionManager) -> None:
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.manager.handle_request(scope, receive, send)
+
+
 class App:
     """The ASGI app of one agent server: ``engine_died`` turns True when the engine died, and
     ``on_engine_death`` (if set) is called then."""
@@ -119,15 +129,12 @@ class App:
                     if shutdown_agent:
                         await agent.shutdown()
 
-        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-            await manager.handle_request(scope, receive, send)
-
         async def health(request: Request) -> Response:
             if agent.engine.health() == "ready":
                 return JSONResponse({"status": "ok"})
             return JSONResponse({"status": "unavailable"}, status_code=503)
 
-        routes = [Route("/health", health, methods=["GET"]), Route(frontend.path, endpoint)]
+        routes = [Route("/health", health, methods=["GET"]), Route(frontend.path, _Endpoint(manager))]
         app: ASGIApp = Starlette(routes=routes, lifespan=lifespan)
         self.asgi = _ApiKey(app, key) if key is not None else app
 
