@@ -412,7 +412,7 @@ async def test_expose_tools_offers_the_agents_own_tools(tmp_path: Path) -> None:
 
 def test_the_agent_tool_may_not_clash_with_an_exposed_tool(tmp_path: Path) -> None:
     agent = make_agent(tmp_path, echo, expose_tools=True, tool_name="get_current_weather")
-    with pytest.raises(ConfigError, match="frontend.tool_name: 'get_current_weather' is also the name of one"):
+    with pytest.raises(ConfigError, match=r"frontend\.tool_name: 'get_current_weather' is also the name of one"):
         AgentServer(agent, frontend_of(agent))
     named = make_agent(tmp_path, echo, tool_name="ask_weather")
     assert AgentServer(named, frontend_of(named)).tool_name == "ask_weather"
