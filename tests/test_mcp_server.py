@@ -480,6 +480,9 @@ async def test_http_refuses_large_bodies_and_foreign_hosts(tmp_path: Path) -> No
         foreign = await raw.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
                                  headers={**headers, "Host": "evil.example:80"})  # fmt: skip
         assert foreign.status_code == 421 and "Invalid Host header" in foreign.text
+        page = await raw.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                              headers={**headers, "Origin": "http://evil.example"})  # fmt: skip
+        assert page.status_code == 403 and "Invalid Origin header" in page.text
         async with http_client(url) as client:  # 127.0.0.1 is a local host
             assert text(await client.call_tool("weather", {"message": "hi"})) == "1: hi"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from qwenrun.errors import ConfigError
+from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.frontends.base import Launch
 from qwenrun.frontends.settings import McpFrontend
 
@@ -23,8 +23,11 @@ def run(launch: Launch) -> None:
     """Serve the agent of ``launch`` on ``frontend.transport`` until the client or a signal ends it."""
     import asyncio
 
-    from qwenrun.frontends.mcp import http, stdio
-    from qwenrun.frontends.mcp.server import AgentServer
+    try:
+        from qwenrun.frontends.mcp import http, stdio
+        from qwenrun.frontends.mcp.server import AgentServer
+    except ImportError as exc:  # the SDK (or the starlette/uvicorn it pulls in) is missing
+        raise MissingExtraError(exc.name or "mcp", "mcp") from exc
 
     frontend = launch.spec.frontend
     if not isinstance(frontend, McpFrontend):  # the registry sends only mcp here
