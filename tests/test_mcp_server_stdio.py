@@ -24,8 +24,11 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from test_mcp_server import call_then_cancel, text
 
+from qwenrun.agent import Agent
+from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.frontends.mcp.server import SESSION_META
 from qwenrun.sessions.sqlite import SQLiteStore
+from qwenrun.spec.agent_file import AgentSpec
 
 HELPER = str(Path(__file__).resolve().parent / "mcp_agent.py")
 
@@ -170,3 +173,42 @@ async def test_up_with_http_says_where_it_listens(agent_file: Path, tmp_path: Pa
         process.terminate()
         process.wait(30)
         errors.close()
+
+
+def turn_ends(store: SQLiteStore) -> list[str]:
+    """How the turns of every stored session ended (``final``, ``cancelled``, ``error``)."""
+    stored = [store.get(info.id) for info in store.list()]
+    return [record.data["type"] for one in stored if one for record in one.records if record.kind == "event"]
+
+
+async def test_an_agent_that_gives_up_a_call_cancels_the_turn_of_the_agent_it_called(
+    agent_file: Path, tmp_path: Path
+) -> None:
+    """A qwenrun agent (scripted, here) uses the shouter through an `mcp:` entry; when its call
+    passes its time limit, qwenrun's client sends notifications/cancelled, and the shouter stops
+    the turn (its 10 s answer would otherwise end as `final`) and answers the next call."""
+    entry = {"name": "shouter", "command": sys.executable, "args": [HELPER, "up", str(agent_file), "--set", "frontend.kind=mcp"]}
+    spec = AgentSpec.from_dict(
+        {"model": {"path": "scripted"}, "agent": {"name": "caller"}, "sessions": {"enabled": False},
+         "tools": [{"mcp": entry, "timeout_s": 1}]},
+        source="tests/caller.yaml",
+    )  # fmt: skip
+
+    def script(request: ModelRequest) -> str:
+        last = request.messages[-1]
+        if last["role"] == "user":
+            return tool_call_text("shouter", {"message": str(last["content"])})
+        return f"shouter: {last['content']}"
+
+    store = SQLiteStore(tmp_path / "sessions.db")
+    async with Agent(spec, ScriptedEngine(script), tools=[]) as caller:
+        given_up = await caller.session(record=False).ask("slow")
+        assert given_up.text == "shouter: Error: shouter timed out after 1 s"
+        for _ in range(600):  # the shouter's turn ends soon after: cancelled, not answered in 10 s
+            if ended := turn_ends(store):
+                break
+            await asyncio.sleep(0.1)
+        assert ended == ["cancelled"]
+        answered = await caller.session(record=False).ask("shout hi")
+    assert answered.text == "shouter: The tool said HI!"
+    store.close()
