@@ -24,7 +24,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import toolcalls
@@ -256,11 +257,14 @@ class Session:
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
             )
-            async for event in self._steps(prompt, tool_choice, calls, text):
-                if isinstance(event, Final):
-                    trace.end(event)
-                    self._write("event", *turn_record(event, trace.started))
-                yield event
+            # closed here, not by the garbage collector: a consumer that stops listening ends the
+            # model call now, and the partial answer is recorded before the turn's end
+            async with aclosing(self._steps(prompt, tool_choice, calls, text)) as steps:
+                async for event in steps:
+                    if isinstance(event, Final):
+                        trace.end(event)
+                        self._write("event", *turn_record(event, trace.started))
+                    yield event
         except BaseException as exc:
             if not trace.done:  # an error, a cancellation, or a consumer that stopped listening
                 trace.fail(exc)
@@ -269,7 +273,7 @@ class Session:
 
     async def _steps(
         self, prompt: str, tool_choice: str | None, options: _Calls, text: bool
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.tool_choice
@@ -282,8 +286,9 @@ class Session:
             iteration += 1
             step = _Step()
             try:
-                async for event in self._model_call(choice, options, step, text, note):
-                    yield event
+                async with aclosing(self._model_call(choice, options, step, text, note)) as model:
+                    async for event in model:
+                        yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
                     partial = _with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
@@ -333,7 +338,7 @@ class Session:
 
     async def _model_call(
         self, choice: str, options: _Calls, step: _Step, text: bool, note: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
         if ``text``."""
         agent, trace = self.agent, self._trace

@@ -39,7 +39,10 @@ def run(launch: Launch) -> None:
         click.echo(f"MCP server of agent {launch.spec.agent.name!r} on stdio; a client starts it with:\n"
                    f"  {stdio_command(launch)}", err=True)  # fmt: skip
         core = AgentServer(launch.make_agent(launch.spec), frontend)
-        asyncio.run(stdio.serve(core, stdin, stdout))
+        try:
+            asyncio.run(stdio.serve(core, stdin, stdout))
+        except KeyboardInterrupt:  # Ctrl-C in a terminal: the agent was shut down on the way out
+            click.echo("Stopped.", err=True)
 
 
 def stdio_command(launch: Launch) -> str:
