@@ -604,3 +604,29 @@ async def test_thinking_switch_budget_and_per_turn_template_variables() -> None:
     plain, engine = make_agent(["a"])
     await collect(plain, "q")
     assert (engine.calls[0].chat_template_kwargs, engine.calls[0].overrides) == ({}, {})
+
+
+async def test_a_consumer_that_stops_listening_ends_the_model_call_at_once() -> None:
+    """Closing a turn's stream (a front end whose client went away or cancelled) closes the model
+    call right then, not when the garbage collector finds it: the engine's request has ended when
+    ``aclose()`` returns, and the partial answer is recorded before the turn's ``cancelled``."""
+    from qwenrun.sessions.sqlite import SQLiteStore
+
+    store = SQLiteStore(":memory:")
+    spec = AgentSpec.from_dict({"model": {"path": "scripted"}})
+    engine = ScriptedEngine(["word " * 200])
+    session = Agent(spec, engine, tools=[], store=store).session("listener")
+    stream = session.stream("talk")
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    assert engine.active == 1
+    await stream.aclose()
+    assert engine.active == 0
+    store.flush()
+    stored = store.get("listener")
+    assert stored is not None
+    shown = [(record.kind, record.data.get("role") or record.data["type"], record.meta.get("interrupted"))
+             for record in stored.records]  # fmt: skip
+    assert shown == [("message", "user", None), ("message", "assistant", True), ("event", "cancelled", None)]
+    store.close()

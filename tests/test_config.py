@@ -157,7 +157,7 @@ def test_tools_may_be_names_or_mappings() -> None:
         ),
         (
             MINIMAL + "frontend: {kind: tui}\n",
-            "agent.yaml: frontend.kind: unknown kind 'tui' (valid: cli, openai, chainlit, a2a)",
+            "agent.yaml: frontend.kind: unknown kind 'tui' (valid: cli, openai, chainlit, a2a, mcp)",
         ),
         (MINIMAL + "tools: [{settings: {}}]\n", "agent.yaml: tools[0].name: required key is missing"),
         (
@@ -290,7 +290,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         (
             "frontend.kind=opnai",
             "agent.yaml: --set frontend.kind=opnai: frontend.kind: unknown kind 'opnai'; did you mean 'openai'? "
-            "(valid: cli, openai, chainlit, a2a)",
+            "(valid: cli, openai, chainlit, a2a, mcp)",
         ),
     ],
 )
@@ -336,7 +336,7 @@ def test_tool_call_format_and_thinking_keys() -> None:
 
 def test_a_misspelled_frontend_kind_gets_a_suggestion() -> None:
     assert error_of(MINIMAL + "frontend: {kind: chainlt}\n") == (
-        "agent.yaml: frontend.kind: unknown kind 'chainlt'; did you mean 'chainlit'? (valid: cli, openai, chainlit, a2a)"
+        "agent.yaml: frontend.kind: unknown kind 'chainlt'; did you mean 'chainlit'? (valid: cli, openai, chainlit, a2a, mcp)"
     )
 
 

@@ -26,12 +26,20 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import toolcalls
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
-from qwenrun.agent.steps import Step, TurnOptions, assistant_message, call_key, seen_calls, with_reasoning
+from qwenrun.agent.steps import (
+    Step,
+    TurnOptions,
+    assistant_message,
+    call_key,
+    seen_calls,
+    with_reasoning,
+)
 from qwenrun.approval import Approver, review
 from qwenrun.engines.base import Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
@@ -271,12 +279,15 @@ class Session:
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
             )
-            async for event in self._steps(prompt, tool_choice, calls, text):
-                if isinstance(event, Final):
-                    trace.end(event)
-                    self._write("event", *turn_record(event, trace.started))
-                    await self._written()
-                yield event
+            # closed here, not by the garbage collector: a consumer that stops listening ends the
+            # model call now, and the partial answer is recorded before the turn's end
+            async with aclosing(self._steps(prompt, tool_choice, calls, text)) as steps:
+                async for event in steps:
+                    if isinstance(event, Final):
+                        trace.end(event)
+                        self._write("event", *turn_record(event, trace.started))
+                        await self._written()
+                    yield event
         except BaseException as exc:
             if not trace.done:  # an error, a cancellation, or a consumer that stopped listening
                 trace.fail(exc)
@@ -285,7 +296,7 @@ class Session:
 
     async def _steps(
         self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         spec = self.agent.spec.agent
         self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.turn_tool_choice(prompt)  # the request's, a rule's, or the file's
@@ -299,8 +310,9 @@ class Session:
             iteration += 1
             step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
             try:
-                async for event in self._model_call(choice, options, step, text, note):
-                    yield event
+                async with aclosing(self._model_call(choice, options, step, text, note)) as model:
+                    async for event in model:
+                        yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
                     partial = with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
@@ -357,7 +369,7 @@ class Session:
 
     async def _model_call(
         self, choice: str, options: TurnOptions, step: Step, text: bool, note: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
         if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows."""
         agent, trace = self.agent, self._trace

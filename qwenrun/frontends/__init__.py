@@ -4,7 +4,8 @@
 * :mod:`~qwenrun.frontends.settings`: the ``frontend:`` table's models;
   :mod:`~qwenrun.frontends.registry`: ``frontend.kind`` -> its ``run``.
 * :mod:`~qwenrun.frontends.console` (``cli``, a REPL), :mod:`~qwenrun.frontends.openai` (an
-  OpenAI-compatible server), :mod:`~qwenrun.frontends.chainlit.app` (a chat UI).
+  OpenAI-compatible server), :mod:`~qwenrun.frontends.chainlit.app` (a chat UI),
+  :mod:`~qwenrun.frontends.mcp` (the agent as an MCP server).
 
 Each keeps its state in its app or session objects, never in module globals.
 """

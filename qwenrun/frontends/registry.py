@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwenrun.errors import ConfigError
-from qwenrun.frontends.settings import A2AFrontend, ChainlitFrontend, CliFrontend, OpenAIFrontend
+from qwenrun.frontends.settings import A2AFrontend, ChainlitFrontend, CliFrontend, McpFrontend, OpenAIFrontend
 from qwenrun.spec.base import Settings
 
 if TYPE_CHECKING:
@@ -57,11 +57,18 @@ def _a2a() -> Run:
     return run
 
 
+def _mcp() -> Run:
+    from qwenrun.frontends.mcp import run
+
+    return run
+
+
 FRONTENDS: dict[str, FrontendKind] = {
     "cli": FrontendKind(CliFrontend, _console, resumes=True),
     "openai": FrontendKind(OpenAIFrontend, _openai),
     "chainlit": FrontendKind(ChainlitFrontend, _chainlit),
     "a2a": FrontendKind(A2AFrontend, _a2a),
+    "mcp": FrontendKind(McpFrontend, _mcp),
 }
 
 

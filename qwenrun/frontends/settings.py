@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, PositiveInt, Tag
+from pydantic import Discriminator, Field, PositiveFloat, PositiveInt, Tag, model_validator
 
 from qwenrun.spec.base import Settings
 
-__all__ = ["A2AFrontend", "ChainlitFrontend", "CliFrontend", "Frontend", "OpenAIFrontend", "Starter"]
+__all__ = [
+    "A2AFrontend", "ChainlitFrontend", "CliFrontend", "Frontend", "McpFrontend", "OpenAIFrontend", "Starter",
+]  # fmt: skip
 
 
 class CliFrontend(Settings):
@@ -81,6 +83,39 @@ class A2AFrontend(Settings):
     )
 
 
+class McpFrontend(Settings):
+    """``frontend.kind: mcp``: the agent as an MCP server, one tool (see docs/mcp.md)."""
+
+    kind: Literal["mcp"]
+    transport: Literal["stdio", "http"] = Field(
+        "stdio", description="stdio (a client starts qwenrun as its child process) or http (streamable HTTP)."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    path: str = Field("/mcp", pattern=r"^/[A-Za-z0-9_./-]*$", description="The HTTP endpoint's path.")
+    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key (http).")
+    tool_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The agent's tool (default: agent.name)."
+    )
+    expose_tools: bool = Field(False, description="Also offer the agent's own tools, each as a tool.")
+    max_request_bytes: PositiveInt = Field(
+        1_000_000, description="Largest HTTP request body, and largest `message` on either transport."
+    )
+    max_concurrent_calls: PositiveInt = Field(8, description="Tool calls running at once; more are refused.")
+    turn_timeout_s: PositiveFloat = Field(600, description="Time limit of one call of the agent's tool.")
+    approval_timeout_s: PositiveFloat = Field(
+        300, description="How long a call of an `approval: ask` tool waits for the client's answer."
+    )
+
+    @model_validator(mode="after")
+    def _http_only(self) -> McpFrontend:
+        if self.transport == "stdio" and self.api_key_env is not None:
+            raise ValueError(
+                "api_key_env is for transport http (a stdio server talks only to the process that started it)"
+            )
+        return self
+
+
 def _kind(value: Any) -> str:
     kind = value.get("kind", "cli") if isinstance(value, dict) else getattr(value, "kind", "cli")
     return kind if isinstance(kind, str) else "cli"
@@ -90,7 +125,8 @@ Frontend = Annotated[
     Annotated[CliFrontend, Tag("cli")]
     | Annotated[OpenAIFrontend, Tag("openai")]
     | Annotated[ChainlitFrontend, Tag("chainlit")]
-    | Annotated[A2AFrontend, Tag("a2a")],
+    | Annotated[A2AFrontend, Tag("a2a")]
+    | Annotated[McpFrontend, Tag("mcp")],
     Discriminator(_kind),
 ]
 """The ``frontend:`` table: one of the settings models above, by ``kind`` (default ``cli``)."""

@@ -14,8 +14,10 @@ the server has gone is killed: :meth:`McpConnection.close` leaves no process of 
 hung, crashed or not.
 
 A call waits for a server that is starting (or restarts within ``RETRY_WAIT_S``) and fails at once
-with the last error of one that is down. A call that ends without an answer (its time limit, a
-cancelled turn, a closed connection) makes the supervisor ping the server; without an answer in
+with the last error of one that is down. A call given up (its time limit, a cancelled turn) is
+cancelled on the server too (``notifications/cancelled``: a qwenrun agent behind it stops its
+turn). A call that ends without an answer (its time limit, a cancelled turn, a closed connection)
+makes the supervisor ping the server; without an answer in
 ``PING_TIMEOUT_S`` it is restarted (a streamable HTTP server that dies mid-call leaves that call
 waiting forever: python-sdk #1577). The server's stderr goes to a pipe: its last lines end the
 error messages, all of them are logged at debug level. On ``notifications/tools/list_changed`` the
@@ -341,16 +343,26 @@ class McpConnection:
         from mcp.types import CONNECTION_CLOSED
 
         session, gone = await self._ready_session()
+        sent: list[int] = []  # the call's request id
+
+        async def call_tool() -> types.CallToolResult:
+            # The SDK hides the id and sends no notifications/cancelled when a call is given up
+            # (python-sdk #230, #2507); send_request takes `_request_id` before its first await.
+            sent.append(session._request_id)
+            return await session.call_tool(name, arguments)
+
         # Not just `await session.call_tool`: a session that closes (the server died) can leave its
         # pending requests unanswered (the SDK cancels its receive loop on exit), so also wait for
         # the supervisor to say that this session is gone.
-        call = asyncio.ensure_future(session.call_tool(name, arguments))
+        call = asyncio.ensure_future(call_tool())
         call.add_done_callback(_retrieve)
         ended = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait({call, ended}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the time limit, a cancelled turn
+        except BaseException:  # the time limit, a cancelled turn: the server stops the call too
             call.cancel()
+            if sent:
+                _cancel_request(session, sent[0], self.name)
             self.check()
             raise
         finally:
@@ -450,6 +462,18 @@ class McpConnection:
         with self._stderr_lock:
             tail = [line for line in self._stderr if line.strip()][-lines:]
         return "; its stderr ends with:\n  " + "\n  ".join(tail) if tail else ""
+
+
+def _cancel_request(session: ClientSession, request_id: int, server: str) -> None:
+    """Tell the server that the call ``request_id`` is given up (MCP's ``notifications/cancelled``),
+    without waiting: the caller is being cancelled."""
+    from mcp import types
+
+    params = types.CancelledNotificationParams(requestId=request_id, reason="the call was given up")
+    notification = types.ClientNotification(types.CancelledNotification(params=params))
+    sending = asyncio.ensure_future(session.send_notification(notification))
+    sending.add_done_callback(_retrieve)
+    log.debug("MCP server %r: cancelled request %s", server, request_id)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
