@@ -52,7 +52,15 @@ def test_plot_on_the_committed_results(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py", "multiturn.py", "startup.py"]
+    "script",
+    [
+        "server_vs_vllm.py",
+        "transformers_baseline.py",
+        "agent_vs_raw.py",
+        "multiturn.py",
+        "startup.py",
+        "four_way.py",
+    ],
 )
 def test_engine_benchmarks_parse_their_arguments(script: str) -> None:
     done = run(script, "--help")
@@ -80,3 +88,35 @@ def test_multiturn_on_the_fake_engine(tmp_path: Path) -> None:
         assert ours["render_tokenize_loop_ms_per_turn"] == 0 < ours["render_tokenize_thread_ms_per_turn"]
         assert raw["render_tokenize_loop_ms_per_turn"] > 0 == raw["render_tokenize_thread_ms_per_turn"]
     assert json.loads(out.read_text()) == report
+
+
+def test_four_way_on_the_fake_engine(tmp_path: Path) -> None:
+    """qwenrun's three sides of the four-way benchmark (pass-through with a client loop, agent mode,
+    in-process) run the same sessions through a real qwenrun server on the tiny model's tokenizer
+    (no vLLM engine): every turn makes its one pinned call and a full-length answer, the prompts are
+    the same conversation on every side, and the GC policies are applied in the server's process."""
+    from qwenrun.weights.tiny import build_tiny_model
+
+    model = build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
+    out, table = tmp_path / "four_way.json", tmp_path / "four_way.md"
+    report = result_of(run("four_way.py", "--model", str(model), "--engine", "fake", "--sides", "b,c,d", "--quick",
+                           "--warmup", "0", "--step-ms", "1", "--gc-variants", "freeze,nofreeze", "--gc-at",
+                           "single:1", "--gc-sides", "d", "--gc-repeat", "1", "--json", str(out),
+                           "--table", str(table)))  # fmt: skip
+    main = [row for row in report["runs"] if row["variant"] is None]
+    assert sorted((r["workload"], r["n"], r["side"]) for r in main) == sorted(
+        (w, n, s) for w in ("single", "multi") for n in (1, 4) for s in "bcd"
+    )
+    for row in report["runs"]:
+        assert row["errors"] == row["bad_turns"] == 0, row
+        turns = 1 if row["workload"] == "single" else 3
+        assert row["turns_done"] == row["turns_expected"] == row["n"] * turns
+    for workload in ("single", "multi"):  # the same conversation (the run ids differ in a few tokens)
+        prompts = [r["prompt_tokens_per_turn"] for r in main if r["workload"] == workload]
+        assert max(prompts) - min(prompts) < 0.02 * min(prompts), prompts
+    assert [(state["policy"], state["frozen"] > 0) for state in report["gc_states"]] == [
+        ("freeze", True), ("nofreeze", False), ("freeze", True)
+    ]  # fmt: skip
+    assert {row["key"] for row in report["runs"] if row["variant"]} == {"d@freeze", "d@nofreeze"}
+    assert json.loads(out.read_text()) == report
+    assert "(c) qwenrun agent mode" in table.read_text()
