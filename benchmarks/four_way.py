@@ -48,6 +48,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
@@ -213,9 +214,10 @@ class Bench:
         self.started = time.monotonic()
         self.deadline = self.started + args.deadline_s if args.deadline_s else float("inf")
         self.me = psutil.Process()
+        self.ssl = ssl.create_default_context()
         self.walls: dict[tuple[str, str, int], float] = {}
         self.report: dict[str, Any] = {
-            "config": {k: v for k, v in vars(args).items() if k not in ("engine_config",)},
+            "config": dict(vars(args)),
             "machine": {"cpu": servers.cpu_model(), "cpus": os.cpu_count()}, "versions": servers.versions(),
             "startup_s": {}, "kv_cache_tokens": {}, "runs": [], "skipped": [], "gc_states": [],
         }  # fmt: skip
@@ -260,10 +262,7 @@ class Bench:
             self.servers[name] = server
             self._write_pids()
             if name == "qwenrun":
-                async with httpx.AsyncClient(timeout=5) as http:  # the second port too
-                    assert (
-                        await http.get(f"http://127.0.0.1:{self.host_ports['single']}/health")
-                    ).status_code == 200
+                await self._healthy(f"http://127.0.0.1:{self.host_ports['single']}/health")  # the second port
             self.report["startup_s"].setdefault(name, []).append(server.startup_s)
             found = re.search(r"KV cache size: ([\d,]+) tokens", server.log.read_text(errors="replace"))
             self.report["kv_cache_tokens"].setdefault(name, []).append(
@@ -272,6 +271,17 @@ class Bench:
             print(f"[bench] {name} up in {server.startup_s} s, KV cache {self.report['kv_cache_tokens'][name][-1]} tokens",
                   flush=True)  # fmt: skip
         return started
+
+    async def _healthy(self, url: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=5) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url)).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} did not answer 200 in {timeout_s:.0f} s")
+                await asyncio.sleep(0.2)
 
     def _write_pids(self) -> None:
         """The servers' process groups, for ``gpu.sh`` to end what a killed run left behind."""
@@ -314,16 +324,31 @@ class Bench:
         for name, server in self.servers.items():
             snap[f"{name}.front"] = server.cpu_s(front_only=True)
             snap[f"{name}.all"] = server.cpu_s()
-            gc_state = self._gc_of(server)
-            snap[f"{name}.gc_ms"], snap[f"{name}.gc2"] = gc_state["ms"], gc_state["gen2"]
+        return snap
+
+    def _gc_snapshot(self) -> dict[str, float]:
+        """The servers' GC totals as their probes last dumped them (every 0.2 s)."""
+        snap = {}
+        for name, server in self.servers.items():
+            state = self._gc_of(server)
+            snap[f"{name}.gc_ms"], snap[f"{name}.gc2"] = state["ms"], state["gen2"]
         return snap
 
     def fits(self, side: str, w: Workload, n: int) -> bool:
-        known = [
-            wall for (s, name, m), wall in self.walls.items() if name == w.name and m == n and s[0] == side[0]
+        """Whether a run of ``side`` at N = ``n`` ends before the deadline: judged by the longest
+        run of that side (else of any side) at ``n`` so far, else by the largest smaller N's
+        scaled by (n / N) ** 0.75 (how the multi-turn runs grew on the H200), else yes."""
+        walls = [(m, s[0] == side[0], wall) for (s, name, m), wall in self.walls.items() if name == w.name]
+        here = [wall for m, mine, wall in walls if m == n and mine] or [
+            wall for m, _, wall in walls if m == n
         ]
-        known = known or [wall for (_, name, m), wall in self.walls.items() if name == w.name and m == n]
-        return not known or time.monotonic() + 1.2 * max(known) + 10 < self.deadline
+        if not here:
+            smaller = [m for m, _, _ in walls if m < n]
+            if not smaller:
+                return True
+            m = max(smaller)
+            here = [wall * (n / m) ** 0.75 for k, _, wall in walls if k == m]
+        return time.monotonic() + 1.2 * max(here) + 10 < self.deadline
 
     async def measure(self, side: str, w: Workload, n: int, *, record: bool = True, rep: int = 0,
                       variant: str | None = None) -> dict[str, Any] | None:  # fmt: skip
@@ -338,7 +363,7 @@ class Bench:
         clients = [] if side == "d" else self._clients(base, n)  # made before the run: not measured
         control = httpx.AsyncClient(timeout=None) if side == "d" else None
         counters = await self._engine_counters(server_name)
-        before, probe, host_report = self._snapshot(), Probe(), None
+        before, probe, host_report = {**self._snapshot(), **self._gc_snapshot()}, Probe(), None
         try:
             if control is not None:
                 response, _ = await probe.timed(
@@ -355,6 +380,8 @@ class Bench:
                 await control.aclose()
             for client in {id(c): c for c in clients}.values():
                 await client.close()
+        await asyncio.sleep(0.3)  # the probes' next dump holds the run's last pauses
+        after.update(self._gc_snapshot())
         counters_after = await self._engine_counters(server_name)
         row = self._row(side, w, n, sessions, errors, wall, before, after, probe, host_report)
         row.update(key=key, rep=rep, variant=variant, run=run,
@@ -371,10 +398,11 @@ class Bench:
         return row
 
     def _clients(self, base: str, n: int) -> list[Any]:
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
-        def make() -> Any:
-            return AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=1800)
+        def make() -> Any:  # the client's own HTTP defaults, one SSL context (26 ms a client without)
+            http = DefaultAsyncHttpxClient(verify=self.ssl, timeout=1800)
+            return AsyncOpenAI(base_url=base, api_key="none", max_retries=0, http_client=http)
 
         if self.args.shared_client:
             return [make()] * n
@@ -435,7 +463,7 @@ class Bench:
 
     async def warm_up(self, sides: list[str]) -> None:
         if self.args.warmup:
-            for name in self.args.workloads:
+            for name in dict.fromkeys(name for name, _, _ in self.args.runs):
                 for side in sides:
                     await self.measure(side, self.loads[name], self.args.warmup, record=False)
 
@@ -470,30 +498,31 @@ class Bench:
 
 
 async def benchmark(bench: Bench) -> None:
-    args = bench.args
-    sides = args.sides
+    """The runs of ``--runs`` (workload, N, repeats), alternated by repeat; then the GC runs."""
+    args, sides = bench.args, bench.args.sides
     needed = {SERVER_OF[side] for side in sides}
     if args.layout == "both":
         await bench.ensure(needed)
         await bench.warm_up(sides)
-        for name in args.workloads:
-            for n in args.sessions:
-                for rep in range(args.repeat):
+        for name, sessions, repeat in args.runs:
+            for n in sessions:
+                for rep in range(repeat):
                     for side in _order(sides, rep):
                         await bench.measure(side, bench.loads[name], n, rep=rep)
         if "qwenrun" in needed:
             await bench.gc_block()
         return
-    for rep in range(args.repeat):  # layout one
+    most = max(repeat for _, _, repeat in args.runs)
+    for rep in range(most):  # layout one: each repeat runs one server, then the other
         for server in _order(sorted(needed, key=lambda n: n != "vllm"), rep):
             mine = [side for side in sides if SERVER_OF[side] == server]
             if await bench.ensure({server}):  # a fresh server: its caches are cold
                 await bench.warm_up(mine)
-            for name in args.workloads:
-                for n in args.sessions:
+            for name, sessions, repeat in args.runs:
+                for n in sessions if rep < repeat else ():
                     for side in _order(mine, rep):
                         await bench.measure(side, bench.loads[name], n, rep=rep)
-            if server == "qwenrun" and rep == args.repeat - 1:
+            if server == "qwenrun" and rep == most - 1:
                 await bench.gc_block()
 
 
@@ -586,6 +615,15 @@ def ban_token(model: str) -> int:
     return int(token)
 
 
+def parse_block(item: str, repeat: int, problems: list[str]) -> tuple[str, list[int], int]:
+    """One item of ``--runs``: ``WORKLOAD:N[,N...][xREPEATS]``, e.g. ``multi:16,64x3``."""
+    found = re.fullmatch(r"(\w+):(\d+(?:,\d+)*)(?:x(\d+))?", item)
+    if found is None:
+        problems.append(f"--runs: {item!r} is not WORKLOAD:N[,N...][xREPEATS]")
+        return "single", [], 0
+    return found[1], [int(n) for n in found[2].split(",")], int(found[3] or repeat)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -598,6 +636,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tools", type=int, default=20, help="of the multi-turn workload")
     parser.add_argument("--answer-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--runs", help="instead of --workloads x --sessions x --repeat: e.g. 'single:1,16x3 multi:64x2'"
+    )
     parser.add_argument("--warmup", type=int, default=8, help="sessions of each side's warm-up run (0: none)")
     parser.add_argument("--layout", choices=["both", "one"], default="both")
     parser.add_argument(
@@ -645,12 +686,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(sessions="1,4", turns=3, tools=4, answer_tokens=8, repeat=1, warmup=1)
     args = parser.parse_args(argv)
     args.sides = args.sides.split(",")
-    args.workloads = args.workloads.split(",")
-    args.sessions = [int(n) for n in args.sessions.split(",")]
+    sessions = [int(n) for n in args.sessions.split(",")]
+    problems: list[str] = []
+    if args.runs:
+        args.runs = [parse_block(item, args.repeat, problems) for item in args.runs.replace(";", " ").split()]
+    else:
+        args.runs = [(name, sessions, args.repeat) for name in args.workloads.split(",")]
+    args.workloads = list(dict.fromkeys(name for name, _, _ in args.runs))
     args.gc_variants = [v for v in args.gc_variants.split(",") if v]
     args.gc_sides = args.gc_sides.split(",")
     args.gc_at = [(pair.split(":")[0], int(pair.split(":")[1])) for pair in args.gc_at.split(",") if pair]
-    problems = [f"unknown side {s!r} (a, b, c, d)" for s in args.sides + args.gc_sides if s not in SIDES]
+    problems += [f"unknown side {s!r} (a, b, c, d)" for s in args.sides + args.gc_sides if s not in SIDES]
     problems += [f"unknown workload {w!r} (single, multi)" for w in args.workloads + [w for w, _ in args.gc_at]
                  if w not in ("single", "multi")]  # fmt: skip
     if args.engine == "fake" and "a" in args.sides:

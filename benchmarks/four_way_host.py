@@ -17,8 +17,8 @@ The same tokens on every side: turn k's tool call is pinned to the same text by 
 ``structured_outputs``), the answer is exactly ``answer_tokens`` tokens (``ignore_eos``) with the
 ``<tool_call>`` token banned. Agent-mode calls are pinned by :class:`HostEngine` (the benchmark's
 engine wrapper); a pass-through request that carries its own constraint goes to the engine as
-sent, and a pass-through answer gets the ban the client asked for in ``logit_bias`` (which
-qwenrun's server does not read: the wrapper applies the same ban, see the report).
+sent, and a pass-through answer gets the ban the client asked for in ``logit_bias`` (qwenrun's
+server does not read ``logit_bias``, so the wrapper applies the same ban; see RESULTS.md).
 """
 
 from __future__ import annotations
