@@ -120,3 +120,12 @@ def test_four_way_on_the_fake_engine(tmp_path: Path) -> None:
     assert {row["key"] for row in report["runs"] if row["variant"]} == {"d@freeze", "d@nofreeze"}
     assert json.loads(out.read_text()) == report
     assert "(c) qwenrun agent mode" in table.read_text()
+
+
+def test_plot_of_a_four_way_report(tmp_path: Path) -> None:
+    """plot.py draws four_way.png from the reports in results/four-way/ (here: the CPU smoke's)."""
+    (tmp_path / "four-way").mkdir()
+    (tmp_path / "four-way" / "fw-1.json").write_bytes((BENCH / "results/cpu/four_way_quick.json").read_bytes())
+    report = result_of(run("plot.py", "--results", str(tmp_path), "--out", str(tmp_path)))
+    assert report["written"] == [str(tmp_path / "four_way.png")]
+    assert (tmp_path / "four_way.png").read_bytes().startswith(b"\x89PNG")
