@@ -6,6 +6,11 @@
 #   bash benchmarks/gpu.sh multiturn  # issue 22: N sessions x 6 turns, 20 tools, qwenrun vs raw loop
 #   bash benchmarks/gpu.sh startup    # issue 22: `qwenrun up` vs `vllm serve` to ready, cold and warm
 #     (after `server`, whose starts are cold: PHASES=warm CACHE_ROOT=/tmp/vllm-caches for warm starts alone)
+#   bash benchmarks/gpu.sh fourway    # issue 32: client loop on `vllm serve` / on qwenrun's pass-through /
+#     qwenrun agent mode / in-process (benchmarks/four_way.py), one part per 10-minute call (DEADLINE_S),
+#     RUNS="single:1,16,64,256x3 multi:1x3" GC_VARIANTS=freeze,nofreeze,threshold=10000:20:50 (part 1),
+#     RUNS="multi:16x2 multi:64x3" (part 2), RUNS="multi:256x1" LAYOUT=one GPU_UTIL=0.85 (part 3); TAG names
+#     the part's files. LAYOUT=both: both servers on GPU 0 at once, GPU_UTIL each; one: one at a time.
 # Writes logs and JSON under $OUT (or /tmp).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -31,6 +36,19 @@ case "${1:-agent}" in
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/startup.py "${COMMON[@]}" --max-num-seqs 256 --no-enforce-eager \
       --rounds ${ROUNDS:-1} --phases ${PHASES:-cold,warm} --cache-root ${CACHE_ROOT:-/tmp/startup-caches} --logs /tmp/startup-logs --json $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep '\[bench\]' | grep -v RESULT
     mkdir -p $OUT/startup-logs && cp /tmp/startup-logs/*.log $OUT/startup-logs/ ;;
+  fourway)
+    T=${TAG:-four_way} L=/tmp/${TAG:-four_way}-logs
+    if [ -s /tmp/four_way.pids ]; then  # servers a killed call left behind hold GPU memory
+      while read -r pg; do kill -9 -- "-$pg" 2>/dev/null; done < /tmp/four_way.pids; sleep 3
+    fi
+    CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 python3 benchmarks/four_way.py --model $M --dtype bfloat16 \
+      --load-format dummy --max-model-len 8192 --max-num-seqs 256 --no-enforce-eager \
+      --gpu-memory-utilization ${GPU_UTIL:-0.44} --layout ${LAYOUT:-both} --runs "${RUNS:-single:1,16x3 multi:1,16x3}" \
+      --warmup ${WARMUP:-8} --gc-variants "${GC_VARIANTS:-}" --gc-at ${GC_AT:-single:256} --gc-sides ${GC_SIDES:-c,d} \
+      --gc-repeat ${GC_REPEAT:-2} --deadline-s ${DEADLINE_S:-530} ${FW_ARGS:-} --cache-root /tmp/vllm-caches \
+      --pid-file /tmp/four_way.pids --logs $L --json $OUT/$T.json --table $OUT/$T.md 2>&1 \
+      | grep -v '^RESULT ' | tee $OUT/$T.log | grep '\[bench\]' | grep -v warm-up
+    tar czf $OUT/$T-logs.tgz -C /tmp $T-logs; cat $OUT/$T.md ;;
   tp)
     for tp in 2 1; do
       devs=$([ $tp = 2 ] && echo 0,1 || echo 0)

@@ -17,6 +17,10 @@ Reads the JSON files under ``--results`` (default ``benchmarks/results``) and wr
   before issue 22; and per turn index of the multi-turn run, the render + tokenize time per session
   and the time to the answer's first token after the tool's result.
 
+* ``four_way.png`` from ``four-way/*.json`` (issue 32: the parts of one ``four_way.py`` session, put
+  there as they came back): per workload, sessions/s and p50 turn latency of sides (b), (c), (d)
+  as ratios against (a) at each N, with each row's layout in the legend.
+
 Prints one ``RESULT {json}`` line naming the files written.
 
     python benchmarks/plot.py
@@ -299,6 +303,45 @@ def plot_h200_turns(results: Path, out: Path) -> Path | None:
     return path
 
 
+FOUR_WAY_SIDES = {"b": ("qwenrun pass-through + client loop", "#ff7f0e"), "c": ("qwenrun agent mode", OURS_COLOR),
+                  "d": ("qwenrun in-process", "#2ca02c")}  # fmt: skip
+
+
+def plot_four_way(results: Path, out: Path, folder: str = "four-way") -> Path | None:
+    """Ratios of (b), (c), (d) against (a) from every ``four_way.py`` report in ``folder``."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted((results / folder).glob("*.json")):
+        report = load(path)
+        layout = f"{report['config']['layout']} {report['config']['gpu_memory_utilization']}"
+        rows += [{**row, "layout": layout} for row in report.get("summary", []) if row.get("variant") is None]
+    if not rows:
+        return None
+    workloads = [w for w in ("single", "multi") if any(r["workload"] == w for r in rows)]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7), squeeze=False)
+    for col, workload in enumerate(workloads):
+        for row_index, (key, label) in enumerate((("sessions_per_s", "sessions/s"), ("turn_p50_s", "p50 turn latency"))):
+            ax = axes[row_index][col]
+            for side, (name, color) in FOUR_WAY_SIDES.items():
+                mine = sorted((r for r in rows if r["workload"] == workload and r["key"] == side
+                               and r.get(f"ratio_{key}") is not None), key=lambda r: r["n"])  # fmt: skip
+                if mine:
+                    ax.plot([r["n"] for r in mine], [r[f"ratio_{key}"] for r in mine], "o-", color=color, label=name)
+                    for r in mine:
+                        ax.annotate(r["layout"], (r["n"], r[f"ratio_{key}"]), fontsize=5, alpha=0.6)
+            ax.axhline(1.0, color=RAW_COLOR, ls="--", lw=1, label="(a) client loop on vllm serve")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent sessions N")
+            ax.set_ylabel(f"{label}, ratio to (a)")
+            ax.set_title(f"{workload}-turn sessions: {label}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "four_way.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot_server(args.results, out, "server-h100-final", H100_SERVER_FILES, "server_vs_vllm_h100.png"),
         plot_h200_ratios(args.results, out),
         plot_h200_turns(args.results, out),
+        plot_four_way(args.results, out),
     )
     written = [p for p in plots if p]
     for path in written:

@@ -172,20 +172,27 @@ async def start(
     workdir: Path,
     timeout_s: float,
     engine: EngineConfig | None = None,
+    *,
+    command: list[str] | None = None,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
+    """Start server ``name`` (``qwenrun up`` or ``vllm serve``, or ``command`` listening on
+    ``port``, with ``env`` over :func:`server_env`) and wait until its ``/health`` answers 200."""
     engine = engine or EngineConfig()
-    port = free_port()
+    port = port or free_port()
     log = workdir / f"{name}-{port}.log"
-    if name == "qwenrun":
+    if command is None and name == "qwenrun":
         config = workdir / f"bench-{port}.yaml"
         config.write_text(qwenrun_yaml(model, port, max_tokens, engine))
         command = [sys.executable, "-m", "qwenrun.cli", "up", str(config)]
-    else:
+    elif command is None:
         command = vllm_command(model, port, engine)
     started = time.perf_counter()
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=server_env(), cwd=ROOT, start_new_session=True
+            command, stdout=sink, stderr=subprocess.STDOUT, env={**server_env(), **(env or {})}, cwd=ROOT,
+            start_new_session=True,
         )
     server = Server(name, proc, port, log)
     print(f"[bench] starting {name} on port {port} (log {log})", flush=True)

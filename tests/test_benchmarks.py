@@ -64,7 +64,15 @@ def test_plot_on_the_committed_results(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "script",
-    ["server_vs_vllm.py", "transformers_baseline.py", "agent_vs_raw.py", "multiturn.py", "startup.py", "demo_turns.py"],
+    [
+        "server_vs_vllm.py",
+        "transformers_baseline.py",
+        "agent_vs_raw.py",
+        "multiturn.py",
+        "startup.py",
+        "demo_turns.py",
+        "four_way.py",
+    ],
 )
 def test_engine_benchmarks_parse_their_arguments(script: str) -> None:
     done = run(script, "--help")
@@ -105,3 +113,44 @@ def test_store_benchmark_quick() -> None:
     ]  # fmt: skip
     for row in report["rows"]:  # what a row keeps: the whole conversation, or its own two items
         assert row["whole_stored_chars"] == row["turns"] * row["delta_stored_chars"]
+
+
+def test_four_way_on_the_fake_engine(tmp_path: Path) -> None:
+    """qwenrun's three sides of the four-way benchmark (pass-through with a client loop, agent mode,
+    in-process) run the same sessions through a real qwenrun server on the tiny model's tokenizer
+    (no vLLM engine): every turn makes its one pinned call and a full-length answer, the prompts are
+    the same conversation on every side, and the GC policies are applied in the server's process."""
+    from qwenrun.weights.tiny import build_tiny_model
+
+    model = build_tiny_model(ROOT / ".cache" / "tiny-qwen2")
+    out, table = tmp_path / "four_way.json", tmp_path / "four_way.md"
+    report = result_of(run("four_way.py", "--model", str(model), "--engine", "fake", "--sides", "b,c,d", "--quick",
+                           "--warmup", "0", "--step-ms", "1", "--gc-variants", "freeze,nofreeze", "--gc-at",
+                           "single:1", "--gc-sides", "d", "--gc-repeat", "1", "--json", str(out),
+                           "--table", str(table)))  # fmt: skip
+    main = [row for row in report["runs"] if row["variant"] is None]
+    assert sorted((r["workload"], r["n"], r["side"]) for r in main) == sorted(
+        (w, n, s) for w in ("single", "multi") for n in (1, 4) for s in "bcd"
+    )
+    for row in report["runs"]:
+        assert row["errors"] == row["bad_turns"] == 0, row
+        turns = 1 if row["workload"] == "single" else 3
+        assert row["turns_done"] == row["turns_expected"] == row["n"] * turns
+    for workload in ("single", "multi"):  # the same conversation (the run ids differ in a few tokens)
+        prompts = [r["prompt_tokens_per_turn"] for r in main if r["workload"] == workload]
+        assert max(prompts) - min(prompts) < 0.02 * min(prompts), prompts
+    assert [(state["policy"], state["frozen"] > 0) for state in report["gc_states"]] == [
+        ("freeze", True), ("nofreeze", False), ("freeze", True)
+    ]  # fmt: skip
+    assert {row["key"] for row in report["runs"] if row["variant"]} == {"d@freeze", "d@nofreeze"}
+    assert json.loads(out.read_text()) == report
+    assert "(c) qwenrun agent mode" in table.read_text()
+
+
+def test_plot_of_a_four_way_report(tmp_path: Path) -> None:
+    """plot.py draws four_way.png from the reports in results/four-way/ (here: the CPU smoke's)."""
+    (tmp_path / "four-way").mkdir()
+    (tmp_path / "four-way" / "fw-1.json").write_bytes((BENCH / "results/cpu/four_way_quick.json").read_bytes())
+    report = result_of(run("plot.py", "--results", str(tmp_path), "--out", str(tmp_path)))
+    assert report["written"] == [str(tmp_path / "four_way.png")]
+    assert (tmp_path / "four_way.png").read_bytes().startswith(b"\x89PNG")
