@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwenrun.agent import Agent
 from qwenrun.agent.plugins import load_tools
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Final, Notice, ToolCall, ToolResult, Usage
 from qwenrun.spec.agent_file import AgentSpec
 

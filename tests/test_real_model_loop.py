@@ -24,7 +24,7 @@ from agents import (
     function_tool,
 )
 from qwenrun.agent import Agent
-from qwenrun.engines.vllm import VLLMEngine
+from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Final, Notice, ToolCall, ToolResult
 from qwenrun.frontends.openai import create_app
 from qwenrun.spec.agent_file import AgentSpec
