@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
 from qwenrun.errors import ConfigError, ToolError
 from qwenrun.mcp import processes
+from qwenrun.mcp.failures import ServerGone, describe
 from qwenrun.mcp.spec import McpStdioServer, McpToolsSpec
 from qwenrun.spec.loading import secret_from_env
 from qwenrun.version import __version__
@@ -60,10 +61,6 @@ STDERR_LINES = 40
 MAX_TOOLS = 1000
 RETRY_WAIT_S = 2.0  # a call waits for a restart due this soon, instead of failing at once
 WATCH_S = 0.5  # how often the supervisor looks whether a stdio server's process still runs
-
-
-class ServerGone(Exception):
-    """The server stopped answering: its messages ended, or it did not answer a ping."""
 
 
 class McpConnection:
@@ -492,27 +489,3 @@ async def _list_tools(session: ClientSession) -> list[types.Tool]:
         if not cursor:
             break
     return tools[:MAX_TOOLS]
-
-
-def describe(exc: BaseException, startup_timeout_s: float | None = None) -> str:
-    """A one-line reason: the first real error inside exception groups, MCP errors by message."""
-    import anyio
-    from mcp.shared.exceptions import McpError
-    from mcp.types import CONNECTION_CLOSED
-
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [item for item in exc.exceptions if not isinstance(item, asyncio.CancelledError)]
-        if not inner:
-            break
-        exc = inner[0]
-    if isinstance(exc, TimeoutError) and startup_timeout_s is not None:
-        return f"no answer to initialize and tools/list within {startup_timeout_s:g} s"
-    closed = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
-    if isinstance(exc, closed) or (isinstance(exc, McpError) and exc.error.code == CONNECTION_CLOSED):
-        return "the server closed the connection"
-    if isinstance(exc, McpError):
-        return f"MCP error {exc.error.code}: {exc.error.message}"
-    if isinstance(exc, ServerGone):
-        return str(exc)
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

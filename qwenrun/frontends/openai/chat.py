@@ -12,9 +12,8 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
 * pass-through (``model`` = the served model name): the client's messages and tools go to
   ``agent.engine.generate``; tool calls in the output (the engine's format: Hermes JSON or
   Qwen3-Coder XML; sent once complete and well-formed, a malformed one as text) become OpenAI
-  ``tool_calls``. As ``vllm
-  serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON ``response_format`` or vLLM's
-  ``structured_outputs``, several calls for ``tool_choice: required`` unless
+  ``tool_calls``. As ``vllm serve`` does: ``n`` choices (``seed + i`` each), ``logprobs``, a JSON
+  ``response_format`` or vLLM's ``structured_outputs``, several calls for ``tool_choice: required`` unless
   ``parallel_tool_calls`` is false. A call the messages hold with its result, written again, gets
   the answer with the tools off instead (:mod:`~qwenrun.frontends.openai.repeats`).
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
