@@ -522,7 +522,13 @@ async def test_the_engines_processes_never_see_ctrl_c(engine: VLLMEngine) -> Non
     and workers start with SIGINT blocked, so only qwenrun (which stops the answer) handles it."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    def in_our_group(child: psutil.Process) -> bool:  # Ctrl-C reaches the foreground group only
+        try:
+            return os.getpgid(child.pid) == os.getpgrp()
+        except ProcessLookupError:  # a process of another test that has just ended
+            return False
+
+    children = [child for child in psutil.Process().children(recursive=True) if in_our_group(child)]
     names = [child.name() for child in children]
     assert "VLLM::EngineCore" in names and "VLLM::Worker" in names, names
     for child in children:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import started_engine
 
 from qwenrun import cli
 from qwenrun.engines.vllm import preflight
@@ -204,8 +205,6 @@ async def test_a_started_engine_reports_the_dtype_it_chose(
 ) -> None:
     """The tiny model (a float32 checkpoint) with dtype auto on a CPU said to lack native bfloat16:
     vLLM computes in float32 (its own choice on a CPU would be bfloat16), and the engine says why."""
-    from conftest import started_engine
-
     data = tiny_spec.model_dump()
     data["engine"]["dtype"] = "auto"
     spec = AgentSpec.from_dict(data, source="tests/tiny-auto.yaml")

@@ -204,15 +204,20 @@ def test_a_streamed_xml_call_that_ends_malformed_is_text_in_the_stream_too(
 
 @pytest.mark.parametrize(
     ("template", "reasoning", "content"),
-    [({}, "Let me see.", "晴。"), ({"enable_thinking": False}, "", "Let me see.\n</think>\n\n晴。")],
-    ids=["template-unknown", "thinking-off"],
+    [
+        ({"enable_thinking": True}, "Let me see.", "晴。"),
+        ({"enable_thinking": False}, "", "Let me see.\n</think>\n\n晴。"),
+        ({}, "", "Let me see.\n</think>\n\n晴。"),
+    ],
+    ids=["thinking-on", "thinking-off", "thinking-unset"],
 )
 async def test_a_lone_close_think_from_a_remote_endpoint_ends_the_reasoning(
     srv: Harness, template: dict[str, Any], reasoning: str, content: str
 ) -> None:
-    """``engine.kind: openai`` cannot see the endpoint's template: text before a lone ``</think>``
-    (a Thinking-2507 template behind an endpoint without a reasoning parser) is reasoning, streamed
-    or not; with ``enable_thinking`` false the template closed the block, so the text is the answer."""
+    """``engine.kind: openai`` cannot see the endpoint's template: for an agent that thinks, text
+    before a lone ``</think>`` (a Thinking-2507 template behind an endpoint without a reasoning
+    parser) is reasoning, streamed or not; with ``enable_thinking`` false the template closed the
+    block, and not set the text streams as it comes: both are the answer as written."""
     from qwenrun.engines.base import OutputReader, Request
     from qwenrun.engines.openai import OpenAIEngine
     from qwenrun.spec.agent_file import AgentSpec

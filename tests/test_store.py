@@ -232,6 +232,16 @@ def test_several_stores_on_one_file_like_processes(tmp_path: Path) -> None:
         opened.close()
 
 
+def records_on_disk(path: Path, session_id: str) -> list[int]:
+    """The sequence numbers of one session's committed records, read by another connection."""
+    reader = sqlite3.connect(path)
+    try:
+        rows = reader.execute("SELECT seq FROM records WHERE session_id = ? ORDER BY seq", (session_id,))
+        return [int(row[0]) for row in rows]
+    finally:
+        reader.close()
+
+
 def rows_on_disk(path: Path) -> int:
     """The records another connection can read (what the store has committed)."""
     reader = sqlite3.connect(path)
@@ -461,28 +471,46 @@ async def test_unrecorded_sessions_and_a_failing_store(
 
 @pytest.mark.timeout(300, method="thread")  # a hang guard: a turn that waited for the disk would hang
 async def test_fifty_concurrent_sessions_five_turns_each(tmp_path: Path) -> None:
-    """Exact rows and order under load, and no turn waits for the disk: all 250 turns end while
-    another connection holds the database's write lock, and their records are written after."""
+    """Exact rows and order under load, and every turn's records are on disk when its answer is
+    returned (a replica on the same database may resume the session next)."""
     path = tmp_path / "sessions.db"
-    store = SQLiteStore(path, busy_timeout_s=600)  # the writer thread waits out the lock
+    store = SQLiteStore(path, busy_timeout_s=600)  # the writer thread waits out a held lock
     agent = make_agent(store, delay_s=0.001)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
 
     async def talk(n: int) -> str:
         session = agent.session(f"load-{n}")
         for turn in range(5):
             await session.ask(f"城市{n}-{turn}")
+            assert len(records_on_disk(path, session.id)) == 5 * (turn + 1)
         return session.id
 
     try:
         ids = await asyncio.gather(*(talk(n) for n in range(50)))
-        assert rows_on_disk(path) == 0  # every turn ended, none of their records is written yet
+        assert rows_on_disk(path) == 50 * 25  # no flush: the answers waited for their records
+        check_fifty_sessions(store, path, ids)
+    finally:
+        store.close()
+
+
+async def test_a_turn_answers_once_its_records_are_written(tmp_path: Path) -> None:
+    """While another connection holds the database's write lock, a turn does not answer; once the
+    lock is released it answers with its records on disk."""
+    path = tmp_path / "sessions.db"
+    store = SQLiteStore(path, busy_timeout_s=600)
+    agent = make_agent(store, delay_s=0.001)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    session = agent.session("locked")
+    turn = asyncio.ensure_future(session.ask("广州?"))
+    try:
+        done, _ = await asyncio.wait({turn}, timeout=0.5)
+        assert not done and rows_on_disk(path) == 0  # it cannot answer: its records wait
     finally:
         blocker.execute("COMMIT")
         blocker.close()
     try:
-        check_fifty_sessions(store, path, ids)
+        final = await asyncio.wait_for(turn, timeout=60)
+        assert final.text and len(records_on_disk(path, "locked")) == 5
     finally:
         store.close()
 

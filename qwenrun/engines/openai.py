@@ -13,9 +13,11 @@ What differs from the in-process engine:
 * Reasoning comes back apart from the text when the endpoint has a reasoning parser (``vllm serve
   --reasoning-parser qwen3``: ``reasoning``, older vLLM ``reasoning_content``) and is carried in
   :attr:`~qwenrun.engines.base.Delta.reasoning`; without one, ``<think>`` in the text is read by
-  qwenrun. Whether the endpoint's template opened the block itself is unknown here
-  (``Delta.starts_in_reasoning`` None: a lone ``</think>`` ends the reasoning), unless
-  ``enable_thinking`` is false. ``chat_template_kwargs`` go to the endpoint as vLLM takes them.
+  qwenrun. Whether the endpoint's template opened the block itself is unknown here: with
+  ``agent.enable_thinking: true`` the text is held until it tells (``Delta.starts_in_reasoning``
+  None: what comes before a lone ``</think>`` is reasoning, as a Thinking-2507 template writes it);
+  otherwise (false, or not set: Qwen2.5, Qwen3 templates that write ``<think>`` in the answer) the
+  text streams as it comes. ``chat_template_kwargs`` go to the endpoint as vLLM takes them.
 * A forced call (``tool_choice`` ``required`` or a name, and the agent's repair of a malformed
   call) is the endpoint's ``tool_choice``; a prefilled answer is not possible.
 * A JSON constraint is sent as ``response_format`` (``json_schema``); regex, grammar and choice
@@ -195,9 +197,9 @@ class OpenAIEngine:
         except openai.APIError as exc:
             raise _error(exc) from exc
         calls, prompt, completion, finish, held, held_reasoning = _Calls(), 0, 0, "stop", "", ""
-        # The endpoint's template is unknown: the text may start inside a <think> it opened, unless
-        # thinking is off (then the template closes the block in the prompt).
-        opens = False if request.chat_template_kwargs.get("enable_thinking") is False else None
+        # The endpoint's template is unknown: where the agent thinks, the text may start inside a
+        # <think> the template opened (held until a </think> or the end tells); else it streams.
+        opens = None if request.chat_template_kwargs.get("enable_thinking") is True else False
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
