@@ -791,6 +791,78 @@ def test_the_wait_for_engine_script_waits_for_the_served_model(tmp_path: Path) -
         server.server_close()
 
 
+def chart_command(values: dict[str, Any]) -> list[str]:
+    """The arguments of ``vllm serve`` as the chart's ``deployment-vllm-multi.yaml`` renders them
+    from the fields qwenrun writes (each of its lines checked to be in the vendored template)."""
+    template = (CHART / "deployment-vllm-multi.yaml").read_text(encoding="utf-8")
+    (model,) = values["servingEngineSpec"]["modelSpec"]
+    config = model["vllmConfig"]
+    assert not {"enableLoRA", "enableTool", "toolCallParser", "chatTemplate", "lmcacheConfig"} & set(model)
+    assert '- {{ $modelSpec.modelURL | quote }}\n          - "--host"\n          - "0.0.0.0"' in template
+    args = [model["modelURL"], "--host", "0.0.0.0", "--port", "8000"]
+    caching = "--enable-prefix-caching" if config.get("enablePrefixCaching") else "--no-enable-prefix-caching"
+    assert f'- "{caching}"' in template
+    args.append(caching)
+    for key, flag in [("maxModelLen", "--max-model-len"), ("dtype", "--dtype"),
+                      ("tensorParallelSize", "--tensor-parallel-size"), ("maxNumSeqs", "--max-num-seqs"),
+                      ("gpuMemoryUtilization", "--gpu_memory_utilization")]:  # fmt: skip
+        assert f'hasKey . "{key}" }}}}\n          - "{flag}"' in template, key
+        if key in config:
+            args += [flag, str(config[key])]
+    assert "range .extraArgs" in template
+    args += config["extraArgs"]
+    if model.get("modelRevision"):
+        assert '- "--revision"\n          - {{ $modelSpec.modelRevision | quote }}' in template
+        args += ["--revision", model["modelRevision"]]
+    return args
+
+
+@pytest.fixture(scope="module")
+def vllm_serve() -> Any:
+    """The installed vLLM's ``vllm serve`` argument parser."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def test_vllm_serve_accepts_the_command_the_chart_renders(tmp_path: Path, vllm_serve: Any) -> None:
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    text = AGENT.replace("max_num_seqs: 64}", "max_num_seqs: 64, max_model_len: 8192, pipeline_parallel_size: 2, "
+                         "enforce_eager: true, extra: {enable_expert_parallel: true, kv_cache_dtype: fp8}}")  # fmt: skip
+    for overrides, parser, reasoning in [
+        ((), "hermes", None),
+        (("model.tool_call_format=qwen3_coder", "agent.enable_thinking=true", "model.revision=main"),
+         "qwen3_coder", "qwen3"),
+    ]:  # fmt: skip
+        values = plan_of(tmp_path, text, overrides=overrides, engine_tier=TIER).engine_values
+        assert values is not None
+        parsed = vllm_serve.parse_args(chart_command(values))
+        validate_parsed_serve_args(parsed)
+        assert (parsed.model_tag, parsed.served_model_name) == ("/models/Qwen2.5-7B-Instruct", ["qwen"])
+        assert (parsed.enable_auto_tool_choice, parsed.tool_call_parser, parsed.reasoning_parser) == (
+            True, parser, reasoning or "",
+        )  # fmt: skip
+        assert ToolParserManager.get_tool_parser(parser) is not None
+        if reasoning:
+            assert ReasoningParserManager.get_reasoning_parser(reasoning) is not None
+        assert (parsed.tensor_parallel_size, parsed.pipeline_parallel_size, parsed.max_model_len) == (
+            2,
+            2,
+            8192,
+        )
+        assert (parsed.max_num_seqs, parsed.gpu_memory_utilization, parsed.dtype) == (64, 0.9, "auto")
+        assert parsed.enable_prefix_caching is True and parsed.enforce_eager is True
+        assert parsed.enable_expert_parallel is True and parsed.kv_cache_dtype == "fp8"
+        assert parsed.structured_outputs_config.backend == "xgrammar"
+        assert parsed.structured_outputs_config.enable_in_reasoning is bool(reasoning)
+        assert parsed.revision == ("main" if reasoning else None)
+
+
 def test_the_values_validators_reject_what_the_chart_would(tmp_path: Path) -> None:
     values = plan_of(tmp_path, engine_tier=TIER).engine_values
     assert values is not None

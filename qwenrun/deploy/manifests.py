@@ -42,7 +42,8 @@ while True:
         with urllib.request.urlopen(request, timeout=5) as answer:
             served = [entry.get("id") for entry in json.load(answer).get("data", [])]
         if model in served:
-            sys.exit(print(f"{url} serves {model}"))
+            print(f"{url} serves {model}")
+            sys.exit(0)
         print(f"{url} serves {served}, not yet {model}", flush=True)
     except Exception as exc:
         print(f"{url}: {exc}", flush=True)

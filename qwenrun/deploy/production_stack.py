@@ -26,6 +26,7 @@ from qwenrun.toolcalls.formats import AUTO, detect_format
 __all__ = [
     "CHART",
     "ENGINE_KEY_ENV",
+    "MAX_RELEASE",
     "MODEL_SPEC_NAME",
     "ROUTER_PORT",
     "agent_engine",
@@ -33,6 +34,7 @@ __all__ = [
     "engine_values",
     "router_url",
     "served_name",
+    "thinks",
     "tool_call_format",
     "vllm_args",
 ]
@@ -45,7 +47,9 @@ MODEL_SPEC_NAME = "llm"
 """``modelSpec[].name``: the chart names the engine pods ``RELEASE-llm-deployment-vllm-…``."""
 ENGINE_KEY_ENV = "QWENRUN_ENGINE_API_KEY"
 """The agent pods' variable holding the key the engine requires (``engine.api_key_env``)."""
-MAX_RELEASE = 43  # the chart's pod hostname RELEASE-llm-vllm-stack and subdomain are DNS labels (63)
+MAX_RELEASE = 43
+"""The longest Helm release: the chart's pod hostname (RELEASE-llm-vllm-stack) and subdomain
+(RELEASE-llm-engine-service) are DNS labels of at most 63 characters."""
 _GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -254,13 +258,3 @@ def agent_engine(spec: AgentSpec, release: str, keyed: bool) -> dict[str, Any]:
     if keyed:
         table["api_key_env"] = ENGINE_KEY_ENV
     return table
-
-
-def release_problem(release: str) -> str | None:
-    """Why ``release`` cannot be the Helm release of the engine tier, if it cannot."""
-    if len(release) > MAX_RELEASE:
-        return (
-            f"--engine-release {release!r}: at most {MAX_RELEASE} characters (the chart names its "
-            "engine pods' hostnames after it)"
-        )
-    return None
