@@ -7,6 +7,10 @@ and then ``qwenrun up``, whose vLLM places its workers on the worker pods with i
 The agent file travels in a ``ConfigMap``, rewritten to serve ``frontend.kind: openai`` on 0.0.0.0
 with the API key read from a Secret that the manifests reference and never contain. Several
 replicas (or an autoscaler) need ``sessions.store: postgres``, whose URL comes from a Secret too.
+An agent of ``engine.kind: openai`` gets pods without an engine (no GPU). With an engine tier
+(:mod:`qwenrun.deploy.production_stack`) the file's engine goes to the chart's values and the pods'
+copy of the file is rewritten to ``engine.kind: openai`` on the chart's router.
+:mod:`qwenrun.deploy.manifests` builds the objects.
 """
 
 from __future__ import annotations
