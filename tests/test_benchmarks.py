@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pg_server import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -95,7 +96,9 @@ def test_multiturn_on_the_fake_engine(tmp_path: Path) -> None:
     for row in report["rows"]:
         raw, ours = row["raw"], row["qwenrun"]
         assert len(raw["per_turn"]) == len(ours["per_turn"]) == 3
-        for a, b in zip(raw["per_turn"], ours["per_turn"], strict=True):  # the same conversation (run ids differ)
+        for a, b in zip(
+            raw["per_turn"], ours["per_turn"], strict=True
+        ):  # the same conversation (run ids differ)
             assert abs(a["call_prompt_tokens"] - b["call_prompt_tokens"]) < 0.01 * a["call_prompt_tokens"]
         assert ours["render_tokenize_loop_ms_per_turn"] == 0 < ours["render_tokenize_thread_ms_per_turn"]
         assert raw["render_tokenize_loop_ms_per_turn"] > 0 == raw["render_tokenize_thread_ms_per_turn"]
@@ -113,6 +116,16 @@ def test_store_benchmark_quick() -> None:
     ]  # fmt: skip
     for row in report["rows"]:  # what a row keeps: the whole conversation, or its own two items
         assert row["whole_stored_chars"] == row["turns"] * row["delta_stored_chars"]
+
+
+def test_replicas_benchmark_quick(postgres: PostgresServer, tmp_path: Path) -> None:
+    out = tmp_path / "replicas.json"
+    report = result_of(run("replicas.py", "--quick", "--url", postgres.database(), "--json", str(out)))
+    assert report["settings"]["conversations"] == 4 and report["settings"]["turns"] == 2
+    assert [(row["replicas"], row["runs"]) for row in report["rows"]] == [(1, 1), (2, 1)]
+    assert [run["turns"] for run in report["runs"]] == [8, 8]  # every turn answered with its whole history
+    assert report["ratio"] == round(report["rows"][1]["turns_per_s"] / report["rows"][0]["turns_per_s"], 3)
+    assert json.loads(out.read_text()) == report
 
 
 def test_four_way_on_the_fake_engine(tmp_path: Path) -> None:
@@ -150,7 +163,9 @@ def test_four_way_on_the_fake_engine(tmp_path: Path) -> None:
 def test_plot_of_a_four_way_report(tmp_path: Path) -> None:
     """plot.py draws four_way.png from the reports in results/four-way/ (here: the CPU smoke's)."""
     (tmp_path / "four-way").mkdir()
-    (tmp_path / "four-way" / "fw-1.json").write_bytes((BENCH / "results/cpu/four_way_quick.json").read_bytes())
+    (tmp_path / "four-way" / "fw-1.json").write_bytes(
+        (BENCH / "results/cpu/four_way_quick.json").read_bytes()
+    )
     report = result_of(run("plot.py", "--results", str(tmp_path), "--out", str(tmp_path)))
     assert report["written"] == [str(tmp_path / "four_way.png")]
     assert (tmp_path / "four_way.png").read_bytes().startswith(b"\x89PNG")

@@ -7,133 +7,56 @@ and then ``qwenrun up``, whose vLLM places its workers on the worker pods with i
 The agent file travels in a ``ConfigMap``, rewritten to serve ``frontend.kind: openai`` on 0.0.0.0
 with the API key read from a Secret that the manifests reference and never contain. Several
 replicas (or an autoscaler) need ``sessions.store: postgres``, whose URL comes from a Secret too.
+An agent of ``engine.kind: openai`` gets pods without an engine (no GPU). With an engine tier
+(:mod:`qwenrun.deploy.production_stack`) the file's engine goes to the chart's values and the pods'
+copy of the file is rewritten to ``engine.kind: openai`` on the chart's router.
+:mod:`qwenrun.deploy.manifests` builds the objects.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from qwenrun.deploy import production_stack
 from qwenrun.deploy.files import dump_yaml
+from qwenrun.deploy.manifests import Builder
+from qwenrun.deploy.options import (
+    AGENT_PATH,
+    DEFAULT_IMAGE,
+    IN_FLIGHT_METRIC,
+    DeployError,
+    EngineTier,
+    K8sOptions,
+    K8sPlan,
+    ModelVolume,
+)
 from qwenrun.engines.settings import VLLMEngineSpec
-from qwenrun.errors import QwenrunError
-from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sessions.store import URL_ENV
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import apply_overrides
-from qwenrun.version import __version__
 
 __all__ = [
     "AGENT_PATH",
     "DEFAULT_IMAGE",
     "IN_FLIGHT_METRIC",
     "DeployError",
+    "EngineTier",
     "K8sOptions",
     "K8sPlan",
     "ModelVolume",
     "plan_k8s",
 ]
 
-DEFAULT_IMAGE = f"qwenrun-server:{__version__}"
-AGENT_PATH = "/etc/qwenrun/agent.yaml"
-IN_FLIGHT_METRIC = "qwenrun_requests_in_flight"
-"""The gauge of :mod:`qwenrun.frontends.openai.metrics` the autoscaler follows (through a metrics adapter)."""
 API_KEY_ENV = "QWENRUN_API_KEY"
-API_KEY_SECRET_KEY = "api-key"
-DATABASE_SECRET_KEY = "url"
 _ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MAX_NAME = 40  # room for the suffixes KubeRay and we add (-head-svc, -api-key, pod hashes)
-_RAY_HEAD_SCRIPT = (
-    "ulimit -n 65536\n"
-    '/bin/bash -c "$KUBERAY_GEN_RAY_START_CMD" &\n'
-    "until ray status >/dev/null 2>&1; do sleep 2; done\n"
-    f"exec qwenrun up {AGENT_PATH}\n"
-)
-
-
-class DeployError(QwenrunError):
-    """The agent cannot be deployed the way it was asked (the message says why and what to do)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelVolume:
-    """Where the pods find the weights: a PersistentVolumeClaim or a directory of the node."""
-
-    kind: Literal["pvc", "hostpath"]
-    source: str
-
-    @classmethod
-    def parse(cls, text: str) -> ModelVolume:
-        """``pvc:CLAIM`` or ``hostpath:/DIR`` (the prefix in any case)."""
-        kind, sep, source = text.partition(":")
-        kind = kind.strip().lower()
-        if not sep or not source.strip() or kind not in ("pvc", "hostpath"):
-            raise ValueError(f"{text!r}: expected pvc:CLAIM or hostpath:/DIR")
-        if kind == "hostpath" and not source.startswith("/"):
-            raise ValueError(f"{text!r}: the hostPath must be absolute")
-        if kind == "pvc" and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", source):
-            raise ValueError(f"{text!r}: {source!r} is not a valid PersistentVolumeClaim name")
-        return cls("pvc" if kind == "pvc" else "hostpath", source)
-
-    def volume(self) -> dict[str, Any]:
-        if self.kind == "pvc":
-            return {"name": "models", "persistentVolumeClaim": {"claimName": self.source}}
-        return {"name": "models", "hostPath": {"path": self.source, "type": "Directory"}}
-
-
-@dataclass(frozen=True, slots=True)
-class K8sOptions:
-    """The settings of ``qwenrun deploy k8s`` that are not in the agent file."""
-
-    image: str = DEFAULT_IMAGE
-    name: str | None = None
-    namespace: str | None = None
-    replicas: int = 1
-    max_replicas: int | None = None
-    target_in_flight: int | None = None
-    model_volume: ModelVolume | None = None
-    model_mount: str = "/models"
-    api_key: bool = True
-    api_key_secret: str | None = None
-    database_secret: str | None = None
-    ray: bool = False
-    cpu: str = "4"
-    memory: str = "32Gi"
-    shm_size: str = "16Gi"
-    startup_timeout_s: int = 1800
-    grace_period_s: int = 120
-
-
-@dataclass(slots=True)
-class K8sPlan:
-    """What ``qwenrun deploy k8s`` writes: manifests by file name, and what to tell the user."""
-
-    name: str
-    spec: AgentSpec
-    agent_yaml: str
-    manifests: dict[str, dict[str, Any]]
-    changes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    api_key_secret: str | None = None
-    database_secret: str | None = None  # the Secret whose key 'url' the pods read (sessions.store: postgres)
-    database_env: str = URL_ENV
-
-    @property
-    def ray(self) -> bool:
-        return "raycluster.yaml" in self.manifests
-
-    @property
-    def engine(self) -> VLLMEngineSpec:
-        return _vllm(self.spec)
 
 
 # -- the agent file as the pod runs it --------------------------------------------------------
@@ -160,46 +83,79 @@ def _pod_agent(path: str, overrides: Sequence[str], options: K8sOptions) -> tupl
     return data, changes
 
 
-def _vllm(spec: AgentSpec) -> VLLMEngineSpec:
-    if not isinstance(spec.engine, VLLMEngineSpec):
-        raise DeployError(
-            f"{spec.source}: engine.kind: {spec.engine.kind!r}: `qwenrun deploy k8s` deploys an agent "
-            "with its vLLM engine (engine.kind vllm); this agent's model runs elsewhere"
-        )
-    return spec.engine
+def _to_engine_tier(data: dict[str, Any], original: AgentSpec, release: str, keyed: bool) -> list[str]:
+    """Point the pod's agent file at the engine tier's router; the rewrites, as notes."""
+    engine = production_stack.agent_engine(original, release, keyed)
+    data["engine"] = engine
+    changes = [f"engine: kind openai at {engine['base_url']}, model {engine['model']!r} (the engine tier)"]
+    tool_format, _ = production_stack.tool_call_format(original)
+    if original.model.tool_call_format != tool_format:  # auto: what the engine's parser reads
+        data["model"]["tool_call_format"] = tool_format
+        changes.append(f"model.tool_call_format={tool_format} (the engine's --tool-call-parser)")
+    return changes
 
 
-def _uses_ray(spec: AgentSpec) -> bool:
-    engine = _vllm(spec)
+def _uses_ray(engine: VLLMEngineSpec) -> bool:
     return engine.distributed_executor_backend == "ray" or engine.extra.get("data_parallel_backend") == "ray"
 
 
+def _check_name(name: str, flag: str, most: int) -> None:
+    if not _NAME.match(name) or len(name) > most:
+        raise DeployError(
+            f"{flag} {name!r}: a Kubernetes name is lowercase letters, digits and '-', starts with a "
+            f"letter and ends with a letter or digit, at most {most} characters here"
+        )
+
+
 def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | None = None) -> K8sPlan:
-    """The manifests that serve the agent of ``path`` (with ``--set`` ``overrides``) on Kubernetes."""
+    """The manifests that serve the agent of ``path`` (with ``--set`` ``overrides``) on Kubernetes;
+    with ``options.engine_tier`` also the Helm values of the engine tier they connect to."""
     options = options or K8sOptions()
     original = AgentSpec.from_file(path, overrides)  # every file error, reported as `qwenrun up` would
-    engine = _vllm(original)
-    if engine.distributed_executor_backend == "external_launcher":
+    tier = options.engine_tier
+    name = options.name or _k8s_name(original.agent.name)
+    _check_name(name, "--name", _MAX_NAME)
+    engine = production_stack.check_engine(original) if tier else original.engine
+    if tier and options.ray:
         raise DeployError(
-            f"{path}: engine.distributed_executor_backend 'external_launcher' expects torchrun to start "
-            "one process per GPU, but a pod runs one `qwenrun up`: use 'mp' (one node) or 'ray'"
+            "--ray: with --engine-tier the engine runs in the chart's pods, not in a RayCluster"
         )
-    tp, pp, dp = engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.data_parallel_size
-    per_node = engine.gpus_per_node
-    ray = options.ray or (per_node is not None and tp * pp * dp > per_node)
+    local = isinstance(engine, VLLMEngineSpec) and tier is None  # the pods run vLLM
+    if options.ray and not local:
+        raise DeployError(
+            f"{path}: --ray: engine.kind: openai: the pods run no engine (the model runs at "
+            "engine.base_url), so there is nothing to spread over a Ray cluster"
+        )
+    gpus = per_pod = 0
+    ray = False
     data, changes = _pod_agent(path, overrides, options)
-    if ray and not _uses_ray(original):
-        if engine.distributed_executor_backend is not None:
+    if local:
+        assert isinstance(engine, VLLMEngineSpec)
+        if engine.distributed_executor_backend == "external_launcher":
             raise DeployError(
-                f"{path}: a Ray cluster needs engine.distributed_executor_backend: ray, not "
-                f"{engine.distributed_executor_backend!r}"
+                f"{path}: engine.distributed_executor_backend 'external_launcher' expects torchrun to "
+                "start one process per GPU, but a pod runs one `qwenrun up`: use 'mp' (one node) or 'ray'"
             )
-        data.setdefault("engine", {})["distributed_executor_backend"] = "ray"
-        changes.append("engine.distributed_executor_backend=ray (the engine spans the Ray cluster)")
-    if ray and options.replicas != 1:
-        raise DeployError(
-            "--replicas: a Ray cluster serves one engine; deploy more under other --name values"
-        )
+        tp, pp, dp = engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.data_parallel_size
+        gpus, per_pod = tp * pp * dp, engine.gpus_per_node or tp
+        ray = options.ray or (engine.gpus_per_node is not None and gpus > engine.gpus_per_node)
+        if ray and not _uses_ray(engine):
+            if engine.distributed_executor_backend is not None:
+                raise DeployError(
+                    f"{path}: a Ray cluster needs engine.distributed_executor_backend: ray, not "
+                    f"{engine.distributed_executor_backend!r}"
+                )
+            data.setdefault("engine", {})["distributed_executor_backend"] = "ray"
+            changes.append("engine.distributed_executor_backend=ray (the engine spans the Ray cluster)")
+        if ray and options.replicas != 1:
+            raise DeployError(
+                "--replicas: a Ray cluster serves one engine; deploy more under other --name values"
+            )
+    release = None
+    if tier is not None:
+        release = tier.release or name
+        _check_name(release, "--engine-release", production_stack.MAX_RELEASE)
+        changes += _to_engine_tier(data, original, release, options.api_key)
     spec = AgentSpec.from_dict(copy.deepcopy(data), source=path)
     shared = spec.sessions.enabled and spec.sessions.store == "postgres"
     if spec.sessions.enabled and not shared and (options.replicas > 1 or (options.max_replicas or 1) > 1):
@@ -209,18 +165,13 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
             "file of its own (a previous_response_id answered by one pod is a 404 on another): set "
             "sessions.store: postgres (and sessions.url: ${QWENRUN_DATABASE_URL}) to run several replicas"
         )
-    name = options.name or _k8s_name(spec.agent.name)
-    if not _NAME.match(name) or len(name) > _MAX_NAME:
-        raise DeployError(
-            f"--name {name!r}: a Kubernetes name is lowercase letters, digits and '-', starts with a "
-            f"letter and ends with a letter or digit, at most {_MAX_NAME} characters here"
-        )
     notes = [f"--set {override}" for override in overrides] + changes
     header = f"# {path} as the pod runs it" + "".join(f"\n#   {note}" for note in notes) + "\n"
     agent_yaml = header + dump_yaml(data)
-    plan = K8sPlan(name, spec, agent_yaml, {}, changes)
+    plan = K8sPlan(name, spec, agent_yaml, {}, changes, release=release)
     plan.warnings.extend(change for change in changes if change.startswith("frontend.kind="))
-    plan.warnings.extend(_model_warnings(spec, options))
+    if local or tier is not None:
+        plan.warnings.extend(_model_warnings(original, options))
     if shared:
         plan.database_secret = options.database_secret or f"{name}-database"
         plan.database_env = _database_env(data, path)
@@ -231,8 +182,27 @@ def plan_k8s(path: str, overrides: Sequence[str] = (), options: K8sOptions | Non
             "--no-api-key: the server takes requests without a key: anyone who can reach the Service "
             "can use the model"
         )
-    _Builder(plan, options).build(ray, tp * pp * dp, per_node or tp)
+    if tier is not None and release is not None:
+        _plan_engine_tier(plan, original, release, tier, options)
+    Builder(plan, options).build(ray, gpus, per_pod)
     return plan
+
+
+def _plan_engine_tier(
+    plan: K8sPlan, original: AgentSpec, release: str, tier: EngineTier, options: K8sOptions
+) -> None:
+    assert isinstance(original.engine, VLLMEngineSpec)  # check_engine made sure
+    plan.engine_spec = original.engine
+    if options.api_key:
+        plan.engine_api_key_secret = tier.api_key_secret or f"{plan.name}-engine-api-key"
+    else:
+        plan.warnings.append("--no-api-key: the engine tier takes requests without a key too")
+    plan.engine_values = production_stack.engine_values(
+        original, release, options, plan.engine_api_key_secret
+    )
+    _, warning = production_stack.tool_call_format(original)
+    if warning:
+        plan.warnings.append(warning)
 
 
 def _database_env(data: dict[str, Any], path: str) -> str:
@@ -272,174 +242,3 @@ def _model_warnings(spec: AgentSpec, options: K8sOptions) -> list[str]:
             "(into an emptyDir)"
         ]
     return []
-
-
-# -- the manifests ----------------------------------------------------------------------------
-
-
-class _Builder:
-    def __init__(self, plan: K8sPlan, options: K8sOptions) -> None:
-        self.plan, self.options, self.name = plan, options, plan.name
-        front = plan.spec.frontend
-        assert isinstance(front, OpenAIFrontend)  # _pod_agent made it so
-        self.frontend, self.port = front, front.port
-        self.selector = {"app.kubernetes.io/name": "qwenrun", "app.kubernetes.io/instance": self.name}
-        self.labels = {**self.selector, "app.kubernetes.io/version": __version__,
-                       "app.kubernetes.io/managed-by": "qwenrun-deploy"}  # fmt: skip
-        digest = hashlib.sha256(plan.agent_yaml.encode()).hexdigest()
-        self.pod_annotations = {"qwenrun/agent-sha256": digest}  # a changed file rolls the pods
-
-    def build(self, ray: bool, gpus: int, gpus_per_pod: int) -> None:
-        manifests = self.plan.manifests
-        manifests["configmap.yaml"] = {
-            "apiVersion": "v1", "kind": "ConfigMap", "metadata": self.metadata(),
-            "data": {"agent.yaml": self.plan.agent_yaml},
-        }  # fmt: skip
-        if ray:
-            manifests["raycluster.yaml"] = self.ray_cluster(gpus, gpus_per_pod)
-            selector = {"ray.io/cluster": self.name, "ray.io/node-type": "head"}
-        else:
-            manifests["deployment.yaml"] = self.deployment(gpus)
-            if self.plan.database_secret or not self.plan.spec.sessions.enabled:  # pods that share state
-                manifests["hpa.yaml"] = self.autoscaler()
-            selector = self.selector
-        manifests["service.yaml"] = {
-            "apiVersion": "v1", "kind": "Service", "metadata": self.metadata(),
-            "spec": {
-                "type": "ClusterIP", "selector": selector,
-                "ports": [{"name": "http", "port": self.port, "targetPort": "http", "protocol": "TCP"}],
-            },
-        }  # fmt: skip
-
-    def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"name": self.name, "labels": dict(self.labels)}
-        if self.options.namespace:
-            meta["namespace"] = self.options.namespace
-        return meta
-
-    def deployment(self, gpus: int) -> dict[str, Any]:
-        options = self.options
-        return {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": self.metadata(),
-            "spec": {
-                "replicas": options.replicas,
-                "selector": {"matchLabels": dict(self.selector)},
-                # A new pod must be ready before an old one goes: GPU capacity never drops.
-                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-                "progressDeadlineSeconds": options.startup_timeout_s + 600,
-                "template": self.template(self.pod([self.server(gpus, ["qwenrun", "up", AGENT_PATH])])),
-            },
-        }  # fmt: skip
-
-    def autoscaler(self) -> dict[str, Any]:
-        options, engine = self.options, self.plan.engine
-        target = options.target_in_flight or max(1, engine.max_num_seqs * engine.data_parallel_size // 2)
-        return {
-            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": self.metadata(),
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.name},
-                "minReplicas": options.replicas,
-                "maxReplicas": max(options.max_replicas or 2 * options.replicas, options.replicas),
-                "metrics": [{"type": "Pods", "pods": {
-                    "metric": {"name": IN_FLIGHT_METRIC},
-                    "target": {"type": "AverageValue", "averageValue": str(target)},
-                }}],
-                # A GPU pod takes minutes to load the model: add one at a time, remove slowly.
-                "behavior": {
-                    "scaleUp": {"stabilizationWindowSeconds": 60,
-                                "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]},
-                    "scaleDown": {"stabilizationWindowSeconds": 900,
-                                  "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}]},
-                },
-            },
-        }  # fmt: skip
-
-    def ray_cluster(self, gpus: int, gpus_per_pod: int) -> dict[str, Any]:
-        pods = math.ceil(gpus / gpus_per_pod)
-        head = self.server(gpus_per_pod, ["/bin/bash", "-c", "--"], args=[_RAY_HEAD_SCRIPT])
-        head["env"].append(_POD_IP_ENV)
-        annotations = {"ray.io/overwrite-container-cmd": "true"}  # KubeRay: run our command, not its own
-        spec: dict[str, Any] = {
-            "headGroupSpec": {
-                "rayStartParams": {},
-                "template": self.template(self.pod([head], self.options.grace_period_s), annotations),
-            },
-        }
-        if pods > 1:
-            worker = {
-                "name": "ray-worker", "image": self.options.image, "imagePullPolicy": "IfNotPresent",
-                "env": [self.hf_home_env(), _POD_IP_ENV], "resources": self.resources(gpus_per_pod),
-                "volumeMounts": self.mounts()[1:],
-            }  # fmt: skip
-            spec["workerGroupSpecs"] = [{
-                "groupName": "gpu", "replicas": pods - 1, "minReplicas": pods - 1, "maxReplicas": pods - 1,
-                "rayStartParams": {}, "template": self.template(self.pod([worker], 30)),
-            }]  # fmt: skip
-        return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": self.metadata(), "spec": spec}
-
-    def template(self, pod: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
-        metadata = {
-            "labels": dict(self.labels),
-            "annotations": {**self.pod_annotations, **(annotations or {})},
-        }
-        return {"metadata": metadata, "spec": pod}
-
-    def pod(self, containers: list[dict[str, Any]], grace_s: int | None = None) -> dict[str, Any]:
-        model = self.options.model_volume
-        return {
-            "terminationGracePeriodSeconds": self.options.grace_period_s if grace_s is None else grace_s,
-            "securityContext": {"fsGroup": 1000},  # the image runs as uid 1000; volumes writable to it
-            "containers": containers,
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "volumes": [
-                {"name": "agent", "configMap": {"name": self.name}},
-                model.volume() if model else {"name": "models", "emptyDir": {}},
-                # NCCL and vLLM's worker queues use shared memory; Docker's default 64 MiB is too small.
-                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.options.shm_size}},
-            ],
-        }
-
-    def server(self, gpus: int, command: list[str], args: list[str] | None = None) -> dict[str, Any]:
-        options = self.options
-        health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
-        env: list[dict[str, Any]] = [self.hf_home_env()]
-        if self.plan.api_key_secret and self.frontend.api_key_env:
-            env.append({"name": self.frontend.api_key_env, "valueFrom": {"secretKeyRef": {
-                "name": self.plan.api_key_secret, "key": API_KEY_SECRET_KEY}}})  # fmt: skip
-        if self.plan.database_secret:
-            env.append({"name": self.plan.database_env, "valueFrom": {"secretKeyRef": {
-                "name": self.plan.database_secret, "key": DATABASE_SECRET_KEY}}})  # fmt: skip
-        container: dict[str, Any] = {
-            "name": "qwenrun", "image": options.image, "imagePullPolicy": "IfNotPresent",
-            "command": command, **({"args": args} if args else {}),
-            "ports": [{"name": "http", "containerPort": self.port, "protocol": "TCP"}],
-            "env": env, "resources": self.resources(gpus), "volumeMounts": self.mounts(),
-            # /health is 503 until the engine has loaded, and again if it dies.
-            "startupProbe": {**health, "periodSeconds": 10,
-                             "failureThreshold": max(1, math.ceil(options.startup_timeout_s / 10))},
-            "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 2},
-            "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-            # Let the endpoints drop the pod before SIGTERM; uvicorn then finishes running requests.
-            "lifecycle": {"preStop": {"exec": {"command": ["sleep", "10"]}}},
-        }  # fmt: skip
-        return container
-
-    def hf_home_env(self) -> dict[str, str]:
-        return {"name": "HF_HOME", "value": f"{self.options.model_mount.rstrip('/')}/huggingface"}
-
-    def mounts(self) -> list[dict[str, Any]]:
-        return [
-            {"name": "agent", "mountPath": str(Path(AGENT_PATH).parent), "readOnly": True},
-            {"name": "models", "mountPath": self.options.model_mount},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ]
-
-    def resources(self, gpus: int) -> dict[str, Any]:
-        options = self.options
-        return {
-            "requests": {"cpu": options.cpu, "memory": options.memory, "nvidia.com/gpu": str(gpus)},
-            "limits": {"memory": options.memory, "nvidia.com/gpu": str(gpus)},
-        }
-
-
-_POD_IP_ENV = {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
