@@ -38,7 +38,7 @@ from qwenrun.engines.base import Request
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import Final
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.toolcalls import Qwen3CoderParser, hermes
+from qwenrun.toolcalls import Qwen3CoderParser, base, hermes
 from qwenrun.toolcalls.hermes import FORCED_PREFILL
 
 CHUNK_SIZES = (1, 4, 16)
@@ -78,7 +78,7 @@ def chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def stream_parse(pieces: list[str]) -> hermes.ParseResult:
+def stream_parse(pieces: list[str]) -> base.ParseResult:
     parser = hermes.StreamParser(ids())
     for piece in pieces:
         parser.feed(piece)

@@ -1,15 +1,64 @@
-"""The typed events of one agent turn. Every front end consumes exactly these."""
+"""The one vocabulary: the call and event types that every parser, the agent loop and every front
+end speak, each named once.
+
+* What the readers of model output (:mod:`qwenrun.toolcalls`) return: :class:`ParsedCall`, a tool
+  call read from the output (well-formed or not), :class:`CallDelta`, a piece of one while it is
+  written, and :class:`Reasoning`, a piece of the thinking (answer text is a plain ``str``).
+* The events of one agent turn (:data:`Event`), which every front end consumes: :class:`TextDelta`
+  (answer text), :class:`Reasoning`, :class:`ToolCall` (a parsed call about to run),
+  :class:`ToolResult`, :class:`Usage`, :class:`Repair`, :class:`Notice`, then one :class:`Final`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
-    "Event", "Final", "Notice", "Reasoning", "Repair", "TextDelta", "ToolCall", "ToolResult", "Usage",
-    "to_dict",
+    "CallDelta", "Event", "Final", "Notice", "ParsedCall", "Reasoning", "Repair", "TextDelta", "ToolCall",
+    "ToolResult", "Usage", "to_dict",
 ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCall:
+    """One tool call read from model output (a Hermes ``<tool_call>`` block, a Qwen3-Coder
+    ``<function=...>`` block, bare JSON, an endpoint's ``tool_calls``). ``raw`` is the text it was
+    read from exactly as written (not stripped); ``error`` is None when well-formed, else a short
+    human reason (the agent repairs it)."""
+
+    id: str
+    name: str  # "" if it could not be recovered
+    arguments: dict[str, Any]  # {} if not recoverable; always JSON-serialisable
+    raw: str
+    error: str | None = None
+    bare: bool = False  # written as bare JSON, without the tags (``raw`` is that JSON)
+    from_thinking: bool = False  # written inside the think block, read as the answer was empty
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelta:
+    """A piece of tool call number ``index`` (0-based, in order of the output) while it is written.
+
+    ``name`` is set on the first delta of a call and None on the others; the ``arguments``
+    fragments of one call, concatenated, are exactly ``ParsedCall.arguments_json()`` of the call
+    that completes it, when that call is well-formed. A call that ends malformed (``error`` set)
+    may have sent fragments that do not add up: the completed :class:`ParsedCall` decides.
+    """
+
+    index: int
+    id: str
+    name: str | None
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +73,10 @@ class TextDelta:
 class Reasoning:
     """A piece of the model's reasoning (Qwen3's ``<think>`` block, or a remote endpoint's
     ``reasoning``), in order; it comes before the text and the tool calls of the same model call.
-    Not part of the answer: front ends show it apart (dimmed, a collapsed step), the OpenAI server
-    returns it as ``reasoning`` / ``reasoning_content``, and the session keeps it on the assistant
-    message as ``reasoning_content`` for the chat template (Qwen3's drops it from earlier turns)."""
+    The readers of model output return it and the loop yields it. Not part of the answer: front
+    ends show it apart (dimmed, a collapsed step), the OpenAI server returns it as ``reasoning`` /
+    ``reasoning_content``, and the session keeps it on the assistant message as
+    ``reasoning_content`` for the chat template (Qwen3's drops it from earlier turns)."""
 
     text: str
     type: Literal["reasoning"] = "reasoning"
@@ -34,8 +84,9 @@ class Reasoning:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """The model asked for a tool; the call is about to run. ``from_thinking``: the model wrote it
-    inside its thinking and answered nothing after it (``agent.calls_in_thinking: run``)."""
+    """The model asked for a tool; the call is about to run (the loop's event of a well-formed
+    :class:`ParsedCall`). ``from_thinking``: the model wrote it inside its thinking and answered
+    nothing after it (``agent.calls_in_thinking: run``)."""
 
     id: str
     name: str

@@ -33,8 +33,7 @@ from pydantic.fields import FieldInfo
 
 from qwenrun.approval import Approval
 from qwenrun.errors import PluginError, ToolError
-from qwenrun.events import Notice, ToolResult
-from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.events import Notice, ParsedCall, ToolResult
 
 __all__ = ["Tool", "declared_only", "dropped_notice", "format_result", "run_call"]
 
@@ -361,7 +360,7 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def declared_only(tools: Mapping[str, Tool], call: ToolCall) -> tuple[ToolCall, dict[str, Any]]:
+def declared_only(tools: Mapping[str, Tool], call: ParsedCall) -> tuple[ParsedCall, dict[str, Any]]:
     """``call`` without the arguments its tool's schema does not declare, and those (name: value);
     the call itself when there are none (or its tool is not among ``tools``)."""
     tool = tools.get(call.name)
@@ -373,7 +372,7 @@ def declared_only(tools: Mapping[str, Tool], call: ToolCall) -> tuple[ToolCall, 
     return dataclasses.replace(call, arguments=kept), dropped
 
 
-def dropped_notice(call: ToolCall, dropped: Mapping[str, Any]) -> Notice:
+def dropped_notice(call: ParsedCall, dropped: Mapping[str, Any]) -> Notice:
     """The notice that ``dropped`` were taken out of ``call`` before it ran."""
     shown = ", ".join(
         f"{key}={json.dumps(value, ensure_ascii=False)[:200]}" for key, value in dropped.items()
@@ -387,7 +386,9 @@ def dropped_notice(call: ToolCall, dropped: Mapping[str, Any]) -> Notice:
 CANCEL_GRACE_S = 0.5
 
 
-async def run_call(tools: Mapping[str, Tool], call: ToolCall, *, timeout_s: float, limit: int) -> ToolResult:
+async def run_call(
+    tools: Mapping[str, Tool], call: ParsedCall, *, timeout_s: float, limit: int
+) -> ToolResult:
     """Run the model's ``call`` of one of ``tools`` under its time limit (the tool's own, else
     ``timeout_s``). Every failure (unknown tool, bad arguments, an exception, the time limit)
     becomes an ``Error: ...`` result the model can read; only cancelling the caller propagates."""

@@ -10,8 +10,7 @@ from typing import Any, Protocol
 
 from hypothesis import strategies as st
 
-from qwenrun.toolcalls import Reasoning, ToolCallDelta
-from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.events import CallDelta, ParsedCall, Reasoning
 
 
 class Incremental(Protocol):
@@ -60,16 +59,16 @@ def feed_sized(parser: Incremental, text: str, size: int) -> list[Any]:
 
 
 def check_events(
-    events: list[Any], content: str, calls: list[ToolCall], reasoning: str | None = None
+    events: list[Any], content: str, calls: list[ParsedCall], reasoning: str | None = None
 ) -> None:
     """The events add up to the result: answer text (no tag), reasoning, calls, argument deltas."""
     shown = [e for e in events if isinstance(e, str)]
     assert all(shown) and all("<tool_call>" not in s for s in shown)
     assert "".join(shown).strip() == content
-    assert [e for e in events if isinstance(e, ToolCall)] == calls
+    assert [e for e in events if isinstance(e, ParsedCall)] == calls
     if reasoning is not None:
         assert "".join(e.text for e in events if isinstance(e, Reasoning)) == reasoning
-    deltas = [e for e in events if isinstance(e, ToolCallDelta)]
+    deltas = [e for e in events if isinstance(e, CallDelta)]
     by_id = {call.id: call for call in calls}
     for delta in deltas:  # each delta belongs to a call completed later, at its index
         assert delta.id in by_id and calls.index(by_id[delta.id]) == delta.index

@@ -17,11 +17,10 @@ from qwenrun.agent import Agent
 from qwenrun.engines.base import Delta, OutputReader
 from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError
-from qwenrun.events import Final, ToolCall, ToolResult
+from qwenrun.events import CallDelta, Final, ParsedCall, ToolCall, ToolResult
 from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.toolcalls import ToolCall as ParsedCall
-from qwenrun.toolcalls import ToolCallDelta, parse_output
+from qwenrun.toolcalls import parse_output
 from qwenrun.toolcalls.output import thinking_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_current_weather", "parameters": {
@@ -58,7 +57,7 @@ def test_a_call_made_while_thinking_is_read_when_the_answer_is_empty(format: str
             ("get_current_weather", {"city": "广州"}, True)
         ]
         (done,) = [e for e in events if isinstance(e, ParsedCall)]
-        (delta,) = [e for e in events if isinstance(e, ToolCallDelta)]
+        (delta,) = [e for e in events if isinstance(e, CallDelta)]
         assert done == result.tool_calls[0] and (delta.index, delta.id, delta.arguments) == (
             0,
             done.id,

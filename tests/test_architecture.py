@@ -212,6 +212,58 @@ def test_importing_does_not_load_vllm_torch_or_the_front_end_extras(module: str)
     assert done.stdout.strip() == ""
 
 
+# The one vocabulary (docs/architecture.md): each type is defined once, in qwenrun.events, and the
+# names of the duplicates it replaced are defined nowhere.
+VOCABULARY = ("ParsedCall", "CallDelta", "TextDelta", "Reasoning", "ToolCall", "ToolResult", "Usage", "Repair",
+              "Notice", "Final", "Event")  # fmt: skip
+RETIRED = ("ToolCallDelta", "ReasoningText", "Call", "Text")
+
+
+def definitions(package: Path) -> dict[str, set[str]]:
+    """Type name -> the modules under ``package`` that define it: a class (at any depth) or a
+    module-level assignment (a type alias)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        for name in names:
+            found.setdefault(name, set()).add(module.removesuffix(".__init__"))
+    return found
+
+
+def vocabulary_problems(package: Path) -> list[str]:
+    found = definitions(package)
+    problems = [
+        f"{name} is defined in {sorted(found.get(name, ())) or 'no module'}, not once in qwenrun.events"
+        for name in VOCABULARY
+        if found.get(name) != {"qwenrun.events"}
+    ]
+    problems += [f"{name} (a retired duplicate) is defined in {sorted(found[name])}" for name in RETIRED if name in found]
+    return problems
+
+
+def test_each_type_of_the_vocabulary_is_defined_once() -> None:
+    assert vocabulary_problems(PACKAGE) == []
+
+
+def test_the_vocabulary_check_sees_a_second_definition(tmp_path: Path) -> None:
+    package = tmp_path / "qwenrun"
+    (package / "toolcalls").mkdir(parents=True)
+    (package / "events.py").write_text(
+        "\n".join(f"class {name}: ..." for name in VOCABULARY if name != "Event") + "\nEvent = int\n"
+    )
+    assert vocabulary_problems(package) == []
+    (package / "toolcalls" / "thinking.py").write_text("class Reasoning:\n    class Call: ...\n")
+    assert vocabulary_problems(package) == [
+        "Reasoning is defined in ['qwenrun.events', 'qwenrun.toolcalls.thinking'], not once in qwenrun.events",
+        "Call (a retired duplicate) is defined in ['qwenrun.toolcalls.thinking']",
+    ]
+
+
 def test_modules_stay_small_and_say_their_role() -> None:
     for name, path in MODULES.items():
         text = path.read_text(encoding="utf-8")

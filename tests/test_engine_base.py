@@ -7,7 +7,8 @@ import pytest
 from chunking import ids
 
 from qwenrun.engines.base import Constraint, Delta, OutputReader, Request
-from qwenrun.toolcalls import Reasoning, ToolCall, ToolCallDelta, parse_output
+from qwenrun.events import CallDelta, ParsedCall, Reasoning
+from qwenrun.toolcalls import parse_output
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
     "type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}}}]  # fmt: skip
@@ -30,8 +31,8 @@ def test_reads_reasoning_text_and_calls_of_the_format(fmt: str, call: str) -> No
     assert result == parse_output(text, fmt, tools=TOOLS, new_id=lambda: result.tool_calls[0].id)
     assert (result.reasoning, result.content) == ("plan", "Checking.")
     assert "".join(e.text for e in events if isinstance(e, Reasoning)) == "plan"
-    assert [e for e in events if isinstance(e, ToolCall)] == result.tool_calls
-    deltas = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert [e for e in events if isinstance(e, ParsedCall)] == result.tool_calls
+    deltas = [e for e in events if isinstance(e, CallDelta)]
     assert "".join(d.arguments for d in deltas) == result.tool_calls[0].arguments_json()
     assert len(deltas) > 1 if fmt == "qwen3_coder" else len(deltas) == 1  # XML streams its arguments
     assert (reader.prompt_tokens, reader.completion_tokens, reader.finish_reason) == (10, 7, "stop")
@@ -47,7 +48,7 @@ def test_the_first_delta_says_the_text_starts_inside_a_think_block() -> None:
 
 
 def test_reasoning_and_calls_an_engine_received_apart_are_added() -> None:
-    call = ToolCall("call_1", "f", {"n": 1}, "{}")
+    call = ParsedCall("call_1", "f", {"n": 1}, "{}")
     reader = OutputReader(tools=TOOLS)
     events = read(reader, Delta("", reasoning="first "), Delta("ok", reasoning="second"),
                   Delta("", "stop", tool_calls=(call,)))  # fmt: skip

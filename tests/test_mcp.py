@@ -26,12 +26,11 @@ from mcp_fixtures import free_port, http_server, stdio
 from qwenrun.agent import Agent
 from qwenrun.engines.scripted import ScriptedEngine, tool_call_text
 from qwenrun.errors import ConfigError, ToolError
-from qwenrun.events import ToolResult
+from qwenrun.events import ParsedCall, ToolResult
 from qwenrun.mcp import connection, processes
 from qwenrun.mcp.processes import alive
 from qwenrun.mcp.toolset import McpToolset, result_text
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.tools import Tool, run_call
 
 
@@ -61,7 +60,7 @@ async def toolset(*entries: Any, tools: dict[str, Tool] | None = None) -> AsyncI
 
 
 async def call(tools: dict[str, Tool], name: str, limit: int = 16_000, **arguments: Any) -> ToolResult:
-    return await run_call(tools, ToolCall("call-1", name, arguments, ""), timeout_s=10, limit=limit)
+    return await run_call(tools, ParsedCall("call-1", name, arguments, ""), timeout_s=10, limit=limit)
 
 
 def pids(path: Path) -> list[int]:

@@ -26,8 +26,8 @@ from qwenrun.agent import Agent
 from qwenrun.agent.plugins import load_tools
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError, RequestError
+from qwenrun.events import Reasoning, TextDelta
 from qwenrun.frontends.openai import chat, create_app, responses
-from qwenrun.frontends.openai.chat import ReasoningText as Reasoning
 from qwenrun.frontends.openai.items import to_messages
 from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.sessions.sqlite import SQLiteStore
@@ -432,9 +432,9 @@ async def test_reasoning_pieces_become_reasoning_items(monkeypatch: pytest.Monke
 
     def thinking(agent: Any, request: Any, frontend: Any, request_id: str) -> chat.Pieces:
         async def pieces() -> chat.Pieces:
-            for piece in (Reasoning("The user "), Reasoning("greets me."), chat.Text("Hello!")):
-                yield piece  # type: ignore[misc]
-            yield chat.Finish("stop", 7, 5)
+            for part in (Reasoning("The user "), Reasoning("greets me."), TextDelta("Hello!")):
+                yield chat.Piece(part)
+            yield chat.Piece(chat.Finish("stop", 7, 5))
 
         return (
             pieces() if request.messages[-1].content == "hi" else real(agent, request, frontend, request_id)
@@ -717,12 +717,12 @@ def test_builder_items_and_events_for_every_piece() -> None:
     builder = ResponseBuilder(response, server_label=AGENT)
     step = {"type": "tool_call", "name": "get_current_weather", "arguments": {"city": "深圳"}}
     pieces: list[Any] = [
-        Reasoning("\n想一想"), chat.Text(" 我查一下。"), Reasoning("再想"),
+        Reasoning("\n想一想"), TextDelta(" 我查一下。"), Reasoning("再想"),
         chat.Step({**step, "id": "call_a"}), chat.Step({**step, "id": "call_b"}),
         chat.Step({"type": "tool_result", "id": "call_b", "name": "x", "content": "Error: boom", "is_error": True}),
         chat.Step({"type": "repair", "reason": "malformed"}),
         chat.Step({"type": "tool_result", "id": "call_a", "name": "x", "content": "晴", "is_error": False}),
-        chat.Text("\n\n"), chat.Text("晴。"), chat.Finish("stop", 10, 4),
+        TextDelta("\n\n"), TextDelta("晴。"), chat.Finish("stop", 10, 4),
     ]  # fmt: skip
     events = builder.start() + [event for piece in pieces for event in builder.feed(piece)]
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
@@ -758,7 +758,7 @@ def test_builder_items_and_events_for_every_piece() -> None:
 def test_builder_failure_ends_with_response_failed() -> None:
     builder = ResponseBuilder({"id": "resp_x", "output": [], "status": "in_progress"}, server_label=AGENT)
     builder.start()
-    builder.feed(chat.Text("half"))
+    builder.feed(TextDelta("half"))
     (failed,) = builder.fail("server_error", "the engine died")
     assert failed["type"] == "response.failed" and failed["sequence_number"] == 5
     assert failed["response"]["status"] == "failed"

@@ -9,11 +9,11 @@ import pytest
 from chunking import check_events, feed_sized, ids
 from test_toolcalls_hermes import CASES as HERMES_CASES
 
+from qwenrun.events import CallDelta
 from qwenrun.toolcalls import (
     PARSERS,
     HermesParser,
     Qwen3CoderParser,
-    ToolCallDelta,
     detect_format,
     hermes,
     new_parser,
@@ -38,7 +38,7 @@ def test_hermes_wrapper_is_the_hermes_parser(text: str) -> None:
         events = feed_sized(parser, text, size)
         assert parser.result() == expected
         check_events(events, expected.content, expected.tool_calls)
-        plain = [e for e in events if not isinstance(e, ToolCallDelta)]
+        plain = [e for e in events if not isinstance(e, CallDelta)]
         legacy = hermes.StreamParser(ids())
         assert plain == feed_sized(legacy, text, size)  # the same events, deltas aside
 

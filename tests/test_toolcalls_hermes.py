@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from qwenrun.toolcalls.hermes import ParseResult, StreamParser, ToolCall, new_call_id, parse
+from qwenrun.events import ParsedCall
+from qwenrun.toolcalls.base import ParseResult, new_call_id
+from qwenrun.toolcalls.hermes import StreamParser, parse
 
 
 def ids() -> Callable[[], str]:
@@ -19,9 +21,9 @@ def ids() -> Callable[[], str]:
     return lambda: f"id{next(counter)}"
 
 
-def stream(text: str, size: int) -> tuple[list[str | ToolCall], ParseResult]:
+def stream(text: str, size: int) -> tuple[list[str | ParsedCall], ParseResult]:
     sp = StreamParser(ids())
-    events: list[str | ToolCall] = []
+    events: list[str | ParsedCall] = []
     for k in range(0, len(text), size):
         events += sp.feed(text[k : k + size])
     events += sp.finish()
@@ -36,7 +38,7 @@ def assert_stream_agrees(text: str, sizes: range | list[int] | None = None) -> N
         shown = [e for e in events if isinstance(e, str)]
         assert all("<tool_call>" not in s for s in shown)
         assert "".join(shown).strip() == expected.content
-        assert [e for e in events if isinstance(e, ToolCall)] == expected.tool_calls
+        assert [e for e in events if isinstance(e, ParsedCall)] == expected.tool_calls
 
 
 def call(name: str, args: dict[str, Any]) -> str:
@@ -263,7 +265,7 @@ def test_text_is_released_early() -> None:
     assert sp.feed("ld <tool") == ["ld "]  # "<tool" held back: could be the opening tag
     assert sp.feed("box> ok") == ["<toolbox> ok"]
     events = sp.feed('<tool_call>{"name": "f"}</tool_call>x')
-    assert [type(e) for e in events] == [ToolCall, str]
+    assert [type(e) for e in events] == [ParsedCall, str]
     assert sp.finish() == []
     assert sp.result().content == "Hello world <toolbox> okx"
 

@@ -14,7 +14,9 @@ from chunking import cut_lists, ids, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.toolcalls.hermes import ParseResult, StreamParser, ToolCall, parse
+from qwenrun.events import ParsedCall
+from qwenrun.toolcalls.base import ParseResult
+from qwenrun.toolcalls.hermes import StreamParser, parse
 
 SETTINGS = {
     "deadline": None,
@@ -60,9 +62,9 @@ def mutated_calls(draw: st.DrawFn) -> str:
     return mutate(draw, text, TOKENS)
 
 
-def stream(text: str, cuts: list[int]) -> tuple[list[str | ToolCall], ParseResult]:
+def stream(text: str, cuts: list[int]) -> tuple[list[str | ParsedCall], ParseResult]:
     sp = StreamParser(ids())
-    events: list[str | ToolCall] = []
+    events: list[str | ParsedCall] = []
     bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
     for a, b in itertools.pairwise(bounds):
         events += sp.feed(text[a:b])
@@ -82,7 +84,7 @@ def check(text: str, cuts: list[int]) -> ParseResult:
         shown = [e for e in events if isinstance(e, str)]
         assert all(shown) and all("<tool_call>" not in s for s in shown)
         assert "".join(shown).strip() == expected.content
-        assert [e for e in events if isinstance(e, ToolCall)] == expected.tool_calls
+        assert [e for e in events if isinstance(e, ParsedCall)] == expected.tool_calls
     return expected
 
 

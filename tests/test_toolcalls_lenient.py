@@ -11,7 +11,8 @@ from chunking import check_events, cut_lists, feed_cuts, feed_sized, ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.toolcalls import ParseResult, ToolCall, ToolCallDelta, new_parser, parse_output
+from qwenrun.events import CallDelta, ParsedCall
+from qwenrun.toolcalls import ParseResult, new_parser, parse_output
 from qwenrun.toolcalls.lenient import MAX_PROSE, LenientParser, lenient_calls
 
 FORMATS = ["hermes", "qwen3_coder"]
@@ -226,14 +227,14 @@ def test_holds_back_only_what_may_be_a_call(fmt: str) -> None:
     assert sp.feed('Sure: {"name": "f", ') == ["Sure: "]  # may be a call: held to the end
     assert sp.feed('"arguments": {}}') == []
     delta, done = sp.finish()
-    assert isinstance(done, ToolCall) and done.name == "f" and isinstance(delta, ToolCallDelta)
+    assert isinstance(done, ParsedCall) and done.name == "f" and isinstance(delta, CallDelta)
     assert sp.result() == ParseResult("Sure:", [done])
     sp = parser()
     assert sp.feed('{"a": 1}') == []
     assert sp.feed(" and <tool_call>") == []
     tagged = '{"name": "f", "arguments": {}}' if fmt == "hermes" else "<function=f>\n</function>"
     events = sp.feed(f"\n{tagged}\n</tool_call>")  # a tagged call: what was held is released first
-    assert events[0] == '{"a": 1} and ' and isinstance(events[-1], ToolCall) and events[-1].ok
+    assert events[0] == '{"a": 1} and ' and isinstance(events[-1], ParsedCall) and events[-1].ok
     assert sp.feed(" ok") == [" ok"]
 
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from weather import weather_tool
 
-from qwenrun.toolcalls import OutputParser, ParsedOutput, Reasoning, parse_output
+from qwenrun.events import Reasoning
+from qwenrun.toolcalls import OutputParser, ParsedOutput, parse_output
 
 FORECAST = {
     "name": "forecast",
@@ -107,8 +108,8 @@ def test_events_in_order() -> None:
     parser = OutputParser("qwen3_coder", tools=TOOLS, new_id=ids())
     events = parser.feed("<think>\nhm\n</think>\n\nok\n" + XML[:60]) + parser.feed(XML[60:]) + parser.finish()
     kinds = [type(e).__name__ for e in events]
-    assert kinds[0] == "Reasoning" and kinds[-1] == "ToolCall"
-    assert kinds.index("str") < kinds.index("ToolCallDelta")
+    assert kinds[0] == "Reasoning" and kinds[-1] == "ParsedCall"
+    assert kinds.index("str") < kinds.index("CallDelta")
 
 
 TOKENS = ["<think>", "</think>", "\n", " ", "x", "<tool_call>", "</tool_call>", HERMES, XML, XML2,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from chunking import check_events, feed_sized, ids
 
-from qwenrun.toolcalls import Qwen3CoderParser, ToolCallDelta
-from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.events import CallDelta, ParsedCall
+from qwenrun.toolcalls import Qwen3CoderParser
 from qwenrun.toolcalls.qwen3_coder import parse
 
 TOOLS: list[dict[str, Any]] = [
@@ -298,16 +298,16 @@ def test_raw_is_the_text_between_the_tags() -> None:
 
 def test_string_arguments_stream_as_written() -> None:  # vLLM #30439
     parser = Qwen3CoderParser(TOOLS, ids())
-    assert parser.feed("<tool_call>\n<function=f>\n<param") == [ToolCallDelta(0, "id0", "f", "{")]
-    assert parser.feed("eter=s>\nprint(") == [ToolCallDelta(0, "id0", None, '"s": "print(')]
-    assert parser.feed('"hi")\n') == [ToolCallDelta(0, "id0", None, '\\"hi\\")')]  # the newline waits
-    assert parser.feed("x\n</param") == [ToolCallDelta(0, "id0", None, "\\nx")]
+    assert parser.feed("<tool_call>\n<function=f>\n<param") == [CallDelta(0, "id0", "f", "{")]
+    assert parser.feed("eter=s>\nprint(") == [CallDelta(0, "id0", None, '"s": "print(')]
+    assert parser.feed('"hi")\n') == [CallDelta(0, "id0", None, '\\"hi\\")')]  # the newline waits
+    assert parser.feed("x\n</param") == [CallDelta(0, "id0", None, "\\nx")]
     assert parser.feed("eter>\n") == []  # a closing tag waits for what follows it
-    assert parser.feed("<parameter=n>\n4") == [ToolCallDelta(0, "id0", None, '"')]
-    assert parser.feed("2\n</parameter>\n</function>") == [ToolCallDelta(0, "id0", None, ', "n": 42')]
+    assert parser.feed("<parameter=n>\n4") == [CallDelta(0, "id0", None, '"')]
+    assert parser.feed("2\n</parameter>\n</function>") == [CallDelta(0, "id0", None, ', "n": 42')]
     events = parser.feed("\n</tool_call>")
-    assert events[0] == ToolCallDelta(0, "id0", None, "}")
-    assert isinstance(events[1], ToolCall) and events[1].arguments == {"s": 'print("hi")\nx', "n": 42}
+    assert events[0] == CallDelta(0, "id0", None, "}")
+    assert isinstance(events[1], ParsedCall) and events[1].arguments == {"s": 'print("hi")\nx', "n": 42}
     assert parser.finish() == []
 
 
@@ -316,7 +316,7 @@ def test_nullable_string_waits_until_it_cannot_be_null() -> None:
     parser.feed("<tool_call>\n<function=f>\n<parameter=ns>\n")
     assert parser.feed("nu") == []
     assert parser.feed("ll") == []
-    assert parser.feed("s") == [ToolCallDelta(0, "id0", None, '"nulls')]
+    assert parser.feed("s") == [CallDelta(0, "id0", None, '"nulls')]
 
 
 def test_text_is_released_early_and_tags_are_never_shown() -> None:
@@ -362,7 +362,7 @@ def test_a_long_value_full_of_tags_fed_one_character_at_a_time() -> None:
 def test_deltas_of_a_parallel_call_sequence() -> None:
     text = call("f", s="a", n="1") + "\n" + call("get_time")
     events, _ = run(text, 1)
-    deltas = [e for e in events if isinstance(e, ToolCallDelta)]
+    deltas = [e for e in events if isinstance(e, CallDelta)]
     assert {d.index for d in deltas} == {0, 1}
     assert ["".join(d.arguments for d in deltas if d.index == i) for i in (0, 1)] == [
         json.dumps({"s": "a", "n": 1}),

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from qwenrun.toolcalls import Qwen3CoderParser
-from qwenrun.toolcalls.hermes import ParseResult
+from qwenrun.toolcalls.base import ParseResult
 from qwenrun.toolcalls.qwen3_coder import parse
 
 SETTINGS = {

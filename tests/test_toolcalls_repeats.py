@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from qwenrun.engines.scripted import tool_call_text
-from qwenrun.toolcalls import OutputParser, ToolCall
+from qwenrun.events import ParsedCall
+from qwenrun.toolcalls import OutputParser
 from qwenrun.toolcalls.repeats import RepeatWatch
 
 RUN = ("get_current_weather", {"city": "广州"})
@@ -110,6 +111,6 @@ def test_a_call_the_parser_read_in_any_format() -> None:
     told = []
     for at in range(0, len(text), 5):
         piece = text[at : at + 5]
-        calls = [item for item in parser.feed(piece) if isinstance(item, ToolCall)]
+        calls = [item for item in parser.feed(piece) if isinstance(item, ParsedCall)]
         told.append(watch.feed(piece) or any(watch.saw(call) for call in calls))
     assert told[-1] and not any(told[:-1]) and watch.call == RUN

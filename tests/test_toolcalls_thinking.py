@@ -7,7 +7,8 @@ from chunking import feed_cuts, feed_sized
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwenrun.toolcalls import Reasoning, ThinkingParser, ThinkingResult, prompt_opens_thinking, split_thinking
+from qwenrun.events import Reasoning
+from qwenrun.toolcalls import ThinkingParser, ThinkingResult, prompt_opens_thinking, split_thinking
 
 # (id, start_in_reasoning, text, reasoning, content)
 CASES: list[tuple[str, bool | None, str, str, str]] = [

@@ -14,8 +14,8 @@ from weather import weather_tool
 from qwenrun.engines.base import Constraint, Request
 from qwenrun.engines.scripted import literal_regex
 from qwenrun.engines.vllm.engine import VLLMEngine
+from qwenrun.events import ParsedCall
 from qwenrun.toolcalls import OutputParser, ParsedOutput, detect_format, parse_output, prompt_opens_thinking
-from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.weights.tiny import (
     CHAT_TEMPLATE,
     FLAVOURS,
@@ -314,7 +314,7 @@ def _read(pieces: list[str], fmt: str, prompt: str) -> ParsedOutput:
     one_shot = parse_output("".join(pieces), fmt, tools=TOOLS, start_in_reasoning=prompt_opens_thinking(prompt),
                             new_id=lambda: "c")  # fmt: skip
     assert result == one_shot
-    assert [e for e in events if isinstance(e, ToolCall)] == result.tool_calls
+    assert [e for e in events if isinstance(e, ParsedCall)] == result.tool_calls
     return result
 
 

@@ -30,7 +30,6 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
-from qwenrun import toolcalls
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.agent.steps import (
     Step,
@@ -44,7 +43,7 @@ from qwenrun.approval import Approver, review
 from qwenrun.engines.base import Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
@@ -401,10 +400,10 @@ class Session:
                             step.text += item
                             if text:
                                 yield TextDelta(item)
-                        elif isinstance(item, toolcalls.Reasoning):
+                        elif isinstance(item, Reasoning):
                             step.reasoning += item.text
                             if text:
-                                yield Reasoning(item.text)
+                                yield item
                     if watch is not None and watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
                         step.repeated = repaired = True  # no repair; closing the stream aborts the generation
                         log.info("session %s: stopped a model call at its repeat of %s", self.id, watch.call)
@@ -421,10 +420,10 @@ class Session:
                     step.text += item
                     if text:
                         yield TextDelta(item)
-                elif isinstance(item, toolcalls.Reasoning):
+                elif isinstance(item, Reasoning):
                     step.reasoning += item.text
                     if text:
-                        yield Reasoning(item.text)
+                        yield item
             usage = Usage(reader.prompt_tokens, reader.completion_tokens, time.perf_counter() - started, 1)
             span.end_model(usage)
             step.usage += usage
@@ -440,7 +439,7 @@ class Session:
             choice = hermes.intended_tool(bad[0], agent.tools)
             yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
 
-    async def _run_calls(self, calls: list[hermes.ToolCall], shown: list[ToolCall]) -> list[ToolResult]:
+    async def _run_calls(self, calls: list[ParsedCall], shown: list[ToolCall]) -> list[ToolResult]:
         """Ask the approver about each call that needs it (one at a time, in order), then run the
         approved calls in parallel; a refused call's result says why it did not run. Identical calls
         (name and arguments) are asked about and run once: each of their ids gets the result."""
@@ -461,7 +460,7 @@ class Session:
         return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
                 if (got := results[index]) is not None]  # fmt: skip
 
-    async def _run_tool(self, call: hermes.ToolCall) -> ToolResult:
+    async def _run_tool(self, call: ParsedCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
         span = self._trace.tool_call(call.id, call.name)
         settings = self.agent.spec.agent

@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenrun import toolcalls
-from qwenrun.events import Usage
-from qwenrun.toolcalls import hermes
+from qwenrun.events import ParsedCall, Usage
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
 
@@ -39,13 +38,13 @@ class Step:
         self.result = toolcalls.ParsedOutput("", "", [])
 
 
-def call_key(call: hermes.ToolCall) -> tuple[str, str]:
+def call_key(call: ParsedCall) -> tuple[str, str]:
     return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
 
 
 def seen_calls(done: set[tuple[str, str]], tools: Mapping[str, Tool]) -> Seen:
     """Whether a call as written is one of ``done`` (its arguments undeclared by ``tools`` dropped)."""
-    return lambda name, args: call_key(declared_only(tools, hermes.ToolCall("", name, args, ""))[0]) in done
+    return lambda name, args: call_key(declared_only(tools, ParsedCall("", name, args, ""))[0]) in done
 
 
 def with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:
@@ -55,7 +54,7 @@ def with_reasoning(message: dict[str, Any], reasoning: str) -> dict[str, Any]:
     return {**message, "reasoning_content": reasoning} if reasoning else message
 
 
-def assistant_message(content: str, calls: Sequence[hermes.ToolCall]) -> dict[str, Any]:
+def assistant_message(content: str, calls: Sequence[ParsedCall]) -> dict[str, Any]:
     return {
         "role": "assistant",
         "content": content,

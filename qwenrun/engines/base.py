@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput, Reasoning, ToolCall, ToolCallDelta
+from qwenrun.events import CallDelta, ParsedCall, Reasoning
+from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput
 from qwenrun.toolcalls.output import thinking_calls
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Cumulative count so far."""
-    tool_calls: tuple[ToolCall, ...] = ()
+    tool_calls: tuple[ParsedCall, ...] = ()
     """Calls an engine received already parsed (a remote endpoint's ``tool_calls``)."""
     reasoning: str = ""
     """Reasoning an engine received already apart from the text (a remote endpoint's
@@ -153,9 +154,9 @@ class Engine(Protocol):
 
 class OutputReader:
     """Reads one model call's deltas: ``feed`` each delta and get the events that are certain now
-    (answer text as ``str``, :class:`~qwenrun.toolcalls.Reasoning`, a
-    :class:`~qwenrun.toolcalls.ToolCallDelta` while a call is written, a
-    :class:`~qwenrun.toolcalls.ToolCall` once complete), then ``finish``; ``result`` has the
+    (answer text as ``str``, :class:`~qwenrun.events.Reasoning`, a
+    :class:`~qwenrun.events.CallDelta` while a call is written, a
+    :class:`~qwenrun.events.ParsedCall` once complete), then ``finish``; ``result`` has the
     whole answer. The text goes through an :class:`~qwenrun.toolcalls.OutputParser` of ``format``
     with ``tools`` (typed XML values; ``lenient``: bare JSON calls), made at the first delta,
     which tells whether the text starts inside a think block. ``calls=False`` splits the
@@ -182,11 +183,11 @@ class OutputReader:
         self._format, self._tools, self._lenient = format, tools, lenient
         self._calls, self._thinking = calls, thinking
         self._recover = calls and thinking and calls_in_thinking and bool(tools)
-        self._recovered: list[ToolCall] = []
+        self._recovered: list[ParsedCall] = []
         self.parser: OutputParser | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._engine_calls: list[ToolCall] = []
+        self._engine_calls: list[ParsedCall] = []
         self._reasoning: list[str] = []
 
     def _start(self, in_reasoning: bool | None) -> OutputParser:
@@ -221,7 +222,7 @@ class OutputReader:
                 self._recovered = thinking_calls(parsed.reasoning, self._format, tools=self._tools,
                                                  lenient=self._lenient)  # fmt: skip
                 for index, call in enumerate(self._recovered):
-                    out += [ToolCallDelta(index, call.id, call.name, call.arguments_json()), call]
+                    out += [CallDelta(index, call.id, call.name, call.arguments_json()), call]
         return out
 
     def result(self) -> ParsedOutput:

@@ -34,9 +34,11 @@ from typing import Any
 from qwenrun.engines.base import Constraint, Delta, Health, Request, sampling_values
 from qwenrun.engines.settings import OpenAIEngineSpec
 from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
+from qwenrun.events import ParsedCall
 from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
 from qwenrun.spec.loading import secret_from_env
-from qwenrun.toolcalls.hermes import ToolCall, new_call_id, parse
+from qwenrun.toolcalls.base import new_call_id
+from qwenrun.toolcalls.hermes import parse
 
 __all__ = ["OpenAIEngine", "request_body"]
 
@@ -109,15 +111,15 @@ class _Calls:
                 part["name"] = function.name or part["name"]
                 part["arguments"] += function.arguments or ""
 
-    def calls(self) -> tuple[ToolCall, ...]:
+    def calls(self) -> tuple[ParsedCall, ...]:
         return tuple(_call(self.parts[index]) for index in sorted(self.parts))
 
 
-def _call(part: dict[str, str]) -> ToolCall:
-    """A :class:`ToolCall` of an endpoint's call, read like a Hermes block (never raises)."""
+def _call(part: dict[str, str]) -> ParsedCall:
+    """A :class:`ParsedCall` of an endpoint's call, read like a Hermes block (never raises)."""
     raw = json.dumps({"name": part["name"], "arguments": part["arguments"] or "{}"}, ensure_ascii=False)
     (read,) = parse(f"<tool_call>{raw}</tool_call>").tool_calls
-    return ToolCall(part["id"] or new_call_id(), read.name or part["name"], read.arguments, raw, read.error)
+    return ParsedCall(part["id"] or new_call_id(), read.name or part["name"], read.arguments, raw, read.error)
 
 
 class OpenAIEngine:

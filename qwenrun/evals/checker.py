@@ -28,9 +28,9 @@ from typing import Any, cast
 
 from qwenrun.evals.cases import Case, Function
 
-__all__ = ["Call", "Verdict", "check", "check_call", "standardize"]
+__all__ = ["CheckedCall", "Verdict", "check", "check_call", "standardize"]
 
-Call = tuple[str, Mapping[str, Any]]
+CheckedCall = tuple[str, Mapping[str, Any]]
 """A call as read from the model: (function name, arguments)."""
 
 _TYPES: dict[str, type] = {
@@ -65,7 +65,7 @@ def standardize(text: str) -> str:
     return _PUNCTUATION.sub("", text).lower().replace("'", '"')
 
 
-def check(case: Case, calls: Sequence[Call]) -> Verdict:
+def check(case: Case, calls: Sequence[CheckedCall]) -> Verdict:
     """Score the calls the model made (in the order it made them) against ``case.expected``."""
     if not case.expected:
         if calls:
@@ -95,14 +95,16 @@ def _matching(verdicts: list[list[Verdict]], row: int, used: set[int]) -> bool:
     return False
 
 
-def _check_expected(case: Case, expected: Mapping[str, Mapping[str, list[Any]]], call: Call) -> Verdict:
+def _check_expected(
+    case: Case, expected: Mapping[str, Mapping[str, list[Any]]], call: CheckedCall
+) -> Verdict:
     ((name, possible),) = expected.items()
     function = case.function(name)
     assert function is not None  # Case validation guarantees it
     return check_call(function, possible, call)
 
 
-def check_call(function: Function, possible: Mapping[str, list[Any]], call: Call) -> Verdict:
+def check_call(function: Function, possible: Mapping[str, list[Any]], call: CheckedCall) -> Verdict:
     """BFCL's ``simple_function_checker``: one call against one expected call of ``function``."""
     name, arguments = call
     if name != function.name:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenrun.evals.cases import Case
-from qwenrun.evals.checker import Call
+from qwenrun.evals.checker import CheckedCall
 
 __all__ = ["Reading", "VLLMHermesReader", "meant_a_call"]
 
@@ -41,11 +41,11 @@ class Reading:
     """The calls a reader read from one text (well-formed ones only), and whether the text meant
     a call that the reader did not read (a format failure)."""
 
-    calls: list[Call]
+    calls: list[CheckedCall]
     format_failure: bool
 
 
-def reading(calls: list[Call], text: str, tool_names: Iterable[str]) -> Reading:
+def reading(calls: list[CheckedCall], text: str, tool_names: Iterable[str]) -> Reading:
     return Reading(calls, not calls and meant_a_call(text, tool_names))
 
 
@@ -76,7 +76,7 @@ class VLLMHermesReader:
         parser = self._parser_type(self._tokenizer, request.tools)  # one per request, as vLLM does
         request = parser.adjust_request(request)
         info = parser.extract_tool_calls(text, request=request)
-        calls: list[Call] = []
+        calls: list[CheckedCall] = []
         if info.tools_called:
             for call in info.tool_calls:
                 try:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from qwenrun.evals.cases import Case
-from qwenrun.evals.checker import Call, check
+from qwenrun.evals.checker import CheckedCall, check
 from qwenrun.evals.readers import Reading, reading
 from qwenrun.evals.runner import Outcome
 
@@ -35,7 +35,7 @@ class TextReader(Protocol):
 class Judged:
     """What one reader read from a case's output and how it scored."""
 
-    calls: list[Call]
+    calls: list[CheckedCall]
     passed: bool
     format_failure: bool
     error: str = ""

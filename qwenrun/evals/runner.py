@@ -31,7 +31,7 @@ from qwenrun.agent.observability import Telemetry
 from qwenrun.engines.base import Delta, Engine, Health, Request
 from qwenrun.errors import MissingExtraError, QwenrunError, ToolError
 from qwenrun.evals.cases import Case, FunctionTool
-from qwenrun.evals.checker import Call
+from qwenrun.evals.checker import CheckedCall
 from qwenrun.events import Final, Repair, ToolCall, ToolResult, Usage
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.spec.agent_file import AgentSpec
@@ -50,7 +50,7 @@ class Outcome:
 
     case: Case
     text: str
-    calls: list[Call]
+    calls: list[CheckedCall]
     latency_s: float
     model_calls: int = 1
     repaired: bool = False
@@ -124,7 +124,7 @@ async def _via_agent(spec: AgentSpec, recorder: Recorder, case: Case, telemetry:
     session = agent.session(record=False)
     messages = case.openai_messages()
     session.messages = messages[:-1]  # the case's own system messages follow the agent's prompt
-    calls: list[Call] = []
+    calls: list[CheckedCall] = []
     repaired = False
     model_calls = 0
     started = time.perf_counter()
@@ -217,7 +217,7 @@ async def _server(spec: AgentSpec, recorder: Recorder) -> AsyncIterator[Callable
             )
             latency = time.perf_counter() - started
             message = response.choices[0].message
-            calls: list[Call] = []
+            calls: list[CheckedCall] = []
             for call in message.tool_calls or []:
                 function = getattr(call, "function", None)
                 if function is not None:

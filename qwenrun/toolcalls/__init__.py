@@ -10,14 +10,12 @@ parser class; :func:`detect_format` picks the format from a model's chat templat
 
 from __future__ import annotations
 
-from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
+from qwenrun.toolcalls.base import CallEvent, IdFactory, ParseResult, ToolCallParser, new_call_id
 from qwenrun.toolcalls.forcing import FORCED_PREFILL, ForcedCall, forced_call, thinking_prefill
 from qwenrun.toolcalls.formats import AUTO, PARSERS, HermesParser, detect_format, new_parser, resolve_format
-from qwenrun.toolcalls.hermes import ParseResult, ToolCall, new_call_id
 from qwenrun.toolcalls.output import OutputEvent, OutputParser, ParsedOutput, parse_output
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
 from qwenrun.toolcalls.thinking import (
-    Reasoning,
     ThinkingParser,
     ThinkingResult,
     prompt_opens_thinking,
@@ -31,16 +29,14 @@ __all__ = [
     "CallEvent",
     "ForcedCall",
     "HermesParser",
+    "IdFactory",
     "OutputEvent",
     "OutputParser",
     "ParseResult",
     "ParsedOutput",
     "Qwen3CoderParser",
-    "Reasoning",
     "ThinkingParser",
     "ThinkingResult",
-    "ToolCall",
-    "ToolCallDelta",
     "ToolCallParser",
     "detect_format",
     "forced_call",

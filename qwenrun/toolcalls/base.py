@@ -1,40 +1,46 @@
 """What every tool-call parser of :mod:`qwenrun.toolcalls` shares: its events and its protocol.
 
 A parser reads one model output, fed in chunks of any size, and returns events as soon as they
-are certain: ``str`` is answer text safe to show (never part of a tag), :class:`ToolCallDelta` a
-piece of a call still being written (for streaming ``tool_calls`` to OpenAI clients), and
-:class:`~qwenrun.toolcalls.hermes.ToolCall` a call just completed (the one that runs). ``result()`` after
-``finish()`` equals the one-shot parse of the whole text, whatever the chunking.
+are certain, in the words of :mod:`qwenrun.events`: ``str`` is answer text safe to show (never part
+of a tag), :class:`~qwenrun.events.CallDelta` a piece of a call still being written (for streaming
+``tool_calls`` to OpenAI clients), and :class:`~qwenrun.events.ParsedCall` a call just completed
+(the one that runs). ``result()`` after ``finish()`` is the :class:`ParseResult` of the one-shot
+parse of the whole text, whatever the chunking. Call ids come from an :data:`IdFactory`
+(:func:`new_call_id` unless a test gives its own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
-from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall
+from qwenrun.events import CallDelta, ParsedCall
 
-__all__ = ["CallEvent", "ParserFactory", "ToolCallDelta", "ToolCallParser"]
+__all__ = ["CallEvent", "IdFactory", "ParseResult", "ParserFactory", "ToolCallParser", "new_call_id"]
+
+IdFactory: TypeAlias = Callable[[], str]
+
+
+def new_call_id() -> str:
+    """A fresh OpenAI-style call id: ``call_`` + 24 hex chars."""
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 @dataclass(frozen=True, slots=True)
-class ToolCallDelta:
-    """A piece of tool call number ``index`` (0-based, in order of the output) while it is written.
+class ParseResult:
+    """A whole output read: the answer text and the calls, in order."""
 
-    ``name`` is set on the first delta of a call and None on the others; the ``arguments``
-    fragments of one call, concatenated, are exactly ``ToolCall.arguments_json()`` of the call
-    that completes it, when that call is well-formed. A call that ends malformed (``error`` set)
-    may have sent fragments that do not add up: the completed :class:`ToolCall` decides.
-    """
+    content: str  # all text outside tool-call blocks, concatenated, stripped
+    tool_calls: list[ParsedCall]
 
-    index: int
-    id: str
-    name: str | None
-    arguments: str
+    @property
+    def malformed(self) -> list[ParsedCall]:
+        return [c for c in self.tool_calls if c.error is not None]
 
 
-CallEvent: TypeAlias = str | ToolCallDelta | ToolCall
+CallEvent: TypeAlias = str | CallDelta | ParsedCall
 
 
 class ToolCallParser(Protocol):

@@ -11,9 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
+from qwenrun.events import CallDelta, ParsedCall
 from qwenrun.toolcalls import hermes
-from qwenrun.toolcalls.base import CallEvent, ParserFactory, ToolCallDelta, ToolCallParser
-from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
+from qwenrun.toolcalls.base import (
+    CallEvent,
+    IdFactory,
+    ParseResult,
+    ParserFactory,
+    ToolCallParser,
+    new_call_id,
+)
 from qwenrun.toolcalls.lenient import LenientParser
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
 
@@ -24,7 +31,7 @@ AUTO = "auto"
 
 class HermesParser:
     """:class:`qwenrun.toolcalls.hermes.StreamParser` with the common events: each well-formed call is
-    preceded by one :class:`ToolCallDelta` holding its whole arguments (a Hermes call is typed
+    preceded by one :class:`CallDelta` holding its whole arguments (a Hermes call is typed
     JSON, read once complete). ``tools`` are unused: a Hermes call is typed JSON."""
 
     def __init__(
@@ -42,7 +49,7 @@ class HermesParser:
     def result(self) -> ParseResult:
         return self._parser.result()
 
-    def _with_deltas(self, events: list[str | ToolCall]) -> list[CallEvent]:
+    def _with_deltas(self, events: list[str | ParsedCall]) -> list[CallEvent]:
         for event in events:
             if not isinstance(event, str):
                 break
@@ -50,9 +57,9 @@ class HermesParser:
             return cast(list[CallEvent], events)
         out: list[CallEvent] = []
         for event in events:
-            if isinstance(event, ToolCall):
+            if isinstance(event, ParsedCall):
                 if event.ok:
-                    out.append(ToolCallDelta(self._count, event.id, event.name, event.arguments_json()))
+                    out.append(CallDelta(self._count, event.id, event.name, event.arguments_json()))
                 self._count += 1
             out.append(event)
         return out

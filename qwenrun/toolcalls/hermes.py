@@ -3,8 +3,8 @@
 Pure and stdlib-only (no vLLM import); used by the agent loop and the OpenAI-compatible server.
 ``parse`` is the one-shot form, ``StreamParser`` the incremental one; both run the same state
 machine, so for any chunking ``StreamParser.result()`` equals ``parse(full_text)``. Nothing here
-raises on any input string: a block that cannot be understood becomes a ``ToolCall`` with
-``error`` set (the caller turns it into a repair attempt).
+raises on any input string: a block that cannot be understood becomes a
+:class:`~qwenrun.events.ParsedCall` with ``error`` set (the caller turns it into a repair attempt).
 
 Block boundaries (lessons from vLLM's hermes_tool_parser, issues #45167/#38168):
 
@@ -30,18 +30,14 @@ import ast
 import copy
 import json
 import re
-import uuid
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
-__all__ = [
-    "FORCED_PREFILL", "IdFactory", "ParseResult", "StreamParser", "ToolCall", "bare_calls", "forced_call",
-    "intended_tool", "new_call_id", "parse",
-]  # fmt: skip
+from qwenrun.events import ParsedCall
+from qwenrun.toolcalls.base import IdFactory, ParseResult, new_call_id
 
-IdFactory: TypeAlias = Callable[[], str]
+__all__ = ["FORCED_PREFILL", "StreamParser", "bare_calls", "forced_call", "intended_tool", "parse"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _KEEP = len(CLOSE) - 1  # longest tag prefix that may be cut at a chunk border
@@ -53,42 +49,6 @@ _FENCED_RX = re.compile(r"```[\w+.-]*[ \t]*\n?(.*?)```", re.DOTALL)  # one fence
 _BARE_NAME_RX = re.compile(r"""\A[\s\[]*\{\s*["']name["']\s*:\s*["']([^"'\n]{1,200})["']""")
 _MAX_RESCUES = 16
 _JSON = json.JSONDecoder(strict=False)  # strict=False: raw control chars (newlines) in strings
-
-
-def new_call_id() -> str:
-    """A fresh OpenAI-style call id: ``call_`` + 24 hex chars."""
-    return "call_" + uuid.uuid4().hex[:24]
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """One ``<tool_call>`` block. ``raw`` is the text between the tags exactly as written
-    (not stripped); ``error`` is None when well-formed, else a short human reason."""
-
-    id: str
-    name: str  # "" if it could not be recovered
-    arguments: dict[str, Any]  # {} if not recoverable; always JSON-serialisable
-    raw: str
-    error: str | None = None
-    bare: bool = False  # written as bare JSON, without the tags (``raw`` is that JSON)
-    from_thinking: bool = False  # written inside the think block, read as the answer was empty
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def arguments_json(self) -> str:
-        return json.dumps(self.arguments, ensure_ascii=False)
-
-
-@dataclass(frozen=True, slots=True)
-class ParseResult:
-    content: str  # all text outside tool-call blocks, concatenated, stripped
-    tool_calls: list[ToolCall]
-
-    @property
-    def malformed(self) -> list[ToolCall]:
-        return [c for c in self.tool_calls if c.error is not None]
 
 
 def _decode(s: str) -> tuple[Any, str | None]:
@@ -212,7 +172,7 @@ def _literal(text: str) -> Any:
         return None
 
 
-def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_id) -> list[ToolCall] | None:
+def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_id) -> list[ParsedCall] | None:
     """The calls of an answer that is nothing but bare JSON calls of declared ``tools``: objects
     ``{"name": <declared>, "arguments"|"parameters": {...}}`` (the arguments may be a JSON string of
     an object), lists of them, in ```` ``` ```` fences or not. None when it is anything else, which
@@ -232,7 +192,7 @@ def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_i
         if named and named.group(1) in tools:
             _, error = _decode(body.strip())
             problem = error or "text after the call's JSON"
-            return [ToolCall(new_id(), named.group(1), {}, text, problem, bare=True)]
+            return [ParsedCall(new_id(), named.group(1), {}, text, problem, bare=True)]
         return None
     objects = [item for value in values for item in (value if isinstance(value, list) else [value])]
     calls = []
@@ -246,7 +206,7 @@ def bare_calls(text: str, tools: Collection[str], new_id: IdFactory = new_call_i
         name, args, error = _fields(obj)
         if error is not None:
             return None
-        calls.append(ToolCall(new_id(), name, args, text, bare=True))
+        calls.append(ParsedCall(new_id(), name, args, text, bare=True))
     return calls or None
 
 
@@ -260,7 +220,7 @@ def _held_prefix(s: str, start: int) -> int:
 
 class StreamParser:
     """Incremental parser. ``feed`` returns events: ``str`` is text safe to show now (never part
-    of a tag), ``ToolCall`` a block just closed. Work is linear in the total input length."""
+    of a tag), ``ParsedCall`` a block just closed. Work is linear in the total input length."""
 
     def __init__(self, new_id: IdFactory = new_call_id) -> None:
         self._new_id = new_id
@@ -272,10 +232,10 @@ class StreamParser:
         self._pending: tuple[int, int] | None = None  # CLOSE seen inside a string (block offsets)
         self._rescues = 0
         self._text: list[str] = []
-        self._calls: list[ToolCall] = []
+        self._calls: list[ParsedCall] = []
         self._finished = False
 
-    def feed(self, chunk: str) -> list[str | ToolCall]:
+    def feed(self, chunk: str) -> list[str | ParsedCall]:
         if self._finished:
             raise RuntimeError("StreamParser.feed() called after finish()")
         if not self._in_block and not self._tail and "<" not in chunk:
@@ -285,13 +245,13 @@ class StreamParser:
             return []
         return self._run(self._tail + chunk, final=False)
 
-    def finish(self) -> list[str | ToolCall]:
+    def finish(self) -> list[str | ParsedCall]:
         if self._finished:
             return []
         self._finished = True
         return self._run(self._tail, final=True)
 
-    def _say(self, text: str, out: list[str | ToolCall]) -> None:
+    def _say(self, text: str, out: list[str | ParsedCall]) -> None:
         """Text outside blocks."""
         self._text.append(text)
         out.append(text)
@@ -300,15 +260,15 @@ class StreamParser:
         """The parse so far; after ``finish()`` equal to ``parse(full_text)``."""
         return ParseResult("".join(self._text).strip(), list(self._calls))
 
-    def _close(self, raw: str, out: list[str | ToolCall]) -> None:
+    def _close(self, raw: str, out: list[str | ParsedCall]) -> None:
         name, args, err = _interpret(raw)
-        call = ToolCall(self._new_id(), name, args, raw, err)
+        call = ParsedCall(self._new_id(), name, args, raw, err)
         self._calls.append(call)
         out.append(call)
         self._blk, self._blk_len, self._in_str, self._pending = [], 0, False, None
 
-    def _run(self, data: str, final: bool) -> list[str | ToolCall]:
-        out: list[str | ToolCall] = []
+    def _run(self, data: str, final: bool) -> list[str | ParsedCall]:
+        out: list[str | ParsedCall] = []
         i = bs = 0  # scan position; start of the current block's text within data
         while True:
             if not self._in_block:
@@ -353,7 +313,7 @@ class StreamParser:
                 self._in_block = tok == OPEN
                 bs = i
 
-    def _rescue(self, data: str, bs: int, upto: int, out: list[str | ToolCall]) -> str:
+    def _rescue(self, data: str, bs: int, upto: int, out: list[str | ParsedCall]) -> str:
         """Close the block at the pending tag; return the data left to re-read as plain text."""
         assert self._pending is not None
         start, end = self._pending
@@ -413,7 +373,7 @@ def _arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
 _NAME_IN_RAW = re.compile(r"""["']name["']\s*:\s*["']([^"']+)["']""")
 
 
-def intended_tool(call: ToolCall, tools: Collection[str]) -> str:
+def intended_tool(call: ParsedCall, tools: Collection[str]) -> str:
     """The tool a malformed call meant, if its name can be read; else ``required`` (any tool)."""
     if call.name in tools:
         return call.name

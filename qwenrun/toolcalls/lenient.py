@@ -26,8 +26,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
-from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, bare_calls, new_call_id
+from qwenrun.events import CallDelta, ParsedCall
+from qwenrun.toolcalls.base import CallEvent, IdFactory, ParseResult, ToolCallParser, new_call_id
+from qwenrun.toolcalls.hermes import bare_calls
 
 __all__ = ["MAX_PROSE", "LenientParser", "lenient_calls"]
 
@@ -105,7 +106,7 @@ class _Opening:
 
 def lenient_calls(
     text: str, tools: Collection[str], new_id: IdFactory = new_call_id
-) -> tuple[str, list[ToolCall]] | None:
+) -> tuple[str, list[ParsedCall]] | None:
     """(prose, calls) when the answer ``text`` is bare JSON calls of the declared ``tools``, alone
     or after one line of prose (see the module doc); None when it is anything else. Never raises."""
     stripped = text.strip()
@@ -136,7 +137,7 @@ class LenientParser:
         self._prose: list[str] = []  # the answer's text passed on so far (at most a line)
         self._passed = 0  # its length (the answer's leading blank not counted)
         self._started = False  # the answer's first non-blank text came
-        self._found: tuple[str, list[ToolCall]] | None = None
+        self._found: tuple[str, list[ParsedCall]] | None = None
 
     def feed(self, chunk: str) -> list[CallEvent]:
         events = self._inner.feed(chunk)
@@ -156,7 +157,7 @@ class LenientParser:
         self._found, self._held = found, None
         for index, call in enumerate(found[1]):  # the prose before them is passed on already
             if call.ok:
-                out.append(ToolCallDelta(index, call.id, call.name, call.arguments_json()))
+                out.append(CallDelta(index, call.id, call.name, call.arguments_json()))
             out.append(call)
         return out
 

@@ -16,24 +16,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from qwenrun.toolcalls.base import CallEvent, ToolCallDelta, ToolCallParser
+from qwenrun.events import CallDelta, ParsedCall, Reasoning
+from qwenrun.toolcalls.base import CallEvent, IdFactory, ParseResult, ToolCallParser, new_call_id
 from qwenrun.toolcalls.formats import new_parser
-from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
-from qwenrun.toolcalls.thinking import Reasoning, ThinkingParser
+from qwenrun.toolcalls.thinking import ThinkingParser
 
 __all__ = ["OutputEvent", "OutputParser", "ParsedOutput", "parse_output", "thinking_calls"]
 
-OutputEvent: TypeAlias = str | Reasoning | ToolCallDelta | ToolCall
+OutputEvent: TypeAlias = str | Reasoning | CallDelta | ParsedCall
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedOutput:
     content: str  # the answer text, stripped
     reasoning: str  # the thinking, stripped ("" without a <think> block)
-    tool_calls: list[ToolCall]
+    tool_calls: list[ParsedCall]
 
     @property
-    def malformed(self) -> list[ToolCall]:
+    def malformed(self) -> list[ParsedCall]:
         return [call for call in self.tool_calls if call.error is not None]
 
     @property
@@ -175,7 +175,7 @@ def thinking_calls(
     tools: Sequence[dict[str, Any]] | None,
     lenient: bool = False,
     new_id: IdFactory = new_call_id,
-) -> list[ToolCall]:
+) -> list[ParsedCall]:
     """The complete calls of the declared ``tools`` written inside the thinking, read as the answer
     of a model call whose answer after ``</think>`` is empty (the model made its calls while
     thinking: vLLM #39056; Qwen3.5 writes them before ``</think>``), marked ``from_thinking``.

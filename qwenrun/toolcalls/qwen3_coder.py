@@ -12,7 +12,7 @@ Values are typed by the tool's JSON schema (:mod:`qwenrun.toolcalls.values`); ex
 newline the format adds after ``<parameter=ARG>`` and before ``</parameter>`` is removed. One state
 machine serves ``parse`` and :class:`Qwen3CoderParser`, so streaming equals one-shot at every
 chunking; work is linear in the text; nothing raises. Arguments stream as JSON fragments
-(:class:`~qwenrun.toolcalls.base.ToolCallDelta`): a string value as it is written, others when
+(:class:`~qwenrun.events.CallDelta`): a string value as it is written, others when
 complete (vLLM #30439); a call without parameters streams ``{}`` (vLLM #28806).
 
 Where a value ends (a value may quote the tags, as code does; the XML analogue of vLLM PR
@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
-from qwenrun.toolcalls.base import CallEvent, ToolCallDelta
-from qwenrun.toolcalls.hermes import IdFactory, ParseResult, ToolCall, new_call_id
+from qwenrun.events import CallDelta, ParsedCall
+from qwenrun.toolcalls.base import CallEvent, IdFactory, ParseResult, new_call_id
 from qwenrun.toolcalls.values import tool_parameter_types
 from qwenrun.toolcalls.xml_call import XmlCall
 
@@ -121,7 +121,7 @@ class Qwen3CoderParser:
         self._state = _State.OUT
         self._tail = ""
         self._text: list[str] = []
-        self._calls: list[ToolCall] = []
+        self._calls: list[ParsedCall] = []
         self._call: XmlCall | None = None
         self._pending: str | None = None  # a closing tag inside a value, its role not decided yet
         self._pending_text: list[str] = []
@@ -330,10 +330,10 @@ class Qwen3CoderParser:
             self._text.append(text)
             self._out.append(text)
 
-    def _emit_delta(self, delta: ToolCallDelta) -> None:
+    def _emit_delta(self, delta: CallDelta) -> None:
         last = self._out[-1] if self._out else None
-        if isinstance(last, ToolCallDelta) and last.index == delta.index:  # one delta per feed
-            self._out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
+        if isinstance(last, CallDelta) and last.index == delta.index:  # one delta per feed
+            self._out[-1] = CallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
         else:
             self._out.append(delta)
 

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from qwenrun.toolcalls.hermes import ToolCall
+from qwenrun.events import ParsedCall
 
 __all__ = ["RepeatWatch", "Seen"]
 
@@ -60,7 +60,7 @@ class RepeatWatch:
         """:meth:`saw` the complete calls among ``items`` (what an output parser returned for this
         piece), then :meth:`feed` the piece's ``text``."""
         for item in items:
-            if isinstance(item, ToolCall):
+            if isinstance(item, ParsedCall):
                 self.saw(item)
         return self.feed(text, starts_in_reasoning)
 
@@ -91,7 +91,7 @@ class RepeatWatch:
             return False
         return self._scan(text)
 
-    def saw(self, call: ToolCall) -> bool:
+    def saw(self, call: ParsedCall) -> bool:
         """A complete call that the completion's parser read."""
         if self.call is None and call.ok and self._seen(call.name, call.arguments):
             self.call = (call.name, call.arguments)

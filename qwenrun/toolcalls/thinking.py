@@ -32,19 +32,14 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Reasoning", "ThinkingParser", "ThinkingResult", "prompt_opens_thinking", "split_thinking"]
+from qwenrun.events import Reasoning
+
+__all__ = ["ThinkingParser", "ThinkingResult", "prompt_opens_thinking", "split_thinking"]
 
 THINK, END_THINK = "<think>", "</think>"
 _BLANK = re.compile(r"\s*")
 _DECIDING = re.compile(r"</think>|<think>|<tool_call>")  # the tags that end undecided text
 _DECIDING_TAGS = (END_THINK, THINK, "<tool_call>")
-
-
-@dataclass(frozen=True, slots=True)
-class Reasoning:
-    """A piece of the model's reasoning, in order (answer text comes as plain ``str``)."""
-
-    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +81,8 @@ def prompt_opens_thinking(prompt: str) -> bool:
 
 
 class ThinkingParser:
-    """Incremental splitter. ``feed`` returns ``str`` (answer text) and :class:`Reasoning`.
+    """Incremental splitter. ``feed`` returns ``str`` (answer text) and
+    :class:`~qwenrun.events.Reasoning` (a piece of the thinking).
     ``start_in_reasoning``: True, False, or None where nobody can tell (see the module doc)."""
 
     def __init__(self, *, start_in_reasoning: bool | None = False) -> None:

@@ -1,11 +1,11 @@
 """One Qwen3-Coder tool call as it is read: its name, typed arguments and their streamed JSON.
 
 The parser (:mod:`qwenrun.toolcalls.qwen3_coder`) finds the tags; :class:`XmlCall` turns what
-lies between them into a :class:`~qwenrun.toolcalls.hermes.ToolCall` and, on the way, into the JSON
-fragments of its arguments (:class:`~qwenrun.toolcalls.base.ToolCallDelta`): ``{`` with the
+lies between them into a :class:`~qwenrun.events.ParsedCall` and, on the way, into the JSON
+fragments of its arguments (:class:`~qwenrun.events.CallDelta`): ``{`` with the
 name, each string value as it is written (all but a trailing newline, which may be the one the
 format adds; a nullable string only once it cannot be ``null``), other values when complete, ``}``
-at the end. Concatenated, the fragments are ``ToolCall.arguments_json()`` of a well-formed call.
+at the end. Concatenated, the fragments are ``ParsedCall.arguments_json()`` of a well-formed call.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]  # C-accelerated
 from typing import Any
 
+from qwenrun.events import CallDelta, ParsedCall
 from qwenrun.toolcalls import hermes
-from qwenrun.toolcalls.base import ToolCallDelta
-from qwenrun.toolcalls.hermes import ToolCall
 from qwenrun.toolcalls.values import OMIT, STRING, ParamType, convert
 
 __all__ = ["XmlCall"]
@@ -51,7 +50,7 @@ class XmlCall:
         index: int,
         call_id: str,
         types: dict[str, dict[str, ParamType]],
-        emit: Callable[[ToolCallDelta], None],
+        emit: Callable[[CallDelta], None],
     ) -> None:
         self.index, self.id = index, call_id
         self.name = ""
@@ -87,7 +86,7 @@ class XmlCall:
         self.name, self._types = name, self._all_types.get(name, {})
         if self.error is None:
             self._streaming = True
-            self._emit(ToolCallDelta(self.index, self.id, name, "{"))
+            self._emit(CallDelta(self.index, self.id, name, "{"))
 
     def start_value(self, name: str) -> None:
         value = self._value = _Value(name, self._types.get(name, STRING))
@@ -133,7 +132,7 @@ class XmlCall:
             self._send(self._key(value.name) + json.dumps(converted, ensure_ascii=False))
         self._value = None
 
-    def finish(self, headless: bool = False) -> ToolCall:
+    def finish(self, headless: bool = False) -> ParsedCall:
         """The completed call. ``headless``: no ``<function=NAME>`` was found; the body may be
         Hermes JSON (``{"name": ..., "arguments": ...}``), which is accepted."""
         if self._value is not None:
@@ -145,19 +144,19 @@ class XmlCall:
             self.fail("no <function=NAME> in the tool call")
         if self.error is None and self._streaming:
             self._send("}")
-        return ToolCall(self.id, self.name, {} if self.error else self._args, raw, self.error)
+        return ParsedCall(self.id, self.name, {} if self.error else self._args, raw, self.error)
 
     def _from_json(self, raw: str) -> None:
         calls = hermes.parse(f"<tool_call>{raw}</tool_call>", lambda: self.id).tool_calls
         if len(calls) == 1 and calls[0].ok:
             self.name, self._args = calls[0].name, dict(calls[0].arguments)
-            self._emit(ToolCallDelta(self.index, self.id, self.name, calls[0].arguments_json()))
+            self._emit(CallDelta(self.index, self.id, self.name, calls[0].arguments_json()))
         else:
             self.fail("no <function=NAME> in the tool call")
 
     def _send(self, fragment: str) -> None:
         if self._streaming and fragment:
-            self._emit(ToolCallDelta(self.index, self.id, None, fragment))
+            self._emit(CallDelta(self.index, self.id, None, fragment))
 
     def _key(self, name: str) -> str:
         comma = ", " if self._keys else ""

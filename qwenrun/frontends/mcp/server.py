@@ -34,11 +34,21 @@ from mcp.shared.exceptions import McpError
 from qwenrun.agent import Agent, Session
 from qwenrun.approval import ApprovalRequest, Approver, review, shown_call
 from qwenrun.errors import ConfigError, QwenrunError
-from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage, to_dict
+from qwenrun.events import (
+    Event,
+    Final,
+    ParsedCall,
+    Reasoning,
+    Repair,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    Usage,
+    to_dict,
+)
 from qwenrun.frontends.base import start_with_status
 from qwenrun.frontends.settings import McpFrontend
 from qwenrun.sessions.store import valid_session_id
-from qwenrun.toolcalls import hermes
 from qwenrun.tools import run_call
 from qwenrun.version import __version__
 
@@ -301,7 +311,7 @@ class AgentServer:
         if refused is not None:
             return _error(refused.content)
         settings = self.agent.spec.agent
-        call = hermes.ToolCall(call_id, tool.name, arguments, "")
+        call = ParsedCall(call_id, tool.name, arguments, "")
         result = await run_call(self.agent.tools, call, timeout_s=settings.timeout_s,
                                 limit=settings.max_tool_output_chars)  # fmt: skip
         return types.CallToolResult(

@@ -1,10 +1,12 @@
 """Chat completions: from a validated request to the agent or the engine, and back to OpenAI JSON.
 
-Both modes produce the same small stream of *pieces* (:class:`Text`, :class:`ReasoningText`,
-:class:`CallDelta`, :class:`Call`, :class:`Logprobs`, :class:`Step`, then one :class:`Finish` per
-choice); :mod:`qwenrun.frontends.openai.completions` folds them into a ``chat.completion`` object or
-turns them into ``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one
-always agree. Every piece belongs to one choice (``n`` > 1 in pass-through mode: ``choice``).
+Both modes produce the same small stream of :class:`Piece` objects, each a part of one choice's
+answer (``n`` > 1 in pass-through mode: ``choice``) in the words of :mod:`qwenrun.events`
+(:class:`~qwenrun.events.TextDelta`, :class:`~qwenrun.events.Reasoning`, a call's
+:class:`~qwenrun.events.CallDelta` pieces then the :class:`~qwenrun.events.ParsedCall` itself) or of
+the server (:class:`Logprobs`, an agent :class:`Step`, then one :class:`Finish` per choice);
+:mod:`qwenrun.frontends.openai.completions` folds them into a ``chat.completion`` object or turns
+them into ``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one agree.
 Reasoning is returned as ``reasoning`` and ``reasoning_content`` (on the message, on the deltas),
 as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, older clients read
 ``reasoning_content``).
@@ -37,7 +39,17 @@ from qwenrun.agent import Agent, Session
 from qwenrun.approval import Approver, fixed_approver
 from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
 from qwenrun.engines.settings import VLLMEngineSpec
-from qwenrun.events import Final, Reasoning, Repair, TextDelta, ToolCall, ToolResult, to_dict
+from qwenrun.events import (
+    CallDelta,
+    Final,
+    ParsedCall,
+    Reasoning,
+    Repair,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    to_dict,
+)
 from qwenrun.frontends.openai.repeats import RepeatedCalls
 from qwenrun.frontends.openai.schemas import (
     APIError,
@@ -48,53 +60,15 @@ from qwenrun.frontends.openai.schemas import (
 )
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sessions.store import valid_session_id
-from qwenrun.toolcalls import OutputEvent, ToolCallDelta, hermes
-from qwenrun.toolcalls import Reasoning as ModelReasoning
+from qwenrun.toolcalls import OutputEvent, hermes
 
 SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session (see docs/sessions.md)
 APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
 
 __all__ = [
-    "APPROVAL_HEADER", "Call", "CallDelta", "Finish", "Logprobs", "Piece", "Pieces", "ReasoningText", "Reply",
-    "Step", "Text", "agent_turn", "approver_for", "closing", "passthrough", "passthrough_choices",
+    "APPROVAL_HEADER", "Finish", "Logprobs", "Part", "Piece", "Pieces", "Reply", "Step", "agent_turn",
+    "approver_for", "closing", "passthrough", "passthrough_choices",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    text: str
-    choice: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ReasoningText:
-    """A piece of the model's reasoning (``reasoning`` / ``reasoning_content``), in order; both modes."""
-
-    text: str
-    choice: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CallDelta:
-    """A piece of tool call ``index`` while it is written (pass-through mode): the first has the
-    call's ``id`` and ``name``; the ``arguments`` fragments add up to the call's JSON arguments."""
-
-    index: int
-    id: str
-    name: str | None
-    arguments: str
-    choice: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """An OpenAI tool call of the answer, complete (pass-through mode); ``streamed``: its
-    :class:`CallDelta` pieces came before it."""
-
-    index: int
-    call: hermes.ToolCall
-    streamed: bool = False
-    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +76,6 @@ class Logprobs:
     """The log probabilities of generated tokens (pass-through mode, ``logprobs: true``)."""
 
     tokens: list[TokenLogprob]
-    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +83,6 @@ class Step:
     """A server-side tool step of the agent (agent mode): a ``to_dict`` of the event."""
 
     data: dict[str, Any]
-    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +90,21 @@ class Finish:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+# Answer text, reasoning (both modes); a call (pass-through mode) as its CallDelta pieces, numbered
+# by ``index`` among the answer's calls, then the complete ParsedCall; log probabilities; the end.
+Part = TextDelta | Reasoning | CallDelta | ParsedCall | Logprobs | Step | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A part of the answer of choice ``choice``."""
+
+    part: Part
     choice: int = 0
 
 
-Piece = Text | ReasoningText | CallDelta | Call | Logprobs | Step | Finish
 Pieces = AsyncGenerator[Piece, None]
 
 
@@ -270,32 +253,34 @@ def passthrough(
         # malformed (a parameter given twice, an answer cut by max_tokens) must not have reached
         # the client as a call, since a stream cannot take back what it sent (the non-streamed
         # answer has it as text). A well-formed call then goes out as its deltas, in order.
-        writing: dict[str, list[ToolCallDelta]] = {}
+        # A call the parser read whole (no deltas) goes out as one delta with all its arguments.
+        writing: dict[str, list[CallDelta]] = {}
         complete = 0  # well-formed calls returned (the next one's index)
 
         def translate(items: list[OutputEvent]) -> list[Piece]:
             nonlocal complete
-            out: list[Piece] = []
+            out: list[Part] = []
             for item in items:
                 if isinstance(item, str):
                     if text := trim(item):
-                        out.append(Text(text))
-                elif isinstance(item, ModelReasoning):
+                        out.append(TextDelta(text))
+                elif isinstance(item, Reasoning):
                     if reasoning_wanted and (text := think_trim(item.text)):
-                        out.append(ReasoningText(text))
-                elif isinstance(item, ToolCallDelta):
+                        out.append(Reasoning(text))
+                elif isinstance(item, CallDelta):
                     writing.setdefault(item.id, []).append(item)
                 elif item.ok:
-                    deltas = writing.pop(item.id, [])
+                    whole = [CallDelta(0, item.id, item.name, item.arguments_json())]
+                    deltas = writing.pop(item.id, []) or whole
                     if not (single and complete):
-                        out += [CallDelta(complete, d.id, d.name, d.arguments) for d in deltas]
-                        out.append(Call(complete, item, streamed=bool(deltas)))
+                        out += [dataclasses.replace(delta, index=complete) for delta in deltas]
+                        out.append(item)
                         complete += 1
                 else:  # a malformed call is returned as text, as vLLM does
                     writing.pop(item.id, None)
                     if text := trim(item.raw if item.bare else f"{hermes.OPEN}{item.raw}{hermes.CLOSE}"):
-                        out.append(Text(text))
-            return out
+                        out.append(TextDelta(text))
+            return [Piece(part) for part in out]
 
         stream = repeats.generate(
             agent.engine,
@@ -314,11 +299,11 @@ def passthrough(
                 for piece in translate(repeats.read(delta)):
                     yield piece
                 if delta.logprobs:
-                    yield Logprobs(delta.logprobs)
+                    yield Piece(Logprobs(delta.logprobs))
         for piece in translate(repeats.finish()):
             yield piece
         reason = "tool_calls" if complete else ("length" if finish == "length" else "stop")
-        yield Finish(reason, prompt, completion)
+        yield Piece(Finish(reason, prompt, completion))
 
     return pieces()
 
@@ -433,19 +418,19 @@ def agent_turn(
                 if isinstance(event, TextDelta):
                     if text := trim(event.text):
                         gap = gap or think_trim.started
-                        yield Text(text)
+                        yield Piece(TextDelta(text))
                 elif isinstance(event, Reasoning):
                     if reasoning_wanted and (text := think_trim(event.text)):
-                        yield ReasoningText(f"\n\n{text}" if gap else text)
+                        yield Piece(Reasoning(f"\n\n{text}" if gap else text))
                         gap = False
                 elif isinstance(event, ToolCall | ToolResult | Repair):
                     gap = gap or think_trim.started
-                    yield Step(to_dict(event))
+                    yield Piece(Step(to_dict(event)))
                 elif isinstance(event, Final):
                     if event.stop_reason == "max_iterations" and (text := trim(event.text)):
-                        yield Text(text)  # the loop's note; it was not streamed as text
+                        yield Piece(TextDelta(text))  # the loop's note; it was not streamed as text
                     reason = "stop" if event.stop_reason == "answer" else "length"
-                    yield Finish(reason, event.usage.prompt_tokens, event.usage.completion_tokens)
+                    yield Piece(Finish(reason, event.usage.prompt_tokens, event.usage.completion_tokens))
 
     return pieces()
 

@@ -9,17 +9,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from qwenrun.engines.base import TokenLogprob
-from qwenrun.frontends.openai.chat import (
-    Call,
-    CallDelta,
-    Finish,
-    Logprobs,
-    Piece,
-    ReasoningText,
-    Reply,
-    Step,
-    Text,
-)
+from qwenrun.events import CallDelta, ParsedCall, Reasoning, TextDelta
+from qwenrun.frontends.openai.chat import Finish, Logprobs, Piece, Reply, Step
 
 __all__ = ["chunks", "completion"]
 
@@ -31,9 +22,9 @@ def _usage(finishes: list[Finish]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _tool_call(piece: Call) -> dict[str, Any]:
-    function = {"name": piece.call.name, "arguments": piece.call.arguments_json()}
-    return {"id": piece.call.id, "type": "function", "function": function}
+def _tool_call(call: ParsedCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments_json()}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 def _logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
@@ -49,15 +40,15 @@ def _logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
 def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
     """The non-streaming ``chat.completion`` object."""
     choices = []
-    finishes = [piece for piece in pieces if isinstance(piece, Finish)]
+    finishes = [piece.part for piece in pieces if isinstance(piece.part, Finish)]
     for index in range(max(reply.choices, 1)):
-        mine = [piece for piece in pieces if piece.choice == index]
-        text = "".join(piece.text for piece in mine if isinstance(piece, Text))
-        reasoning = "".join(piece.text for piece in mine if isinstance(piece, ReasoningText))
-        calls = [_tool_call(piece) for piece in mine if isinstance(piece, Call)]
-        steps = [piece.data for piece in mine if isinstance(piece, Step)]
-        scored = [token for piece in mine if isinstance(piece, Logprobs) for token in piece.tokens]
-        finish = next(piece for piece in mine if isinstance(piece, Finish))
+        mine = [piece.part for piece in pieces if piece.choice == index]
+        text = "".join(part.text for part in mine if isinstance(part, TextDelta))
+        reasoning = "".join(part.text for part in mine if isinstance(part, Reasoning))
+        calls = [_tool_call(part) for part in mine if isinstance(part, ParsedCall)]
+        steps = [part.data for part in mine if isinstance(part, Step)]
+        scored = [token for part in mine if isinstance(part, Logprobs) for token in part.tokens]
+        finish = next(part for part in mine if isinstance(part, Finish))
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if reasoning:
             message["reasoning"] = message["reasoning_content"] = reasoning
@@ -101,38 +92,34 @@ def _chunk(
 async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[dict[str, Any], None]:
     """The ``chat.completion.chunk`` objects of a stream, as OpenAI sends them: a role chunk per
     choice, the reasoning (``reasoning`` and ``reasoning_content`` deltas) and the content as they
-    come, each tool call as a header chunk (id, name) then its arguments (fragments as they are
-    written, or one chunk), the tokens' ``logprobs`` (in chunks of their own), a finish chunk per
-    choice, and the usage chunk (empty ``choices``) when ``stream_options.include_usage`` asks."""
+    come, each tool call as a header chunk (id, name) then its arguments (its
+    :class:`~qwenrun.events.CallDelta` fragments as they are written), the tokens' ``logprobs`` (in
+    chunks of their own), a finish chunk per choice, and the usage chunk (empty ``choices``) when
+    ``stream_options.include_usage`` asks."""
     for index in range(max(reply.choices, 1)):
         yield _chunk(reply, {"role": "assistant", "content": ""}, choice=index)
     finishes: list[Finish] = []
     async for piece in pieces:
-        index = piece.choice
-        if isinstance(piece, Text):
-            yield _chunk(reply, {"content": piece.text}, choice=index)
-        elif isinstance(piece, ReasoningText):
-            yield _chunk(reply, {"reasoning": piece.text, "reasoning_content": piece.text}, choice=index)
-        elif isinstance(piece, CallDelta):
-            if piece.name is not None:
-                header = _call_header(piece.index, piece.id, piece.name)
+        part, index = piece.part, piece.choice
+        if isinstance(part, TextDelta):
+            yield _chunk(reply, {"content": part.text}, choice=index)
+        elif isinstance(part, Reasoning):
+            yield _chunk(reply, {"reasoning": part.text, "reasoning_content": part.text}, choice=index)
+        elif isinstance(part, CallDelta):
+            if part.name is not None:
+                header = _call_header(part.index, part.id, part.name)
                 yield _chunk(reply, {"tool_calls": [header]}, choice=index)
-            if piece.arguments:
-                arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
+            if part.arguments:
+                arguments = {"index": part.index, "function": {"arguments": part.arguments}}
                 yield _chunk(reply, {"tool_calls": [arguments]}, choice=index)
-        elif isinstance(piece, Call):
-            if piece.streamed:
-                continue
-            header = _call_header(piece.index, piece.call.id, piece.call.name)
-            yield _chunk(reply, {"tool_calls": [header]}, choice=index)
-            arguments = {"index": piece.index, "function": {"arguments": piece.call.arguments_json()}}
-            yield _chunk(reply, {"tool_calls": [arguments]}, choice=index)
-        elif isinstance(piece, Logprobs):
-            yield _chunk(reply, {}, choice=index, logprobs=_logprobs(piece.tokens))
-        elif isinstance(piece, Step):
-            yield _chunk(reply, {}, choice=index, qwenrun_step=piece.data)
+        elif isinstance(part, ParsedCall):
+            continue  # its CallDelta pieces came before it
+        elif isinstance(part, Logprobs):
+            yield _chunk(reply, {}, choice=index, logprobs=_logprobs(part.tokens))
+        elif isinstance(part, Step):
+            yield _chunk(reply, {}, choice=index, qwenrun_step=part.data)
         else:
-            finishes.append(piece)
-            yield _chunk(reply, {}, piece.reason, choice=index)
+            finishes.append(part)
+            yield _chunk(reply, {}, part.reason, choice=index)
     if reply.include_usage and finishes:
         yield {**_chunk(reply, {}), "choices": [], "usage": _usage(finishes)}

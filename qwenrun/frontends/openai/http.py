@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from qwenrun.events import ParsedCall
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.metrics import MODE_KEY, Metrics
 from qwenrun.frontends.openai.schemas import APIError
@@ -105,13 +106,14 @@ def _not_json(name: str) -> Any:
 async def observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Pieces:
     async with aclosing(pieces):
         async for piece in pieces:
-            if isinstance(piece, chat.Call):
-                metrics.count_tool_call(mode, piece.call.name)
-            elif isinstance(piece, chat.Step) and piece.data.get("type") == "tool_call":
-                metrics.count_tool_call(mode, str(piece.data.get("name")))
-            elif isinstance(piece, chat.Finish):  # n choices share one prompt
-                prompt = piece.prompt_tokens if piece.choice == 0 else 0
-                metrics.count_tokens(mode, prompt, piece.completion_tokens)
+            part = piece.part
+            if isinstance(part, ParsedCall):
+                metrics.count_tool_call(mode, part.name)
+            elif isinstance(part, chat.Step) and part.data.get("type") == "tool_call":
+                metrics.count_tool_call(mode, str(part.data.get("name")))
+            elif isinstance(part, chat.Finish):  # n choices share one prompt
+                prompt = part.prompt_tokens if piece.choice == 0 else 0
+                metrics.count_tokens(mode, prompt, part.completion_tokens)
             yield piece
 
 

@@ -7,11 +7,11 @@ non-streamed response is the same builder with its events dropped and the two al
 * text -> a ``message`` item: ``response.output_item.added``, ``response.content_part.added``,
   ``response.output_text.delta``..., ``response.output_text.done``, ``response.content_part.done``,
   ``response.output_item.done``;
-* reasoning (:class:`~qwenrun.frontends.openai.chat.ReasoningText`) -> a ``reasoning`` item with
+* reasoning (:class:`~qwenrun.events.Reasoning`) -> a ``reasoning`` item with
   one ``reasoning_text`` part, the same events with ``response.reasoning_text.delta`` / ``.done``;
 * a pass-through tool call -> a ``function_call`` item: added, ``response.function_call_arguments.delta``
-  (one per :class:`~qwenrun.frontends.openai.chat.CallDelta` while the call is written, or one with
-  the whole arguments) and ``.done``, done;
+  (one per :class:`~qwenrun.events.CallDelta` while the call is written) and, with the complete
+  :class:`~qwenrun.events.ParsedCall`, ``.done``, done;
 * a tool the agent ran (agent mode) -> an ``mcp_call`` item, OpenAI's item for a tool the server
   runs: added, ``response.mcp_call.in_progress``, ``response.mcp_call_arguments.delta`` / ``.done``,
   then with its result ``response.mcp_call.completed`` (or ``.failed``), done;
@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenrun.events import CallDelta, ParsedCall, Reasoning, TextDelta
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.items import new_id
 
 __all__ = ["ResponseBuilder", "usage"]
 
-Event = dict[str, Any]
+SseEvent = dict[str, Any]  # one server-sent event of the Responses API
 
 
 def usage(finish: chat.Finish) -> dict[str, Any]:
@@ -54,7 +55,7 @@ class _Text:
 
 
 class ResponseBuilder:
-    """One response: ``start()``, ``feed(piece)`` for each piece, or ``fail(...)``; every call
+    """One response: ``start()``, ``feed(piece.part)`` for each piece, or ``fail(...)``; every call
     returns the events of that step. ``response`` is the response object at every moment."""
 
     def __init__(self, response: dict[str, Any], server_label: str) -> None:
@@ -66,45 +67,46 @@ class ResponseBuilder:
         self._calls: dict[str, int] = {}  # agent mode: tool calls running, by call id -> output index
         self._writing: dict[str, int] = {}  # pass-through: calls being streamed, by call id -> output index
 
-    def _event(self, kind: str, **fields: Any) -> Event:
+    def _event(self, kind: str, **fields: Any) -> SseEvent:
         event = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
         return event
 
-    def start(self) -> list[Event]:
+    def start(self) -> list[SseEvent]:
         snapshot = copy.deepcopy(self.response)
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]  # fmt: skip
 
-    def feed(self, piece: chat.Piece) -> list[Event]:
-        if isinstance(piece, chat.Text):
-            return self._write(piece.text, "message")
-        if isinstance(piece, chat.ReasoningText):
-            return self._write(piece.text, "reasoning")
-        if isinstance(piece, chat.CallDelta):
-            return self._call_delta(piece)
-        if isinstance(piece, chat.Call):
-            return self._function_call(piece)
-        if isinstance(piece, chat.Step):
-            return self._step(piece.data)
-        if isinstance(piece, chat.Logprobs):  # the Responses API returns no token log probabilities
+    def feed(self, part: chat.Part) -> list[SseEvent]:
+        """The events of one part of the answer (the Responses API has one choice)."""
+        if isinstance(part, TextDelta):
+            return self._write(part.text, "message")
+        if isinstance(part, Reasoning):
+            return self._write(part.text, "reasoning")
+        if isinstance(part, CallDelta):
+            return self._call_delta(part)
+        if isinstance(part, ParsedCall):
+            return self._function_call(part)
+        if isinstance(part, chat.Step):
+            return self._step(part.data)
+        if isinstance(part, chat.Logprobs):  # the Responses API returns no token log probabilities
             return []
-        return self._finish(piece)
+        return self._finish(part)
 
-    def fail(self, code: str, message: str) -> list[Event]:
+    def fail(self, code: str, message: str) -> list[SseEvent]:
         """The stream's end after an error (``response.failed``)."""
         self.response.update(status="failed", error={"code": code, "message": message})
         return [self._event("response.failed", response=self.response)]
 
     # -- message and reasoning items ----------------------------------------------------------
 
-    def _add(self, item: dict[str, Any]) -> tuple[int, Event]:
+    def _add(self, item: dict[str, Any]) -> tuple[int, SseEvent]:
         self.output.append(item)
         index = len(self.output) - 1
         return index, self._event("response.output_item.added", output_index=index, item=copy.deepcopy(item))
 
-    def _write(self, text: str, kind: str) -> list[Event]:
-        events: list[Event] = []
+    def _write(self, text: str, kind: str) -> list[SseEvent]:
+        events: list[SseEvent] = []
         if self._text is None or self._text.item["type"] != kind:
             events += self._close_text()
             text = text.lstrip()  # an item never starts with blank text
@@ -135,7 +137,7 @@ class ResponseBuilder:
             return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "reasoning_text", "text": text}
 
-    def _close_text(self) -> list[Event]:
+    def _close_text(self) -> list[SseEvent]:
         if self._text is None:
             return []
         text = "".join(self._text.chunks)
@@ -152,9 +154,9 @@ class ResponseBuilder:
 
     # -- tool calls ------------------------------------------------------------------------
 
-    def _call_delta(self, piece: chat.CallDelta) -> list[Event]:
+    def _call_delta(self, piece: CallDelta) -> list[SseEvent]:
         """A piece of a call being written: the first opens its ``function_call`` item."""
-        events: list[Event] = []
+        events: list[SseEvent] = []
         if piece.id not in self._writing:
             events = self._close_text()
             item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
@@ -169,10 +171,10 @@ class ResponseBuilder:
                                       output_index=index, delta=piece.arguments))  # fmt: skip
         return events
 
-    def _function_call(self, piece: chat.Call) -> list[Event]:
-        arguments = piece.call.arguments_json()
-        if piece.call.id in self._writing:  # its arguments were streamed: it is complete now
-            index = self._writing.pop(piece.call.id)
+    def _function_call(self, call: ParsedCall) -> list[SseEvent]:
+        arguments = call.arguments_json()
+        if call.id in self._writing:  # its arguments were streamed: it is complete now
+            index = self._writing.pop(call.id)
             item = self.output[index]
             item.update(arguments=arguments, status="completed")
             where = {"item_id": item["id"], "output_index": index}
@@ -184,7 +186,7 @@ class ResponseBuilder:
             ]
         events = self._close_text()
         item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
-                "call_id": piece.call.id, "name": piece.call.name, "arguments": ""}  # fmt: skip
+                "call_id": call.id, "name": call.name, "arguments": ""}  # fmt: skip
         index, added = self._add(item)
         where = {"item_id": item["id"], "output_index": index}
         item.update(arguments=arguments, status="completed")
@@ -193,16 +195,16 @@ class ResponseBuilder:
             added,
             self._event("response.function_call_arguments.delta", **where, delta=arguments),
             self._event(
-                "response.function_call_arguments.done", **where, name=piece.call.name, arguments=arguments
+                "response.function_call_arguments.done", **where, name=call.name, arguments=arguments
             ),
             self._done(index),
         ]
 
-    def _done(self, index: int) -> Event:
+    def _done(self, index: int) -> SseEvent:
         item = copy.deepcopy(self.output[index])
         return self._event("response.output_item.done", output_index=index, item=item)
 
-    def _step(self, data: dict[str, Any]) -> list[Event]:
+    def _step(self, data: dict[str, Any]) -> list[SseEvent]:
         """A server-side step of agent mode: a tool call opens an ``mcp_call``, its result ends it."""
         if data.get("type") == "tool_call":
             events = self._close_text()
@@ -235,7 +237,7 @@ class ResponseBuilder:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _finish(self, finish: chat.Finish) -> list[Event]:
+    def _finish(self, finish: chat.Finish) -> list[SseEvent]:
         events = self._close_text()
         for index in [*self._calls.values(), *self._writing.values()]:  # cut short: no result, or unfinished
             self.output[index]["status"] = "incomplete"

@@ -23,7 +23,8 @@ from typing import Any
 
 from qwenrun.agent.loop import ANSWER_NOTE
 from qwenrun.engines.base import Delta, Engine, OutputReader, Request
-from qwenrun.toolcalls import OutputEvent, ToolCall, ToolCallDelta
+from qwenrun.events import CallDelta, ParsedCall
+from qwenrun.toolcalls import OutputEvent
 from qwenrun.toolcalls.repeats import RepeatWatch
 
 __all__ = ["RepeatedCalls", "answered_calls"]
@@ -79,8 +80,8 @@ class RepeatedCalls:
             return items
         if self.watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
             return []
-        items = [item for item in items if not isinstance(item, ToolCallDelta)]
-        self._returned += sum(1 for item in items if isinstance(item, ToolCall) and item.ok)
+        items = [item for item in items if not isinstance(item, CallDelta)]
+        self._returned += sum(1 for item in items if isinstance(item, ParsedCall) and item.ok)
         return items
 
     def finish(self) -> list[OutputEvent]:

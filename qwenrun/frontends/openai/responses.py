@@ -278,7 +278,7 @@ def register(
             collected = await unless_disconnected(request, collect(observed))
             builder.start()
             for piece in collected:
-                builder.feed(piece)
+                builder.feed(piece.part)
             await keep()
             return JSONResponse(builder.response, headers=headers)
         first = await unless_disconnected(request, anext(observed))  # a dead engine is a real 503
@@ -323,8 +323,8 @@ async def _events(
             for event in builder.start():
                 yield _sse(event)
             async for piece in all_pieces():
-                events = builder.feed(piece)
-                if isinstance(piece, chat.Finish):
+                events = builder.feed(piece.part)
+                if isinstance(piece.part, chat.Finish):
                     await keep()
                 for event in events:
                     yield _sse(event)
