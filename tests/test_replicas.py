@@ -189,7 +189,9 @@ async def test_a_conversation_started_on_one_replica_continues_on_the_other(repl
 
 async def test_many_concurrent_conversations_over_both_replicas_mix_nothing(replicas: list[Replica]) -> None:
     pair = await started(replicas)
-    limits = httpx.Limits(max_connections=200)
+    # uvicorn closes a connection idle for 5 s, httpx reuses one idle up to 5 s: at equal limits
+    # a request can go out on a connection the server is closing (ReadError). Expire sooner.
+    limits = httpx.Limits(max_connections=200, keepalive_expiry=2.0)
     gate = asyncio.Semaphore(150)
 
     async def conversation(n: int) -> None:
