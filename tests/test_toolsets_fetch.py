@@ -4,13 +4,19 @@ size cap, the time limit, and what the model reads."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import gzip
 import ipaddress
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from qwenrun.agent.plugins import load_tools
@@ -42,7 +48,8 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         host = self.headers.get("Host", "")
         if path == "/hello":
-            self.send(200, f"hello from {host}".encode())
+            at = "" if self.server.server_address[0] == "127.0.0.1" else f" at {self.server.server_address[0]}"
+            self.send(200, f"hello from {host}{at}".encode())
         elif path == "/json":
             self.send(200, b'{"ok": true}', "application/json")
         elif path == "/big":
@@ -157,7 +164,7 @@ async def test_every_redirect_is_checked_again(port: int, other_port: int) -> No
     hosts = ["127.0.0.1", "127.0.0.2", "localhost"]
     open_tool = fetch_tool(ports=[port, other_port], allow_hosts=hosts, allow_private=True)
     to_other = f"http://127.0.0.1:{port}/redirect?to=http://127.0.0.2:{other_port}/hello"
-    assert (await open_tool.call({"url": to_other})).endswith(f"hello from 127.0.0.2:{other_port}")
+    assert (await open_tool.call({"url": to_other})).endswith(f"hello from 127.0.0.2:{other_port} at 127.0.0.2")
     # the first hop's network is allowed, the redirect's address is not: refused at the redirect
     tool = fetch_tool(ports=[port, other_port], allow_hosts=hosts, allow_networks=["127.0.0.1/32"])
     with pytest.raises(ToolError, match=r"'127\.0\.0\.2' resolves to 127\.0\.0\.2, a loopback address; refused"):
@@ -212,3 +219,113 @@ async def test_a_slow_server_meets_the_time_limit(port: int) -> None:
     with pytest.raises(ToolError, match=r"timed out after 0.3 s \(timeout_s\)"):
         await tool.call({"url": f"http://127.0.0.1:{port}/drip"})  # never stops, never pauses long
     assert tool.timeout_s == pytest.approx(1.3)  # the agent's limit leaves room for the fetch's own
+
+
+# -- the connection goes to the checked address -----------------------------------------------------
+
+
+def resolving(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> list[str]:
+    """Make the running loop's getaddrinfo answer ``answers`` (name -> addresses, one per call, the
+    last one repeated) and return the names it was asked for."""
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        asked.append(host)
+        found = answers[host]
+        address = found.pop(0) if len(found) > 1 else found[0]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+async def test_a_dns_answer_that_changes_after_the_check_is_never_used(
+    monkeypatch: pytest.MonkeyPatch, port: int, other_port: int
+) -> None:
+    """DNS rebinding: the name resolves to an allowed address when checked, to another one after;
+    the request goes to the checked address (the server there answers), and the name is resolved
+    once per hop, by the check."""
+    asked = resolving(monkeypatch, {"rebind.test": ["127.0.0.1", "127.0.0.2"]})
+    tool = fetch_tool(ports=[port, other_port], allow_hosts=["rebind.test"], allow_networks=["127.0.0.1/32"])
+    text = await tool.call({"url": f"http://rebind.test:{port}/hello"})
+    assert text.endswith(f"hello from rebind.test:{port}")  # 127.0.0.1's server, the name in Host
+    assert asked == ["rebind.test"]
+    with pytest.raises(ToolError, match=r"'rebind\.test' resolves to 127\.0\.0\.2, a loopback address"):
+        await tool.call({"url": f"http://rebind.test:{other_port}/hello"})  # the next answer: checked too
+
+
+async def test_a_name_with_one_refused_address_among_several_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("93.184.216.34", "10.0.0.7")]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    with pytest.raises(ToolError, match=r"'mixed\.test' resolves to 10\.0\.0\.7, a private address; refused"):
+        await fetch_tool(allow_hosts=["mixed.test"]).call({"url": "http://mixed.test/"})
+
+
+@pytest.fixture
+def tls_port(tmp_path: Path) -> Iterator[tuple[int, ssl.SSLContext]]:
+    """An HTTPS server on 127.0.0.1 whose certificate names tls.test, and a context trusting its CA."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("tls.test")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("tls.test")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    names: list[str | None] = []
+    server_context.sni_callback = lambda sock, server_name, context: names.append(server_name)  # type: ignore[assignment,func-returns-value]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.socket = server_context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    try:
+        yield server.server_address[1], client
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert set(names) <= {"tls.test", "other.test"}  # the TLS server name was always a name, never the IP
+
+
+async def test_https_to_the_checked_address_verifies_the_name(
+    monkeypatch: pytest.MonkeyPatch, tls_port: tuple[int, ssl.SSLContext]
+) -> None:
+    """HTTPS: the connection goes to the checked address, while the TLS server name and the
+    certificate check keep the URL's name (a certificate for another name is refused)."""
+    port, trusted = tls_port
+    client = httpx.AsyncClient
+
+    def trusting(**options: Any) -> httpx.AsyncClient:
+        return client(**options, verify=trusted)
+
+    monkeypatch.setattr(httpx, "AsyncClient", trusting)
+    resolving(monkeypatch, {"tls.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    tool = fetch_tool(ports=[port], allow_hosts=["tls.test", "other.test"], allow_networks=["127.0.0.1/32"])
+    text = await tool.call({"url": f"https://tls.test:{port}/hello"})
+    assert text.endswith(f"hello from tls.test:{port}")
+    with pytest.raises(ToolError, match=r"cannot fetch https://other\.test.*(CERTIFICATE_VERIFY_FAILED|Hostname mismatch)"):
+        await tool.call({"url": f"https://other.test:{port}/hello"})
