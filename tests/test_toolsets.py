@@ -398,6 +398,15 @@ async def test_approval_ask_applies_to_toolset_tools(tree: Path) -> None:
     assert final.text == "ok" and not (tree / "x.txt").exists()
 
 
+def test_each_tool_says_what_it_does_in_its_first_sentence(tree: Path) -> None:
+    entries = [{"toolset": "filesystem", "roots": [str(tree)], "write": True}, {"toolset": "fetch", "allow_hosts": ["*"]},
+               {"toolset": "think"}, {"toolset": "todo"}]  # fmt: skip
+    for entry in entries:
+        for tool in toolset(entry).values():
+            first = tool.description.split("\n\n")[0]
+            assert "\n" not in first and first.endswith("."), (tool.name, tool.description)
+
+
 # -- docs/toolsets.md -------------------------------------------------------------------------------
 
 

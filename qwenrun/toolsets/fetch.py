@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 from pydantic import Field
 
 from qwenrun.errors import ToolError
 from qwenrun.toolsets.spec import FetchToolset
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Fetcher", "refusal"]
 
@@ -61,6 +63,8 @@ class Fetcher:
             raise ToolError(f"fetching {url} timed out after {limit:g} s (timeout_s)") from None
 
     async def _fetch(self, url: str) -> str:
+        import httpx  # on the first fetch: `qwenrun validate` builds the tool without it
+
         timeout = httpx.Timeout(self.settings.timeout_s)
         async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout) as client:
             current = url
@@ -88,6 +92,8 @@ class Fetcher:
 
     def check_url(self, url: str) -> httpx.URL:
         """The parsed ``url`` if its scheme, credentials, port and host are allowed; else ToolError."""
+        import httpx
+
         try:
             target = httpx.URL(url)
         except (httpx.InvalidURL, ValueError) as exc:

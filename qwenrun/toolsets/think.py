@@ -15,8 +15,9 @@ __all__ = ["think"]
 
 
 def think(thought: Annotated[str, Field(min_length=1, max_length=20_000)]) -> str:
-    """Think about something: write down your reasoning, a plan or what a result means. It changes
-    nothing and fetches nothing; use it between tool calls when you need to reason first.
+    """Think: write down your reasoning, a plan, or what a result means.
+
+    It changes nothing and fetches nothing; use it between tool calls when you need to reason first.
 
     Args:
         thought: Your thought.

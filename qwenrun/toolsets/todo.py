@@ -41,8 +41,9 @@ class TodoLists:
         self._lock = threading.Lock()  # sync tools run on threads of their own
 
     def todo_write(self, items: Annotated[list[TodoItem], Field(max_length=1000)]) -> str:
-        """Replace your to-do list with these items (the whole list, in order). Keep it up to date as
-        you work: mark an item in_progress when you start it and done when it is done.
+        """Replace your to-do list with these items (the whole list, in order).
+
+        Keep it up to date as you work: mark an item in_progress when you start it, done when it is done.
 
         Args:
             items: Every item of the list, each a text and a status (pending, in_progress or done).
