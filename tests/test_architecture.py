@@ -116,11 +116,17 @@ def test_no_module_imports_private_names_of_another() -> None:
 # The layers of docs/architecture.md, lowest first: a module imports only modules of its own layer
 # or a lower one (a package by its longest listed prefix; ``qwenrun`` alone is the public face).
 LAYERS: list[tuple[str, ...]] = [
-    ("qwenrun.errors", "qwenrun.version", "qwenrun.events", "qwenrun.approval", "qwenrun.spec.base"),
+    ("qwenrun.errors", "qwenrun.version", "qwenrun.events", "qwenrun.approval", "qwenrun.context", "qwenrun.spec.base"),
     ("qwenrun.toolcalls",),
-    ("qwenrun.engines.settings", "qwenrun.frontends.settings", "qwenrun.mcp.spec", "qwenrun.spec.loading"),
+    (
+        "qwenrun.engines.settings",
+        "qwenrun.frontends.settings",
+        "qwenrun.mcp.spec",
+        "qwenrun.toolsets.spec",
+        "qwenrun.spec.loading",
+    ),
     ("qwenrun.spec",),
-    ("qwenrun.tools", "qwenrun.engines", "qwenrun.mcp", "qwenrun.sessions", "qwenrun.weights"),
+    ("qwenrun.tools", "qwenrun.toolsets", "qwenrun.engines", "qwenrun.mcp", "qwenrun.sessions", "qwenrun.weights"),
     ("qwenrun.agent",),
     ("qwenrun.frontends",),
     ("qwenrun.evals", "qwenrun.deploy", "qwenrun.cli", "qwenrun"),

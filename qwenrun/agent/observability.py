@@ -20,10 +20,11 @@ import json
 import logging
 import os
 import sys
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal
+
+from qwenrun.context import SESSION_ID
 
 if TYPE_CHECKING:
     from qwenrun.events import Final, ToolResult, Usage
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("qwenrun.agent")
-SESSION_ID: ContextVar[str | None] = ContextVar("qwenrun_session_id", default=None)
 MAX_TOOL_LABELS = 64  # pass-through tool names come from clients: bound the label set
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)

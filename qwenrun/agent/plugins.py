@@ -17,12 +17,14 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from qwenrun.errors import ConfigError, PluginError
 from qwenrun.spec.agent_file import AgentSpec, ToolSpec
 from qwenrun.tools import Tool
+from qwenrun.toolsets.registry import build_toolset
 
 try:  # the backport follows the newest metadata semantics on every Python
     from importlib_metadata import EntryPoint, entry_points
@@ -137,12 +139,19 @@ def check_tools(spec: AgentSpec) -> None:
 
 
 def load_tools(spec: AgentSpec, *, strict: bool = True) -> list[Tool]:
-    """Load the agent's entry-point tools (its MCP servers' tools come when they start: see
-    :mod:`qwenrun.mcp`). Unknown names and bad settings are ConfigErrors. A plugin that fails to
-    import is a PluginError when ``strict``, else logged and skipped."""
+    """Load the agent's entry-point tools and the tools of its built-in toolsets
+    (:mod:`qwenrun.toolsets`), in the file's order (its MCP servers' tools come when they start:
+    see :mod:`qwenrun.mcp`). Unknown names and bad settings are ConfigErrors. A plugin that fails
+    to import is a PluginError when ``strict``, else logged and skipped."""
     installed = installed_tools()
     tools: list[Tool] = []
-    for index, tool_spec in spec.plugin_tools:
+    base = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
+    toolsets = dict(spec.toolsets)
+    for index, tool_spec in enumerate(spec.tools):
+        if index in toolsets:
+            tools.extend(build_toolset(toolsets[index], f"{spec.source}: tools[{index}]", base))
+        if not isinstance(tool_spec, ToolSpec):
+            continue
         entry = installed.get(tool_spec.name)
         if entry is None:
             raise _unknown_tool(spec, index, tool_spec.name, list(installed))

@@ -97,12 +97,11 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     for path in files:
         try:
             spec = load_spec(path, overrides)
-            load_tools(spec, strict=True)
+            tools = len(load_tools(spec, strict=True))
         except QwenrunError as exc:
             problems.append(str(exc))
             continue
         servers = f", {len(spec.mcp_servers)} MCP servers" if spec.mcp_servers else ""
-        tools = len(spec.plugin_tools)
         click.echo(f"{path}: ok ({spec.agent.name}, {tools} tools{servers}, frontend {spec.frontend.kind})")
     if problems:
         raise ConfigProblem("\n".join(problems))

@@ -45,6 +45,7 @@ from qwenrun.spec.loading import (
     safe_load,
     upgrade,
 )
+from qwenrun.toolsets.spec import ToolsetBase, ToolsetSpec
 
 __all__ = [
     "CURRENT_VERSION",
@@ -207,15 +208,21 @@ class ToolSpec(Settings):
 
 
 def _tool_kind(value: Any) -> str:
-    mcp = value.get("mcp") if isinstance(value, dict) else getattr(value, "mcp", None)
-    return "mcp" if mcp is not None else "plugin"
+    if isinstance(value, dict):
+        return "mcp" if "mcp" in value else "toolset" if "toolset" in value else "plugin"
+    if isinstance(value, ToolsetBase):
+        return "toolset"
+    return "mcp" if isinstance(value, McpToolsSpec) else "plugin"
 
 
 ToolEntrySpec = Annotated[
-    Annotated[ToolSpec, Tag("plugin")] | Annotated[McpToolsSpec, Tag("mcp")],
+    Annotated[ToolSpec, Tag("plugin")]
+    | Annotated[McpToolsSpec, Tag("mcp")]
+    | Annotated[ToolsetSpec, Tag("toolset")],
     Discriminator(_tool_kind),
 ]
-"""One entry of ``tools:``: an entry-point tool (a name), or the tools of an MCP server (``mcp:``)."""
+"""One entry of ``tools:``: an entry-point tool (a name), the tools of an MCP server (``mcp:``), or
+a built-in toolset (``toolset:``, :mod:`qwenrun.toolsets`)."""
 
 
 class SessionsSpec(Settings):
@@ -285,6 +292,17 @@ class AgentSpec(Settings):
         return [(index, tool) for index, tool in enumerate(self.tools) if isinstance(tool, ToolSpec)]
 
     @property
+    def toolsets(self) -> list[tuple[int, ToolsetBase]]:
+        """The built-in toolset entries of ``tools:``, with their index in it."""
+        return [(index, tool) for index, tool in enumerate(self.tools) if isinstance(tool, ToolsetBase)]
+
+    def known_tool_names(self) -> list[str]:
+        """The tool names the file declares (entry-point tools, then toolsets' tools); an MCP
+        server's are known when it starts."""
+        names = [tool.name for _, tool in self.plugin_tools]
+        return names + [name for _, toolset in self.toolsets for name in toolset.tool_names()]
+
+    @property
     def mcp_servers(self) -> list[tuple[int, McpToolsSpec]]:
         """The MCP server entries of ``tools:``, with their index in it."""
         return [(index, tool) for index, tool in enumerate(self.tools) if isinstance(tool, McpToolsSpec)]
@@ -342,7 +360,7 @@ class AgentSpec(Settings):
     # -- cross-field checks ------------------------------------------------------------------
 
     def _check(self) -> None:
-        names = [tool.name for _, tool in self.plugin_tools]
+        names = self.known_tool_names()
         servers = self.mcp_servers
         for where, choice in self.tool_choices():
             # an MCP server's tool names are known when it starts (Agent.start checks tool_choice then)
@@ -360,7 +378,8 @@ class AgentSpec(Settings):
             )
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}")
+            hint = " (a toolset's `prefix:` tells two of its kind apart)" if self.toolsets else ""
+            raise ConfigError(f"{self.source}: tools: declared twice: {', '.join(duplicates)}{hint}")
         self._check_mcp_names()
         problem = self.engine.layout_problem() if isinstance(self.engine, VLLMEngineSpec) else None
         if problem:
@@ -379,6 +398,8 @@ class AgentSpec(Settings):
                 )
             seen[entry.name] = index
         owners = {tool.name: f"tools[{index}] (an entry-point tool)" for index, tool in self.plugin_tools}
+        for index, toolset in self.toolsets:
+            owners.update({name: f"tools[{index}] (toolset {toolset.kind})" for name in toolset.tool_names()})
         for index, entry in self.mcp_servers:
             for name in entry.allow or ():
                 full = entry.prefix + name
@@ -393,7 +414,7 @@ class AgentSpec(Settings):
     def system_prompt(self, **extra: Any) -> str:
         """Render ``agent.system_prompt`` in a jinja2 sandbox with ``agent.variables``."""
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-        tools = [tool.name for _, tool in self.plugin_tools]
+        tools = self.known_tool_names()
         context = {**self.agent.variables, "agent": self.agent.name, "tools": tools}
         try:
             return env.from_string(self.agent.system_prompt).render(**context, **extra)

@@ -219,20 +219,28 @@ def describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
     return f"YAML syntax error: {' '.join(problem.split())}"
 
 
-def _tagged(annotation: Any) -> dict[str, type[BaseModel]]:
+def _tagged(annotation: Any) -> dict[str, Any]:
     """The members of a tagged union (``Annotated[X, Tag("x")] | ...``) by tag, also of the items of a
-    list of them; {} for other types."""
+    list of them; {} for other types. A member is a model, or a tagged union itself (``toolset:``)."""
     if typing.get_origin(annotation) is list:
         annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
-    members: dict[str, type[BaseModel]] = {}
+    members: dict[str, Any] = {}
     for arg in typing.get_args(annotation):
         model = typing.get_args(arg)[0] if typing.get_origin(arg) is typing.Annotated else arg
         for meta in getattr(arg, "__metadata__", ()):
-            if isinstance(meta, Tag) and isinstance(model, type) and issubclass(model, BaseModel):
+            is_model = isinstance(model, type) and issubclass(model, BaseModel)
+            if isinstance(meta, Tag) and (is_model or _tagged(model)):
                 members[meta.tag] = model
     return members
+
+
+def _member(tagged: Any) -> tuple[type[BaseModel] | None, dict[str, Any]]:
+    """A tagged union's member as (its model, {}) or, for a nested tagged union, (None, its members)."""
+    if isinstance(tagged, type) and issubclass(tagged, BaseModel):
+        return tagged, {}
+    return None, _tagged(tagged)
 
 
 def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -243,7 +251,8 @@ def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseMode
         if isinstance(part, int):
             continue
         if part in tags:  # pydantic names the member of a tagged union it tried
-            options, tags = [tags[part]], {}
+            member, tags = _member(tags[part])
+            options = [member] if member is not None else []
             continue
         owner = next((m for m in options if isinstance(m, type) and issubclass(m, BaseModel)), None)
         field = owner.model_fields.get(part) if owner else None
@@ -267,7 +276,7 @@ def _drop_tags(model: type[BaseModel], loc: Sequence[str | int]) -> list[str | i
     current: type[BaseModel] | None = model
     for part in loc:
         if isinstance(part, str) and part in tags:
-            current, tags = tags[part], {}
+            current, tags = _member(tags[part])
             continue
         out.append(part)
         field = current.model_fields.get(part) if current is not None and isinstance(part, str) else None
