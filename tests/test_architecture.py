@@ -116,7 +116,8 @@ def test_no_module_imports_private_names_of_another() -> None:
 # The layers of docs/architecture.md, lowest first: a module imports only modules of its own layer
 # or a lower one (a package by its longest listed prefix; ``qwenrun`` alone is the public face).
 LAYERS: list[tuple[str, ...]] = [
-    ("qwenrun.errors", "qwenrun.version", "qwenrun.events", "qwenrun.approval", "qwenrun.context", "qwenrun.spec.base"),
+    ("qwenrun.errors", "qwenrun.version", "qwenrun.events", "qwenrun.approval", "qwenrun.context", "qwenrun.spec.base",
+     "qwenrun.sampling"),
     ("qwenrun.toolcalls",),
     (
         "qwenrun.engines.settings",

@@ -26,11 +26,11 @@ from qwenrun.toolcalls import OutputEvent, OutputParser, ParsedOutput
 from qwenrun.toolcalls.output import thinking_calls
 
 if TYPE_CHECKING:
-    from qwenrun.spec.agent_file import SamplingSpec
+    from qwenrun.sampling import SamplingSpec
 
 __all__ = [
     "Constraint", "Delta", "Engine", "Health", "OutputReader", "Request", "TokenLogprob",
-    "sampling_values", "wait_until_dead",
+    "wait_until_dead",
 ]  # fmt: skip
 
 Health = Literal["stopped", "ready", "dead"]
@@ -240,26 +240,3 @@ async def wait_until_dead(engine: Engine, interval_s: float = 1.0) -> None:
     serve others stop then, so that their supervisor restarts them instead of leaving a dead server."""
     while engine.health() != "dead":
         await asyncio.sleep(interval_s)
-
-
-def sampling_values(sampling: SamplingSpec, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One model call's sampling values, as every backend sends them: the spec's fields (``top_k``
-    and ``seed`` only when set, ``stop`` only when not empty), its ``extra``, then ``overrides``
-    (an override of None means "not given" and is skipped)."""
-    values: dict[str, Any] = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-        "repetition_penalty": sampling.repetition_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-    }
-    if sampling.stop:
-        values["stop"] = list(sampling.stop)
-    if sampling.top_k is not None:
-        values["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        values["seed"] = sampling.seed
-    values.update(sampling.extra)
-    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return values

@@ -26,16 +26,18 @@ What differs from the in-process engine:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from qwenrun.engines.base import Constraint, Delta, Health, Request, sampling_values
+from qwenrun.engines.base import Constraint, Delta, Health, Request
 from qwenrun.engines.settings import OpenAIEngineSpec
 from qwenrun.errors import ConfigError, EngineError, MissingExtraError, RequestError
 from qwenrun.events import ParsedCall
-from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.sampling import SamplingSpec, sampling_values
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import secret_from_env
 from qwenrun.toolcalls.base import new_call_id
 from qwenrun.toolcalls.hermes import parse
@@ -43,17 +45,6 @@ from qwenrun.toolcalls.hermes import parse
 __all__ = ["OpenAIEngine", "request_body"]
 
 log = logging.getLogger(__name__)
-
-# SamplingSpec/override fields the OpenAI API has; the others go to vLLM as extra body fields.
-_OPENAI_FIELDS = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "stop",
-    "seed",
-)
 
 
 def _settings(spec: AgentSpec) -> OpenAIEngineSpec:
@@ -80,9 +71,8 @@ def request_body(
     """The JSON body of the streamed chat completion for ``request``."""
     body: dict[str, Any] = {"model": model, "messages": list(request.messages), "stream": True,
                             "stream_options": {"include_usage": True}}  # fmt: skip
-    values = sampling_values(request.sampling or sampling, request.overrides)
-    vendor = {key: value for key, value in values.items() if key not in _OPENAI_FIELDS}
-    body.update({key: value for key, value in values.items() if key in _OPENAI_FIELDS})
+    body.update(sampling_values(request.sampling or sampling, request.overrides))  # vLLM's knobs too
+    vendor: dict[str, Any] = {}
     if request.tools:
         body["tools"] = list(request.tools)
         choice = request.tool_choice
@@ -191,7 +181,9 @@ class OpenAIEngine:
             )
         body = request_body(request, self.remote_model, self.spec.sampling, self.settings.extra_body)
         model, messages = body.pop("model"), body.pop("messages")
-        standard = {key: body.pop(key) for key in list(body) if key in _STANDARD}
+        # what the openai client names goes as its argument, the rest (vLLM's knobs) as extra_body
+        named = inspect.signature(client.chat.completions.create).parameters
+        standard = {key: body.pop(key) for key in list(body) if key in named and key != "extra_body"}
         try:
             stream = await client.chat.completions.create(
                 model=model, messages=messages, extra_body=body, **standard
@@ -232,11 +224,6 @@ def _reasoning(delta: Any) -> str:
     extra = delta.model_extra or {}
     text = extra.get("reasoning") or extra.get("reasoning_content")
     return text if isinstance(text, str) else ""
-
-
-_STANDARD = frozenset(
-    {"stream", "stream_options", "tools", "tool_choice", "response_format", *_OPENAI_FIELDS}
-)
 
 
 def _reason(exc: Exception) -> str:

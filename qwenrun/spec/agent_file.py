@@ -36,6 +36,7 @@ from qwenrun.engines.settings import EngineSpec, VLLMEngineSpec
 from qwenrun.errors import ConfigError
 from qwenrun.frontends.settings import CliFrontend, Frontend
 from qwenrun.mcp.spec import McpToolsSpec
+from qwenrun.sampling import SamplingSpec
 from qwenrun.spec.base import Settings
 from qwenrun.spec.loading import (
     apply_overrides,
@@ -81,21 +82,6 @@ class ModelSpec(Settings):
         "Qwen3), 'qwen3_coder' (<function=...>/<parameter=...> XML: Qwen3-Coder), or 'auto': the "
         "format the model's chat template teaches (a remote endpoint's model: hermes).",
     )
-
-
-class SamplingSpec(Settings):
-    """vLLM ``SamplingParams`` of every model call."""
-
-    temperature: float = Field(0.45, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int | None = Field(None, description="-1 or None disables top-k.")
-    max_tokens: PositiveInt = 8192
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    extra: dict[str, Any] = Field(default_factory=dict, description="Other SamplingParams fields.")
 
 
 ToolChoice = Annotated[

@@ -45,7 +45,8 @@ from qwenrun.engines.vllm.preflight import (
     sigint_blocked,
 )
 from qwenrun.errors import EngineError, RequestError
-from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.sampling import SamplingSpec
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls import (
     forced_call,
     prompt_opens_thinking,

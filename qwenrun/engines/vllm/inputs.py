@@ -13,10 +13,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qwenrun.engines.base import TokenLogprob, sampling_values
+from qwenrun.engines.base import TokenLogprob
 from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.errors import ConfigError
-from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.sampling import SamplingSpec, sampling_values
+from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = [
     "END_TOKENS", "engine_arg_defaults", "engine_kwargs", "sampling_kwargs", "template_messages",
@@ -115,8 +116,9 @@ def engine_kwargs(spec: AgentSpec) -> dict[str, Any]:
 def sampling_kwargs(sampling: SamplingSpec, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The keyword arguments of ``vllm.SamplingParams``: the spec, its ``extra``, then ``overrides``.
 
-    An override of None means "not given" and is skipped; ``top_k``/``seed`` of None are left
-    out. Special tokens are always kept in the text and the output kind is always DELTA.
+    The values are :func:`qwenrun.sampling.sampling_values` (an override of None is "not given",
+    an unset knob is left to vLLM). Special tokens are always kept in the text and the output
+    kind is always DELTA.
     """
     from vllm.sampling_params import RequestOutputKind
 

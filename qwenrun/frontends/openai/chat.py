@@ -59,6 +59,7 @@ from qwenrun.frontends.openai.schemas import (
     text_of,
 )
 from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.sampling import knob_values
 from qwenrun.sessions.store import valid_session_id
 from qwenrun.toolcalls import OutputEvent, hermes
 
@@ -157,31 +158,16 @@ class _Trim:
 
 def overrides(request: ChatCompletionRequest, agent: Agent, frontend: OpenAIFrontend) -> dict[str, Any]:
     """The request's sampling parameters (None = the spec's); max_tokens is clamped to the cap."""
-    max_tokens = request.max_new_tokens()
+    chosen = knob_values(request, "chat")
     cap = frontend.max_tokens_cap
     if cap is not None:
-        max_tokens = min(max_tokens or agent.spec.sampling.max_tokens, cap)
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    most = max_tokens or agent.spec.sampling.max_tokens
+        chosen["max_tokens"] = min(chosen.get("max_tokens") or agent.spec.sampling.max_tokens, cap)
+    most = chosen.get("max_tokens") or agent.spec.sampling.max_tokens
     if request.min_tokens is not None and request.min_tokens > most:
         raise APIError(400, f"min_tokens ({request.min_tokens}) is larger than max_tokens ({most})",
                        param="min_tokens")  # fmt: skip
-    values = {
-        "max_tokens": max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "stop": stop,
-        "seed": request.seed,
-        "presence_penalty": request.presence_penalty,
-        "frequency_penalty": request.frequency_penalty,
-        "top_k": request.top_k,
-        "min_p": request.min_p,
-        "repetition_penalty": request.repetition_penalty,
-        "min_tokens": request.min_tokens,
-        "ignore_eos": request.ignore_eos,
-        "thinking_token_budget": request.thinking_token_budget,
-    }
-    chosen: dict[str, Any] = {key: value for key, value in values.items() if value is not None}
+    if request.thinking_token_budget is not None:
+        chosen["thinking_token_budget"] = request.thinking_token_budget
     if request.thinking_token_budget == -1:  # no limit, even where the agent file sets one
         chosen["thinking_token_budget"] = None
     return chosen

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from qwenrun.frontends.openai.schemas import FunctionDefinition
+from qwenrun.sampling import knob_field
 
 __all__ = ["FIELDS", "ResponsesRequest", "new_id", "normalize", "to_messages"]
 
@@ -191,9 +192,10 @@ class ResponsesRequest(_Model):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
+    # sampling knobs of OpenAI's Responses API (vLLM's others come from the body: responses.py)
+    max_output_tokens: int | None = knob_field("max_tokens")  # OPENAI_NAMES["responses"]
+    temperature: float | None = knob_field("temperature")
+    top_p: float | None = knob_field("top_p")
     text: TextConfig | None = None
     reasoning: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None

@@ -53,17 +53,16 @@ from qwenrun.frontends.openai.metrics import Metrics
 from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.frontends.settings import OpenAIFrontend
+from qwenrun.sampling import KNOBS, knob_values
 from qwenrun.sessions.store import ResponseStore, StoredResponse
 
 __all__ = ["MemoryResponses", "Responses", "register"]
 
 log = logging.getLogger("qwenrun.frontends.openai")
 PRUNE_EVERY_S = 60.0
-# vLLM's extra sampling parameters, taken from the body as the chat route takes them (extra_body)
-VLLM_EXTRAS = (
-    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "seed", "stop", "structured_outputs",
-    "chat_template_kwargs", "thinking_token_budget",
-)  # fmt: skip
+# vLLM's extra parameters, taken from the body as the chat route takes them (extra_body): every
+# sampling knob (qwenrun.sampling.KNOBS) and these
+VLLM_EXTRAS = ("structured_outputs", "chat_template_kwargs", "thinking_token_budget")
 
 
 class MemoryResponses:
@@ -178,10 +177,9 @@ def chat_request(
         "model": request.model, "messages": messages, "stream": request.stream,
         "tools": [tool.chat_tool() for tool in request.tools] if request.tools else None,
         "tool_choice": _chat_choice(request), "parallel_tool_calls": request.parallel_tool_calls,
-        "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
-        "top_p": request.top_p,
     }  # fmt: skip
-    data.update({key: body[key] for key in VLLM_EXTRAS if key in body})
+    data.update({key: body[key] for key in (*KNOBS, *VLLM_EXTRAS) if key in body})
+    data.update(knob_values(request, "responses"))  # OpenAI's names, validated by ResponsesRequest
     if (structured := _structured(request, body, mode)) is not None:
         data["structured_outputs"] = structured
     try:

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from qwenrun.sampling import SamplingKnobs, knob_field
+
 __all__ = [
     "APIError",
     "AssistantMessage",
@@ -249,8 +251,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )  # fmt: skip
 
 
-class ChatCompletionRequest(_Model):
-    """The body of ``POST /v1/chat/completions``."""
+class ChatCompletionRequest(_Model, SamplingKnobs):
+    """The body of ``POST /v1/chat/completions``: its own fields and the sampling knobs."""
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -259,20 +261,8 @@ class ChatCompletionRequest(_Model):
     parallel_tool_calls: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what vLLM and torch take (int64)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    # vLLM's extra sampling parameters (``extra_body`` in the openai client), as `vllm serve` takes
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = None
+    # the sampling knobs are those of SamplingKnobs (OpenAI's and vLLM's ``extra_body`` ones alike)
+    max_completion_tokens: int | None = knob_field("max_tokens")  # OPENAI_NAMES["chat"]
     structured_outputs: StructuredOutputs | None = None
     # thinking, as vLLM takes it: template variables (enable_thinking), a budget, reasoning in the answer
     chat_template_kwargs: dict[str, Any] | None = None
