@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +127,40 @@ class Endpoint:
     engine: str  # the `--set` of a child process's agent file that uses it
 
 
+class PacedEngine:
+    """An engine whose answers come no faster than ``per_token_s`` a token: a long answer then
+    lasts (1500 tokens: 30 s) far beyond what a cancellation takes to reach it, however fast the
+    tiny model writes on this CPU."""
+
+    def __init__(self, engine: PinnedEngine, per_token_s: float) -> None:
+        self._engine, self._per_token_s = engine, per_token_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        seen = 0
+        async with aclosing(self._engine.generate(request)) as deltas:  # closing it aborts vLLM's request
+            async for delta in deltas:
+                yield delta
+                await asyncio.sleep(self._per_token_s * max(delta.completion_tokens - seen, 1))
+                seen = delta.completion_tokens
+
+
 @asynccontextmanager
-async def serving(engine: VLLMEngine, tiny_spec: AgentSpec, **pinned: Any) -> AsyncIterator[Endpoint]:
+async def serving(
+    engine: VLLMEngine, tiny_spec: AgentSpec, per_token_s: float = 0.0, **pinned: Any
+) -> AsyncIterator[Endpoint]:
     """qwenrun's OpenAI server on the shared engine, pinned (``PinnedEngine(engine, WEATHER_CALL,
-    **pinned)``)."""
+    **pinned)``), paced to ``per_token_s`` a token when given."""
     data = tiny_spec.model_dump(mode="json")
     data["agent"] = {**data["agent"], "name": "tiny-agent"}
     data["frontend"] = {"kind": "openai"}
     data["sessions"] = {"enabled": False}
     spec = AgentSpec.from_dict(data, source="tests/endpoint.yaml")
-    app = openai_app(Agent(spec, PinnedEngine(engine, WEATHER_CALL, **pinned), tools=[]), shutdown_engine=False)
+    pinned_engine = PinnedEngine(engine, WEATHER_CALL, **pinned)
+    served: Any = PacedEngine(pinned_engine, per_token_s) if per_token_s else pinned_engine
+    app = openai_app(Agent(spec, served, tools=[]), shutdown_engine=False)
     async with serve_in_loop(app) as url:
         setting = "engine={kind: openai, base_url: '" + url + "/v1', model: " + str(tiny_spec.served_model_name) + "}"
         yield Endpoint(url, setting)
@@ -151,8 +175,9 @@ async def endpoint(engine: VLLMEngine, tiny_spec: AgentSpec) -> AsyncIterator[En
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def long_endpoint(engine: VLLMEngine, tiny_spec: AgentSpec) -> AsyncIterator[Endpoint]:
-    """An endpoint whose answers are 1500 tokens long (seconds here)."""
-    async with serving(engine, tiny_spec, answer_overrides={"max_tokens": 1500, "ignore_eos": True}) as settings:
+    """An endpoint whose answers are 1500 tokens long, 20 ms a token (30 s)."""
+    overrides = {"max_tokens": 1500, "ignore_eos": True}
+    async with serving(engine, tiny_spec, per_token_s=0.02, answer_overrides=overrides) as settings:
         yield settings
 
 
