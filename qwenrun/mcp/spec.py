@@ -14,13 +14,24 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from qwenrun.approval import Approval
+from qwenrun.approval import APPROVAL_MODES, Approval
 from qwenrun.spec.base import Settings
 
-__all__ = ["TOOL_NAME", "McpHttpServer", "McpServer", "McpStdioServer", "McpToolsSpec"]
+__all__ = [
+    "TOOL_NAME",
+    "TOOL_PREFIX",
+    "McpHttpServer",
+    "McpServer",
+    "McpStdioServer",
+    "McpToolsSpec",
+    "approval_for",
+    "check_approval",
+]
 
 TOOL_NAME = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"
 """What a tool name may be (an MCP server's names must match it too, after ``prefix``)."""
+TOOL_PREFIX = r"^([A-Za-z_][A-Za-z0-9_.\-]*)?$"
+"""What a ``prefix`` (put before each tool name of an MCP server or a toolset) may be."""
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SERVER_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 
@@ -120,7 +131,7 @@ class McpToolsSpec(Settings):
     )
     prefix: str = Field(
         "",
-        pattern=r"^([A-Za-z_][A-Za-z0-9_.\-]*)?$",
+        pattern=TOOL_PREFIX,
         description="Put before each tool's name (e.g. `files_`), to avoid a clash with other tools.",
     )
     approval: Approval | dict[Annotated[str, Field(pattern=TOOL_NAME)], Approval] = Field(
@@ -136,16 +147,7 @@ class McpToolsSpec(Settings):
     @field_validator("approval", mode="before")
     @classmethod
     def _approval(cls, value: Any) -> Any:
-        modes = ("auto", "ask", "deny")
-        if isinstance(value, str) and value not in modes:
-            raise ValueError(f"expected auto, ask or deny, got {value!r}")
-        if isinstance(value, dict):
-            bad = [f"{key}: {mode!r}" for key, mode in value.items() if mode not in modes]
-            if bad:
-                raise ValueError(f"expected auto, ask or deny for each tool, got {', '.join(map(str, bad))}")
-        elif not isinstance(value, str):
-            raise ValueError("expected auto, ask or deny, or a mapping of tool names to them")
-        return value
+        return check_approval(value)
 
     @field_validator("deny")
     @classmethod
@@ -170,9 +172,7 @@ class McpToolsSpec(Settings):
 
     def approval_of(self, tool: str) -> Approval:
         """The approval mode of the server's tool ``tool`` (its name on the server)."""
-        if isinstance(self.approval, dict):
-            return self.approval.get(tool, "auto")
-        return self.approval
+        return approval_for(self.approval, tool)
 
     def exposes(self, tool: str) -> bool:
         """Whether the server's tool ``tool`` is offered to the model (``allow`` / ``deny``)."""
@@ -184,3 +184,22 @@ class McpToolsSpec(Settings):
         if isinstance(server, McpStdioServer):
             return " ".join(["stdio:", server.command, *server.args])
         return f"http: {server.url}"
+
+
+def check_approval(value: Any) -> Any:
+    """An ``approval:`` setting before validation: one mode, or a mapping of tool names to modes
+    (the message names the modes, where pydantic's would list the union's branches)."""
+    if isinstance(value, str) and value not in APPROVAL_MODES:
+        raise ValueError(f"expected auto, ask or deny, got {value!r}")
+    if isinstance(value, dict):
+        bad = [f"{key}: {mode!r}" for key, mode in value.items() if mode not in APPROVAL_MODES]
+        if bad:
+            raise ValueError(f"expected auto, ask or deny for each tool, got {', '.join(map(str, bad))}")
+    elif not isinstance(value, str):
+        raise ValueError("expected auto, ask or deny, or a mapping of tool names to them")
+    return value
+
+
+def approval_for(setting: Approval | dict[str, Approval], tool: str) -> Approval:
+    """The mode an ``approval:`` setting gives the tool ``tool`` (unlisted tools: auto)."""
+    return setting.get(tool, "auto") if isinstance(setting, dict) else setting

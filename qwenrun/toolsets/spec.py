@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, IPvAnyNetwork, PositiveInt, Tag, field_validator, model_validator
 
 from qwenrun.approval import Approval
-from qwenrun.mcp.spec import TOOL_NAME
+from qwenrun.mcp.spec import TOOL_NAME, TOOL_PREFIX, approval_for, check_approval
 from qwenrun.spec.base import Settings
 
 __all__ = [
@@ -28,9 +28,6 @@ __all__ = [
     "ToolsetSpec",
 ]
 
-_MODES = ("auto", "ask", "deny")
-
-
 class ToolsetBase(Settings):
     """What every toolset entry has."""
 
@@ -38,7 +35,7 @@ class ToolsetBase(Settings):
 
     prefix: str = Field(
         "",
-        pattern=r"^([A-Za-z_][A-Za-z0-9_.\-]*)?$",
+        pattern=TOOL_PREFIX,
         description="Put before each tool's name (e.g. `docs_`), to avoid a clash with other tools.",
     )
     approval: Approval | dict[Annotated[str, Field(pattern=TOOL_NAME)], Approval] = Field(
@@ -53,19 +50,12 @@ class ToolsetBase(Settings):
     @field_validator("approval", mode="before")
     @classmethod
     def _approval(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in _MODES:
-            raise ValueError(f"expected auto, ask or deny, got {value!r}")
-        if isinstance(value, dict):
-            bad = [f"{key}: {mode!r}" for key, mode in value.items() if mode not in _MODES]
-            if bad:
-                raise ValueError(f"expected auto, ask or deny for each tool, got {', '.join(map(str, bad))}")
-            unknown = sorted(set(value) - set(cls.TOOLS))
-            if unknown:
-                raise ValueError(
-                    f"no such tool in this toolset: {', '.join(unknown)} (it has: {', '.join(cls.TOOLS)})"
-                )
-        elif not isinstance(value, str):
-            raise ValueError("expected auto, ask or deny, or a mapping of tool names to them")
+        check_approval(value)
+        unknown = sorted(set(value) - set(cls.TOOLS)) if isinstance(value, dict) else []
+        if unknown:
+            raise ValueError(
+                f"no such tool in this toolset: {', '.join(unknown)} (it has: {', '.join(cls.TOOLS)})"
+            )
         return value
 
     @property
@@ -83,9 +73,7 @@ class ToolsetBase(Settings):
 
     def approval_of(self, tool: str) -> Approval:
         """The approval mode of the toolset's tool ``tool`` (its name without the prefix)."""
-        if isinstance(self.approval, dict):
-            return self.approval.get(tool, "auto")
-        return self.approval
+        return approval_for(self.approval, tool)
 
 
 class FilesystemToolset(ToolsetBase):
