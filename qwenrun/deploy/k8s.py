@@ -27,31 +27,17 @@ from qwenrun.deploy import production_stack
 from qwenrun.deploy.files import dump_yaml
 from qwenrun.deploy.manifests import Builder
 from qwenrun.deploy.options import (
-    AGENT_PATH,
-    DEFAULT_IMAGE,
-    IN_FLIGHT_METRIC,
     DeployError,
     EngineTier,
     K8sOptions,
     K8sPlan,
-    ModelVolume,
 )
 from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.sessions.store import URL_ENV
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import apply_overrides
 
-__all__ = [
-    "AGENT_PATH",
-    "DEFAULT_IMAGE",
-    "IN_FLIGHT_METRIC",
-    "DeployError",
-    "EngineTier",
-    "K8sOptions",
-    "K8sPlan",
-    "ModelVolume",
-    "plan_k8s",
-]
+__all__ = ["plan_k8s"]  # the options and plan types: qwenrun.deploy.options
 
 API_KEY_ENV = "QWENRUN_API_KEY"
 _ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
