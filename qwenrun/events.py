@@ -158,6 +158,9 @@ class Final:
     iterations: int = 0
     tool_calls: int = 0
     usage: Usage = field(default_factory=Usage)
+    output: Any = None
+    """The answer read as JSON and validated, when the agent (or the request) has an output schema
+    (``agent.output_schema``); ``text`` is then that JSON as the model wrote it."""
     type: Literal["final"] = "final"
 
 

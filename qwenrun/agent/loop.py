@@ -22,7 +22,6 @@ their tools to it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -30,17 +29,19 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
+from qwenrun.agent.answer import Answer, answer_notes
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.agent.steps import (
     Step,
     TurnOptions,
     assistant_message,
     call_key,
+    run_calls,
     seen_calls,
     with_reasoning,
 )
-from qwenrun.approval import Approver, review
-from qwenrun.engines.base import Engine, OutputReader, Request
+from qwenrun.approval import Approver
+from qwenrun.engines.base import Constraint, Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
@@ -48,6 +49,7 @@ from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.output import OutputSchema
 from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.repeats import RepeatWatch
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
@@ -246,19 +248,20 @@ class Session:
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        output_schema: OutputSchema | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Run one user turn, yielding events; the last one is :class:`Final`.
 
         ``overrides`` (sampling) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)
-        apply to every model call of the turn, over the agent's own.
+        apply to every model call of the turn, over the agent's own; ``output_schema`` is the
+        schema of this turn's answer instead of ``agent.output_schema``.
 
         Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
         and keeps the session usable: the partial answer is kept in the history. Each message is
         recorded in the agent's store as it is added, and the turn's end (or error) after it.
         """
-        return self._events(
-            prompt, tool_choice=tool_choice, overrides=overrides, template=chat_template_kwargs, text=True
-        )
+        return self._events(prompt, tool_choice=tool_choice, overrides=overrides,
+                            template=chat_template_kwargs, schema=output_schema, text=True)  # fmt: skip
 
     async def _events(
         self,
@@ -267,6 +270,7 @@ class Session:
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
         template: Mapping[str, Any] | None = None,
+        schema: OutputSchema | None = None,
         text: bool,
     ) -> AsyncGenerator[Event, None]:
         """:meth:`stream`; without :class:`TextDelta` events unless ``text`` (``ask`` needs none,
@@ -277,6 +281,7 @@ class Session:
             calls = TurnOptions(
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
+                schema or self.agent.spec.output,
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
@@ -305,13 +310,17 @@ class Session:
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
         checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
         note: str | None = None  # a transient instruction for the next model call only
+        schema = options.schema  # the answer is JSON of it: only the validated JSON is streamed as text
         while iteration < spec.max_iterations:
             iteration += 1
             step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
+            step.structured = schema is not None and (choice == "none" or not self.agent.tools)
             try:
-                async with aclosing(self._model_call(choice, options, step, text, note)) as model:
+                notes = answer_notes(note, schema, step)
+                async with aclosing(self._model_call(choice, options, step, text, notes)) as model:
                     async for event in model:
-                        yield event
+                        if schema is None or not isinstance(event, TextDelta):
+                            yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
                     partial = with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
@@ -327,6 +336,21 @@ class Session:
                     choice, note = "none", ANSWER_NOTE
                     continue
                 calls = fresh
+            if (not calls or choice == "none") and schema is not None:
+                answer = Answer(step, schema, note)
+                answered = answer.events(lambda s, more: self._model_call("none", options, s, text, more))
+                async with aclosing(answered) as events:
+                    async for event in events:
+                        yield event
+                total += answer.usage
+                content, step = answer.content, answer.step
+                self._record(with_reasoning({"role": "assistant", "content": content}, step.reasoning),
+                             usage_meta(step.usage, step.finish_reason))  # fmt: skip
+                if text:
+                    yield TextDelta(content)
+                iteration += answer.calls
+                yield Final(content, "answer", iteration, tool_calls, total, output=answer.value)
+                return
             if not calls or choice == "none":
                 content = step.result.content
                 meta = usage_meta(step.usage, step.finish_reason)
@@ -347,7 +371,7 @@ class Session:
             shown = [ToolCall(call.id, call.name, call.arguments, call.from_thinking) for call in calls]
             for event in shown:
                 yield event
-            results = await self._run_calls(calls, shown)
+            results = await run_calls(calls, shown, self.agent.tools, self.approver, self._run_tool)
             for result in results:
                 self._record(
                     {
@@ -367,29 +391,33 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, options: TurnOptions, step: Step, text: bool, note: str | None = None
+        self, choice: str, options: TurnOptions, step: Step, text: bool, extra: Sequence[dict[str, Any]] = ()
     ) -> AsyncGenerator[Event, None]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows."""
+        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows. ``extra``:
+        transient messages after the history; ``step.structured``: the answer is JSON of the turn's
+        output schema (a structured-output constraint, no tools)."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False
+        schema = options.schema if step.structured else None
         while True:
             span = trace.model_call(int(repaired))
-            tools = agent.tool_schemas() if choice != "none" and agent.tools else None
+            tools = agent.tool_schemas() if choice != "none" and agent.tools and schema is None else None
             lenient = tools is not None and agent.spec.agent.lenient_tool_calls
             reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient,
+                                  calls=schema is None,
                                   calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
             watch = RepeatWatch(step.seen) if step.seen is not None and tools is not None else None
             started = time.perf_counter()
-            extra = [{"role": "system", "content": note}] if note else []
             deltas = agent.engine.generate(
                 Request(
                     messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
                     tools=tools,
-                    tool_choice=choice,
+                    tool_choice="none" if schema is not None else choice,
                     sampling=agent.spec.sampling,
                     overrides=options.overrides,
+                    constraint=Constraint(json=schema.json_schema) if schema is not None else None,
                     chat_template_kwargs=options.template,
                 )
             )
@@ -439,27 +467,6 @@ class Session:
             choice = hermes.intended_tool(bad[0], agent.tools)
             yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
 
-    async def _run_calls(self, calls: list[ParsedCall], shown: list[ToolCall]) -> list[ToolResult]:
-        """Ask the approver about each call that needs it (one at a time, in order), then run the
-        approved calls in parallel; a refused call's result says why it did not run. Identical calls
-        (name and arguments) are asked about and run once: each of their ids gets the result."""
-        keys = [call_key(call) for call in calls]
-        first = [keys.index(key) for key in keys]  # the index of each call's first identical one
-        results: list[ToolResult | None] = [None] * len(calls)
-        for index, event in enumerate(shown):
-            tool = self.agent.tools.get(event.name)
-            if tool is not None and tool.approval != "auto" and first[index] == index:
-                results[index] = await review(event, tool.approval, tool.origin, self.approver)
-        runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
-        if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
-            results[runnable[0]] = await self._run_tool(calls[runnable[0]])
-        elif runnable:
-            ran = await asyncio.gather(*(self._run_tool(calls[index]) for index in runnable))
-            for index, result in zip(runnable, ran, strict=True):
-                results[index] = result
-        return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
-                if (got := results[index]) is not None]  # fmt: skip
-
     async def _run_tool(self, call: ParsedCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
         span = self._trace.tool_call(call.id, call.name)
@@ -473,3 +480,4 @@ class Session:
             raise
         span.end_tool(result)
         return result
+

@@ -4,25 +4,34 @@ canonical arguments, so that a repeat is recognised), and the assistant messages
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from qwenrun import toolcalls
-from qwenrun.events import ParsedCall, Usage
+from qwenrun.approval import Approver, review
+from qwenrun.events import ParsedCall, ToolCall, ToolResult, Usage
+from qwenrun.spec.output import OutputSchema
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
 
-__all__ = ["Step", "TurnOptions", "assistant_message", "call_key", "seen_calls", "with_reasoning"]
+__all__ = [
+    "Step", "TurnOptions", "assistant_message", "call_key", "run_calls", "seen_calls", "with_reasoning",
+]  # fmt: skip
 
 
 class TurnOptions:
-    """What every model call of a turn gets: sampling overrides and chat template variables."""
+    """What every model call of a turn gets: sampling overrides and chat template variables; and
+    the schema of the turn's answer (``agent.output_schema`` or the request's; None: free text)."""
 
-    __slots__ = ("overrides", "template")
+    __slots__ = ("overrides", "schema", "template")
 
-    def __init__(self, overrides: dict[str, Any], template: dict[str, Any]) -> None:
-        self.overrides, self.template = overrides, template
+    def __init__(
+        self, overrides: dict[str, Any], template: dict[str, Any], schema: OutputSchema | None = None
+    ) -> None:
+        self.overrides, self.template, self.schema = overrides, template, schema
 
 
 class Step:
@@ -30,6 +39,7 @@ class Step:
 
     def __init__(self, seen: Seen | None = None) -> None:
         self.seen, self.repeated = seen, False  # repeated: it stopped at a call of ``seen``
+        self.structured = False  # generated under the turn's output schema
         self.text = ""
         self.reasoning = ""
         self.done = False
@@ -67,3 +77,31 @@ def assistant_message(content: str, calls: Sequence[ParsedCall]) -> dict[str, An
             for call in calls
         ],
     }
+
+
+async def run_calls(
+    calls: list[ParsedCall],
+    shown: list[ToolCall],
+    tools: Mapping[str, Tool],
+    approver: Approver | None,
+    run: Callable[[ParsedCall], Awaitable[ToolResult]],
+) -> list[ToolResult]:
+    """Ask the approver about each call that needs it (one at a time, in order), then ``run`` the
+    approved calls in parallel; a refused call's result says why it did not run. Identical calls
+    (name and arguments) are asked about and run once: each of their ids gets the result."""
+    keys = [call_key(call) for call in calls]
+    first = [keys.index(key) for key in keys]  # the index of each call's first identical one
+    results: list[ToolResult | None] = [None] * len(calls)
+    for index, event in enumerate(shown):
+        tool = tools.get(event.name)
+        if tool is not None and tool.approval != "auto" and first[index] == index:
+            results[index] = await review(event, tool.approval, tool.origin, approver)
+    runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
+    if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
+        results[runnable[0]] = await run(calls[runnable[0]])
+    elif runnable:
+        ran = await asyncio.gather(*(run(calls[index]) for index in runnable))
+        for index, result in zip(runnable, ran, strict=True):
+            results[index] = result
+    return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
+            if (got := results[index]) is not None]  # fmt: skip

@@ -60,7 +60,8 @@ def printable(text: str) -> str:
 
 class EventPrinter:
     """Prints events compactly: the reasoning streams dimmed, the answer streams, tool steps get one
-    dim line each; the loop's notices one yellow line if ``notices`` (``-v``)."""
+    dim line each; the loop's notices one yellow line if ``notices`` (``-v``). A structured answer
+    (``agent.output_schema``: the final event's ``output``) is printed as indented JSON instead."""
 
     def __init__(
         self,
@@ -69,8 +70,11 @@ class EventPrinter:
         show_tools: bool = True,
         as_json: bool = False,
         notices: bool = False,
+        structured: bool = False,
     ) -> None:
         self.out = out
+        self.structured = structured  # the answer is JSON: printed indented at the end of the turn
+        self._answer = ""
         self.show_tools = show_tools
         self.as_json = as_json
         self.notices = notices
@@ -106,8 +110,10 @@ class EventPrinter:
             if isinstance(event, TextDelta):
                 self._write("\n")  # a blank line between the reasoning and the answer
         if isinstance(event, TextDelta):
-            self._write(printable(event.text))
-            self._open_line = not event.text.endswith("\n")
+            self._answer += event.text
+            if not self.structured:
+                self._write(printable(event.text))
+                self._open_line = not event.text.endswith("\n")
             return
         if isinstance(event, Final):
             self._final(event)
@@ -142,6 +148,13 @@ class EventPrinter:
             note = "(the model's answer is empty)"
         else:
             note = ""
+        if self.structured and final.output is not None:
+            self._end_line()
+            self._write(printable(json.dumps(final.output, indent=2, ensure_ascii=False)) + "\n")
+        elif self.structured and self._answer:  # cut off or stopped: what the model wrote
+            self._write(printable(self._answer))
+            self._open_line = not self._answer.endswith("\n")
+        self._answer = ""
         if self._open_line:
             self._write("\n")
         if note:
@@ -190,6 +203,7 @@ async def run_once(agent: Agent, prompt: str, *, as_json: bool = False, notices:
     printer = EventPrinter(
         as_json=as_json,
         notices=notices,
+        structured=agent.spec.output is not None,
         show_tools=agent.spec.frontend.kind != "cli" or getattr(agent.spec.frontend, "show_tool_calls", True),
     )
     reader: _LineReader | None = None
@@ -217,7 +231,7 @@ async def repl(
     ``notices``: show the loop's notices (``-v``).
     """
     show = getattr(agent.spec.frontend, "show_tool_calls", True)
-    printer = EventPrinter(show_tools=show, notices=notices)
+    printer = EventPrinter(show_tools=show, notices=notices, structured=agent.spec.output is not None)
     lines = _LineReader(stdin or sys.stdin)
     session = agent.session(resume, approver=console_approver(lines.next))
     _announce(session, resumed=resume is not None)

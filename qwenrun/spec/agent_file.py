@@ -46,6 +46,7 @@ from qwenrun.spec.loading import (
     safe_load,
     upgrade,
 )
+from qwenrun.spec.output import OutputSchema, output_schema
 from qwenrun.toolsets.spec import ToolsetBase, ToolsetSpec
 
 __all__ = [
@@ -176,6 +177,12 @@ class AgentSettings(Settings):
         "arguments) to one already run in this turn, then ask for the answer with the tools off "
         "(false: let the model write on until it ends or reaches max_tokens, then do the same).",
     )
+    output_schema: dict[str, Any] | str | None = Field(
+        None,
+        description="Structured answers: a JSON Schema, or 'module:Class' naming a pydantic model. "
+        "The final answer of each turn is generated under vLLM structured outputs with this schema "
+        "(after the tool calls), validated, and returned as JSON (docs/structured-output.md).",
+    )
 
     def turn_tool_choice(self, message: str) -> str:
         """The ``tool_choice`` of a turn's first model call for the user's ``message``: the first
@@ -259,11 +266,19 @@ class AgentSpec(Settings):
     sessions: SessionsSpec = Field(default_factory=lambda: SessionsSpec())
 
     _source: str = PrivateAttr("<dict>")
+    _output: tuple[OutputSchema | None] | None = PrivateAttr(None)
 
     @property
     def source(self) -> str:
         """Where the spec came from (a file name, ``<string>`` or ``<dict>``), for error messages."""
         return self._source
+
+    @property
+    def output(self) -> OutputSchema | None:
+        """``agent.output_schema`` resolved (a pydantic model imported), None when it is not set."""
+        if self._output is None:
+            self._output = (output_schema(self.agent.output_schema, self.source),)
+        return self._output[0]
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -371,6 +386,7 @@ class AgentSpec(Settings):
         if problem:
             raise ConfigError(f"{self.source}: engine: {problem}")
         self.system_prompt()  # a bad template fails validation, not the first turn
+        _ = self.output  # a schema or model that cannot be used fails validation too
 
     def _check_mcp_names(self) -> None:
         """Server names are unique, and the tools that ``allow`` lists clash with no other tool
