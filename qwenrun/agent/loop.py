@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun.agent.answer import Answer, answer_notes
@@ -47,6 +48,7 @@ from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
+from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.output import OutputSchema
@@ -96,7 +98,16 @@ class Agent:
             self.tools[built.name] = built
         self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
+        folder = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
+        self.permissions = Permissions(spec.permissions.rules(), folder)  # checked before each call
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
+
+    def verdict(self, call: ToolCall) -> Verdict:
+        """What happens to ``call`` of one of :attr:`tools`: ``permissions:`` rules, else the tool's
+        own ``approval`` (the one check that every call of every tool passes before it runs)."""
+        tool = self.tools[call.name]
+        extra = tool.undeclared(call.arguments)
+        return self.permissions.decide(call.name, call.arguments, default=tool.approval, undeclared=extra)
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -371,7 +382,8 @@ class Session:
             shown = [ToolCall(call.id, call.name, call.arguments, call.from_thinking) for call in calls]
             for event in shown:
                 yield event
-            results = await run_calls(calls, shown, self.agent.tools, self.approver, self._run_tool)
+            results = await run_calls(calls, shown, self.agent.tools, self.approver, self._run_tool,
+                                      self.agent.verdict, lambda record: self._write("event", record))
             for result in results:
                 self._record(
                     {

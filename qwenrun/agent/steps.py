@@ -13,6 +13,7 @@ from typing import Any
 from qwenrun import toolcalls
 from qwenrun.approval import Approver, review
 from qwenrun.events import ParsedCall, ToolCall, ToolResult, Usage
+from qwenrun.permissions import Verdict
 from qwenrun.spec.output import OutputSchema
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
@@ -85,17 +86,25 @@ async def run_calls(
     tools: Mapping[str, Tool],
     approver: Approver | None,
     run: Callable[[ParsedCall], Awaitable[ToolResult]],
+    verdict: Callable[[ToolCall], Verdict],
+    record: Callable[[dict[str, Any]], None],
 ) -> list[ToolResult]:
     """Ask the approver about each call that needs it (one at a time, in order), then ``run`` the
-    approved calls in parallel; a refused call's result says why it did not run. Identical calls
-    (name and arguments) are asked about and run once: each of their ids gets the result."""
+    approved calls in parallel; a refused call's result says why it did not run. ``verdict`` decides
+    each call (permission rules, else the tool's ``approval``); what a rule decided is ``record``-ed.
+    Identical calls (name and arguments) are asked about and run once: each of their ids gets the result."""
     keys = [call_key(call) for call in calls]
     first = [keys.index(key) for key in keys]  # the index of each call's first identical one
     results: list[ToolResult | None] = [None] * len(calls)
     for index, event in enumerate(shown):
         tool = tools.get(event.name)
-        if tool is not None and tool.approval != "auto" and first[index] == index:
-            results[index] = await review(event, tool.approval, tool.origin, approver)
+        if tool is None or first[index] != index:
+            continue
+        decided = verdict(event)
+        if decided.rule is not None:  # the session records what a rule decided
+            record({"type": "permission", "id": event.id, "name": event.name, **decided.record()})
+        if decided.mode != "auto":
+            results[index] = await review(event, decided.mode, tool.origin, approver, decided.reason())
     runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
     if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
         results[runnable[0]] = await run(calls[runnable[0]])
