@@ -102,7 +102,7 @@ async def test_responses_agent_mode_reports_the_schema_and_applies_text_format(c
 
 async def test_chainlit_shows_the_answer_as_a_json_block(agent: Agent) -> None:
     web.import_chainlit()
-    spec = agent.spec.model_copy(update={"frontend": ChainlitFrontend()})
+    spec = agent.spec.model_copy(update={"frontend": ChainlitFrontend(kind="chainlit")})
     web.build_app(Agent(spec, agent.engine, tools=[get_current_weather]))
     browser = Client()
     try:
