@@ -377,3 +377,29 @@ def test_qwenrun_validate_names_the_bad_rule(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert f"{path}: permissions.deny[0]: " in result.output
     assert "rule 'write_file(path=\"/etc/**\"': expected ',' or ')' at column 26" in result.output
+
+
+def test_the_cli_asks_a_person_about_a_call_an_ask_rule_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from qwenrun.cli import common as cli
+    from qwenrun.cli import main as cli_main
+
+    path = tmp_path / "ask.yaml"
+    path.write_text(
+        "model: {path: /models/qwen}\ntools: [get_current_weather]\n"
+        "permissions:\n  ask: ['get_current_weather(city=\"*州\")']\n",
+        encoding="utf-8",
+    )
+
+    def script(request: ModelRequest) -> str:
+        if request.messages[-1]["role"] == "tool":
+            return "answer: " + request.messages[-1]["content"]
+        return tool_call_text("get_current_weather", {"city": "广州"})
+
+    monkeypatch.setattr(cli, "make_agent", lambda spec: Agent(spec, ScriptedEngine(script)))
+    result = CliRunner().invoke(cli_main, ["run", str(path), "-p", "广州天气?"], input="y\n")
+    assert result.exit_code == 0, result.output
+    question = 'run get_current_weather({"city": "广州"}) from qwenrun-weather 0.1.0 (permissions.ask[0]: '
+    assert question + 'get_current_weather(city="*州"))? [y/N]' in result.output
+    assert "approved" in result.output and "answer: 目前广州" in result.output
