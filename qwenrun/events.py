@@ -146,9 +146,10 @@ class Notice:
     """A warning about the turn that changed nothing the model reads as an error, for the user's
     eyes: the CLI shows it with ``-v``, ``run --json`` prints it, and the session records it.
     ``code`` says what happened; ``extra_arguments``: the arguments ``data`` lists (name and value)
-    were dropped from call ``id`` of tool ``name`` before it ran (its schema does not declare them)."""
+    were dropped from call ``id`` of tool ``name`` before it ran (its schema does not declare them);
+    ``handoff``: the conversation goes to agent ``name`` (:mod:`qwenrun.agent.team`)."""
 
-    code: Literal["extra_arguments"]
+    code: Literal["extra_arguments", "handoff"]
     message: str
     id: str = ""
     name: str = ""

@@ -39,6 +39,7 @@ from qwenrun.agent.steps import (
     seen_calls,
     with_reasoning,
 )
+from qwenrun.agent.team import Team
 from qwenrun.approval import Approver, review
 from qwenrun.engines.base import Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
@@ -95,6 +96,7 @@ class Agent:
         self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
+        self.team: Team | None = Team(self) if spec.members else None  # agents: (its tools join these)
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -127,7 +129,9 @@ class Agent:
     async def start(self) -> None:
         """Start the engine and the MCP servers (at the same time); on a failure, stop the servers."""
         try:
-            results = await asyncio.gather(self.engine.start(), self._start_mcp(), return_exceptions=True)
+            team = self.team.start() if self.team is not None and self.team.root is self else asyncio.sleep(0)
+            starts = self.engine.start(), self._start_mcp(), team
+            results = await asyncio.gather(*starts, return_exceptions=True)
             failed = next((result for result in results if isinstance(result, BaseException)), None)
             if failed is not None:
                 raise failed
@@ -153,6 +157,8 @@ class Agent:
             await self.engine.shutdown()
         finally:
             await self.mcp.close()
+            if self.team is not None and self.team.root is self:
+                await self.team.shutdown()
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
 
@@ -280,7 +286,9 @@ class Session:
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
-            async with aclosing(self._steps(prompt, tool_choice, calls, text)) as steps:
+            team = self.agent.team  # a team's turn: named events, shared limits, handoffs
+            args = prompt, tool_choice, calls, text
+            async with aclosing(team.steps(self, *args) if team else self._steps(*args)) as steps:
                 async for event in steps:
                     if isinstance(event, Final):
                         trace.end(event)
@@ -294,10 +302,11 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool
+        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool, continued: bool = False
     ) -> AsyncGenerator[Event, None]:
         spec = self.agent.spec.agent
-        self._record({"role": "user", "content": prompt})
+        if not continued:  # continued: a handoff, this turn's user message is in the history
+            self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.turn_tool_choice(prompt)  # the request's, a rule's, or the file's
         total = Usage()
         tool_calls = 0

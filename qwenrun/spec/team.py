@@ -82,7 +82,7 @@ def check_graph(source: str, edges: Mapping[str, tuple[str, Sequence[str], Seque
         _, delegate_to, handoffs = edges[node]
         for name in [*delegate_to, *handoffs]:
             if state.get(name) == 1:
-                cycle = [*path[path.index(name):], name]
+                cycle = [*path[path.index(name) :], name]
                 raise ConfigError(
                     f"{source}: agents: a cycle: {' -> '.join(cycle)} (through "
                     + ", ".join(f"{edges[n][0]}.delegate_to/handoffs" for n in cycle[:-1])
@@ -100,11 +100,11 @@ def check_graph(source: str, edges: Mapping[str, tuple[str, Sequence[str], Seque
 def load_file(source: str, where: str, file: str, load: Callable[[Path], T]) -> T:
     """Load the agent file ``file`` that ``where`` of the file ``source`` names (relative to it) with
     ``load``; a file that names itself, through any number of files, is a :class:`ConfigError`."""
-    base = Path(source).parent if Path(source).is_file() else Path.cwd()
+    base = Path.cwd() if source.startswith("<") else Path(source).parent  # <string>, <dict>: here
     path = (base / file).resolve()
     loading = LOADING.get() or (str(Path(source).resolve()),)
     if str(path) in loading:
-        chain = " -> ".join([*loading[loading.index(str(path)):], str(path)])
+        chain = " -> ".join([*loading[loading.index(str(path)) :], str(path)])
         raise ConfigError(f"{source}: {where}.file: a cycle of agent files: {chain}")
     token = LOADING.set((*loading, str(path)))
     try:
