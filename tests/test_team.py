@@ -22,7 +22,12 @@ def team_spec(team: dict[str, Any] | None = None, **agents: dict[str, Any]) -> A
     return AgentSpec.from_dict(
         {
             "model": {"path": "scripted"},
-            "agent": {"name": "boss", "system_prompt": "BOSS", "delegate_to": ["helper"], "handoffs": ["helper"]},
+            "agent": {
+                "name": "boss",
+                "system_prompt": "BOSS",
+                "delegate_to": ["helper"],
+                "handoffs": ["helper"],
+            },
             "agents": agents or {"helper": {"agent": {"system_prompt": "HELPER", "description": "knows 42"}}},
             "team": team or {},
         }
@@ -48,7 +53,11 @@ async def test_delegation_returns_the_answer_and_names_every_event() -> None:
         if speaker(request) == "HELPER":
             return "The answer is 42."
         result = last_tool(request)
-        return tool_call_text("ask_helper", {"task": "what is the answer?"}) if result is None else f"Boss: {result}"
+        return (
+            tool_call_text("ask_helper", {"task": "what is the answer?"})
+            if result is None
+            else f"Boss: {result}"
+        )
 
     engine = ScriptedEngine(script)
     agent = Agent(team_spec(), engine, tools=[])
@@ -114,7 +123,11 @@ async def test_model_call_budget_is_shared_by_the_team() -> None:
     events = await events_of(agent, "go")
     results = [e for e in events if isinstance(e, ToolResult)]
     assert not results[0].is_error
-    assert results[-1].is_error and "model calls" in results[-1].content and "team.max_model_calls" in results[-1].content
+    assert (
+        results[-1].is_error
+        and "model calls" in results[-1].content
+        and "team.max_model_calls" in results[-1].content
+    )
     assert events[-1].agent == "boss" and isinstance(events[-1], Final)
 
 
@@ -139,7 +152,9 @@ async def test_handoff_keeps_the_conversation_until_transfer_back() -> None:
         if result is not None and "transferred to helper" in result:
             return "helper here"
         if who == "HELPER":
-            return tool_call_text("transfer_back", {}) if "bye" in str(user.get("content")) else "helper again"
+            return (
+                tool_call_text("transfer_back", {}) if "bye" in str(user.get("content")) else "helper again"
+            )
         if result is not None:
             return "boss is back"
         return tool_call_text("transfer_to_helper", {})
@@ -160,13 +175,22 @@ async def test_handoff_keeps_the_conversation_until_transfer_back() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"agent": {"delegate_to": ["nobody"]}}, "agent.delegate_to[0]: 'nobody' is not an agent of agents: (none"),
+        (
+            {"agent": {"delegate_to": ["nobody"]}},
+            "agent.delegate_to[0]: 'nobody' is not an agent of agents: (none",
+        ),
         (
             {"agents": {"a": {"agent": {"handoffs": ["b"]}}, "b": {"agent": {"delegate_to": ["a"]}}}},
             "agents: a cycle: a -> b -> a",
         ),
-        ({"agents": {"a": {"agent": {"delegate_to": ["a"]}}}}, "agents.a.agent.delegate_to[0]: an agent cannot name"),
-        ({"agents": {"a": {"file": "x.yaml", "tools": ["t"]}}}, "agents.a: Value error, file: is a whole agent file"),
+        (
+            {"agents": {"a": {"agent": {"delegate_to": ["a"]}}}},
+            "agents.a.agent.delegate_to[0]: an agent cannot name",
+        ),
+        (
+            {"agents": {"a": {"file": "x.yaml", "tools": ["t"]}}},
+            "agents.a: Value error, file: is a whole agent file",
+        ),
         ({"agents": {"a": {"agent": {"tool_choice": "ask_z"}}}}, "agents.a: agent.tool_choice: 'ask_z'"),
     ],
 )

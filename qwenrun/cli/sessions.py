@@ -135,7 +135,8 @@ def _show_record(record: Record) -> str:
         took = f"{meta.get('duration_s', 0):.2f} s"
         who = f"[{data['agent']}] " if data.get("agent") else ""  # an agent of a team
         if data.get("type") == "tool_call":  # a delegation's (docs/teams.md)
-            return _safe(f"  {who}→ {data.get('name')}({json.dumps(data.get('arguments'), ensure_ascii=False)})")
+            arguments = json.dumps(data.get("arguments"), ensure_ascii=False)
+            return _safe(f"  {who}→ {data.get('name')}({arguments})")
         if data.get("type") == "tool_result":
             return f"  {who}{'✗' if data.get('is_error') else '←'} {data.get('name')}: {data.get('content')}"
         if data.get("type") == "final" and "text" in data:
