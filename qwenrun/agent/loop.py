@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
@@ -47,6 +48,7 @@ from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
+from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls import hermes
@@ -95,8 +97,17 @@ class Agent:
             self.tools[built.name] = built
         self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
+        folder = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
+        self.permissions = Permissions(spec.permissions.rules(), folder)  # checked before each call
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
         self.team: Team | None = Team(self) if spec.members else None  # agents: (its tools join these)
+
+    def verdict(self, call: ToolCall) -> Verdict:
+        """What happens to ``call`` of one of :attr:`tools`: ``permissions:`` rules, else the tool's
+        own ``approval`` (the one check that every call of every tool passes before it runs)."""
+        tool = self.tools[call.name]
+        extra = tool.undeclared(call.arguments)
+        return self.permissions.decide(call.name, call.arguments, default=tool.approval, undeclared=extra)
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -129,8 +140,7 @@ class Agent:
     async def start(self) -> None:
         """Start the engine and the MCP servers (at the same time); on a failure, stop the servers."""
         try:
-            team = self.team.start() if self.team is not None and self.team.root is self else asyncio.sleep(0)
-            starts = self.engine.start(), self._start_mcp(), team
+            starts = self.engine.start(), self._start_mcp(), *Team.starts(self)  # a team's: its agents'
             results = await asyncio.gather(*starts, return_exceptions=True)
             failed = next((result for result in results if isinstance(result, BaseException)), None)
             if failed is not None:
@@ -156,9 +166,7 @@ class Agent:
         try:
             await self.engine.shutdown()
         finally:
-            await self.mcp.close()
-            if self.team is not None and self.team.root is self:
-                await self.team.shutdown()
+            await asyncio.gather(self.mcp.close(), *Team.stops(self))
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
 
@@ -286,9 +294,7 @@ class Session:
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
-            team = self.agent.team  # a team's turn: named events, shared limits, handoffs
-            args = prompt, tool_choice, calls, text
-            async with aclosing(team.steps(self, *args) if team else self._steps(*args)) as steps:
+            async with aclosing(Team.turn(self, prompt, tool_choice, calls, text)) as steps:
                 async for event in steps:
                     if isinstance(event, Final):
                         trace.end(event)
@@ -457,8 +463,15 @@ class Session:
         results: list[ToolResult | None] = [None] * len(calls)
         for index, event in enumerate(shown):
             tool = self.agent.tools.get(event.name)
-            if tool is not None and tool.approval != "auto" and first[index] == index:
-                results[index] = await review(event, tool.approval, tool.origin, self.approver)
+            if tool is None or first[index] != index:
+                continue
+            verdict = self.agent.verdict(event)
+            if verdict.rule is not None:  # the session records what a rule decided
+                self._write("event", {"type": "permission", "id": event.id, "name": event.name,
+                                      **verdict.record()})  # fmt: skip
+            if verdict.mode != "auto":
+                why = verdict.reason()
+                results[index] = await review(event, verdict.mode, tool.origin, self.approver, why)
         runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
         if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
             results[runnable[0]] = await self._run_tool(calls[runnable[0]])

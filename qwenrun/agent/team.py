@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -97,6 +97,17 @@ class Team:
             self.members[name].tools[TRANSFER_BACK] = self._back_tool()
 
     # -- starting and stopping -------------------------------------------------------------------
+
+    @staticmethod
+    def starts(agent: Any) -> list[Coroutine[Any, Any, None]]:
+        """What starts with ``agent``: its team's agents if it is a team's first agent."""
+        team = agent.team
+        return [team.start()] if team is not None and team.root is agent else []
+
+    @staticmethod
+    def stops(agent: Any) -> list[Coroutine[Any, Any, None]]:
+        team = agent.team
+        return [team.shutdown()] if team is not None and team.root is agent else []
 
     async def start(self) -> None:
         """Start the members' MCP servers, and the engines of those with engines of their own."""
@@ -209,6 +220,17 @@ class Team:
         return final.text
 
     # -- the turns -------------------------------------------------------------------------------
+
+    @staticmethod
+    def turn(
+        session: Any, prompt: str, tool_choice: str | None, options: Any, text: bool
+    ) -> AsyncGenerator[Event, None]:
+        """The steps of one turn of ``session``: through :meth:`steps` if its agent is in a team."""
+        team: Team | None = session.agent.team
+        if team is None:
+            steps: AsyncGenerator[Event, None] = session._steps(prompt, tool_choice, options, text)
+            return steps
+        return team.steps(session, prompt, tool_choice, options, text)
 
     async def steps(
         self, session: Any, prompt: str, tool_choice: str | None, options: Any, text: bool
