@@ -17,7 +17,7 @@ from qwenrun.errors import ConfigError, OutputError
 from qwenrun.events import Event, Final, Repair, TextDelta, ToolResult
 from qwenrun.frontends.console import EventPrinter
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.spec.output import OutputSchema
+from qwenrun.spec.output import OutputSchema, answer_schema
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -52,16 +52,16 @@ async def run_turn(agent: Agent, prompt: str = "Weather in Paris?") -> list[Even
 
 
 def test_a_json_schema_is_checked_when_the_file_loads() -> None:
-    resolved = spec_of(SCHEMA).output
+    resolved = answer_schema(spec_of(SCHEMA))
     assert resolved is not None and resolved.json_schema == SCHEMA and resolved.model is None
     with pytest.raises(ConfigError) as bad:
         spec_of({"type": "objekt"})
     assert str(bad.value).startswith("agents/structured.yaml: agent.output_schema: not a valid JSON Schema")
-    assert spec_of(None).output is None
+    assert answer_schema(spec_of(None)) is None
 
 
 def test_a_pydantic_model_is_imported_when_the_file_loads() -> None:
-    resolved = spec_of(f"{__name__}:Forecast").output
+    resolved = answer_schema(spec_of(f"{__name__}:Forecast"))
     assert resolved is not None and resolved.model is Forecast and resolved.name == "Forecast"
     assert resolved.json_schema == Forecast.model_json_schema()
     problems = {
@@ -84,7 +84,7 @@ def test_parse_validates_with_the_schema_or_the_model() -> None:
         plain.parse('{"city": "Paris", "sunny": "yes"}')
     with pytest.raises(ValueError, match="not JSON"):
         plain.parse('{"city": "Par')
-    model = spec_of(f"{__name__}:Forecast").output
+    model = answer_schema(spec_of(f"{__name__}:Forecast"))
     assert model is not None and model.parse('{"city": "Paris", "celsius": 21}') == {"city": "Paris", "celsius": 21}
     with pytest.raises(ValueError, match="not a valid Forecast: celsius: Value error, not a temperature on Earth"):
         model.parse('{"city": "Paris", "celsius": 500}')

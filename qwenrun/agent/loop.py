@@ -41,6 +41,7 @@ from qwenrun.agent.steps import (
     seen_calls,
     with_reasoning,
 )
+from qwenrun.agent.team import Team
 from qwenrun.approval import Approver
 from qwenrun.engines.base import Constraint, Engine, OutputReader, Request
 from qwenrun.engines.registry import create_engine
@@ -51,7 +52,7 @@ from qwenrun.mcp.toolset import McpToolset
 from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import MemoryStore, session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.spec.output import OutputSchema
+from qwenrun.spec.output import OutputSchema, answer_schema
 from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.repeats import RepeatWatch
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
@@ -102,6 +103,7 @@ class Agent:
         folder = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
         self.permissions = Permissions(spec.permissions.rules(), folder)  # checked before each call
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
+        self.team: Team | None = Team(self) if spec.members else None  # agents: (its tools join these)
 
     def verdict(self, call: ToolCall) -> Verdict:
         """What happens to ``call`` of one of :attr:`tools`: ``permissions:`` rules, else the tool's
@@ -141,7 +143,8 @@ class Agent:
     async def start(self) -> None:
         """Start the engine and the MCP servers (at the same time); on a failure, stop the servers."""
         try:
-            results = await asyncio.gather(self.engine.start(), self._start_mcp(), return_exceptions=True)
+            starts = self.engine.start(), self._start_mcp(), *Team.starts(self)  # a team's: its agents'
+            results = await asyncio.gather(*starts, return_exceptions=True)
             failed = next((result for result in results if isinstance(result, BaseException)), None)
             if failed is not None:
                 raise failed
@@ -166,7 +169,7 @@ class Agent:
         try:
             await self.engine.shutdown()
         finally:
-            await self.mcp.close()
+            await asyncio.gather(self.mcp.close(), *Team.stops(self))
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
 
@@ -293,11 +296,11 @@ class Session:
             calls = TurnOptions(
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
-                schema or self.agent.spec.output,
+                schema or answer_schema(self.agent.spec),
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
-            async with aclosing(self._steps(prompt, tool_choice, calls, text)) as steps:
+            async with aclosing(Team.turn(self, prompt, tool_choice, calls, text)) as steps:
                 async for event in steps:
                     if isinstance(event, Final):
                         trace.end(event)
@@ -311,10 +314,11 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool
+        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool, continued: bool = False
     ) -> AsyncGenerator[Event, None]:
         spec = self.agent.spec.agent
-        self._record({"role": "user", "content": prompt})
+        if not continued:  # continued: a handoff, this turn's user message is in the history
+            self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.turn_tool_choice(prompt)  # the request's, a rule's, or the file's
         total = Usage()
         tool_calls = 0
@@ -407,9 +411,8 @@ class Session:
         self, choice: str, options: TurnOptions, step: Step, text: bool, extra: Sequence[dict[str, Any]] = ()
     ) -> AsyncGenerator[Event, None]:
         """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows. ``extra``:
-        transient messages after the history; ``step.structured``: the answer is JSON of the turn's
-        output schema (a structured-output constraint, no tools)."""
+        if ``text``; it stops at a call that ``step.seen`` knows. ``extra``: transient messages after
+        the history; ``step.structured``: the answer is under the turn's output schema, tools off."""
         agent, trace = self.agent, self._trace
         assert trace is not None  # set by stream()
         repaired = False

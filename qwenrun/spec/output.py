@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from qwenrun.errors import ConfigError
 
-__all__ = ["OutputSchema", "output_schema"]
+__all__ = ["OutputSchema", "answer_schema", "output_schema"]
 
 KEY = "agent.output_schema"
 
@@ -123,3 +123,19 @@ def output_schema(value: str | Mapping[str, Any] | None, source: str = "<dict>")
         return OutputSchema.from_json_schema(value, name)
     except ValueError as exc:
         raise ConfigError(f"{source}: {KEY}: {exc}") from None
+
+
+_RESOLVED: dict[tuple[str, str | None], OutputSchema | None] = {}
+
+
+def answer_schema(spec: Any) -> OutputSchema | None:
+    """The resolved ``agent.output_schema`` of an :class:`~qwenrun.spec.agent_file.AgentSpec`
+    (resolved once per file and value: a turn does not check the schema again)."""
+    value = spec.agent.output_schema
+    text = value if isinstance(value, str) or value is None else json.dumps(value, sort_keys=True)
+    key = (str(spec.source), text)
+    if key not in _RESOLVED:
+        if len(_RESOLVED) >= 256:
+            _RESOLVED.clear()
+        _RESOLVED[key] = output_schema(value, spec.source)
+    return _RESOLVED[key]

@@ -58,6 +58,7 @@ from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, in
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sampling import KNOBS, knob_values
 from qwenrun.sessions.store import ResponseStore, StoredResponse
+from qwenrun.spec.output import answer_schema
 
 __all__ = ["MemoryResponses", "Responses", "register"]
 
@@ -209,7 +210,7 @@ def _text(request: ResponsesRequest, agent: Agent, mode: str) -> dict[str, Any]:
     """The response's ``text``: the request's, else in agent mode the agent's output schema."""
     if request.text:
         return request.text.model_dump(exclude_none=True, by_alias=True)
-    schema = agent.spec.output if mode == "agent" else None
+    schema = answer_schema(agent.spec) if mode == "agent" else None
     if schema is None:
         return {"format": {"type": "text"}}
     form = {"type": "json_schema", "name": schema.name, "schema": schema.json_schema, "strict": True}
