@@ -42,6 +42,7 @@ class ApprovalRequest:
 
     call: ToolCall
     origin: str = ""  # "qwenrun-weather 0.1.0", "MCP server 'time'"
+    rule: str | None = None  # the `permissions:` rule that asks, "permissions.ask[0]: mcp_*"
 
     def shown(self) -> str:
         """The call as one line of safe text: ``name({"key": "value"})``, see :func:`shown_call`."""
@@ -86,13 +87,15 @@ def shown_call(name: str, arguments: dict[str, Any]) -> str:
 
 
 async def review(
-    call: ToolCall, mode: Approval, origin: str, approver: Approver | None
+    call: ToolCall, mode: Approval, origin: str, approver: Approver | None, rule: str | None = None
 ) -> ToolResult | None:
-    """None if ``call`` may run; else the tool result that tells the model why it did not."""
+    """None if ``call`` may run; else the tool result that tells the model why it did not.
+    ``rule``: the ``permissions:`` rule that gave ``mode`` (None: the tool's ``approval``)."""
     if mode == "auto":
         return None
     if mode == "deny":
-        text = f"Error: {call.name} is not allowed here (approval: deny); the call was not run."
+        why = "approval: deny" if rule is None else f"denied by the rule {rule}"
+        text = f"Error: {call.name} is not allowed here ({why}); the call was not run."
         return ToolResult(call.id, call.name, text, True)
     if approver is None:
         text = (
@@ -100,7 +103,7 @@ async def review(
             "the call was not run."
         )
         return ToolResult(call.id, call.name, text, True)
-    if await approver(ApprovalRequest(call, origin)):
+    if await approver(ApprovalRequest(call, origin, rule)):
         return None
     text = f"Error: the user rejected this call of {call.name}; it was not run."
     return ToolResult(call.id, call.name, text, True)

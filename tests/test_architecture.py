@@ -117,7 +117,7 @@ def test_no_module_imports_private_names_of_another() -> None:
 # or a lower one (a package by its longest listed prefix; ``qwenrun`` alone is the public face).
 LAYERS: list[tuple[str, ...]] = [
     ("qwenrun.errors", "qwenrun.version", "qwenrun.events", "qwenrun.approval", "qwenrun.context", "qwenrun.spec.base",
-     "qwenrun.sampling"),
+     "qwenrun.sampling", "qwenrun.permissions"),
     ("qwenrun.toolcalls",),
     (
         "qwenrun.engines.settings",

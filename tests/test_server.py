@@ -1187,3 +1187,19 @@ def test_import_does_not_load_vllm() -> None:
 
     code = "import sys, qwenrun.frontends.openai; sys.exit('vllm' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ}).returncode == 0
+
+
+def test_a_tool_schema_is_checked_once_and_a_bad_one_refused_every_time() -> None:
+    """The verdict on a tool's parameters schema is kept by its canonical JSON (a conversation
+    sends the same tools with every request), and a bad schema is refused on every request."""
+    from qwenrun.frontends.openai import schemas
+
+    schemas._schema_problem.cache_clear()
+    good = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    bad = {"type": "object", "properties": {"x": {"type": "strin"}}}
+    for _ in range(3):
+        assert schemas.FunctionDefinition(name="f", parameters=dict(reversed(good.items()))).parameters
+        with pytest.raises(ValueError, match=r"not a valid JSON Schema at properties\.x\.type"):
+            schemas.FunctionDefinition(name="f", parameters=bad)
+    info = schemas._schema_problem.cache_info()
+    assert (info.misses, info.hits) == (2, 4)

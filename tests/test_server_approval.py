@@ -82,3 +82,40 @@ def test_the_header_approves_or_rejects_and_the_mcp_tool_runs(client: OpenAI, mo
     assert results["echo"]["content"] == "你好" and results["echo"]["is_error"] is False
     assert results["get_current_weather"]["is_error"] is (mode == "reject")
     assert json.dumps(steps, ensure_ascii=False).count('"tool_call"') == 2
+
+
+@pytest.fixture(scope="module")
+def ruled() -> Iterator[OpenAI]:
+    """The same tools, all `approval: auto`, under `permissions:` rules: the weather asks, the MCP
+    server's echo is denied."""
+    spec = AgentSpec.from_dict(
+        {
+            "model": {"path": "/models/qwen", "served_model_name": SERVED},
+            "agent": {"name": "helper"},
+            "tools": ["get_current_weather", stdio(allow=["echo"])],
+            "frontend": {"kind": "openai"},
+            "permissions": {"ask": ['get_current_weather(city="*")'], "deny": ['echo(text="*你*")']},
+        },
+        source="tests/server-permissions.yaml",
+    )
+    agent = Agent(spec, ScriptedEngine(script), tools=[Tool.from_function(get_current_weather)])
+    with running(create_app(agent)) as url, OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
+        yield client
+
+
+@pytest.mark.parametrize("mode", [None, "approve", "reject"])
+def test_permission_rules_ask_and_deny_through_the_server(ruled: OpenAI, mode: str | None) -> None:
+    if mode is None:  # an `ask` rule needs someone to answer, as an `approval: ask` tool does
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(ruled)
+        error = refused.value.body
+        assert isinstance(error, dict) and error["code"] == "approval_required"
+        assert "(permissions.ask[0])" in error["message"]
+        return
+    out = ask(ruled, **{"X-Qwenrun-Approval": mode})
+    weather = get_current_weather("深圳") if mode == "approve" else (
+        "Error: the user rejected this call of get_current_weather; it was not run."
+    )  # fmt: skip
+    denied = ('Error: echo is not allowed here (denied by the rule permissions.deny[0]: echo(text="*你*")); '
+              "the call was not run.")  # fmt: skip
+    assert out.choices[0].message.content == f"{weather} | {denied}"

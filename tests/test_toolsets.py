@@ -86,7 +86,7 @@ def test_the_yaml_names_the_tools_each_toolset_gives(tree: Path) -> None:
     [
         ({"toolset": "filesystem"}, r"\.roots: required key is missing"),
         ({"toolset": "filesystem", "roots": ["."], "rots": 1}, r"\.rots: unknown key 'rots'; did you mean 'roots'"),
-        ({"toolset": "shell"}, r": expected toolset: filesystem, fetch, think or todo"),
+        ({"toolset": "bash"}, r": expected toolset: filesystem, fetch, think, todo, shell, python or memory"),
         ({"toolset": "filesystem", "roots": ["."], "approval": {"edit_file": "ask"}}, r": .*edit_file, which need write: true"),
         ({"toolset": "think", "approval": {"nope": "ask"}}, r"\.approval: .*no such tool in this toolset: nope"),
         ({"toolset": "think", "approval": "sometimes"}, r"\.approval: .*expected auto, ask or deny"),
@@ -412,11 +412,11 @@ def test_each_tool_says_what_it_does_in_its_first_sentence(tree: Path) -> None:
 
 def test_every_agent_file_in_the_toolsets_page_validates(tmp_path: Path) -> None:
     blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs" / "toolsets.md").read_text(), re.S | re.M)
-    assert len(blocks) == 5
+    assert len(blocks) == 7
     for block in blocks:
         spec = AgentSpec.from_text(block, source="docs/toolsets.md")
         for _, entry in spec.toolsets:  # the roots exist where the file is: the tools build too
-            for root in getattr(entry, "roots", []):
+            for root in [*getattr(entry, "roots", []), *filter(None, [getattr(entry, "root", None)])]:
                 (tmp_path / root.lstrip("/")).mkdir(parents=True, exist_ok=True)
         rooted = block.replace("/srv/", "srv/")
         load_tools(AgentSpec.from_text(rooted, source=str(tmp_path / "agent.yaml"), overrides=[]))

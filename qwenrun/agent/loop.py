@@ -27,6 +27,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun.agent.model_call import ModelCall, answer_request
@@ -46,6 +47,7 @@ from qwenrun.errors import ConfigError
 from qwenrun.events import Event, Final, ParsedCall, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
+from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
@@ -86,7 +88,16 @@ class Agent:
             self.tools[built.name] = built
         self.mcp = McpToolset(spec) if mcp is None else mcp.attach(self.tools)  # tools join at start
         self.system_prompt = spec.system_prompt()
+        folder = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
+        self.permissions = Permissions(spec.permissions.rules(), folder)  # checked before each call
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
+
+    def verdict(self, call: ToolCall) -> Verdict:
+        """What happens to ``call`` of one of :attr:`tools`: ``permissions:`` rules, else the tool's
+        own ``approval`` (the one check that every call of every tool passes before it runs)."""
+        tool = self.tools[call.name]
+        extra = tool.undeclared(call.arguments)
+        return self.permissions.decide(call.name, call.arguments, default=tool.approval, undeclared=extra)
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = (), **kwargs: Any) -> Agent:
@@ -419,8 +430,15 @@ class Session:
         results: list[ToolResult | None] = [None] * len(calls)
         for index, event in enumerate(shown):
             tool = self.agent.tools.get(event.name)
-            if tool is not None and tool.approval != "auto" and first[index] == index:
-                results[index] = await review(event, tool.approval, tool.origin, self.approver)
+            if tool is None or first[index] != index:
+                continue
+            verdict = self.agent.verdict(event)
+            if verdict.rule is not None:  # the session records what a rule decided
+                self._write("event", {"type": "permission", "id": event.id, "name": event.name,
+                                      **verdict.record()})  # fmt: skip
+            if verdict.mode != "auto":
+                why = verdict.reason()
+                results[index] = await review(event, verdict.mode, tool.origin, self.approver, why)
         runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
         if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
             results[runnable[0]] = await self._run_tool(calls[runnable[0]])

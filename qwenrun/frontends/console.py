@@ -173,6 +173,7 @@ def console_approver(next_line: Callable[[], Awaitable[str | None]]) -> Approver
 
     async def approve(request: ApprovalRequest) -> bool:
         origin = f" from {escape(request.origin)}" if request.origin else ""
+        origin += f" ({escape(request.rule)})" if request.rule else ""  # the `permissions:` rule that asks
         question = f"  ? run {request.shown()}{origin}? [y/N] "
         click.echo(click.style(question, fg="yellow"), nl=False, err=True)
         answer = await next_line()

@@ -19,6 +19,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import (
+    AfterValidator,
     Discriminator,
     Field,
     NonNegativeInt,
@@ -36,6 +37,7 @@ from qwenrun.engines.settings import EngineSpec, VLLMEngineSpec
 from qwenrun.errors import ConfigError
 from qwenrun.frontends.settings import CliFrontend, Frontend
 from qwenrun.mcp.spec import McpToolsSpec
+from qwenrun.permissions import RULE_KINDS, Rule, RuleKind
 from qwenrun.sampling import SamplingSpec
 from qwenrun.spec.base import Settings
 from qwenrun.spec.loading import (
@@ -53,6 +55,7 @@ __all__ = [
     "AgentSettings",
     "AgentSpec",
     "ModelSpec",
+    "PermissionsSpec",
     "SamplingSpec",
     "SessionsSpec",
     "ToolChoiceRule",
@@ -244,6 +247,36 @@ class SessionsSpec(Settings):
         return self
 
 
+def _check_rule(text: str) -> str:
+    Rule("deny", text, "")  # parses it: a ValueError names the column where it went wrong
+    return text
+
+
+_RuleText = Annotated[str, Field(min_length=1), AfterValidator(_check_rule)]
+
+
+class PermissionsSpec(Settings):
+    """``permissions:``: rules that match a tool's name and argument globs, applied to every tool
+    call before it runs (deny > ask > allow; no match: the tool's own ``approval``); see
+    docs/permissions.md."""
+
+    deny: list[_RuleText] = Field(
+        default_factory=list, description='Calls that never run, e.g. `write_file(path="/etc/**")`.'
+    )
+    ask: list[_RuleText] = Field(
+        default_factory=list, description="Calls a person approves first, e.g. `mcp_*`."
+    )
+    allow: list[_RuleText] = Field(
+        default_factory=list, description='Calls that run without asking, e.g. `shell(command="git *")`.'
+    )
+
+    def rules(self) -> list[Rule]:
+        """The parsed rules, strongest kind first, each knowing where it is in the file."""
+        kinds: dict[RuleKind, list[str]] = {"deny": self.deny, "ask": self.ask, "allow": self.allow}
+        return [Rule(kind, text, f"permissions.{kind}[{index}]")
+                for kind in RULE_KINDS for index, text in enumerate(kinds[kind])]  # fmt: skip
+
+
 class AgentSpec(Settings):
     """The whole agent file."""
 
@@ -257,6 +290,7 @@ class AgentSpec(Settings):
     tools: list[ToolEntrySpec] = Field(default_factory=list)
     frontend: Frontend = Field(default_factory=lambda: CliFrontend())
     sessions: SessionsSpec = Field(default_factory=lambda: SessionsSpec())
+    permissions: PermissionsSpec = Field(default_factory=lambda: PermissionsSpec())
 
     _source: str = PrivateAttr("<dict>")
 

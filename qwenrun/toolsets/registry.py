@@ -47,11 +47,27 @@ def _todo(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any
     return {"todo_write": lists.todo_write, "todo_read": lists.todo_read}, ""
 
 
+def _shell(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+    from qwenrun.toolsets.shell import Shell
+
+    shell = Shell(settings, base)
+    return {"run_command": shell.run_command}, shell.described()
+
+
+def _python(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+    from qwenrun.toolsets.python import PythonRunner
+
+    runner = PythonRunner(settings)
+    return {"run_python": runner.run_python}, runner.described()
+
+
 TOOLSETS: dict[str, Callable[[Any, Path | None], tuple[dict[str, Callable[..., Any]], str]]] = {
     "filesystem": _filesystem,
     "fetch": _fetch,
     "think": _think,
     "todo": _todo,
+    "shell": _shell,
+    "python": _python,
 }
 """``toolset:`` -> a builder: (the entry's settings, the agent file's folder) -> its functions by
 tool name (without the prefix), and a sentence added to each tool's description."""
@@ -79,7 +95,8 @@ def build_toolset(settings: ToolsetBase, where: str, base: Path | None) -> list[
 
 
 def _timeout(settings: ToolsetBase) -> float | None:
-    """The tool's time limit; a fetch's own limit (``timeout_s``) comes first, with a second to spare."""
-    if settings.kind == "fetch" and settings.timeout_s is not None:
+    """The tool's time limit; the own limit (``timeout_s``) of a fetch or a run comes first, with a
+    second to spare (so that its clearer error, and the killing of a process group, come first)."""
+    if settings.kind in ("fetch", "shell", "python") and settings.timeout_s is not None:
         return settings.timeout_s + 1
     return settings.timeout_s

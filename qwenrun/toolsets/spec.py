@@ -1,6 +1,7 @@
 """The agent file's built-in toolset entries: ``tools: [{toolset: filesystem, roots: [...]}, ...]``.
 
-One settings model per toolset (``filesystem``, ``fetch``, ``think``, ``todo``), told apart by the
+One settings model per toolset (``filesystem``, ``fetch``, ``think``, ``todo``, ``shell``,
+``python``, ``memory``), told apart by the
 ``toolset:`` key; every one has ``prefix`` (put before each of its tool names), ``approval`` (one
 mode, or one per tool name) and ``timeout_s``. Each model names the tools it gives
 (:meth:`ToolsetBase.tool_names`), so that the agent file's checks (name clashes, ``tool_choice``)
@@ -22,6 +23,9 @@ from qwenrun.spec.base import Settings
 __all__ = [
     "FetchToolset",
     "FilesystemToolset",
+    "MemoryToolset",
+    "PythonToolset",
+    "ShellToolset",
     "ThinkToolset",
     "TodoToolset",
     "ToolsetBase",
@@ -188,6 +192,106 @@ class TodoToolset(ToolsetBase):
     max_items: PositiveInt = Field(50, le=1000, description="At most this many items in one list.")
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ProcessSettings(ToolsetBase):
+    """What ``shell`` and ``python`` share: a wall-time limit, an output cap and a scrubbed environment."""
+
+    approval: Approval | dict[Annotated[str, Field(pattern=TOOL_NAME)], Approval] = Field(
+        "ask",
+        description="auto | ask | deny (default ask: every call waits for the session's approver; "
+        "without one it is refused).",
+    )
+    timeout_s: float | None = Field(
+        30, gt=0, description="Wall-time limit of one run (default 30 s); then its process group is killed."
+    )
+    max_output_bytes: PositiveInt = Field(
+        100_000, description="At most this many bytes of stdout and stderr together; then the run is stopped."
+    )
+    path: str = Field(
+        "/usr/local/bin:/usr/bin:/bin", min_length=1, description="The PATH of the environment."
+    )
+    env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(
+        default_factory=dict,
+        description="Variables added to the scrubbed environment (PATH, HOME = the scratch folder, LANG); "
+        "nothing else of qwenrun's environment is passed on.",
+    )
+
+
+class ShellToolset(ProcessSettings):
+    """Run commands (no shell unless `shell: true`) whose command line matches `allow` and no `deny` glob."""
+
+    TOOLS: ClassVar[tuple[str, ...]] = ("run_command",)
+
+    toolset: Literal["shell"]
+    root: str = Field(
+        min_length=1,
+        description="The folder commands run in (relative: to the agent file); the model's `cwd` is a "
+        "folder under it.",
+    )
+    allow: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="Globs (fnmatch) of the whole command line, words joined by one space: `ls*`, "
+        "`git status*`, `*` for any command.",
+    )
+    deny: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Globs of command lines refused even if `allow` matches."
+    )
+    shell: bool = Field(
+        False,
+        description="Run the command line with /bin/sh -c (pipes, redirections, `;`): the globs then "
+        "see the raw text and cannot bound what the shell does; default: no shell, metacharacters refused.",
+    )
+    max_command_chars: PositiveInt = Field(4000, le=100_000, description="The longest command line.")
+
+    @field_validator("root")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("the root holds a NUL character")
+        return value
+
+
+class PythonToolset(ProcessSettings):
+    """Run Python code in a subprocess with CPU, memory and wall-time limits, in a scratch folder."""
+
+    TOOLS: ClassVar[tuple[str, ...]] = ("run_python",)
+
+    toolset: Literal["python"]
+    cpu_s: PositiveInt = Field(10, le=3600, description="CPU seconds of one run (RLIMIT_CPU).")
+    memory_mb: PositiveInt = Field(
+        512, ge=64, le=1_048_576, description="Address space of one run in MiB (RLIMIT_AS)."
+    )
+    scratch: Literal["call", "session"] = Field(
+        "call",
+        description="The working folder: a new temporary folder per call (default) or one per session "
+        "(files stay between the session's calls while the agent runs).",
+    )
+
+
+class MemoryToolset(ToolsetBase):
+    """Facts the model remembers, recalls and forgets, kept in the session store."""
+
+    TOOLS: ClassVar[tuple[str, ...]] = ("remember", "recall", "forget")
+
+    toolset: Literal["memory"]
+    scope: Literal["agent", "session"] = Field(
+        "agent",
+        description="agent: one set of facts for every session of the agent (by `namespace`); session: "
+        "a set per session (kept with it: a resumed session finds them).",
+    )
+    namespace: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Whose facts they are (default: agent.name); agents naming one namespace share them.",
+    )
+    max_facts: PositiveInt = Field(200, le=10_000, description="At most this many facts in one scope.")
+    max_value_chars: PositiveInt = Field(2000, le=100_000, description="The longest fact.")
+    max_results: PositiveInt = Field(20, le=1000, description="At most this many facts in one recall.")
+
+
 def _kind(value: Any) -> str | None:
     kind = value.get("toolset") if isinstance(value, dict) else getattr(value, "toolset", None)
     return kind if isinstance(kind, str) else None
@@ -197,11 +301,14 @@ ToolsetSpec = Annotated[
     Annotated[FilesystemToolset, Tag("filesystem")]
     | Annotated[FetchToolset, Tag("fetch")]
     | Annotated[ThinkToolset, Tag("think")]
-    | Annotated[TodoToolset, Tag("todo")],
+    | Annotated[TodoToolset, Tag("todo")]
+    | Annotated[ShellToolset, Tag("shell")]
+    | Annotated[PythonToolset, Tag("python")]
+    | Annotated[MemoryToolset, Tag("memory")],
     Discriminator(
         _kind,
         custom_error_type="toolset_kind",
-        custom_error_message="expected toolset: filesystem, fetch, think or todo",
+        custom_error_message="expected toolset: filesystem, fetch, think, todo, shell, python or memory",
     ),
 ]
 """One ``toolset:`` entry of ``tools:``."""

@@ -261,6 +261,7 @@ def chat_approver(cl: Any, author: str, timeout_s: float) -> Approver:
 
     async def approve(request: ApprovalRequest) -> bool:
         text = request.shown() + (f"\nfrom {escape(request.origin)}" if request.origin else "")
+        text += f"\nasked by {escape(request.rule)}" if request.rule else ""  # a `permissions:` rule
         fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
         actions = [
             cl.Action(name="approve", payload={"approved": True}, label="Approve"),

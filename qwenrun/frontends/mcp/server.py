@@ -301,13 +301,15 @@ class AgentServer:
         await self.until_ready()
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         approver = self._approver(ctx)
-        if tool.approval == "ask" and approver is None:
+        event = ToolCall(call_id, tool.name, arguments)
+        verdict = self.agent.verdict(event)  # `permissions:` rules, else the tool's approval
+        if verdict.mode == "ask" and approver is None:
+            why = "approval: ask" if verdict.rule is None else f"the rule {verdict.reason()}"
             return _error(
-                f"Error: {tool.name} needs a person's approval (approval: ask), and this client cannot "
+                f"Error: {tool.name} needs a person's approval ({why}), and this client cannot "
                 "be asked: it does not support MCP elicitation; the call was not run"
             )
-        event = ToolCall(call_id, tool.name, arguments)
-        refused = await review(event, tool.approval, tool.origin, approver)
+        refused = await review(event, verdict.mode, tool.origin, approver, verdict.reason())
         if refused is not None:
             return _error(refused.content)
         settings = self.agent.spec.agent

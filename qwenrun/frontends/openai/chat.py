@@ -426,6 +426,7 @@ def approver_for(agent: Agent, approval: str | None) -> Approver | None:
     Without the header, an agent with such tools is a 400: nobody could approve their calls."""
     if approval is None:
         asking = sorted(name for name, tool in agent.tools.items() if tool.approval == "ask")
+        asking += [rule.where for rule in agent.permissions.rules if rule.kind == "ask"]
         if asking:
             raise APIError(400, f"tools of agent {agent.name!r} need a person's approval "
                            f"({', '.join(asking)}) and nobody can give it here; send the header "

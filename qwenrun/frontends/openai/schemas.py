@@ -9,6 +9,8 @@ and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -144,19 +146,39 @@ def _depth(node: Any) -> int:
 
 
 def _check_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """Any valid JSON Schema, nested at most ``MAX_SCHEMA_DEPTH`` levels."""
+    """Any valid JSON Schema, nested at most ``MAX_SCHEMA_DEPTH`` levels. A client sends the same
+    tool schemas with every request of a conversation: the verdict on each one is kept (by its
+    canonical JSON), since checking it against the meta-schema was most of a pass-through
+    request's CPU time (issue 32: 20 tools, py-spy)."""
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
     try:
+        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):  # pragma: no cover - parsed from JSON, so always encodable
+        key = None
+    problem = _schema_problem(key) if key is not None else _problem_of(schema)
+    if problem is not None:
+        raise ValueError(problem)
+    return schema
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_problem(text: str) -> str | None:
+    return _problem_of(json.loads(text))
+
+
+def _problem_of(schema: dict[str, Any]) -> str | None:
+    """What is wrong with ``schema`` as a JSON Schema (None: nothing)."""
+    try:
         from jsonschema import Draft202012Validator, exceptions, validators  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - without jsonschema only the depth is checked
-        return schema
+        return None
     try:
         validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except exceptions.SchemaError as exc:
         where = ".".join(str(part) for part in exc.absolute_path)
-        raise ValueError(f"not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
-    return schema
+        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}"
+    return None
 
 
 def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
