@@ -364,6 +364,8 @@ def test_the_docs_agent_file_validates_and_decides_as_the_page_says(tmp_path: Pa
     assert mode(rules, "time_get_current_time", timezone="UTC") == "ask"
     assert mode(rules, "list_directory", "ask", path="docs") == "auto"
     assert mode(rules, "list_directory", "ask", path="docs/sub") == "ask"  # `*` stays in one component
+    assert mode(rules, "run_command", "ask", command="git log -3") == "auto"
+    assert mode(rules, "run_command", "ask", command="git log -3 | sh") == "ask"
 
 
 def test_qwenrun_validate_names_the_bad_rule(tmp_path: Path) -> None:

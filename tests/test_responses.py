@@ -901,9 +901,10 @@ async def test_agent_mode_reasoning_comes_before_each_step() -> None:
     assert out.output_text == ANSWER
 
 
-def test_agent_mode_responses_need_the_approval_header_for_ask_tools() -> None:
-    """An agent with an `approval: ask` tool: /v1/responses refuses it without the header, as the
-    chat route does, runs the call with `approve` and refuses the header in pass-through mode."""
+def test_agent_mode_responses_ask_the_client_or_take_the_approval_header_for_ask_tools() -> None:
+    """An agent with an `approval: ask` tool: without the header /v1/responses answers with an
+    mcp_approval_request that the client's mcp_approval_response resolves (tests/test_server_approval.py
+    tells more); `approve` runs the call; the header is refused in pass-through mode."""
     spec = AgentSpec.from_dict(
         {
             "model": {"path": "scripted", "served_model_name": SERVED},
@@ -916,8 +917,16 @@ def test_agent_mode_responses_need_the_approval_header_for_ask_tools() -> None:
     replies = [tool_call_text("get_current_weather", {"city": "广州"}), "广州多云。"]
     agent = Agent(spec, ScriptedEngine(lambda request: replies.pop(0)), load_tools(spec))
     with TestClient(create_app(agent)) as http:
-        refused = http.post("/v1/responses", json={"model": AGENT, "input": "广州天气?"})
-        assert refused.status_code == 400 and refused.json()["error"]["code"] == "approval_required"
+        pending = http.post("/v1/responses", json={"model": AGENT, "input": "广州天气?"})
+        assert pending.status_code == 200, pending.text
+        assert [item["type"] for item in pending.json()["output"]] == ["mcp_call", "mcp_approval_request"]
+        asked = pending.json()["output"][1]
+        answer = {"type": "mcp_approval_response", "approval_request_id": asked["id"], "approve": False}
+        rejected = http.post("/v1/responses", json={"model": AGENT, "input": [answer],
+                                                    "previous_response_id": pending.json()["id"]})  # fmt: skip
+        assert rejected.status_code == 200, rejected.text
+        assert "the user rejected this call" in rejected.json()["output"][0]["error"]["content"]
+        replies[:] = [tool_call_text("get_current_weather", {"city": "广州"}), "广州多云。"]
         approved = http.post(
             "/v1/responses",
             json={"model": AGENT, "input": "广州天气?"},

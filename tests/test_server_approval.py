@@ -1,9 +1,11 @@
 """The OpenAI server's agent mode with an MCP server and an ``approval: ask`` tool (scripted engine,
 a real uvicorn server on 127.0.0.1, the official client): the MCP server starts and stops with the
-app, and ``ask`` needs the ``X-Qwenrun-Approval`` header, since nobody is there to approve."""
+app, and ``ask`` needs the ``X-Qwenrun-Approval`` header, since nobody is there to approve; then the
+same through ``permissions:`` rules, and the Responses route's pending ``mcp_approval_request``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ from test_server import get_current_weather, running
 from qwenrun.agent import Agent
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.frontends.openai import create_app
+from qwenrun.frontends.openai.schemas import APIError
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
@@ -119,3 +122,42 @@ def test_permission_rules_ask_and_deny_through_the_server(ruled: OpenAI, mode: s
     denied = ('Error: echo is not allowed here (denied by the rule permissions.deny[0]: echo(text="*你*")); '
               "the call was not run.")  # fmt: skip
     assert out.choices[0].message.content == f"{weather} | {denied}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_ask_rule_on_the_responses_route_is_a_pending_approval_the_client_resolves(
+    ruled: OpenAI, stream: bool
+) -> None:
+    first = ruled.responses.create(model="helper", input="深圳天气? 说你好")
+    assert [item.type for item in first.output] == ["mcp_call", "mcp_call", "mcp_approval_request"]
+    asked = first.output[-1]
+    assert (asked.name, json.loads(asked.arguments), asked.server_label) == ("get_current_weather", {"city": "深圳"}, "helper")
+    answer: Any = [{"type": "mcp_approval_response", "approval_request_id": asked.id, "approve": True}]
+    if stream:
+        with ruled.responses.stream(model="helper", input=answer, previous_response_id=first.id) as events:
+            kinds = [event.type for event in events]
+            rest = events.get_final_response()
+        assert kinds[-1] == "response.completed" and "response.mcp_call.completed" in kinds
+    else:
+        rest = ruled.responses.create(model="helper", input=answer, previous_response_id=first.id)
+    calls = {item.name: item for item in rest.output if item.type == "mcp_call"}
+    assert calls["get_current_weather"].output == get_current_weather("深圳")
+    assert calls["echo"].status == "failed" and "denied by the rule" in str(calls["echo"].error)
+    denied = ('Error: echo is not allowed here (denied by the rule permissions.deny[0]: echo(text="*你*")); '
+              "the call was not run.")  # fmt: skip
+    assert rest.output_text == f"{get_current_weather('深圳')} | {denied}"
+    with pytest.raises(openai.NotFoundError, match="no call waits for the approval"):  # answered already
+        ruled.responses.create(model="helper", input=answer, previous_response_id=first.id)
+
+
+async def test_a_pending_approval_nobody_answers_in_time_is_a_rejection() -> None:
+    from qwenrun.approval import ApprovalRequest
+    from qwenrun.events import ToolCall
+    from qwenrun.frontends.openai.pending import Parked, ParkedTurn
+
+    parked = Parked()
+    turn = ParkedTurn("", 0.01, parked)
+    answered = await asyncio.wait_for(turn.approve(ApprovalRequest(ToolCall("c1", "echo", {}))), 10)
+    assert answered is False and parked.turns == {}
+    with pytest.raises(APIError, match="no call waits for the approval"):
+        parked.take("mcpr_x", "")

@@ -412,7 +412,7 @@ def test_each_tool_says_what_it_does_in_its_first_sentence(tree: Path) -> None:
 
 def test_every_agent_file_in_the_toolsets_page_validates(tmp_path: Path) -> None:
     blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs" / "toolsets.md").read_text(), re.S | re.M)
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     for block in blocks:
         spec = AgentSpec.from_text(block, source="docs/toolsets.md")
         for _, entry in spec.toolsets:  # the roots exist where the file is: the tools build too
@@ -422,5 +422,6 @@ def test_every_agent_file_in_the_toolsets_page_validates(tmp_path: Path) -> None
         load_tools(AgentSpec.from_text(rooted, source=str(tmp_path / "agent.yaml"), overrides=[]))
     first = AgentSpec.from_text(blocks[0].replace("  - get_current_weather                   # an entry-point tool (a plugin)\n", ""))
     assert first.known_tool_names() == [
-        "list_directory", "read_file", "search_files", "fetch", "think", "todo_write", "todo_read"
+        "list_directory", "read_file", "search_files", "fetch", "think", "todo_write", "todo_read",
+        "remember", "recall", "forget",
     ]  # fmt: skip

@@ -15,6 +15,7 @@ from qwenrun.agent.plugins import load_tools
 from qwenrun.engines.scripted import PinnedEngine
 from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.events import Final, ToolCall, ToolResult
+from qwenrun.sessions.sqlite import SQLiteStore
 from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
@@ -27,7 +28,7 @@ def call_json(name: str, arguments: dict[str, Any]) -> str:
 def toolset_spec(tiny_spec: AgentSpec, *entries: dict[str, Any], **top: Any) -> AgentSpec:
     data = tiny_spec.model_dump(mode="json")
     data["tools"] = list(entries)
-    data["agent"] = {**data["agent"], "tool_choice": "required", "max_iterations": 2}
+    data["agent"] = {**data["agent"], "tool_choice": "required", "max_iterations": 2, **top.pop("agent", {})}
     data["sampling"] = {**data["sampling"], "max_tokens": 160}
     return AgentSpec.from_dict({**data, **top}, source="tests/toolsets-tiny.yaml")
 
@@ -53,3 +54,25 @@ async def test_python_and_shell_run_through_the_real_engine(
     prompt = engine.render(pinned.requests[1], agent.tool_schemas())
     assert '"name": "run_python"' in prompt and '"name": "run_command"' in prompt
     assert "<tool_response>\nexit status 0\n--- stdout ---\n45\n</tool_response>" in prompt
+
+
+async def test_memory_is_kept_in_the_session_store_through_the_real_engine(
+    engine: VLLMEngine, tiny_spec: AgentSpec, tmp_path: Path
+) -> None:
+    spec = toolset_spec(tiny_spec, {"toolset": "memory"}, agent={"name": "tiny-memory"})
+    store = SQLiteStore(str(tmp_path / "sessions.db"))
+    fact = {"key": "user name", "fact": "Ada"}
+    pinned = PinnedEngine(engine, call_json("remember", fact))
+    session = Agent(spec, pinned, store=store).session()
+    events = [event async for event in session.stream("My name is Ada.")]
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCall)] == [("remember", fact)]
+    assert [(e.content, e.is_error) for e in events if isinstance(e, ToolResult)] == [
+        ("Remembered 'user name'.", False)
+    ]
+    store.close()
+    reopened = SQLiteStore(str(tmp_path / "sessions.db"))  # a restart
+    try:
+        assert [(f.key, f.value) for f in reopened.facts("tiny-memory", "")] == [("user name", "Ada")]
+        assert reopened.get(session.id) is not None  # the turn itself was recorded beside it
+    finally:
+        reopened.close()

@@ -48,7 +48,7 @@ from qwenrun.events import Event, Final, ParsedCall, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.permissions import Permissions, Verdict
-from qwenrun.sessions.store import session_info, turn_record, usage_meta
+from qwenrun.sessions.store import MemoryStore, session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
@@ -81,7 +81,8 @@ class Agent:
         if tools is None:
             from qwenrun.agent.plugins import load_tools
 
-            tools = load_tools(spec, strict=strict_plugins)
+            memory = store if isinstance(store, MemoryStore) else None  # the memory toolset's facts
+            tools = load_tools(spec, strict=strict_plugins, store=memory)
         self.tools: dict[str, Tool] = {}
         for tool in tools:
             built = tool if isinstance(tool, Tool) else Tool.from_function(tool)

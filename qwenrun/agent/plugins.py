@@ -22,9 +22,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from qwenrun.errors import ConfigError, PluginError
+from qwenrun.sessions.store import MemoryStore
 from qwenrun.spec.agent_file import AgentSpec, ToolSpec
 from qwenrun.tools import Tool
-from qwenrun.toolsets.registry import build_toolset
+from qwenrun.toolsets.registry import Place, build_toolset
 
 try:  # the backport follows the newest metadata semantics on every Python
     from importlib_metadata import EntryPoint, entry_points
@@ -138,18 +139,20 @@ def check_tools(spec: AgentSpec) -> None:
             raise _unknown_tool(spec, index, tool.name, list(installed))
 
 
-def load_tools(spec: AgentSpec, *, strict: bool = True) -> list[Tool]:
+def load_tools(spec: AgentSpec, *, strict: bool = True, store: MemoryStore | None = None) -> list[Tool]:
     """Load the agent's entry-point tools and the tools of its built-in toolsets
     (:mod:`qwenrun.toolsets`), in the file's order (its MCP servers' tools come when they start:
     see :mod:`qwenrun.mcp`). Unknown names and bad settings are ConfigErrors. A plugin that fails
-    to import is a PluginError when ``strict``, else logged and skipped."""
+    to import is a PluginError when ``strict``, else logged and skipped. ``store``: the agent's
+    session store (the memory toolset keeps its facts there)."""
     installed = installed_tools()
     tools: list[Tool] = []
     base = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
+    place = Place(base, spec.agent.name, store)
     toolsets = dict(spec.toolsets)
     for index, tool_spec in enumerate(spec.tools):
         if index in toolsets:
-            tools.extend(build_toolset(toolsets[index], f"{spec.source}: tools[{index}]", base))
+            tools.extend(build_toolset(toolsets[index], f"{spec.source}: tools[{index}]", place))
         if not isinstance(tool_spec, ToolSpec):
             continue
         entry = installed.get(tool_spec.name)

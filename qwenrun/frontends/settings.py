@@ -42,6 +42,9 @@ class OpenAIFrontend(Settings):
         "hold with its result, stop it and ask for the answer with the tools off (as the agent loop "
         "does), instead of returning the call again or as text.",
     )
+    approval_timeout_s: PositiveFloat = Field(
+        300, description="How long a call of /v1/responses waits for the client's mcp_approval_response."
+    )
 
 
 class Starter(Settings):

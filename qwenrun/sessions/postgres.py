@@ -13,7 +13,8 @@ replicas are so serialised in commit order: none is lost, and each replica's rec
 order (the primary key (session_id, seq) turns any other race into a retried transaction). A batch
 locks its sessions' rows in id order, so two replicas never deadlock. A response's parent is read
 ``FOR KEY SHARE``: a parent being deleted at that moment is waited for, and the response is then
-kept whole. The schema's version is the row of ``qwenrun_schema``; the first replica to start
+kept whole. The memory toolset's facts are rows of ``qwenrun_memories``. The schema's version is the
+row of ``qwenrun_schema``; the first replica to start
 creates or upgrades it under an advisory lock, one newer than this qwenrun is refused.
 """
 
@@ -29,7 +30,7 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from qwenrun.errors import StoreError
-from qwenrun.sessions.store import Record, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession
 from qwenrun.sessions.writer import (
     SCHEMA_VERSION,
     Op,
@@ -37,6 +38,7 @@ from qwenrun.sessions.writer import (
     WriteObserver,
     chain_response,
     check_version,
+    memory_key,
 )
 
 __all__ = ["PostgresStore", "redact"]
@@ -63,7 +65,19 @@ CREATE TABLE qwenrun_responses (
 CREATE INDEX qwenrun_responses_by_created ON qwenrun_responses (created);
 CREATE INDEX qwenrun_responses_by_parent ON qwenrun_responses (parent);
 """,
+    3: """
+CREATE TABLE qwenrun_memories (
+    namespace TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (namespace, scope, key)
+);
+""",
 }  # the schema of each version, from the one before (a new database runs them all)
+_PUT_FACT = (
+    "INSERT INTO qwenrun_memories (namespace, scope, key, value, created, updated) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (namespace, scope, key) "
+    "DO UPDATE SET value = excluded.value, updated = excluded.updated"
+)
 _INFO = "id, agent, source, frontend, model, title, created, updated, turns, messages"
 _CREATE = (
     f"INSERT INTO qwenrun_sessions ({_INFO}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 0, 0) "
@@ -226,6 +240,12 @@ class PostgresStore(QueuedStore):
             conn.execute("UPDATE qwenrun_responses SET deleted = true WHERE created < %s AND NOT deleted",
                          (op[1],))  # fmt: skip
             conn.execute(_COLLECT)
+        elif op[0] == "fact":
+            _, namespace, scope, key, value, now = op
+            conn.execute(_PUT_FACT, (namespace, scope, key, value, now, now))
+        elif op[0] == "unfact":
+            query = "DELETE FROM qwenrun_memories WHERE namespace = %s AND scope = %s AND key = %s"
+            conn.execute(query, op[1:])
         else:
             _, session_id, turn, kind, data, meta, created = op
             conn.execute(_TOUCH, (created, turn, int(kind == "message"), session_id))
@@ -287,4 +307,18 @@ class PostgresStore(QueuedStore):
             return False
         self._put(("unrespond", response_id))
         self._settle(key)
+        return True
+
+    # -- the memory toolset's facts ---------------------------------------------------------------
+
+    def facts(self, namespace: str, scope: str) -> builtins.list[Fact]:
+        query = ("SELECT key, value, created, updated FROM qwenrun_memories WHERE namespace = %s "
+                 "AND scope = %s ORDER BY updated DESC, key")  # fmt: skip
+        return [Fact(*row) for row in self._rows(memory_key(namespace, scope), query, (namespace, scope))]
+
+    def delete_fact(self, namespace: str, scope: str, key: str) -> bool:
+        query = "SELECT 1 FROM qwenrun_memories WHERE namespace = %s AND scope = %s AND key = %s"
+        if not self._rows(memory_key(namespace, scope), query, (namespace, scope, key)):
+            return False
+        self._unfact(namespace, scope, key)
         return True

@@ -6,7 +6,8 @@ one writer thread commits what is queued in one transaction (WAL journal, a busy
 processes on the same file, retries), within milliseconds, so a crash loses at most the turn in
 flight. Reads use one connection per thread. ``:memory:`` is private to the object. The schema's
 version is SQLite's ``user_version``: a file of an older qwenrun is upgraded when it is opened
-(responses kept whole become deltas), one of a newer qwenrun is refused.
+(responses kept whole become deltas; the ``memories`` table of the memory toolset is added), one
+of a newer qwenrun is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.sessions.store import Record, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession
 from qwenrun.sessions.writer import (
     SCHEMA_VERSION,
     Op,
@@ -30,6 +31,7 @@ from qwenrun.sessions.writer import (
     chain_response,
     check_version,
     delta_rows,
+    memory_key,
 )
 
 __all__ = ["SQLiteStore"]
@@ -62,6 +64,16 @@ _RESPONSES_2_INDEXES = """
 CREATE INDEX responses_by_created ON responses (created);
 CREATE INDEX responses_by_parent ON responses (parent);
 """
+_MEMORIES_3 = """
+CREATE TABLE memories (
+    namespace TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY (namespace, scope, key)
+) WITHOUT ROWID
+"""
+_PUT_FACT = (
+    "INSERT INTO memories (namespace, scope, key, value, created, updated) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (namespace, scope, key) DO UPDATE SET value = excluded.value, updated = excluded.updated"
+)
 _INFO = "id, agent, source, frontend, model, title, created, updated, turns, messages"
 _CREATE = f"INSERT OR IGNORE INTO sessions ({_INFO}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
 _APPEND = (
@@ -160,6 +172,8 @@ class SQLiteStore(QueuedStore):
                 for statement in _RESPONSES_2_INDEXES.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+            if version < 3:  # the memory toolset's facts
+                conn.execute(_MEMORIES_3)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -211,6 +225,11 @@ class SQLiteStore(QueuedStore):
         elif op[0] == "prune":
             conn.execute("UPDATE responses SET deleted = 1 WHERE created < ?", (op[1],))
             conn.execute(_COLLECT)
+        elif op[0] == "fact":
+            _, namespace, scope, key, value, now = op
+            conn.execute(_PUT_FACT, (namespace, scope, key, value, now, now))
+        elif op[0] == "unfact":
+            conn.execute("DELETE FROM memories WHERE namespace = ? AND scope = ? AND key = ?", op[1:])
         else:
             _, session_id, turn, kind, data, meta, created = op
             conn.execute(_APPEND, (session_id, session_id, turn, kind, data, meta, created))
@@ -282,4 +301,22 @@ class SQLiteStore(QueuedStore):
             return False
         self._put(("unrespond", response_id))
         self._settle(key)
+        return True
+
+    # -- the memory toolset's facts ---------------------------------------------------------------
+
+    def facts(self, namespace: str, scope: str) -> builtins.list[Fact]:
+        query = ("SELECT key, value, created, updated FROM memories WHERE namespace = ? AND scope = ? "
+                 "ORDER BY updated DESC, key")  # fmt: skip
+        with self._reader(memory_key(namespace, scope)) as conn:
+            rows = conn.execute(query, (namespace, scope)).fetchall()
+        return [Fact(*row) for row in rows]
+
+    def delete_fact(self, namespace: str, scope: str, key: str) -> bool:
+        with self._reader(memory_key(namespace, scope)) as conn:
+            query = "SELECT 1 FROM memories WHERE namespace = ? AND scope = ? AND key = ?"
+            known = conn.execute(query, (namespace, scope, key)).fetchone()
+        if known is None:
+            return False
+        self._unfact(namespace, scope, key)
         return True

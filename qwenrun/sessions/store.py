@@ -9,7 +9,8 @@ resume the session; every front end (REPL, Chainlit, OpenAI server) writes to th
 The SQLite implementation, :class:`~qwenrun.sessions.sqlite.SQLiteStore`, is the default
 (``sessions.store: sqlite``); :class:`~qwenrun.sessions.postgres.PostgresStore`
 (``sessions.store: postgres``) lets replicas on several hosts share their sessions. It also keeps the
-OpenAI server's stored responses (:class:`ResponseStore`): ``previous_response_id`` continues them.
+OpenAI server's stored responses (:class:`ResponseStore`): ``previous_response_id`` continues them,
+and the facts of the ``memory`` toolset (:class:`MemoryStore`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
     from qwenrun.spec.agent_file import AgentSpec
 
 __all__ = [
-    "DB_ENV", "URL_ENV", "Record", "RecordKind", "ResponseStore", "SessionInfo", "SessionStore",
-    "StoredResponse", "StoredSession", "WriteObserver", "database_url", "default_path", "session_info",
-    "store_path", "turn_record", "usage_meta", "valid_session_id",
+    "DB_ENV", "URL_ENV", "Fact", "MemoryStore", "Record", "RecordKind", "ResponseStore", "SessionInfo",
+    "SessionStore", "StoredResponse", "StoredSession", "WriteObserver", "database_url", "default_path",
+    "session_info", "store_path", "turn_record", "usage_meta", "valid_session_id",
 ]  # fmt: skip
 
 DB_ENV = "QWENRUN_SESSIONS_DB"
@@ -153,6 +154,31 @@ class ResponseStore(Protocol):
     def prune_responses(self, older_than: float) -> None:
         """Delete the responses created before ``older_than`` (a time.time()), but not the items a
         newer response still needs; need not wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One fact of the ``memory`` toolset: a key and its text, in a namespace and a scope."""
+
+    key: str
+    value: str
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    """Where the ``memory`` toolset's facts last: by ``namespace`` (an agent's name) and ``scope``
+    ("" for the whole namespace, else a session id), then ``key``. Callers run it off the event loop."""
+
+    def put_fact(self, namespace: str, scope: str, key: str, value: str) -> None:
+        """Keep a fact (replacing the key's value); returns once it is written."""
+
+    def facts(self, namespace: str, scope: str) -> builtins.list[Fact]:
+        """The facts of a scope, most recently updated first."""
+
+    def delete_fact(self, namespace: str, scope: str, key: str) -> bool:
+        """Forget a fact; whether it existed."""
 
 
 def session_info(spec: AgentSpec, session_id: str, title: str = "") -> SessionInfo:

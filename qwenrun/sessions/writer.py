@@ -36,14 +36,17 @@ __all__ = [
     "chain_response",
     "check_version",
     "delta_rows",
+    "memory_key",
 ]
 
 log = logging.getLogger("qwenrun.sessions")
 
-SCHEMA_VERSION = 2
-"""1: responses kept whole (qwenrun 0.1's SQLite files); 2: responses kept as deltas."""
+SCHEMA_VERSION = 3
+"""1: responses kept whole (qwenrun 0.1's SQLite files); 2: responses kept as deltas; 3: the
+``memories`` table of the memory toolset."""
 # ("create", SessionInfo), ("append", session_id, turn, kind, data, meta, created),
-# ("response", StoredResponse, items), ("unrespond", id), ("prune", before)
+# ("response", StoredResponse, items), ("unrespond", id), ("prune", before),
+# ("fact", namespace, scope, key, value, time), ("unfact", namespace, scope, key)
 Op = tuple[Any, ...]
 
 
@@ -99,12 +102,19 @@ def delta_rows(
     return converted
 
 
+def memory_key(namespace: str, scope: str) -> str:
+    """What a read of a memory scope waits for (never a valid session id: it holds a ``/``)."""
+    return f"memory/{namespace}/{scope}"
+
+
 def _key_of(op: Op) -> str:
     """What a read waits for: a session's id, or ``responses/<id>`` (never a valid session id)."""
     if op[0] == "create":
         return str(op[1].id)
     if op[0] == "append":
         return str(op[1])
+    if op[0] in ("fact", "unfact"):
+        return memory_key(op[1], op[2])
     return f"responses/{op[1].id if op[0] == 'response' else op[1]}"
 
 
@@ -144,6 +154,15 @@ class QueuedStore:
 
     def prune_responses(self, older_than: float) -> None:
         self._put(("prune", older_than))
+
+    def put_fact(self, namespace: str, scope: str, key: str, value: str) -> None:
+        """Queue a fact of the memory toolset and wait until it is written."""
+        self._put(("fact", namespace, scope, key, value, time.time()))
+        self._settle(memory_key(namespace, scope))
+
+    def _unfact(self, namespace: str, scope: str, key: str) -> None:
+        self._put(("unfact", namespace, scope, key))
+        self._settle(memory_key(namespace, scope))
 
     def _put(self, op: Op) -> None:
         key = _key_of(op)

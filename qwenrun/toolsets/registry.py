@@ -10,73 +10,93 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwenrun.errors import ConfigError, ToolError
+from qwenrun.sessions.store import MemoryStore
 from qwenrun.tools import Tool
 from qwenrun.toolsets.spec import ToolsetBase
 
-__all__ = ["TOOLSETS", "build_toolset"]
+__all__ = ["TOOLSETS", "Place", "build_toolset"]
 
 
-def _filesystem(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _filesystem(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.filesystem import FileTools
 
-    tools = FileTools(settings, base)
+    tools = FileTools(settings, place.base)
     return {name: getattr(tools, name) for name in settings.offered()}, tools.described()
 
 
-def _fetch(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _fetch(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.fetch import Fetcher
 
     fetcher = Fetcher(settings)
     return {"fetch": fetcher.fetch}, fetcher.described()
 
 
-def _think(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _think(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.think import think
 
     return {"think": think}, ""
 
 
-def _todo(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _todo(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.todo import TodoLists
 
     lists = TodoLists(settings)
     return {"todo_write": lists.todo_write, "todo_read": lists.todo_read}, ""
 
 
-def _shell(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _shell(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.shell import Shell
 
-    shell = Shell(settings, base)
+    shell = Shell(settings, place.base)
     return {"run_command": shell.run_command}, shell.described()
 
 
-def _python(settings: Any, base: Path | None) -> tuple[dict[str, Callable[..., Any]], str]:
+def _python(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.python import PythonRunner
 
     runner = PythonRunner(settings)
     return {"run_python": runner.run_python}, runner.described()
 
 
-TOOLSETS: dict[str, Callable[[Any, Path | None], tuple[dict[str, Callable[..., Any]], str]]] = {
+def _memory(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
+    from qwenrun.toolsets.memory import Memory
+
+    memory = Memory(settings, place.agent, place.store)
+    return {"remember": memory.remember, "recall": memory.recall, "forget": memory.forget}, memory.described()
+
+
+TOOLSETS: dict[str, Callable[[Any, Place], tuple[dict[str, Callable[..., Any]], str]]] = {
     "filesystem": _filesystem,
     "fetch": _fetch,
     "think": _think,
     "todo": _todo,
     "shell": _shell,
     "python": _python,
+    "memory": _memory,
 }
-"""``toolset:`` -> a builder: (the entry's settings, the agent file's folder) -> its functions by
+"""``toolset:`` -> a builder: (the entry's settings, its :class:`Place`) -> its functions by
 tool name (without the prefix), and a sentence added to each tool's description."""
 
 
-def build_toolset(settings: ToolsetBase, where: str, base: Path | None) -> list[Tool]:
+@dataclass(frozen=True, slots=True)
+class Place:
+    """What a toolset may need of its agent: the agent file's folder (relative paths start there),
+    the agent's name and its session store (the memory toolset keeps its facts there)."""
+
+    base: Path | None = None
+    agent: str = "agent"
+    store: MemoryStore | None = None
+
+
+def build_toolset(settings: ToolsetBase, where: str, place: Place | None = None) -> list[Tool]:
     """The tools of one ``toolset:`` entry (``where``: ``agents/x.yaml: tools[2]``, for errors)."""
     try:
-        functions, note = TOOLSETS[settings.kind](settings, base)
+        functions, note = TOOLSETS[settings.kind](settings, place or Place())
     except ToolError as exc:  # e.g. a root that is not a folder
         raise ConfigError(f"{where}: toolset {settings.kind}: {exc}") from None
     tools = []

@@ -355,13 +355,15 @@ def agent_turn(
     session_id: str | None = None,
     busy: set[str] | None = None,
     approval: str | None = None,
+    approver: Approver | None = None,
 ) -> Pieces:
     """Validate an agent-mode request, then return the pieces of one agent turn.
 
     With ``session_id`` (the ``X-Qwenrun-Session`` header) the turn continues that stored session
     (a new one if the id is unknown) and is recorded; the request's earlier messages are ignored.
     ``busy``: the app's stored sessions with a turn in progress (a second request for one is a 409).
-    ``approval``: the ``X-Qwenrun-Approval`` header (:func:`approver_for`).
+    ``approval``: the ``X-Qwenrun-Approval`` header (:func:`approver_for`); ``approver``, when
+    given, answers instead (the Responses route's pending approvals).
     """
     busy = set() if busy is None else busy
     if request.tools:
@@ -376,7 +378,7 @@ def agent_turn(
             raise APIError(400, f"{param} is supported in pass-through mode only (model "
                            f"{agent.spec.served_model_name!r}), not by the agent {agent.name!r}",
                            param=param)  # fmt: skip
-    approver = approver_for(agent, approval)
+    approver = approver if approver is not None else approver_for(agent, approval)
     last = request.messages[-1]
     if not isinstance(last, UserMessage):
         raise APIError(400, "in agent mode the last message must be the user's", param="messages")
@@ -420,14 +422,18 @@ def agent_turn(
     return pieces()
 
 
+def may_ask(agent: Agent) -> list[str]:
+    """What may ask a person about a call: the ``approval: ask`` tools and the ``ask`` rules."""
+    asking = sorted(name for name, tool in agent.tools.items() if tool.approval == "ask")
+    return asking + [rule.where for rule in agent.permissions.rules if rule.kind == "ask"]
+
+
 def approver_for(agent: Agent, approval: str | None) -> Approver | None:
     """The approver of an agent-mode request from its ``X-Qwenrun-Approval`` header: ``approve``
     runs the calls of ``approval: ask`` tools, ``reject`` refuses them (``deny`` tools never run).
     Without the header, an agent with such tools is a 400: nobody could approve their calls."""
     if approval is None:
-        asking = sorted(name for name, tool in agent.tools.items() if tool.approval == "ask")
-        asking += [rule.where for rule in agent.permissions.rules if rule.kind == "ask"]
-        if asking:
+        if asking := may_ask(agent):
             raise APIError(400, f"tools of agent {agent.name!r} need a person's approval "
                            f"({', '.join(asking)}) and nobody can give it here; send the header "
                            f"{APPROVAL_HEADER}: approve (they run) or reject (they are refused)",

@@ -112,7 +112,30 @@ class McpCallItem(_Model):
     error: Any = None
 
 
-ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "mcp_call")
+class McpApprovalRequestItem(_Model):
+    """A call that waits for the client's approval (what agent mode returns); replayed, it is skipped."""
+
+    type: Literal["mcp_approval_request"]
+    id: str | None = None
+    name: str = Field(min_length=1)
+    arguments: str
+    server_label: str | None = None
+
+
+class McpApprovalResponseItem(_Model):
+    """The client's answer to an ``mcp_approval_request``: the waiting turn goes on."""
+
+    type: Literal["mcp_approval_response"]
+    id: str | None = None
+    approval_request_id: str = Field(min_length=1)
+    approve: bool
+    reason: str | None = None
+
+
+ITEM_TYPES = (
+    "message", "function_call", "function_call_output", "reasoning", "mcp_call", "mcp_approval_request",
+    "mcp_approval_response",
+)  # fmt: skip
 
 
 def _item_type(value: Any) -> str | None:
@@ -127,7 +150,9 @@ InputItem = Annotated[
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
-    | Annotated[McpCallItem, Tag("mcp_call")],
+    | Annotated[McpCallItem, Tag("mcp_call")]
+    | Annotated[McpApprovalRequestItem, Tag("mcp_approval_request")]
+    | Annotated[McpApprovalResponseItem, Tag("mcp_approval_response")],
     Discriminator(
         _item_type,
         custom_error_type="invalid_item",
@@ -246,7 +271,8 @@ class ResponsesRequest(_Model):
 
 _MODELS: tuple[type[BaseModel], ...] = (
     ResponsesRequest, MessageItem, FunctionCallItem, FunctionCallOutputItem, ReasoningItem, McpCallItem,
-    ContentPart, FunctionTool, FunctionChoice, TextFormat, TextConfig,
+    McpApprovalRequestItem, McpApprovalResponseItem, ContentPart, FunctionTool, FunctionChoice, TextFormat,
+    TextConfig,
 )  # fmt: skip
 FIELDS = frozenset(name for model in _MODELS for name in model.model_fields)
 """Every field name of the request (what an error's ``param`` may name)."""

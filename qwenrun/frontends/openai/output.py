@@ -233,6 +233,16 @@ class ResponseBuilder:
             where = {"item_id": item["id"], "output_index": index}
             ended = "response.mcp_call.failed" if failed else "response.mcp_call.completed"
             return [self._event(ended, **where), self._done(index)]
+        if data.get("type") == "approval_request":  # the turn waits for the client (pending.py)
+            events = self._close_text()
+            arguments = json.dumps(data.get("arguments", {}), ensure_ascii=False)
+            item = {"id": data["id"], "type": "mcp_approval_request", "server_label": self.server_label,
+                    "name": data["name"], "arguments": arguments}  # fmt: skip
+            index, added = self._add(item)
+            if (running := self._calls.pop(str(data.get("call_id")), None)) is not None:
+                self.output[running]["status"] = "incomplete"  # it runs (or not) in the next response
+                events += [self._done(running)]
+            return [*events, added, self._done(index)]
         return []  # a repair step: the retried call shows as the call itself
 
     # -- the end ------------------------------------------------------------------------------

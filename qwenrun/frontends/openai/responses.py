@@ -8,7 +8,8 @@ that runs on the chat route's own machinery (:func:`chat.passthrough` for the se
 conversation are kept in the agent's session store (SQLite or PostgreSQL, so they outlive a restart
 and replicas share them; in memory when sessions are off; each keeps only the items it adds to its
 previous response), owned by a hash of the API key that created them and deleted after the
-front end's ``response_retention_days``.
+front end's ``response_retention_days``. In agent mode without ``X-Qwenrun-Approval``, a call that
+needs a person ends the response with an ``mcp_approval_request`` (:mod:`.pending`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from qwenrun.frontends.openai.http import (
 from qwenrun.frontends.openai.items import (
     FIELDS,
     FunctionChoice,
+    McpApprovalResponseItem,
     MessageItem,
     ResponsesRequest,
     new_id,
@@ -51,6 +53,7 @@ from qwenrun.frontends.openai.items import (
 )
 from qwenrun.frontends.openai.metrics import Metrics
 from qwenrun.frontends.openai.output import ResponseBuilder
+from qwenrun.frontends.openai.pending import Parked, ParkedTurn
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sampling import KNOBS, knob_values
@@ -231,6 +234,7 @@ def register(
     sessions with a turn in progress, shared with the chat route (``X-Qwenrun-Session``)."""
     busy = set() if busy is None else busy
     responses = Responses(agent, frontend, keyed=bool(app.state.api_key_required))
+    parked = Parked()  # turns whose call waits for the client's mcp_approval_response
     served = agent.spec.served_model_name
 
     @app.post("/v1/responses", dependencies=guarded)
@@ -248,24 +252,37 @@ def register(
             previous = await responses.get(req.previous_response_id, owner, param="previous_response_id")
             conversation = list(previous.conversation)
         conversation += [normalize(item) for item in req.items()]
-        if mode == "agent":
-            _check_agent_input(req)
-        chat_req = chat_request(req, body, mode, conversation)
         builder = ResponseBuilder(skeleton(req, agent), server_label=agent.name)
         approval = request.headers.get(chat.APPROVAL_HEADER)
         session_id = request.headers.get(chat.SESSION_HEADER)
         headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
-        if mode == "passthrough":
+        items = req.items()
+        answer = items[-1] if items else None
+        if isinstance(answer, McpApprovalResponseItem):  # a parked turn goes on (pending.py)
+            if mode != "agent":
+                raise APIError(400, f"mcp_approval_response needs agent mode (model {agent.name!r})",
+                               param="input")  # fmt: skip
+            pieces = parked.take(answer.approval_request_id, owner).resume(answer.approve)
+        elif mode == "passthrough":
+            chat_req = chat_request(req, body, mode, conversation)
             for header, value in ((chat.SESSION_HEADER, session_id), (chat.APPROVAL_HEADER, approval)):
                 if value is not None:
                     raise APIError(400, f"{header} needs agent mode (model {agent.name!r})")
             pieces = chat.passthrough(agent, chat_req, frontend, builder.response["id"])
         else:  # sessions and approval as in the chat route: the turn is recorded in the session
+            _check_agent_input(req)
+            chat_req = chat_request(req, body, mode, conversation)
             if session_id is not None and req.previous_response_id is not None:
                 raise APIError(400, f"give {chat.SESSION_HEADER} (the stored session's history) or "
                                "previous_response_id (the stored response's conversation), not both",
                                param="previous_response_id")  # fmt: skip
-            pieces = chat.agent_turn(agent, chat_req, frontend, session_id, busy, approval)
+            if approval is None and chat.may_ask(agent):  # the client answers an mcp_approval_request
+                turn = ParkedTurn(owner, frontend.approval_timeout_s, parked)
+                approver = turn.approve
+                turn.start(chat.agent_turn(agent, chat_req, frontend, session_id, busy, approver=approver))
+                pieces = turn.pieces()
+            else:
+                pieces = chat.agent_turn(agent, chat_req, frontend, session_id, busy, approval)
 
         async def keep() -> None:
             if req.store:
