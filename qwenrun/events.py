@@ -7,6 +7,7 @@ end speak, each named once.
 * The events of one agent turn (:data:`Event`), which every front end consumes: :class:`TextDelta`
   (answer text), :class:`Reasoning`, :class:`ToolCall` (a parsed call about to run),
   :class:`ToolResult`, :class:`Usage`, :class:`Repair`, :class:`Notice`, then one :class:`Final`.
+  Each says in ``agent`` which agent of a team (``agents:``, :mod:`qwenrun.agent.team`) speaks.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TextDelta:
     """A piece of the model's visible answer, in order."""
 
     text: str
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["text"] = "text"
 
 
@@ -79,6 +81,7 @@ class Reasoning:
     ``reasoning_content`` for the chat template (Qwen3's drops it from earlier turns)."""
 
     text: str
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["reasoning"] = "reasoning"
 
 
@@ -92,6 +95,7 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     from_thinking: bool = False
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["tool_call"] = "tool_call"
 
 
@@ -104,6 +108,7 @@ class ToolResult:
     content: str
     is_error: bool = False
     duration_s: float = 0.0
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["tool_result"] = "tool_result"
 
 
@@ -115,6 +120,7 @@ class Usage:
     completion_tokens: int = 0
     duration_s: float = 0.0
     model_calls: int = 0
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["usage"] = "usage"
 
     def __add__(self, other: Usage) -> Usage:
@@ -131,6 +137,7 @@ class Repair:
     """The model wrote a malformed tool call; it is asked again with a grammar-forced call."""
 
     reason: str
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["repair"] = "repair"
 
 
@@ -139,13 +146,15 @@ class Notice:
     """A warning about the turn that changed nothing the model reads as an error, for the user's
     eyes: the CLI shows it with ``-v``, ``run --json`` prints it, and the session records it.
     ``code`` says what happened; ``extra_arguments``: the arguments ``data`` lists (name and value)
-    were dropped from call ``id`` of tool ``name`` before it ran (its schema does not declare them)."""
+    were dropped from call ``id`` of tool ``name`` before it ran (its schema does not declare them);
+    ``handoff``: the conversation goes to agent ``name`` (:mod:`qwenrun.agent.team`)."""
 
-    code: Literal["extra_arguments"]
+    code: Literal["extra_arguments", "handoff"]
     message: str
     id: str = ""
     name: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["notice"] = "notice"
 
 
@@ -158,6 +167,7 @@ class Final:
     iterations: int = 0
     tool_calls: int = 0
     usage: Usage = field(default_factory=Usage)
+    agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
     type: Literal["final"] = "final"
 
 

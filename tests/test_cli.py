@@ -125,6 +125,7 @@ def test_schema_is_json_schema_of_the_spec(runner: CliRunner) -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["required"] == ["model"]
     top_level = {"version", "model", "engine", "sampling", "agent", "tools", "frontend", "sessions", "permissions"}
+    top_level |= {"agents", "team"}  # docs/teams.md
     assert set(schema["properties"]) == top_level
     assert schema["additionalProperties"] is False
     assert {item["$ref"] for item in schema["properties"]["engine"]["oneOf"]} == {

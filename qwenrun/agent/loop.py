@@ -40,6 +40,7 @@ from qwenrun.agent.steps import (
     seen_calls,
     with_reasoning,
 )
+from qwenrun.agent.team import Team
 from qwenrun.approval import Approver, review
 from qwenrun.engines.base import Engine, Request
 from qwenrun.engines.registry import create_engine
@@ -92,6 +93,7 @@ class Agent:
         folder = Path(spec.source).parent if spec.source not in ("<dict>", "<string>") else None
         self.permissions = Permissions(spec.permissions.rules(), folder)  # checked before each call
         self._schemas: tuple[tuple[Tool, ...], list[dict[str, Any]]] = ((), [])
+        self.team: Team | None = Team(self) if spec.members else None  # agents: (its tools join these)
 
     def verdict(self, call: ToolCall) -> Verdict:
         """What happens to ``call`` of one of :attr:`tools`: ``permissions:`` rules, else the tool's
@@ -131,7 +133,8 @@ class Agent:
     async def start(self) -> None:
         """Start the engine and the MCP servers (at the same time); on a failure, stop the servers."""
         try:
-            results = await asyncio.gather(self.engine.start(), self._start_mcp(), return_exceptions=True)
+            starts = self.engine.start(), self._start_mcp(), *Team.starts(self)  # a team's: its agents'
+            results = await asyncio.gather(*starts, return_exceptions=True)
             failed = next((result for result in results if isinstance(result, BaseException)), None)
             if failed is not None:
                 raise failed
@@ -156,7 +159,7 @@ class Agent:
         try:
             await self.engine.shutdown()
         finally:
-            await self.mcp.close()
+            await asyncio.gather(self.mcp.close(), *Team.stops(self))
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
 
@@ -284,7 +287,7 @@ class Session:
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
-            async with aclosing(self._steps(prompt, tool_choice, calls, text)) as steps:
+            async with aclosing(Team.turn(self, prompt, tool_choice, calls, text)) as steps:
                 async for event in steps:
                     if isinstance(event, Final):
                         trace.end(event)
@@ -298,10 +301,11 @@ class Session:
             raise
 
     async def _steps(
-        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool
+        self, prompt: str, tool_choice: str | None, options: TurnOptions, text: bool, continued: bool = False
     ) -> AsyncGenerator[Event, None]:
         spec = self.agent.spec.agent
-        self._record({"role": "user", "content": prompt})
+        if not continued:  # continued: a handoff, this turn's user message is in the history
+            self._record({"role": "user", "content": prompt})
         choice = tool_choice or spec.turn_tool_choice(prompt)  # the request's, a rule's, or the file's
         total = Usage()
         tool_calls = 0

@@ -133,9 +133,17 @@ def _show_record(record: Record) -> str:
     meta = record.meta
     if record.kind == "event":
         took = f"{meta.get('duration_s', 0):.2f} s"
+        who = f"[{data['agent']}] " if data.get("agent") else ""  # an agent of a team
+        if data.get("type") == "tool_call":  # a delegation's (docs/teams.md)
+            arguments = json.dumps(data.get("arguments"), ensure_ascii=False)
+            return _safe(f"  {who}→ {data.get('name')}({arguments})")
+        if data.get("type") == "tool_result":
+            return f"  {who}{'✗' if data.get('is_error') else '←'} {data.get('name')}: {data.get('content')}"
+        if data.get("type") == "final" and "text" in data:
+            return f"  {who}answer: {data['text']}"
         if data.get("type") == "final":
             what = f"{data.get('stop_reason')}, {data.get('tool_calls')} tool calls, {_usage(meta)}, {took}"
-            return click.style(f"({what})", dim=True)
+            return click.style(f"{who}({what})", dim=True)
         if data.get("type") == "notice":
             return click.style(f"  ! {data.get('message')}", fg="yellow")
         return click.style(f"({data.get('type')}: {data.get('error')}, after {took})", fg="red")

@@ -76,6 +76,7 @@ class EventPrinter:
         self.notices = notices
         self._open_line = False
         self._thinking = False  # the last thing printed was reasoning
+        self._speaker = ""  # the agent of a team whose answer text was printed last
 
     def _write(self, text: str) -> None:
         click.echo(text, file=self.out, nl=False)
@@ -106,6 +107,10 @@ class EventPrinter:
             if isinstance(event, TextDelta):
                 self._write("\n")  # a blank line between the reasoning and the answer
         if isinstance(event, TextDelta):
+            if event.agent and event.agent != self._speaker:  # a team: say who answers
+                self._end_line()
+                self._write(click.style(f"[{printable(event.agent)}] ", bold=True))
+                self._speaker = event.agent
             self._write(printable(event.text))
             self._open_line = not event.text.endswith("\n")
             return
@@ -117,19 +122,20 @@ class EventPrinter:
         if isinstance(event, Usage) or (not self.show_tools and not isinstance(event, Repair | Notice)):
             return
         self._end_line()
+        who = f"[{printable(event.agent)}] " if event.agent else ""  # an agent of a team
         if isinstance(event, ToolCall):
             args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.arguments.items())
             note = " (written in its thinking)" if event.from_thinking else ""
-            self._write(click.style(printable(f"  → {event.name}({args}){note}") + "\n", dim=True))
+            self._write(click.style(printable(f"  {who}→ {event.name}({args}){note}") + "\n", dim=True))
         elif isinstance(event, ToolResult):
             text = " ".join(printable(event.content).split())
             text = text if len(text) <= 160 else text[:157] + "..."
             colour = "red" if event.is_error else None
-            self._write(click.style(f"  ← {text}\n", dim=not event.is_error, fg=colour))
+            self._write(click.style(f"  {who}← {text}\n", dim=not event.is_error, fg=colour))
         elif isinstance(event, Repair):
             self._write(click.style(f"  ! {printable(event.reason)}\n", fg="yellow"))
         elif isinstance(event, Notice):
-            self._write(click.style(f"  ! {printable(event.message)}\n", fg="yellow"))
+            self._write(click.style(f"  {who}! {printable(event.message)}\n", fg="yellow"))
 
     def _final(self, final: Final) -> None:
         """End the turn's line, with a word when the answer is not all there: cut at max_tokens,

@@ -209,6 +209,8 @@ def turn_record(end: Final | BaseException, started: float) -> tuple[dict[str, A
     if isinstance(end, Final):
         data = {"type": "final", "stop_reason": end.stop_reason, "iterations": end.iterations,
                 "tool_calls": end.tool_calls}  # fmt: skip
+        if end.agent:  # a team's turn: the agent that answered
+            data["agent"] = end.agent
         return data, {**usage_meta(end.usage), **duration}
     kind = "error" if isinstance(end, Exception) else "cancelled"
     return {"type": kind, "error": f"{type(end).__name__}: {end}".removesuffix(": ")}, duration

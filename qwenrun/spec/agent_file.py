@@ -25,7 +25,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     PrivateAttr,
-    SecretStr,
+    StringConstraints,
     Tag,
     ValidationError,
     field_validator,
@@ -48,12 +48,15 @@ from qwenrun.spec.loading import (
     safe_load,
     upgrade,
 )
+from qwenrun.spec.sessions import SessionsSpec
+from qwenrun.spec.team import MEMBER_NAME, TeamSpec, check_graph, load_file, tool_names
 from qwenrun.toolsets.spec import ToolsetBase, ToolsetSpec
 
 __all__ = [
     "CURRENT_VERSION",
     "AgentSettings",
     "AgentSpec",
+    "MemberSpec",
     "ModelSpec",
     "PermissionsSpec",
     "SamplingSpec",
@@ -173,6 +176,16 @@ class AgentSettings(Settings):
         "notice event (shown with -v, kept in the session); 'reject' leaves them, and the tool refuses "
         "the call. A tool that accepts any key (additionalProperties, **kwargs) gets them either way.",
     )
+    delegate_to: list[str] = Field(
+        default_factory=list,
+        description="Agents of `agents:` this one may ask (a tool ask_<name>(task) each): the other "
+        "agent works on the task in a conversation of its own, and its answer is the tool's result.",
+    )
+    handoffs: list[str] = Field(
+        default_factory=list,
+        description="Agents of `agents:` this one may hand the conversation to (a tool "
+        "transfer_to_<name> each): the other agent answers the user until it calls transfer_back.",
+    )
     stop_repeated_calls: bool = Field(
         True,
         description="Stop a model call as soon as its output holds a complete call equal (name and "
@@ -214,36 +227,30 @@ ToolEntrySpec = Annotated[
 a built-in toolset (``toolset:``, :mod:`qwenrun.toolsets`)."""
 
 
-class SessionsSpec(Settings):
-    """Where every front end records its sessions (``qwenrun sessions`` reads them back)."""
+def _names_as_tools(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"name": item} if isinstance(item, str) else item for item in value]
+    return value
 
-    enabled: bool = Field(True, description="Record every turn; false: sessions live in memory only.")
-    store: Literal["sqlite", "postgres"] = Field(
-        "sqlite",
-        description="sqlite: one file, nothing to start (the default); postgres: a PostgreSQL "
-        "database that several replicas share (sessions.url).",
-    )
-    path: str | None = Field(
-        None,
-        min_length=1,
-        description="SQLite file (relative: to the agent file) or ':memory:'. Default: "
-        "$QWENRUN_SESSIONS_DB, else $XDG_DATA_HOME/qwenrun/sessions.db, else "
-        "~/.local/share/qwenrun/sessions.db.",
-    )
-    url: SecretStr | None = Field(
-        None,
-        min_length=1,
-        description="store: postgres: the database, a libpq URL (postgresql://USER:PASSWORD@HOST/DB); "
-        "write ${QWENRUN_DATABASE_URL} to keep the password out of the file. Never logged. "
-        "Default: $QWENRUN_DATABASE_URL.",
-    )
+
+class MemberSpec(Settings):
+    """One agent of ``agents:``: another agent file (``file:``), or the keys of one written here
+    (what it leaves out is the team file's: model, engine, sampling; its tools are its own)."""
+
+    file: str | None = Field(None, min_length=1, description="An agent file (relative: to this file), alone.")
+    model: ModelSpec | None = Field(None, description="Another model (another engine); default: the file's.")
+    engine: EngineSpec | None = Field(None, description="Another engine (kind: openai); default: the file's.")
+    sampling: SamplingSpec | None = Field(None, description="The knobs it sets override the file's sampling.")
+    agent: AgentSettings | None = Field(None, description="Its prompt, loop settings, the agents it names.")
+    tools: list[ToolEntrySpec] = Field(default_factory=list)
+
+    _tools_by_name = field_validator("tools", mode="before")(_names_as_tools)
 
     @model_validator(mode="after")
-    def _one_store(self) -> SessionsSpec:
-        if self.store == "sqlite" and self.url is not None:
-            raise ValueError("url is for store: postgres (store: sqlite uses path)")
-        if self.store == "postgres" and self.path is not None:
-            raise ValueError("path is for store: sqlite (store: postgres uses url)")
+    def _file_alone(self) -> MemberSpec:
+        given = sorted(self.model_fields_set - {"file"})
+        if self.file is not None and given:
+            raise ValueError(f"file: is a whole agent file; drop {', '.join(given)} or write them in it")
         return self
 
 
@@ -290,21 +297,28 @@ class AgentSpec(Settings):
     tools: list[ToolEntrySpec] = Field(default_factory=list)
     frontend: Frontend = Field(default_factory=lambda: CliFrontend())
     sessions: SessionsSpec = Field(default_factory=lambda: SessionsSpec())
+    agents: dict[Annotated[str, StringConstraints(pattern=MEMBER_NAME)], MemberSpec] = Field(
+        default_factory=dict,
+        description="The other agents of a team (docs/teams.md), by name: agent.delegate_to and "
+        "agent.handoffs name them.",
+    )
+    team: TeamSpec = Field(default_factory=lambda: TeamSpec())
     permissions: PermissionsSpec = Field(default_factory=lambda: PermissionsSpec())
 
     _source: str = PrivateAttr("<dict>")
+    _members: dict[str, AgentSpec] = PrivateAttr(default_factory=dict)
+
+    @property
+    def members(self) -> dict[str, AgentSpec]:
+        """The agents of ``agents:``, each a whole spec (a ``file:``'s, or this file's with its keys)."""
+        return self._members
 
     @property
     def source(self) -> str:
         """Where the spec came from (a file name, ``<string>`` or ``<dict>``), for error messages."""
         return self._source
 
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _names_as_tools(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": item} if isinstance(item, str) else item for item in value]
-        return value
+    _tools_by_name = field_validator("tools", mode="before")(_names_as_tools)
 
     @property
     def plugin_tools(self) -> list[tuple[int, ToolSpec]]:
@@ -320,7 +334,8 @@ class AgentSpec(Settings):
         """The tool names the file declares (entry-point tools, then toolsets' tools); an MCP
         server's are known when it starts."""
         names = [tool.name for _, tool in self.plugin_tools]
-        return names + [name for _, toolset in self.toolsets for name in toolset.tool_names()]
+        names += [name for _, toolset in self.toolsets for name in toolset.tool_names()]
+        return names + tool_names(self.agent.delegate_to, self.agent.handoffs)
 
     @property
     def mcp_servers(self) -> list[tuple[int, McpToolsSpec]]:
@@ -366,7 +381,33 @@ class AgentSpec(Settings):
             raise ConfigError(format_validation_error(exc, source, cls, overrides)) from None
         spec._source = source
         spec._check()
+        spec._load_members()
         return spec
+
+    def _load_members(self) -> None:
+        """Build :attr:`members` and check the names the team's agents give (unknown, cycles)."""
+        edges = {"": ("agent", self.agent.delegate_to, self.agent.handoffs)}
+        for name, member in self.agents.items():
+            where = f"agents.{name}"
+            if member.file is not None:
+                self._members[name] = load_file(self.source, where, member.file, AgentSpec.from_file)
+                edges[name] = (where, [], [])  # its own agents are its own team's
+                continue
+            agent = member.agent or AgentSettings(name=name)
+            if "name" not in agent.model_fields_set:
+                agent = agent.model_copy(update={"name": name})
+            update: dict[str, Any] = {
+                "model": member.model or self.model, "engine": member.engine or self.engine,
+                "agent": agent, "tools": member.tools, "agents": {},
+                "sampling": self.sampling.model_copy(update=member.sampling.model_dump(exclude_unset=True))
+                if member.sampling else self.sampling,
+            }  # fmt: skip
+            spec = self.model_copy(update=update)
+            spec._source, spec._members = f"{self.source}: {where}", {}
+            spec._check()
+            self._members[name] = spec
+            edges[name] = (f"{where}.agent", agent.delegate_to, agent.handoffs)
+        check_graph(self.source, edges)
 
     def tool_choices(self) -> list[tuple[str, str]]:
         """Every ``tool_choice`` of the file, with where it is: ``agent.tool_choice`` and those of

@@ -68,10 +68,11 @@ class TurnView:
             return
         await self.end_reasoning()
         if isinstance(event, TextDelta):
-            await self.text(event.text)
+            await self.text(event.text, event.agent)
         elif isinstance(event, ToolCall):
             await self.end_message()
-            step = self.cl.Step(name=event.name, type="tool", parent_id=self.parent_id, show_input="json")
+            name = f"{event.agent}: {event.name}" if event.agent else event.name  # a team's agent
+            step = self.cl.Step(name=name, type="tool", parent_id=self.parent_id, show_input="json")
             step.input = event.arguments
             step.start = now()
             await step.send()
@@ -109,13 +110,16 @@ class TurnView:
             step.end = now()
             await step.update()
 
-    async def text(self, text: str) -> None:
+    async def text(self, text: str, agent: str = "") -> None:
+        """Stream ``text`` into the answer; a team's agent (``agent``) is the message's author."""
+        if self.message is not None and agent and self.message.author != agent:
+            await self.end_message()  # another agent of the team speaks (a handoff)
         if self.message is None:
             self._pending += text
             if not self._pending.strip():
                 return
             text, self._pending = self._pending.lstrip(), ""
-            self.message = self.cl.Message(content="", author=self.author, parent_id=self.parent_id)
+            self.message = self.cl.Message(content="", author=agent or self.author, parent_id=self.parent_id)
         await self.message.stream_token(text)
 
     async def final(self, final: Final) -> None:

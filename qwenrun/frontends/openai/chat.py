@@ -43,6 +43,7 @@ from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.events import (
     CallDelta,
     Final,
+    Notice,
     ParsedCall,
     Reasoning,
     Repair,
@@ -410,7 +411,9 @@ def agent_turn(
                     if reasoning_wanted and (text := think_trim(event.text)):
                         yield Piece(Reasoning(f"\n\n{text}" if gap else text))
                         gap = False
-                elif isinstance(event, ToolCall | ToolResult | Repair):
+                elif isinstance(event, ToolCall | ToolResult | Repair) or (
+                    isinstance(event, Notice) and event.code == "handoff"  # a team's; steps name their agent
+                ):
                     gap = gap or think_trim.started
                     yield Piece(Step(to_dict(event)))
                 elif isinstance(event, Final):
