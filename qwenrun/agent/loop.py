@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from qwenrun.agent.model_call import ModelCall, answer_request
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.agent.steps import (
     Step,
@@ -42,31 +42,23 @@ from qwenrun.agent.steps import (
 )
 from qwenrun.agent.team import Team
 from qwenrun.approval import Approver, review
-from qwenrun.engines.base import Engine, OutputReader, Request
+from qwenrun.engines.base import Engine, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, ParsedCall, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import MemoryStore, session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
-from qwenrun.toolcalls import hermes
-from qwenrun.toolcalls.repeats import RepeatWatch
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
 if TYPE_CHECKING:
     from qwenrun.sessions.store import RecordKind, SessionStore
 
-__all__ = ["ANSWER_NOTE", "Agent", "Session"]
+__all__ = ["Agent", "Session"]
 
 log = logging.getLogger(__name__)
-
-# Sent (not recorded) with the tools off when the model repeats a call it already made this turn:
-# small models copy the call again instead of answering from its result.
-ANSWER_NOTE = (
-    "Answer the user's question now from the tool results above, in plain language, without calling a tool."
-)
 
 
 class Agent:
@@ -320,12 +312,12 @@ class Session:
         iteration = 0
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
         checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
-        note: str | None = None  # a transient instruction for the next model call only
+        answering = False  # the model repeated a call: ask for the answer (a transient note, tools off)
         while iteration < spec.max_iterations:
             iteration += 1
             step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
             try:
-                async with aclosing(self._model_call(choice, options, step, text, note)) as model:
+                async with aclosing(self._model_call(choice, options, step, text, answering)) as model:
                     async for event in model:
                         yield event
             finally:
@@ -340,7 +332,7 @@ class Session:
                 if not fresh:  # the same call again (small models loop): answer with tools off
                     log.debug("session %s: repeated tool call(s) %s; asking for the answer", self.id,
                               ", ".join(call.name for call in calls))  # fmt: skip
-                    choice, note = "none", ANSWER_NOTE
+                    choice, answering = "none", True
                     continue
                 calls = fresh
             if not calls or choice == "none":
@@ -383,77 +375,56 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, options: TurnOptions, step: Step, text: bool, note: str | None = None
+        self, choice: str, options: TurnOptions, step: Step, text: bool, answering: bool = False
     ) -> AsyncGenerator[Event, None]:
-        """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``; it stops as soon as the output holds a call that ``step.seen`` knows."""
-        agent, trace = self.agent, self._trace
+        """One model call (:mod:`qwenrun.agent.model_call`; plus at most one repair), streaming its
+        visible text and its reasoning if ``text``; it stops as soon as the output holds a call that
+        ``step.seen`` knows; ``answering``: it asks for the answer with the tools off."""
+        agent, trace, settings = self.agent, self._trace, self.agent.spec.agent
         assert trace is not None  # set by stream()
         repaired = False
         while True:
             span = trace.model_call(int(repaired))
             tools = agent.tool_schemas() if choice != "none" and agent.tools else None
-            lenient = tools is not None and agent.spec.agent.lenient_tool_calls
-            reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient,
-                                  calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
-            watch = RepeatWatch(step.seen) if step.seen is not None and tools is not None else None
-            started = time.perf_counter()
-            extra = [{"role": "system", "content": note}] if note else []
-            deltas = agent.engine.generate(
-                Request(
-                    messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
-                    tools=tools,
-                    tool_choice=choice,
-                    sampling=agent.spec.sampling,
-                    overrides=options.overrides,
-                    chat_template_kwargs=options.template,
-                )
+            request = Request(
+                messages=[{"role": "system", "content": agent.system_prompt}, *self.messages],
+                tools=tools,
+                tool_choice=choice,
+                sampling=agent.spec.sampling,
+                overrides=options.overrides,
+                chat_template_kwargs=options.template,
             )
+            call = ModelCall(agent.engine, answer_request(request) if answering else request,
+                             lenient=settings.lenient_tool_calls, seen=step.seen,
+                             calls_in_thinking=settings.calls_in_thinking == "run")  # fmt: skip
             try:
-                async for delta in deltas:
-                    for item in (items := reader.feed(delta)):
-                        if isinstance(item, str):
-                            step.text += item
+                async with aclosing(call.deltas()) as deltas:
+                    async for _, items in deltas:
+                        for event in step.take(items):
                             if text:
-                                yield TextDelta(item)
-                        elif isinstance(item, Reasoning):
-                            step.reasoning += item.text
-                            if text:
-                                yield item
-                    if watch is not None and watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
-                        step.repeated = repaired = True  # no repair; closing the stream aborts the generation
-                        log.info("session %s: stopped a model call at its repeat of %s", self.id, watch.call)
-                        break
+                                yield event
+                        if call.repeated:  # no repair; closing the stream aborts the generation
+                            step.repeated = repaired = True
+                            log.info("session %s: stopped a model call at its repeat of %s", self.id,
+                                     call.watch and call.watch.call)  # fmt: skip
             except BaseException as exc:
                 span.fail(exc)
                 raise
-            finally:  # a consumer that stops early aborts the model call now, not at GC
-                close = getattr(deltas, "aclose", None)
-                if close is not None:
-                    await close()
-            for item in reader.finish():
-                if isinstance(item, str):
-                    step.text += item
-                    if text:
-                        yield TextDelta(item)
-                elif isinstance(item, Reasoning):
-                    step.reasoning += item.text
-                    if text:
-                        yield item
-            usage = Usage(reader.prompt_tokens, reader.completion_tokens, time.perf_counter() - started, 1)
-            span.end_model(usage)
-            step.usage += usage
-            step.finish_reason = reader.finish_reason
-            yield usage
-            result = reader.result()
-            bad = result.malformed
-            if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
-                step.result = result
+            for event in step.take(call.finish()):
+                if text:
+                    yield event
+            span.end_model(call.usage)
+            step.usage += call.usage
+            step.finish_reason = call.finish_reason
+            yield call.usage
+            repair = None if repaired or not settings.repair_malformed_calls else call.repair(agent.tools)
+            if repair is None:
+                step.result = call.result()
                 step.done = True
                 return
             repaired = True
-            choice = hermes.intended_tool(bad[0], agent.tools)
-            yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
+            choice, notice = repair
+            yield notice
 
     async def _run_calls(self, calls: list[ParsedCall], shown: list[ToolCall]) -> list[ToolResult]:
         """Ask the approver about each call that needs it (one at a time, in order), then run the

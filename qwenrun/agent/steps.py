@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenrun import toolcalls
-from qwenrun.events import ParsedCall, Usage
+from qwenrun.events import ParsedCall, Reasoning, TextDelta, Usage
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
 
@@ -36,6 +36,19 @@ class Step:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.result = toolcalls.ParsedOutput("", "", [])
+
+    def take(self, items: Sequence[toolcalls.OutputEvent]) -> list[TextDelta | Reasoning]:
+        """Add the answer text and the reasoning of ``items`` (a model call's) to the step; they
+        are returned as the turn's events (calls are read from the whole output at its end)."""
+        events: list[TextDelta | Reasoning] = []
+        for item in items:
+            if isinstance(item, str):
+                self.text += item
+                events.append(TextDelta(item))
+            elif isinstance(item, Reasoning):
+                self.reasoning += item.text
+                events.append(item)
+        return events
 
 
 def call_key(call: ParsedCall) -> tuple[str, str]:
