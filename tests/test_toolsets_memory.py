@@ -135,3 +135,20 @@ def test_the_parameters_in_the_toolsets_page_are_the_tools_own() -> None:
     assert [entry["name"] for entry in shown] == ["run_command", "run_python", "remember", "recall", "forget"]
     for entry in shown:
         assert entry["parameters"] == tools[entry["name"]], entry["name"]
+
+
+async def test_todo_lists_are_kept_in_the_store_too(store_db: StoreDB) -> None:
+    spec = AgentSpec.from_dict({"model": {"path": "x"}, "agent": {"name": "helper"},
+                                "tools": [{"toolset": "todo"}, {"toolset": "memory", "scope": "session"}]})  # fmt: skip
+    tools = {tool.name: tool for tool in load_tools(spec, store=store_db.open())}
+    plan = [{"text": "find the file", "status": "done"}, {"text": "read it"}]
+    shown = "To-do (1 of 2 done):\n1. [x] find the file\n2. [ ] read it"
+    assert await call(tools, "todo_write", "s1", items=plan) == shown
+    store_db.opened[-1].close()
+    again = {tool.name: tool for tool in load_tools(spec, store=store_db.open())}  # a restart
+    assert await call(again, "todo_read", "s1") == shown
+    assert await call(again, "todo_read", "s2") == "The to-do list is empty."
+    assert await call(again, "recall", "s1") == "No fact is remembered."  # not one of memory's facts
+    assert store_db.rows(f"SELECT namespace, scope, key FROM {store_db.table('memories')}") == [
+        ("helper/todo", "s1", "list")
+    ]

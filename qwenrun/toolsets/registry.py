@@ -45,7 +45,7 @@ def _think(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], 
 def _todo(settings: Any, place: Place) -> tuple[dict[str, Callable[..., Any]], str]:
     from qwenrun.toolsets.todo import TodoLists
 
-    lists = TodoLists(settings)
+    lists = TodoLists(settings, place.agent, place.store)
     return {"todo_write": lists.todo_write, "todo_read": lists.todo_read}, ""
 
 

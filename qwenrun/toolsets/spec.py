@@ -184,7 +184,7 @@ class ThinkToolset(ToolsetBase):
 
 
 class TodoToolset(ToolsetBase):
-    """A to-do list per session, kept in memory: the model writes and reads its plan."""
+    """A to-do list per session, kept in the session store: the model writes and reads its plan."""
 
     TOOLS: ClassVar[tuple[str, ...]] = ("todo_write", "todo_read")
 
@@ -283,8 +283,7 @@ class MemoryToolset(ToolsetBase):
     )
     namespace: str | None = Field(
         None,
-        min_length=1,
-        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
         description="Whose facts they are (default: agent.name); agents naming one namespace share them.",
     )
     max_facts: PositiveInt = Field(200, le=10_000, description="At most this many facts in one scope.")

@@ -1,21 +1,25 @@
 """The ``todo`` toolset: a to-do list per session, which the model writes whole and reads back.
 
-``todo_write`` replaces the list (each item a text and a status), ``todo_read`` shows it. Lists are
-kept in memory, one per session (:data:`qwenrun.context.SESSION_ID`; calls outside a session share
-one list), for as long as the agent lives: they are not saved with the session and are gone after a
-restart or on another replica. The most recent :data:`MAX_SESSIONS` sessions keep theirs.
+``todo_write`` replaces the list (each item a text and a status), ``todo_read`` shows it. There is
+one list per session (:data:`qwenrun.context.SESSION_ID`; calls outside a session share one list).
+With a session store (the agent's), a list is kept there, as the memory toolset's facts are (namespace
+``<agent name>/todo``, the session's scope, key ``list``): it survives a restart, a resumed session
+finds it and replicas on one database share it. Without one, lists are kept in memory for as long
+as the agent lives (the most recent :data:`MAX_SESSIONS` sessions keep theirs).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenrun.context import SESSION_ID
 from qwenrun.errors import ToolError
+from qwenrun.sessions.store import MemoryStore
 from qwenrun.toolsets.spec import TodoToolset
 
 __all__ = ["MAX_SESSIONS", "TodoItem", "TodoLists"]
@@ -35,8 +39,10 @@ class TodoItem(BaseModel):
 class TodoLists:
     """The lists of one ``todo`` entry, by session id; its two tools are bound methods."""
 
-    def __init__(self, settings: TodoToolset) -> None:
+    def __init__(self, settings: TodoToolset, agent: str = "agent", store: MemoryStore | None = None) -> None:
         self.settings = settings
+        self.store = store
+        self.namespace = f"{agent}/todo"  # no agent name or memory namespace holds a "/"
         self._lists: OrderedDict[str, list[TodoItem]] = OrderedDict()
         self._lock = threading.Lock()  # sync tools run on threads of their own
 
@@ -51,6 +57,10 @@ class TodoLists:
         if len(items) > self.settings.max_items:
             raise ToolError(f"at most {self.settings.max_items} items; got {len(items)}")
         key = SESSION_ID.get() or ""
+        if self.store is not None:
+            value = json.dumps([item.model_dump() for item in items], ensure_ascii=False)
+            self.store.put_fact(self.namespace, key, "list", value)
+            return self._show(items)
         with self._lock:
             self._lists[key] = list(items)
             self._lists.move_to_end(key)
@@ -60,6 +70,10 @@ class TodoLists:
 
     def todo_read(self) -> str:
         """Show your to-do list."""
+        if self.store is not None:
+            facts = self.store.facts(self.namespace, SESSION_ID.get() or "")
+            kept: list[Any] = next((json.loads(fact.value) for fact in facts if fact.key == "list"), [])
+            return self._show([TodoItem.model_validate(item) for item in kept])
         with self._lock:
             items = list(self._lists.get(SESSION_ID.get() or "", []))
         return self._show(items)
