@@ -10,7 +10,7 @@ import pytest
 from weather import get_current_weather, weather_of
 
 from qwenrun.agent import Agent
-from qwenrun.agent.loop import ANSWER_NOTE
+from qwenrun.agent.model_call import ANSWER_NOTE
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.events import (
     Event,

@@ -513,6 +513,20 @@ async def test_answer_cut_at_max_tokens_says_so(client: Client, cl: Any) -> None
     assert message["streaming"] is False
 
 
+async def test_a_teams_agent_is_the_messages_author(client: Client, cl: Any) -> None:
+    from chainlit.context import init_ws_context
+
+    web.build_app(make_agent())
+    init_ws_context(client.session)
+    view = chainlit_view.TurnView(cl, "Weather test")
+    await view.show(TextDelta("I hand you over.", agent="boss"))
+    await view.show(TextDelta("Helper here.", agent="helper"))  # a handoff: another agent speaks
+    await view.show(Final("Helper here.", agent="helper"))
+    assert [(m["name"], m["output"]) for m in client.thread()] == [
+        ("boss", "I hand you over."), ("helper", "Helper here."),
+    ]  # fmt: skip
+
+
 # -- frontend.watch --------------------------------------------------------------------------
 
 

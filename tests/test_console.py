@@ -22,7 +22,7 @@ from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
 from qwenrun.engines.base import Delta, Request
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
-from qwenrun.events import Final, Reasoning, TextDelta, Usage
+from qwenrun.events import Final, Reasoning, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.frontends.console import EventPrinter, printable
 from qwenrun.spec.agent_file import AgentSpec
 
@@ -116,6 +116,24 @@ def test_reasoning_is_dimmed_and_cannot_drive_the_terminal() -> None:
     assert "\x1b[31m" not in shown and "\r" not in shown and "\x07" not in shown  # the model's own codes
     assert shown.startswith("\x1b[2mthink \\x1b[31mred") and shown.endswith("on\n\x1b[0m\nanswer\n")
     assert printable("tab\tline\nbell\x07 c1\x9b") == "tab\tline\nbell\\x07 c1\\x9b"
+
+
+def test_a_teams_events_say_which_agent_speaks() -> None:
+    out = io.StringIO()
+    printer = EventPrinter(out)
+    for event in [
+        ToolCall("1", "ask_weather", {"task": "Paris?"}, agent="boss"),
+        ToolCall("2", "get_current_weather", {"city": "Paris"}, agent="weather"),
+        ToolResult("2", "get_current_weather", "sunny", agent="weather"),
+        ToolResult("1", "ask_weather", "It is sunny.", agent="boss"),
+        TextDelta("Sunny in Paris.", agent="boss"),
+        Final("Sunny in Paris.", agent="boss"),
+    ]:
+        printer(event)
+    assert out.getvalue() == (
+        '  [boss] → ask_weather(task="Paris?")\n  [weather] → get_current_weather(city="Paris")\n'
+        "  [weather] ← sunny\n  [boss] ← It is sunny.\n[boss] Sunny in Paris.\n"
+    )
 
 
 # -- what reaches the terminal (CliRunner, scripted engine) -------------------------------------

@@ -15,7 +15,7 @@ from test_server import ANSWER, QUESTION, SERVED, WEATHER_TOOL, Harness, build, 
 
 from agents import Agent as SdkAgent
 from agents import OpenAIChatCompletionsModel, OpenAIResponsesModel, RunConfig, Runner, function_tool
-from qwenrun.agent.loop import ANSWER_NOTE
+from qwenrun.agent.model_call import ANSWER_NOTE
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 
 ARGUMENTS = {"city": "深圳"}

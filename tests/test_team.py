@@ -217,3 +217,25 @@ def test_member_files_and_sampling_overrides(tmp_path: Path) -> None:
     assert spec.members["w"].model.path == "other" and spec.members["w"].agent.system_prompt == "W"
     assert (spec.members["f"].sampling.temperature, spec.members["f"].sampling.top_p) == (0.1, 0.8)
     assert spec.members["f"].agent.name == "f"
+
+
+def test_the_servers_agent_mode_names_the_agent_of_each_step() -> None:
+    import httpx
+    from test_server import running
+
+    from qwenrun.frontends.openai import create_app
+
+    def script(request: ModelRequest) -> str:
+        if speaker(request) == "HELPER":
+            return "The answer is 42."
+        return tool_call_text("ask_helper", {"task": "answer?"}) if last_tool(request) is None else "It is 42."
+
+    spec = team_spec()
+    agent = Agent(spec, ScriptedEngine(script), tools=[])
+    with running(create_app(agent)) as url:
+        body = {"model": agent.name, "messages": [{"role": "user", "content": "question"}]}
+        out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    message = out["choices"][0]["message"]
+    assert message["content"] == "It is 42."
+    steps = [(step["type"], step["name"], step["agent"]) for step in message["qwenrun_steps"]]
+    assert steps == [("tool_call", "ask_helper", "boss"), ("tool_result", "ask_helper", "boss")]

@@ -22,8 +22,8 @@ their tools to it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -31,44 +31,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun.agent.answer import Answer, answer_notes
+from qwenrun.agent.model_call import ANSWER_NOTE, ModelCall, answer_request
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.agent.steps import (
     Step,
     TurnOptions,
     assistant_message,
     call_key,
-    run_calls,
     seen_calls,
     with_reasoning,
 )
 from qwenrun.agent.team import Team
-from qwenrun.approval import Approver
-from qwenrun.engines.base import Constraint, Engine, OutputReader, Request
+from qwenrun.approval import Approver, review
+from qwenrun.engines.base import Constraint, Engine, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, ParsedCall, Reasoning, Repair, TextDelta, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, ParsedCall, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import MemoryStore, session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.output import OutputSchema, answer_schema
-from qwenrun.toolcalls import hermes
-from qwenrun.toolcalls.repeats import RepeatWatch
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
 if TYPE_CHECKING:
     from qwenrun.sessions.store import RecordKind, SessionStore
 
-__all__ = ["ANSWER_NOTE", "Agent", "Session"]
+__all__ = ["Agent", "Session"]
 
 log = logging.getLogger(__name__)
-
-# Sent (not recorded) with the tools off when the model repeats a call it already made this turn:
-# small models copy the call again instead of answering from its result.
-ANSWER_NOTE = (
-    "Answer the user's question now from the tool results above, in plain language, without calling a tool."
-)
 
 
 class Agent:
@@ -265,11 +257,11 @@ class Session:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         output_schema: OutputSchema | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run one user turn, yielding events; the last one is :class:`Final`.
+        """Run one user turn, yielding events; the last one is :class:`Final` (``output_schema``:
+        of this turn's answer instead of ``agent.output_schema``).
 
         ``overrides`` (sampling) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)
-        apply to every model call of the turn, over the agent's own; ``output_schema`` is the
-        schema of this turn's answer instead of ``agent.output_schema``.
+        apply to every model call of the turn, over the agent's own.
 
         Cancelling the consumer (Ctrl-C, a stop button, a closed HTTP stream) aborts the model call
         and keeps the session usable: the partial answer is kept in the history. Each message is
@@ -325,15 +317,15 @@ class Session:
         iteration = 0
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
         checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
-        note: str | None = None  # a transient instruction for the next model call only
+        answering = False  # the model repeated a call: ask for the answer (a transient note, tools off)
         schema = options.schema  # the answer is JSON of it: only the validated JSON is streamed as text
         while iteration < spec.max_iterations:
             iteration += 1
             step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
-            step.structured = schema is not None and (choice == "none" or not self.agent.tools)
             try:
-                notes = answer_notes(note, schema, step)
-                async with aclosing(self._model_call(choice, options, step, text, notes)) as model:
+                step.structured = schema is not None and (choice == "none" or not self.agent.tools)
+                notes = answer_notes(None, schema, step)
+                async with aclosing(self._model_call(choice, options, step, text, answering, notes)) as model:
                     async for event in model:
                         if schema is None or not isinstance(event, TextDelta):
                             yield event
@@ -349,12 +341,12 @@ class Session:
                 if not fresh:  # the same call again (small models loop): answer with tools off
                     log.debug("session %s: repeated tool call(s) %s; asking for the answer", self.id,
                               ", ".join(call.name for call in calls))  # fmt: skip
-                    choice, note = "none", ANSWER_NOTE
+                    choice, answering = "none", True
                     continue
                 calls = fresh
             if (not calls or choice == "none") and schema is not None:
-                answer = Answer(step, schema, note)
-                answered = answer.events(lambda s, more: self._model_call("none", options, s, text, more))
+                answer = Answer(step, schema, ANSWER_NOTE if answering else None)
+                answered = answer.events(lambda s, m: self._model_call("none", options, s, text, extra=m))
                 async with aclosing(answered) as events:
                     async for event in events:
                         yield event
@@ -387,8 +379,7 @@ class Session:
             shown = [ToolCall(call.id, call.name, call.arguments, call.from_thinking) for call in calls]
             for event in shown:
                 yield event
-            results = await run_calls(calls, shown, self.agent.tools, self.approver, self._run_tool,
-                                      self.agent.verdict, lambda record: self._write("event", record))
+            results = await self._run_calls(calls, shown)
             for result in results:
                 self._record(
                     {
@@ -408,80 +399,88 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, options: TurnOptions, step: Step, text: bool, extra: Sequence[dict[str, Any]] = ()
+        self, choice: str, options: TurnOptions, step: Step, text: bool, answering: bool = False,
+        extra: Sequence[dict[str, Any]] = (),
     ) -> AsyncGenerator[Event, None]:
-        """One model call (plus at most one repair), streaming its visible text and its reasoning
-        if ``text``; it stops at a call that ``step.seen`` knows. ``extra``: transient messages after
-        the history; ``step.structured``: the answer is under the turn's output schema, tools off."""
-        agent, trace = self.agent, self._trace
+        """One model call (:mod:`qwenrun.agent.model_call`; plus at most one repair), streaming its
+        visible text and its reasoning if ``text``; it stops as soon as the output holds a call that
+        ``step.seen`` knows; ``answering``: it asks for the answer with the tools off. ``extra``:
+        transient messages; ``step.structured``: the answer is under the turn's output schema."""
+        agent, trace, settings = self.agent, self._trace, self.agent.spec.agent
         assert trace is not None  # set by stream()
         repaired = False
         schema = options.schema if step.structured else None
         while True:
             span = trace.model_call(int(repaired))
             tools = agent.tool_schemas() if choice != "none" and agent.tools and schema is None else None
-            lenient = tools is not None and agent.spec.agent.lenient_tool_calls
-            reader = OutputReader(agent.engine.tool_call_format, tools=tools, lenient=lenient,
-                                  calls=schema is None,
-                                  calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
-            watch = RepeatWatch(step.seen) if step.seen is not None and tools is not None else None
-            started = time.perf_counter()
-            deltas = agent.engine.generate(
-                Request(
-                    messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
-                    tools=tools,
-                    tool_choice="none" if schema is not None else choice,
-                    sampling=agent.spec.sampling,
-                    overrides=options.overrides,
-                    constraint=Constraint(json=schema.json_schema) if schema is not None else None,
-                    chat_template_kwargs=options.template,
-                )
+            request = Request(
+                messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
+                tools=tools,
+                tool_choice="none" if schema is not None else choice,
+                sampling=agent.spec.sampling,
+                overrides=options.overrides,
+                constraint=Constraint(json=schema.json_schema) if schema is not None else None,
+                chat_template_kwargs=options.template,
             )
+            call = ModelCall(agent.engine, answer_request(request) if answering else request,
+                             calls=schema is None, lenient=settings.lenient_tool_calls, seen=step.seen,
+                             calls_in_thinking=settings.calls_in_thinking == "run")  # fmt: skip
             try:
-                async for delta in deltas:
-                    for item in (items := reader.feed(delta)):
-                        if isinstance(item, str):
-                            step.text += item
+                async with aclosing(call.deltas()) as deltas:
+                    async for _, items in deltas:
+                        for event in step.take(items):
                             if text:
-                                yield TextDelta(item)
-                        elif isinstance(item, Reasoning):
-                            step.reasoning += item.text
-                            if text:
-                                yield item
-                    if watch is not None and watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
-                        step.repeated = repaired = True  # no repair; closing the stream aborts the generation
-                        log.info("session %s: stopped a model call at its repeat of %s", self.id, watch.call)
-                        break
+                                yield event
+                        if call.repeated:  # no repair; closing the stream aborts the generation
+                            step.repeated = repaired = True
+                            log.info("session %s: stopped a model call at its repeat of %s", self.id,
+                                     call.watch and call.watch.call)  # fmt: skip
             except BaseException as exc:
                 span.fail(exc)
                 raise
-            finally:  # a consumer that stops early aborts the model call now, not at GC
-                close = getattr(deltas, "aclose", None)
-                if close is not None:
-                    await close()
-            for item in reader.finish():
-                if isinstance(item, str):
-                    step.text += item
-                    if text:
-                        yield TextDelta(item)
-                elif isinstance(item, Reasoning):
-                    step.reasoning += item.text
-                    if text:
-                        yield item
-            usage = Usage(reader.prompt_tokens, reader.completion_tokens, time.perf_counter() - started, 1)
-            span.end_model(usage)
-            step.usage += usage
-            step.finish_reason = reader.finish_reason
-            yield usage
-            result = reader.result()
-            bad = result.malformed
-            if not bad or repaired or not agent.spec.agent.repair_malformed_calls or not agent.tools:
-                step.result = result
+            for event in step.take(call.finish()):
+                if text:
+                    yield event
+            span.end_model(call.usage)
+            step.usage += call.usage
+            step.finish_reason = call.finish_reason
+            yield call.usage
+            repair = None if repaired or not settings.repair_malformed_calls else call.repair(agent.tools)
+            if repair is None:
+                step.result = call.result()
                 step.done = True
                 return
             repaired = True
-            choice = hermes.intended_tool(bad[0], agent.tools)
-            yield Repair(f"malformed tool call ({bad[0].error}); retrying with a forced {choice} call")
+            choice, notice = repair
+            yield notice
+
+    async def _run_calls(self, calls: list[ParsedCall], shown: list[ToolCall]) -> list[ToolResult]:
+        """Ask the approver about each call that needs it (one at a time, in order), then run the
+        approved calls in parallel; a refused call's result says why it did not run. Identical calls
+        (name and arguments) are asked about and run once: each of their ids gets the result."""
+        keys = [call_key(call) for call in calls]
+        first = [keys.index(key) for key in keys]  # the index of each call's first identical one
+        results: list[ToolResult | None] = [None] * len(calls)
+        for index, event in enumerate(shown):
+            tool = self.agent.tools.get(event.name)
+            if tool is None or first[index] != index:
+                continue
+            verdict = self.agent.verdict(event)
+            if verdict.rule is not None:  # the session records what a rule decided
+                self._write("event", {"type": "permission", "id": event.id, "name": event.name,
+                                      **verdict.record()})  # fmt: skip
+            if verdict.mode != "auto":
+                why = verdict.reason()
+                results[index] = await review(event, verdict.mode, tool.origin, self.approver, why)
+        runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
+        if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
+            results[runnable[0]] = await self._run_tool(calls[runnable[0]])
+        elif runnable:
+            ran = await asyncio.gather(*(self._run_tool(calls[index]) for index in runnable))
+            for index, result in zip(runnable, ran, strict=True):
+                results[index] = result
+        return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
+                if (got := results[index]) is not None]  # fmt: skip
 
     async def _run_tool(self, call: ParsedCall) -> ToolResult:
         assert self._trace is not None  # set by stream()
@@ -496,4 +495,3 @@ class Session:
             raise
         span.end_tool(result)
         return result
-

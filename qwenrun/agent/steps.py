@@ -4,35 +4,28 @@ canonical arguments, so that a repeat is recognised), and the assistant messages
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenrun import toolcalls
-from qwenrun.approval import Approver, review
-from qwenrun.events import ParsedCall, ToolCall, ToolResult, Usage
-from qwenrun.permissions import Verdict
+from qwenrun.events import ParsedCall, Reasoning, TextDelta, Usage
 from qwenrun.spec.output import OutputSchema
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
 
-__all__ = [
-    "Step", "TurnOptions", "assistant_message", "call_key", "run_calls", "seen_calls", "with_reasoning",
-]  # fmt: skip
+__all__ = ["Step", "TurnOptions", "assistant_message", "call_key", "seen_calls", "with_reasoning"]
 
 
 class TurnOptions:
-    """What every model call of a turn gets: sampling overrides and chat template variables; and
-    the schema of the turn's answer (``agent.output_schema`` or the request's; None: free text)."""
+    """What every model call of a turn gets: sampling overrides and chat template variables."""
 
     __slots__ = ("overrides", "schema", "template")
 
     def __init__(
         self, overrides: dict[str, Any], template: dict[str, Any], schema: OutputSchema | None = None
     ) -> None:
-        self.overrides, self.template, self.schema = overrides, template, schema
+        self.overrides, self.template, self.schema = overrides, template, schema  # schema: of the answer
 
 
 class Step:
@@ -47,6 +40,19 @@ class Step:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.result = toolcalls.ParsedOutput("", "", [])
+
+    def take(self, items: Sequence[toolcalls.OutputEvent]) -> list[TextDelta | Reasoning]:
+        """Add the answer text and the reasoning of ``items`` (a model call's) to the step; they
+        are returned as the turn's events (calls are read from the whole output at its end)."""
+        events: list[TextDelta | Reasoning] = []
+        for item in items:
+            if isinstance(item, str):
+                self.text += item
+                events.append(TextDelta(item))
+            elif isinstance(item, Reasoning):
+                self.reasoning += item.text
+                events.append(item)
+        return events
 
 
 def call_key(call: ParsedCall) -> tuple[str, str]:
@@ -78,39 +84,3 @@ def assistant_message(content: str, calls: Sequence[ParsedCall]) -> dict[str, An
             for call in calls
         ],
     }
-
-
-async def run_calls(
-    calls: list[ParsedCall],
-    shown: list[ToolCall],
-    tools: Mapping[str, Tool],
-    approver: Approver | None,
-    run: Callable[[ParsedCall], Awaitable[ToolResult]],
-    verdict: Callable[[ToolCall], Verdict],
-    record: Callable[[dict[str, Any]], None],
-) -> list[ToolResult]:
-    """Ask the approver about each call that needs it (one at a time, in order), then ``run`` the
-    approved calls in parallel; a refused call's result says why it did not run. ``verdict`` decides
-    each call (permission rules, else the tool's ``approval``); what a rule decided is ``record``-ed.
-    Identical calls (name and arguments) are asked about and run once: each of their ids gets the result."""
-    keys = [call_key(call) for call in calls]
-    first = [keys.index(key) for key in keys]  # the index of each call's first identical one
-    results: list[ToolResult | None] = [None] * len(calls)
-    for index, event in enumerate(shown):
-        tool = tools.get(event.name)
-        if tool is None or first[index] != index:
-            continue
-        decided = verdict(event)
-        if decided.rule is not None:  # the session records what a rule decided
-            record({"type": "permission", "id": event.id, "name": event.name, **decided.record()})
-        if decided.mode != "auto":
-            results[index] = await review(event, decided.mode, tool.origin, approver, decided.reason())
-    runnable = [index for index, result in enumerate(results) if result is None and first[index] == index]
-    if len(runnable) == 1:  # no gather task: under load each task hop is a loop iteration
-        results[runnable[0]] = await run(calls[runnable[0]])
-    elif runnable:
-        ran = await asyncio.gather(*(run(calls[index]) for index in runnable))
-        for index, result in zip(runnable, ran, strict=True):
-            results[index] = result
-    return [dataclasses.replace(got, id=call.id) for call, index in zip(calls, first, strict=True)
-            if (got := results[index]) is not None]  # fmt: skip

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun.agent import Agent, Session
+from qwenrun.agent.model_call import ModelCall
 from qwenrun.approval import Approver, fixed_approver
-from qwenrun.engines.base import Constraint, OutputReader, Request, TokenLogprob
+from qwenrun.engines.base import Constraint, Request, TokenLogprob
 from qwenrun.engines.settings import VLLMEngineSpec
 from qwenrun.events import (
     CallDelta,
@@ -53,7 +54,7 @@ from qwenrun.events import (
     ToolResult,
     to_dict,
 )
-from qwenrun.frontends.openai.repeats import RepeatedCalls
+from qwenrun.frontends.openai.repeats import RepeatedCalls, answered_seen
 from qwenrun.frontends.openai.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -231,12 +232,6 @@ def passthrough(
     reasoning_wanted = request.include_reasoning
 
     async def pieces() -> Pieces:
-        lenient = bool(sent_tools) and agent.spec.agent.lenient_tool_calls
-        reader = OutputReader(agent.engine.tool_call_format, tools=sent_tools, lenient=lenient,
-                              calls=bool(sent_tools),
-                              calls_in_thinking=agent.spec.agent.calls_in_thinking == "run")  # fmt: skip
-        watched = frontend.answer_repeated_calls and choice == "auto" and request.wanted_logprobs() is None
-        repeats = RepeatedCalls(reader, messages if watched and sent_tools else [])
         trim, think_trim, finish, prompt, completion = _Trim(), _Trim(), "stop", 0, 0
         # The argument deltas of a call being written, held until it is complete: a call that ends
         # malformed (a parameter given twice, an answer cut by max_tokens) must not have reached
@@ -271,21 +266,25 @@ def passthrough(
                         out.append(TextDelta(text))
             return [Piece(part) for part in out]
 
-        stream = repeats.generate(
-            agent.engine,
-            Request(
-                messages=messages, tools=sent_tools, tool_choice=choice, parallel_tool_calls=not single,
-                sampling=agent.spec.sampling, overrides=sampling, constraint=constraint,
-                chat_template_kwargs=template, request_id=request_id,
-                incremental=bool(request.stream),  # non-streaming: one delta
-                logprobs=request.wanted_logprobs(),
-            ),
+        generation = Request(
+            messages=messages, tools=sent_tools, tool_choice=choice, parallel_tool_calls=not single,
+            sampling=agent.spec.sampling, overrides=sampling, constraint=constraint,
+            chat_template_kwargs=template, request_id=request_id,
+            incremental=bool(request.stream),  # non-streaming: one delta
+            logprobs=request.wanted_logprobs(),
         )  # fmt: skip
-        async with closing(stream):
-            async for delta in stream:
+        watched = frontend.answer_repeated_calls and choice == "auto" and request.wanted_logprobs() is None
+        settings = agent.spec.agent
+        call = ModelCall(agent.engine, generation, calls=bool(sent_tools),
+                         lenient=settings.lenient_tool_calls,
+                         calls_in_thinking=settings.calls_in_thinking == "run",
+                         seen=answered_seen(messages) if watched and sent_tools else None)  # fmt: skip
+        repeats = RepeatedCalls(call)
+        async with aclosing(repeats.deltas()) as deltas:
+            async for delta, items in deltas:
                 prompt, completion = delta.prompt_tokens, delta.completion_tokens
                 finish = delta.finish_reason or finish
-                for piece in translate(repeats.read(delta)):
+                for piece in translate(items):
                     yield piece
                 if delta.logprobs:
                     yield Piece(Logprobs(delta.logprobs))

@@ -3,8 +3,8 @@
 Where the client runs the tool loop (the OpenAI Agents SDK with a function tool, a loop of one's
 own), a small model given a tool's result often writes the same call again, and stray JSON after
 it, instead of answering: returned as it is, that text became the client's final answer.
-:class:`RepeatedCalls` stands between the engine and the chat route's reader. It reads the output
-with a :class:`~qwenrun.toolcalls.repeats.RepeatWatch` and stops the generation as soon as the
+:class:`RepeatedCalls` wraps the route's :class:`~qwenrun.agent.model_call.ModelCall`, which reads
+the output with a :class:`~qwenrun.toolcalls.repeats.RepeatWatch` and stops the generation as soon as the
 output holds a complete call of this turn (after the last user message) whose result the messages
 hold; unless a new call came before it (then those calls are the answer), the model is asked for
 its answer with the tools off, as the agent loop does (the same transient note), and that answer's
@@ -18,75 +18,62 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any
 
-from qwenrun.agent.loop import ANSWER_NOTE
-from qwenrun.engines.base import Delta, Engine, OutputReader, Request
+from qwenrun.agent.model_call import ModelCall, answer_request
+from qwenrun.engines.base import Delta
 from qwenrun.events import CallDelta, ParsedCall
 from qwenrun.toolcalls import OutputEvent
-from qwenrun.toolcalls.repeats import RepeatWatch
+from qwenrun.toolcalls.repeats import Seen
 
-__all__ = ["RepeatedCalls", "answered_calls"]
+__all__ = ["RepeatedCalls", "answered_calls", "answered_seen"]
 
 
 class RepeatedCalls:
-    """One pass-through generation with ``reader``: :meth:`generate` the deltas, :meth:`read`
-    each one, :meth:`finish` at the end (in place of the engine's ``generate`` and the reader's
-    ``feed`` and ``finish``). ``messages``: the request's (none: nothing is watched)."""
+    """One pass-through model call: :meth:`deltas` gives each delta with its events to return,
+    :meth:`finish` the last events (in place of the call's own). ``call`` watches the calls
+    of the request's messages (:func:`answered_seen`; without ``seen``: nothing is watched)."""
 
-    def __init__(self, reader: OutputReader, messages: Sequence[dict[str, Any]]) -> None:
-        answered = answered_calls(messages)
-        self.reader = reader  # the first generation's; after a repeat, the answer's
-        self.watch = RepeatWatch(lambda name, args: _key(name, args) in answered) if answered else None
+    def __init__(self, call: ModelCall) -> None:
+        self.call = call  # the first generation's; after a repeat, the answer's
         self.answering = False
         self._returned = 0  # well-formed calls returned before the repeat
 
-    @property
-    def stopped(self) -> bool:
-        """The output held a repeat: the generation was stopped there."""
-        return self.watch is not None and self.watch.call is not None
-
-    async def generate(self, engine: Engine, request: Request) -> AsyncIterator[Delta]:
-        """``engine.generate(request)`` until a repeat; then, without a new call before it, the
-        deltas of the answer with the tools off (their token counts after the first's)."""
-        stream = engine.generate(request)
-        try:
-            async for delta in stream:
-                yield delta
-                if self.stopped:
-                    break
-        finally:  # closing the engine's stream aborts the generation
-            await _close(stream)
-        if not self.stopped or self._returned:
+    async def deltas(self) -> AsyncGenerator[tuple[Delta, list[OutputEvent]], None]:
+        """The call's deltas until a repeat (that one with no events); then, without a new call
+        before it, the deltas of the answer with the tools off (their token counts after the first's)."""
+        first = self.call
+        async with aclosing(first.deltas()) as deltas:
+            async for delta, items in deltas:
+                if first.watch is None:
+                    yield delta, items
+                elif first.repeated:
+                    yield delta, []
+                else:
+                    items = [item for item in items if not isinstance(item, CallDelta)]
+                    self._returned += sum(1 for item in items if isinstance(item, ParsedCall) and item.ok)
+                    yield delta, items
+        if not first.repeated or self._returned:
             return
-        prompt, completion = self.reader.prompt_tokens, self.reader.completion_tokens
-        self.reader, self.answering = OutputReader(engine.tool_call_format, calls=False), True
-        notes = [*request.messages, {"role": "system", "content": ANSWER_NOTE}]
-        rid = f"{request.request_id or 'qwenrun'}-answer"
-        answer = dataclasses.replace(request, messages=notes, tools=None, tool_choice="none", request_id=rid)
-        stream = engine.generate(answer)
-        try:
-            async for delta in stream:
+        prompt, completion = first.reader.prompt_tokens, first.reader.completion_tokens
+        self.call, self.answering = ModelCall(first.engine, answer_request(first.request), calls=False), True
+        async with aclosing(self.call.deltas()) as deltas:
+            async for delta, items in deltas:
+                total = completion + delta.completion_tokens
                 yield dataclasses.replace(delta, prompt_tokens=prompt + delta.prompt_tokens,
-                                          completion_tokens=completion + delta.completion_tokens)  # fmt: skip
-        finally:
-            await _close(stream)
-
-    def read(self, delta: Delta) -> list[OutputEvent]:
-        """The events of ``delta`` to return now: none from the repeat on."""
-        items = self.reader.feed(delta)
-        if self.watch is None or self.answering:
-            return items
-        if self.watch.read(delta.text, items, bool(delta.starts_in_reasoning)):
-            return []
-        items = [item for item in items if not isinstance(item, CallDelta)]
-        self._returned += sum(1 for item in items if isinstance(item, ParsedCall) and item.ok)
-        return items
+                                          completion_tokens=total), items  # fmt: skip
 
     def finish(self) -> list[OutputEvent]:
-        """The reader's last events (none of the first generation's once it held a repeat)."""
-        return [] if self.stopped and not self.answering else self.reader.finish()
+        """The call's last events (none of the first generation's once it held a repeat)."""
+        return [] if self.call.repeated and not self.answering else self.call.finish()
+
+
+def answered_seen(messages: Sequence[dict[str, Any]]) -> Seen | None:
+    """Whether a call is one of :func:`answered_calls` (None: the messages answered none)."""
+    answered = answered_calls(messages)
+    return (lambda name, args: _key(name, args) in answered) if answered else None
 
 
 def answered_calls(messages: Sequence[dict[str, Any]]) -> set[tuple[str, str]]:
@@ -111,9 +98,3 @@ def answered_calls(messages: Sequence[dict[str, Any]]) -> set[tuple[str, str]]:
 
 def _key(name: str, arguments: Any) -> tuple[str, str]:
     return name, json.dumps(arguments, sort_keys=True, ensure_ascii=False)
-
-
-async def _close(stream: AsyncIterator[Delta]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
