@@ -26,6 +26,12 @@ class EngineError(QwenrunError):
     """The inference engine failed to start, died, or rejected a request."""
 
 
+class OutputError(QwenrunError):
+    """The final answer of a turn is not valid JSON of its output schema (``agent.output_schema`` or
+    a request's), even after one repair: cut off at ``max_tokens``, or failing a check the engine's
+    grammar cannot enforce (a pydantic validator, a ``format``). The message says what is wrong."""
+
+
 class RequestError(QwenrunError):
     """The engine refused one request as invalid: a prompt longer than ``max_model_len``, a
     sampling value vLLM rejects. The caller's fault, not the engine's: the engine goes on serving

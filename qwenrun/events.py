@@ -168,6 +168,9 @@ class Final:
     tool_calls: int = 0
     usage: Usage = field(default_factory=Usage)
     agent: str = ""  # the agent that speaks, in a team (agents:); "" for a lone agent
+    output: Any = None
+    """The answer read as JSON and validated, when the agent (or the request) has an output schema
+    (``agent.output_schema``); ``text`` is then that JSON as the model wrote it."""
     type: Literal["final"] = "final"
 
 

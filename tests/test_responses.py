@@ -217,6 +217,19 @@ async def test_text_format_json_schema_constrains_the_answer() -> None:
     assert json.loads(out.output_text) == {"city": "深圳"}
 
 
+async def test_agent_mode_text_format_is_the_turns_output_schema() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    async with serving(["It is 深圳.", '{"city": "深圳"}']) as srv, srv.client() as client:
+        out = await client.responses.create(
+            model=AGENT, input=QUESTION,
+            text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+        )  # fmt: skip
+    constraint = srv.engine.calls[-1].constraint
+    assert constraint is not None and constraint.json == schema and srv.engine.calls[-1].tools is None
+    assert json.loads(out.output_text) == {"city": "深圳"}
+    assert out.text is not None and out.text.format.type == "json_schema"
+
+
 async def test_max_output_tokens_cut_is_incomplete() -> None:
     async with serving(lambda request: "x" * 30) as srv, srv.client() as client:
         srv.engine.generate = _cut(srv.engine.generate)  # type: ignore[method-assign]
@@ -338,7 +351,7 @@ async def test_agent_mode_continues_with_its_tool_history(db: Path) -> None:
       "send no function_call_output"),
      ({"input": [{"role": "assistant", "content": "hi"}]}, "last input item must be a user message"),
      ({"input": "q", "tools": [TOOL]}, "send no `tools`"),
-     ({"input": "q", "text": {"format": {"type": "json_object"}}}, "needs pass-through")],
+     ({"input": "q", "structured_outputs": {"regex": "a+"}}, "pass-through mode only")],
 )  # fmt: skip
 async def test_agent_mode_refuses_what_it_cannot_run(body: dict[str, Any], message: str) -> None:
     async with serving([]) as srv, httpx.AsyncClient(base_url=srv.url) as http:

@@ -985,10 +985,10 @@ BAD_SCHEMA = {
             "top_logprobs",
         ),
         (
-            {"model": AGENT, "messages": USER, "response_format": {"type": "json_object"}},
+            {"model": AGENT, "messages": USER, "structured_outputs": {"regex": "a+"}},
             400,
             "invalid_request_error",
-            "response_format",
+            "structured_outputs",
         ),
         (
             {"model": SERVED, "messages": USER, "response_format": {"type": "structural_tag"}},

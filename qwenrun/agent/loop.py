@@ -30,7 +30,8 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from qwenrun.agent.model_call import ModelCall, answer_request
+from qwenrun.agent.answer import Answer, answer_notes
+from qwenrun.agent.model_call import ANSWER_NOTE, ModelCall, answer_request
 from qwenrun.agent.observability import Telemetry, TurnTelemetry
 from qwenrun.agent.steps import (
     Step,
@@ -42,15 +43,16 @@ from qwenrun.agent.steps import (
 )
 from qwenrun.agent.team import Team
 from qwenrun.approval import Approver, review
-from qwenrun.engines.base import Engine, Request
+from qwenrun.engines.base import Constraint, Engine, Request
 from qwenrun.engines.registry import create_engine
 from qwenrun.errors import ConfigError
-from qwenrun.events import Event, Final, ParsedCall, ToolCall, ToolResult, Usage
+from qwenrun.events import Event, Final, ParsedCall, TextDelta, ToolCall, ToolResult, Usage
 from qwenrun.events import to_dict as event_dict
 from qwenrun.mcp.toolset import McpToolset
 from qwenrun.permissions import Permissions, Verdict
 from qwenrun.sessions.store import MemoryStore, session_info, turn_record, usage_meta
 from qwenrun.spec.agent_file import AgentSpec
+from qwenrun.spec.output import OutputSchema, answer_schema
 from qwenrun.tools import Tool, declared_only, dropped_notice, run_call
 
 if TYPE_CHECKING:
@@ -253,8 +255,10 @@ class Session:
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        output_schema: OutputSchema | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run one user turn, yielding events; the last one is :class:`Final`.
+        """Run one user turn, yielding events; the last one is :class:`Final` (``output_schema``:
+        of this turn's answer instead of ``agent.output_schema``).
 
         ``overrides`` (sampling) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)
         apply to every model call of the turn, over the agent's own.
@@ -263,9 +267,8 @@ class Session:
         and keeps the session usable: the partial answer is kept in the history. Each message is
         recorded in the agent's store as it is added, and the turn's end (or error) after it.
         """
-        return self._events(
-            prompt, tool_choice=tool_choice, overrides=overrides, template=chat_template_kwargs, text=True
-        )
+        return self._events(prompt, tool_choice=tool_choice, overrides=overrides,
+                            template=chat_template_kwargs, schema=output_schema, text=True)  # fmt: skip
 
     async def _events(
         self,
@@ -274,6 +277,7 @@ class Session:
         tool_choice: str | None = None,
         overrides: dict[str, Any] | None = None,
         template: Mapping[str, Any] | None = None,
+        schema: OutputSchema | None = None,
         text: bool,
     ) -> AsyncGenerator[Event, None]:
         """:meth:`stream`; without :class:`TextDelta` events unless ``text`` (``ask`` needs none,
@@ -284,6 +288,7 @@ class Session:
             calls = TurnOptions(
                 {**self.agent.sampling_overrides(), **(overrides or {})},
                 {**self.agent.chat_template_kwargs(), **(template or {})},
+                schema or answer_schema(self.agent.spec),
             )
             # closed here, not by the garbage collector: a consumer that stops listening ends the
             # model call now, and the partial answer is recorded before the turn's end
@@ -313,13 +318,17 @@ class Session:
         done: set[tuple[str, str]] = set()  # the calls run in this turn (name, arguments)
         checked = self.agent.tools if spec.extra_arguments == "drop" else {}  # undeclared arguments drop
         answering = False  # the model repeated a call: ask for the answer (a transient note, tools off)
+        schema = options.schema  # the answer is JSON of it: only the validated JSON is streamed as text
         while iteration < spec.max_iterations:
             iteration += 1
             step = Step(seen_calls(done, checked) if done and spec.stop_repeated_calls else None)
             try:
-                async with aclosing(self._model_call(choice, options, step, text, answering)) as model:
+                step.structured = schema is not None and (choice == "none" or not self.agent.tools)
+                notes = answer_notes(None, schema, step)
+                async with aclosing(self._model_call(choice, options, step, text, answering, notes)) as model:
                     async for event in model:
-                        yield event
+                        if schema is None or not isinstance(event, TextDelta):
+                            yield event
             finally:
                 if not step.done and (step.text or step.reasoning):  # interrupted: keep what the user saw
                     partial = with_reasoning({"role": "assistant", "content": step.text}, step.reasoning)
@@ -335,6 +344,21 @@ class Session:
                     choice, answering = "none", True
                     continue
                 calls = fresh
+            if (not calls or choice == "none") and schema is not None:
+                answer = Answer(step, schema, ANSWER_NOTE if answering else None)
+                answered = answer.events(lambda s, m: self._model_call("none", options, s, text, extra=m))
+                async with aclosing(answered) as events:
+                    async for event in events:
+                        yield event
+                total += answer.usage
+                content, step = answer.content, answer.step
+                self._record(with_reasoning({"role": "assistant", "content": content}, step.reasoning),
+                             usage_meta(step.usage, step.finish_reason))  # fmt: skip
+                if text:
+                    yield TextDelta(content)
+                iteration += answer.calls
+                yield Final(content, "answer", iteration, tool_calls, total, output=answer.value)
+                return
             if not calls or choice == "none":
                 content = step.result.content
                 meta = usage_meta(step.usage, step.finish_reason)
@@ -375,27 +399,31 @@ class Session:
         yield Final(note, "max_iterations", iteration, tool_calls, total)
 
     async def _model_call(
-        self, choice: str, options: TurnOptions, step: Step, text: bool, answering: bool = False
+        self, choice: str, options: TurnOptions, step: Step, text: bool, answering: bool = False,
+        extra: Sequence[dict[str, Any]] = (),
     ) -> AsyncGenerator[Event, None]:
         """One model call (:mod:`qwenrun.agent.model_call`; plus at most one repair), streaming its
         visible text and its reasoning if ``text``; it stops as soon as the output holds a call that
-        ``step.seen`` knows; ``answering``: it asks for the answer with the tools off."""
+        ``step.seen`` knows; ``answering``: it asks for the answer with the tools off. ``extra``:
+        transient messages; ``step.structured``: the answer is under the turn's output schema."""
         agent, trace, settings = self.agent, self._trace, self.agent.spec.agent
         assert trace is not None  # set by stream()
         repaired = False
+        schema = options.schema if step.structured else None
         while True:
             span = trace.model_call(int(repaired))
-            tools = agent.tool_schemas() if choice != "none" and agent.tools else None
+            tools = agent.tool_schemas() if choice != "none" and agent.tools and schema is None else None
             request = Request(
-                messages=[{"role": "system", "content": agent.system_prompt}, *self.messages],
+                messages=[{"role": "system", "content": agent.system_prompt}, *self.messages, *extra],
                 tools=tools,
-                tool_choice=choice,
+                tool_choice="none" if schema is not None else choice,
                 sampling=agent.spec.sampling,
                 overrides=options.overrides,
+                constraint=Constraint(json=schema.json_schema) if schema is not None else None,
                 chat_template_kwargs=options.template,
             )
             call = ModelCall(agent.engine, answer_request(request) if answering else request,
-                             lenient=settings.lenient_tool_calls, seen=step.seen,
+                             calls=schema is None, lenient=settings.lenient_tool_calls, seen=step.seen,
                              calls_in_thinking=settings.calls_in_thinking == "run")  # fmt: skip
             try:
                 async with aclosing(call.deltas()) as deltas:

@@ -10,6 +10,7 @@ from typing import Any
 
 from qwenrun import toolcalls
 from qwenrun.events import ParsedCall, Reasoning, TextDelta, Usage
+from qwenrun.spec.output import OutputSchema
 from qwenrun.toolcalls.repeats import Seen
 from qwenrun.tools import Tool, declared_only
 
@@ -19,10 +20,12 @@ __all__ = ["Step", "TurnOptions", "assistant_message", "call_key", "seen_calls",
 class TurnOptions:
     """What every model call of a turn gets: sampling overrides and chat template variables."""
 
-    __slots__ = ("overrides", "template")
+    __slots__ = ("overrides", "schema", "template")
 
-    def __init__(self, overrides: dict[str, Any], template: dict[str, Any]) -> None:
-        self.overrides, self.template = overrides, template
+    def __init__(
+        self, overrides: dict[str, Any], template: dict[str, Any], schema: OutputSchema | None = None
+    ) -> None:
+        self.overrides, self.template, self.schema = overrides, template, schema  # schema: of the answer
 
 
 class Step:
@@ -30,6 +33,7 @@ class Step:
 
     def __init__(self, seen: Seen | None = None) -> None:
         self.seen, self.repeated = seen, False  # repeated: it stopped at a call of ``seen``
+        self.structured = False  # generated under the turn's output schema
         self.text = ""
         self.reasoning = ""
         self.done = False

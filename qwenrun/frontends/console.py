@@ -37,6 +37,7 @@ from qwenrun.events import (
     to_dict,
 )
 from qwenrun.frontends.base import Launch, run_agent
+from qwenrun.spec.output import answer_schema
 
 __all__ = ["EventPrinter", "console_approver", "printable", "repl", "run", "run_once"]
 
@@ -60,7 +61,8 @@ def printable(text: str) -> str:
 
 class EventPrinter:
     """Prints events compactly: the reasoning streams dimmed, the answer streams, tool steps get one
-    dim line each; the loop's notices one yellow line if ``notices`` (``-v``)."""
+    dim line each; the loop's notices one yellow line if ``notices`` (``-v``). A structured answer
+    (``agent.output_schema``: the final event's ``output``) is printed as indented JSON instead."""
 
     def __init__(
         self,
@@ -69,8 +71,11 @@ class EventPrinter:
         show_tools: bool = True,
         as_json: bool = False,
         notices: bool = False,
+        structured: bool = False,
     ) -> None:
         self.out = out
+        self.structured = structured  # the answer is JSON: printed indented at the end of the turn
+        self._answer = ""
         self.show_tools = show_tools
         self.as_json = as_json
         self.notices = notices
@@ -111,8 +116,10 @@ class EventPrinter:
                 self._end_line()
                 self._write(click.style(f"[{printable(event.agent)}] ", bold=True))
                 self._speaker = event.agent
-            self._write(printable(event.text))
-            self._open_line = not event.text.endswith("\n")
+            self._answer += event.text
+            if not self.structured:
+                self._write(printable(event.text))
+                self._open_line = not event.text.endswith("\n")
             return
         if isinstance(event, Final):
             self._final(event)
@@ -148,6 +155,13 @@ class EventPrinter:
             note = "(the model's answer is empty)"
         else:
             note = ""
+        if self.structured and final.output is not None:
+            self._end_line()
+            self._write(printable(json.dumps(final.output, indent=2, ensure_ascii=False)) + "\n")
+        elif self.structured and self._answer:  # cut off or stopped: what the model wrote
+            self._write(printable(self._answer))
+            self._open_line = not self._answer.endswith("\n")
+        self._answer = ""
         if self._open_line:
             self._write("\n")
         if note:
@@ -197,6 +211,7 @@ async def run_once(agent: Agent, prompt: str, *, as_json: bool = False, notices:
     printer = EventPrinter(
         as_json=as_json,
         notices=notices,
+        structured=answer_schema(agent.spec) is not None,
         show_tools=agent.spec.frontend.kind != "cli" or getattr(agent.spec.frontend, "show_tool_calls", True),
     )
     reader: _LineReader | None = None
@@ -224,7 +239,8 @@ async def repl(
     ``notices``: show the loop's notices (``-v``).
     """
     show = getattr(agent.spec.frontend, "show_tool_calls", True)
-    printer = EventPrinter(show_tools=show, notices=notices)
+    structured = answer_schema(agent.spec) is not None
+    printer = EventPrinter(show_tools=show, notices=notices, structured=structured)
     lines = _LineReader(stdin or sys.stdin)
     session = agent.session(resume, approver=console_approver(lines.next))
     _announce(session, resumed=resume is not None)

@@ -48,6 +48,7 @@ from qwenrun.spec.loading import (
     safe_load,
     upgrade,
 )
+from qwenrun.spec.output import answer_schema
 from qwenrun.spec.sessions import SessionsSpec
 from qwenrun.spec.team import MEMBER_NAME, TeamSpec, check_graph, load_file, tool_names
 from qwenrun.toolsets.spec import ToolsetBase, ToolsetSpec
@@ -192,6 +193,9 @@ class AgentSettings(Settings):
         "arguments) to one already run in this turn, then ask for the answer with the tools off "
         "(false: let the model write on until it ends or reaches max_tokens, then do the same).",
     )
+    output_schema: dict[str, Any] | str | None = Field(None, description="A JSON Schema or 'module:Class' "
+        "(a pydantic model): each turn's final answer is generated under it with vLLM structured outputs "
+        "and validated (docs/structured-output.md).")  # fmt: skip
 
     def turn_tool_choice(self, message: str) -> str:
         """The ``tool_choice`` of a turn's first model call for the user's ``message``: the first
@@ -446,6 +450,7 @@ class AgentSpec(Settings):
         if problem:
             raise ConfigError(f"{self.source}: engine: {problem}")
         self.system_prompt()  # a bad template fails validation, not the first turn
+        answer_schema(self)  # a schema or model that cannot be used fails validation too
 
     def _check_mcp_names(self) -> None:
         """Server names are unique, and the tools that ``allow`` lists clash with no other tool

@@ -255,7 +255,10 @@ class VLLMEngine:
 
     def _forcing(self, request: Request, prompt: str) -> tuple[Constraint | None, str]:
         """The constraint and prefill of ``request``: its own, else those of a forced call of the
-        model's format, its prefill closing a think block the ``prompt`` leaves open."""
+        model's format, its prefill closing a think block the ``prompt`` leaves open (as it does
+        for a constraint of its own without a prefill: the constrained text is the answer)."""
+        if request.constraint is not None and not request.prefill and prompt_opens_thinking(prompt):
+            return request.constraint, thinking_prefill(prompt, self._template)
         if request.constraint is not None or request.prefill:
             return request.constraint, request.prefill
         tools, choice = request.tools, request.tool_choice

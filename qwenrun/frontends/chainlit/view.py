@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -47,7 +48,8 @@ class TurnView:
     Reasoning streams into a ``Reasoning`` step (collapsed; it ends when anything else comes).
     Text streams into an assistant message; a tool call ends it and opens a ``tool`` step (input:
     the arguments as JSON) that its result closes (output; ``is_error`` for ``Error: ...``); text
-    after the tools streams into a new message. Everything nests under the current run step.
+    after the tools streams into a new message. Everything nests under the current run step. A
+    structured answer (the final event's ``output``) becomes a formatted JSON code block.
     """
 
     def __init__(self, cl: Any, author: str) -> None:
@@ -123,7 +125,12 @@ class TurnView:
         await self.message.stream_token(text)
 
     async def final(self, final: Final) -> None:
-        if final.stop_reason == "max_iterations":
+        if final.output is not None:  # a structured answer (agent.output_schema): shown as a JSON block
+            shown = json.dumps(final.output, indent=2, ensure_ascii=False)
+            if self.message is None:
+                self.message = self.cl.Message(content="", author=self.author, parent_id=self.parent_id)
+            self.message.content = f"```json\n{shown}\n```"
+        elif final.stop_reason == "max_iterations":
             await self.end_message()
             await self.text(final.text)
         elif final.stop_reason == "length":

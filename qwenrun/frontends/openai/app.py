@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenrun.agent import Agent
 from qwenrun.engines.base import wait_until_dead
-from qwenrun.errors import ConfigError, EngineError, RequestError
+from qwenrun.errors import ConfigError, EngineError, OutputError, RequestError
 from qwenrun.frontends.openai import chat, completions, responses
 from qwenrun.frontends.openai.http import (
     PING_S,
@@ -123,6 +123,10 @@ def create_app(agent: Agent, *, shutdown_engine: bool = True) -> FastAPI:
     async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
         log.warning("engine error: %s", exc)
         return error_response(APIError(503, str(exc), type="server_error", code="engine_unavailable"))
+
+    @app.exception_handler(OutputError)
+    async def on_output_error(request: Request, exc: OutputError) -> JSONResponse:
+        return error_response(_invalid_output(exc))
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -239,6 +243,9 @@ async def _events(
     except RequestError as exc:  # a later model call of an agent turn, e.g. a too long conversation
         request.state.qwenrun_status = 400
         yield json.dumps(_refused(exc).body())
+    except OutputError as exc:  # the agent's answer does not match its output schema
+        request.state.qwenrun_status = 502
+        yield json.dumps(_invalid_output(exc).body())
     except EngineError as exc:
         log.warning("engine error during a stream: %s", exc)
         request.state.qwenrun_status = 503
@@ -254,6 +261,10 @@ async def _events(
 
 def _refused(exc: RequestError) -> APIError:
     return APIError(400, str(exc), param=exc.param, code=exc.code)
+
+
+def _invalid_output(exc: OutputError) -> APIError:
+    return APIError(502, str(exc), type="server_error", code="invalid_output")
 
 
 ENGINE_CHECK_S = 1.0  # how often the watchdog looks at the engine

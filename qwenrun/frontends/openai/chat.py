@@ -20,6 +20,8 @@ as ``vllm serve --reasoning-parser qwen3`` does (newer vLLM: ``reasoning``, olde
   the answer with the tools off instead (:mod:`~qwenrun.frontends.openai.repeats`).
 * agent (``model`` = the agent name): the agent loop runs one turn with the YAML's tools; its tool
   steps are reported in the extension fields ``message.qwenrun_steps`` / ``chunk.qwenrun_step``.
+  A JSON ``response_format`` is the turn's output schema (over ``agent.output_schema``): the
+  answer is generated under it and validated (:mod:`qwenrun.agent.answer`).
   Nobody is there to approve a call: an agent with ``approval: ask`` tools needs the request header
   ``X-Qwenrun-Approval: approve`` (they run) or ``reject`` (they are refused), else 400.
 """
@@ -372,7 +374,6 @@ def agent_turn(
                        f"(or use model {agent.spec.served_model_name!r} for pass-through)",
                        param="tools")  # fmt: skip
     passthrough_only = {"n": (request.n or 1) > 1, "logprobs": bool(request.logprobs),
-                        "response_format": request.json_format(),
                         "structured_outputs": request.structured_outputs is not None}  # fmt: skip
     for param, given in passthrough_only.items():
         if given:
@@ -392,13 +393,15 @@ def agent_turn(
         _check_session_id(agent, session_id)
     sampling = overrides(request, agent, frontend)
     template, reasoning_wanted = request.chat_template_kwargs, request.include_reasoning
+    schema = request.output_schema()
 
     async def pieces() -> Pieces:
         trim, think_trim = _Trim(), _Trim()
         session = stateless if session_id is None else await _claim(agent, session_id, busy)
         session.approver = approver
         events = session.stream(
-            text_of(last.content), tool_choice=choice, overrides=sampling, chat_template_kwargs=template
+            text_of(last.content), tool_choice=choice, overrides=sampling, chat_template_kwargs=template,
+            output_schema=schema,
         )
         gap = False  # reasoning was returned, then something else: the next model call's is apart
         async with closing(events), _released(session_id, busy):

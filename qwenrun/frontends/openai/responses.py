@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from qwenrun.agent import Agent
-from qwenrun.errors import EngineError, RequestError
+from qwenrun.errors import EngineError, OutputError, RequestError
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.http import (
     PING_S,
@@ -58,6 +58,7 @@ from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, in
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.sampling import KNOBS, knob_values
 from qwenrun.sessions.store import ResponseStore, StoredResponse
+from qwenrun.spec.output import answer_schema
 
 __all__ = ["MemoryResponses", "Responses", "register"]
 
@@ -157,16 +158,20 @@ def _chat_choice(request: ResponsesRequest) -> Any:
 
 
 def _structured(request: ResponsesRequest, body: dict[str, Any], mode: str) -> dict[str, Any] | None:
-    """``text.format`` as vLLM's ``structured_outputs`` (pass-through only)."""
+    """``text.format`` as vLLM's ``structured_outputs`` (pass-through); in agent mode the turn's
+    output schema, as a chat ``response_format``."""
     form = request.text.format if request.text else None
     if form is None or form.type == "text":
         return None
     if mode == "agent":
-        raise APIError(400, "text.format other than 'text' needs pass-through (the served model name)",
-                       param="text.format")  # fmt: skip
+        if form.json_schema is None:
+            return {"response_format": {"type": "json_object"}}
+        named = {"name": form.name or "answer", "schema": form.json_schema}
+        return {"response_format": {"type": "json_schema", "json_schema": named}}
     if "structured_outputs" in body:
         raise APIError(400, "give text.format or structured_outputs, not both", param="text.format")
-    return {"json": form.json_schema if form.type == "json_schema" else {"type": "object"}}
+    schema = form.json_schema if form.type == "json_schema" else {"type": "object"}
+    return {"structured_outputs": {"json": schema}}
 
 
 def chat_request(
@@ -184,7 +189,7 @@ def chat_request(
     data.update({key: body[key] for key in (*KNOBS, *VLLM_EXTRAS) if key in body})
     data.update(knob_values(request, "responses"))  # OpenAI's names, validated by ResponsesRequest
     if (structured := _structured(request, body, mode)) is not None:
-        data["structured_outputs"] = structured
+        data.update(structured)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -201,8 +206,20 @@ def _check_agent_input(request: ResponsesRequest) -> None:
         raise APIError(400, "in agent mode the last input item must be a user message", param="input")
 
 
-def skeleton(request: ResponsesRequest, agent: Agent) -> dict[str, Any]:
-    """The response object before its output: the request's settings, as OpenAI echoes them."""
+def _text(request: ResponsesRequest, agent: Agent, mode: str) -> dict[str, Any]:
+    """The response's ``text``: the request's, else in agent mode the agent's output schema."""
+    if request.text:
+        return request.text.model_dump(exclude_none=True, by_alias=True)
+    schema = answer_schema(agent.spec) if mode == "agent" else None
+    if schema is None:
+        return {"format": {"type": "text"}}
+    form = {"type": "json_schema", "name": schema.name, "schema": schema.json_schema, "strict": True}
+    return {"format": form}
+
+
+def skeleton(request: ResponsesRequest, agent: Agent, mode: str = "passthrough") -> dict[str, Any]:
+    """The response object before its output: the request's settings, as OpenAI echoes them (in
+    agent mode without ``text``: the agent's ``output_schema`` as its ``text.format``)."""
     sampling = agent.spec.sampling
     choice = request.tool_choice
     return {
@@ -213,8 +230,7 @@ def skeleton(request: ResponsesRequest, agent: Agent) -> dict[str, Any]:
         "previous_response_id": request.previous_response_id,
         "reasoning": request.reasoning or {"effort": None, "summary": None}, "store": request.store,
         "temperature": sampling.temperature if request.temperature is None else request.temperature,
-        "text": request.text.model_dump(exclude_none=True, by_alias=True) if request.text
-        else {"format": {"type": "text"}},
+        "text": _text(request, agent, mode),
         "tool_choice": choice.model_dump() if isinstance(choice, FunctionChoice) else choice or "auto",
         "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
         "top_p": sampling.top_p if request.top_p is None else request.top_p, "truncation": "disabled",
@@ -252,7 +268,7 @@ def register(
             previous = await responses.get(req.previous_response_id, owner, param="previous_response_id")
             conversation = list(previous.conversation)
         conversation += [normalize(item) for item in req.items()]
-        builder = ResponseBuilder(skeleton(req, agent), server_label=agent.name)
+        builder = ResponseBuilder(skeleton(req, agent, mode), server_label=agent.name)
         approval = request.headers.get(chat.APPROVAL_HEADER)
         session_id = request.headers.get(chat.SESSION_HEADER)
         headers = {chat.SESSION_HEADER: session_id} if session_id is not None else None
@@ -347,9 +363,11 @@ async def _events(
         request.state.qwenrun_status = 400
         for event in builder.fail("invalid_prompt", str(exc)):
             yield _sse(event)
-    except (EngineError, APIError) as exc:
+    except (EngineError, APIError, OutputError) as exc:
         log.warning("error during a streamed response: %s", exc)
-        request.state.qwenrun_status = 503 if isinstance(exc, EngineError) else exc.status
+        request.state.qwenrun_status = (
+            503 if isinstance(exc, EngineError) else 502 if isinstance(exc, OutputError) else exc.status
+        )
         for event in builder.fail("server_error", str(exc)):
             yield _sse(event)
     except Exception as exc:

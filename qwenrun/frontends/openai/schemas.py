@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from qwenrun.sampling import SamplingKnobs, knob_field
+from qwenrun.spec.output import OutputSchema
 
 __all__ = [
     "APIError",
@@ -305,6 +306,20 @@ class ChatCompletionRequest(_Model, SamplingKnobs):
     def wanted_logprobs(self) -> int | None:
         """How many alternatives per token the engine must score (None: no logprobs)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def output_schema(self) -> OutputSchema | None:
+        """The output schema of an agent-mode request: its JSON ``response_format`` (``json_object``:
+        any object), which the turn's answer must match instead of ``agent.output_schema``."""
+        form = self.response_format
+        if form is None or form.type == "text":
+            return None
+        if form.json_schema is None:
+            return OutputSchema.from_json_schema({"type": "object"})
+        try:
+            return OutputSchema.from_json_schema(form.json_schema.json_schema, form.json_schema.name)
+        except ValueError as exc:
+            where = "response_format.json_schema.schema"
+            raise APIError(400, f"{where}: {exc}", param="response_format") from None
 
     def json_format(self) -> bool:
         """Whether ``response_format`` asks for JSON (``json_object`` or ``json_schema``)."""
