@@ -207,6 +207,19 @@ def test_validate_catches_a_cycle_of_agent_files(tmp_path: Path) -> None:
     assert out.exit_code != 0 and "a cycle of agent files" in out.output
 
 
+def test_a_broken_member_file_is_named_from_the_file_loaded(tmp_path: Path) -> None:
+    team = tmp_path / "team.yaml"
+    team.write_text("model: {path: m}\nagents:\n  w: {file: gone.yaml}\n  b: {file: bad.yaml}\n")
+    with pytest.raises(ConfigError) as caught:
+        AgentSpec.from_file(team)
+    assert str(caught.value).startswith(f"{team}: agents.w.file: {tmp_path / 'gone.yaml'}: cannot read file")
+    (tmp_path / "gone.yaml").write_text("model: {path: m}\n")
+    (tmp_path / "bad.yaml").write_text("model: {path: m}\nsampling: {temperature: hot}\n")
+    with pytest.raises(ConfigError) as caught:
+        AgentSpec.from_file(team)
+    assert str(caught.value).startswith(f"{team}: agents.b.file: {tmp_path / 'bad.yaml'}: sampling.temperature")
+
+
 def test_member_files_and_sampling_overrides(tmp_path: Path) -> None:
     (tmp_path / "w.yaml").write_text("model: {path: other}\nagent: {name: w, system_prompt: W}\n")
     spec = AgentSpec.from_text(

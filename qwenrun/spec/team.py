@@ -99,7 +99,8 @@ def check_graph(source: str, edges: Mapping[str, tuple[str, Sequence[str], Seque
 
 def load_file(source: str, where: str, file: str, load: Callable[[Path], T]) -> T:
     """Load the agent file ``file`` that ``where`` of the file ``source`` names (relative to it) with
-    ``load``; a file that names itself, through any number of files, is a :class:`ConfigError`."""
+    ``load``; a file that names itself, through any number of files, is a :class:`ConfigError`, and
+    so is a member file's own error, prefixed with ``source: where.file:``."""
     base = Path.cwd() if source.startswith("<") else Path(source).parent  # <string>, <dict>: here
     path = (base / file).resolve()
     loading = LOADING.get() or (str(Path(source).resolve()),)
@@ -109,5 +110,7 @@ def load_file(source: str, where: str, file: str, load: Callable[[Path], T]) -> 
     token = LOADING.set((*loading, str(path)))
     try:
         return load(path)
+    except ConfigError as exc:  # name it from the file the user loaded: where, then the member's own
+        raise ConfigError(f"{source}: {where}.file: {exc}") from None
     finally:
         LOADING.reset(token)
