@@ -87,7 +87,7 @@ class ResponseBuilder:
             return self._call_delta(part)
         if isinstance(part, ParsedCall):
             return self._function_call(part)
-        if isinstance(part, chat.Step):
+        if isinstance(part, chat.StepPart):
             return self._step(part.data)
         if isinstance(part, chat.Logprobs):  # the Responses API returns no token log probabilities
             return []
