@@ -23,7 +23,6 @@ __all__ = [
     "Case",
     "CaseTool",
     "Function",
-    "Message",
     "dump_cases",
     "load_cases",
     "problem_text",

@@ -37,7 +37,7 @@ from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
-__all__ = ["Outcome", "Recorder", "Via", "run_cases"]
+__all__ = ["Outcome", "Via", "run_cases"]
 
 Via = Literal["agent", "server"]
 _case_key: contextvars.ContextVar[str] = contextvars.ContextVar("qwenrun_eval_case", default="")

@@ -72,7 +72,7 @@ APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls
 
 __all__ = [
     "APPROVAL_HEADER", "Finish", "Logprobs", "Part", "Piece", "Pieces", "Reply", "StepPart", "agent_turn",
-    "approver_for", "closing", "passthrough", "passthrough_choices",
+    "passthrough", "passthrough_choices",
 ]  # fmt: skip
 
 

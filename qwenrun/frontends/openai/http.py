@@ -17,9 +17,10 @@ from typing import Any, Literal, TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from qwenrun.agent.observability import Metrics
 from qwenrun.events import ParsedCall
 from qwenrun.frontends.openai import chat
-from qwenrun.frontends.openai.metrics import MODE_KEY, Metrics
+from qwenrun.frontends.openai.metrics import MODE_KEY
 from qwenrun.frontends.openai.schemas import APIError
 
 __all__ = [

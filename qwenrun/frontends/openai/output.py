@@ -31,7 +31,7 @@ from qwenrun.events import CallDelta, ParsedCall, Reasoning, TextDelta
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.items import new_id
 
-__all__ = ["ResponseBuilder", "usage"]
+__all__ = ["ResponseBuilder"]
 
 SseEvent = dict[str, Any]  # one server-sent event of the Responses API
 
