@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from qwenrun import Agent
-from qwenrun.events import Final, TextDelta, ToolCall, ToolResult
+from qwenrun import Agent, Final, TextDelta, ToolCall, ToolResult
 
 
 async def main(path: str, question: str = "广州天气情况如何?") -> Final:

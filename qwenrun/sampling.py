@@ -26,9 +26,9 @@ from pydantic.fields import FieldInfo
 
 from qwenrun.spec.base import Settings
 
-__all__ = ["KNOBS", "OPENAI_NAMES", "SamplingKnobs", "SamplingSpec", "knob_field", "knob_values",
-           "sampling_values",
-           "spec_field"]  # fmt: skip
+__all__ = [
+    "KNOBS", "OPENAI_NAMES", "SamplingKnobs", "SamplingSpec", "knob_field", "knob_values", "sampling_values",
+]  # fmt: skip
 
 
 class SamplingKnobs(BaseModel):

@@ -298,7 +298,7 @@ def test_service_and_autoscaler_target_the_deployment(tmp_path: Path) -> None:
 
 
 def test_the_autoscaled_metric_is_the_servers_gauge() -> None:
-    from qwenrun.frontends.openai.metrics import Metrics
+    from qwenrun.agent.observability import Metrics
 
     metrics = Metrics()
     metrics.in_flight.labels("/v1/chat/completions").inc()

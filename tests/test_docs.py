@@ -107,6 +107,30 @@ async def test_the_plugin_page_example_works_as_written(monkeypatch: pytest.Monk
     assert final.tool_calls == 1
 
 
+# -- docs/api.md: its embedding example prints what the page says ---------------------------------
+
+API_EXAMPLE_OUTPUT = """\
+call: get_current_weather({'city': '广州'})
+result: 广州: 多云, 28~31℃
+answer: 广州今天多云, 气温28~31℃。 (1 tool call)
+"""
+
+
+def test_the_api_page_example_prints_what_it_says(tmp_path: Path) -> None:
+    page = ROOT / "docs" / "api.md"
+    (example,) = _python_blocks(page)
+    shown = page.read_text(encoding="utf-8").split(example, 1)[1].split("It prints:\n\n```\n", 1)[1]
+    assert shown.split("```", 1)[0] == API_EXAMPLE_OUTPUT
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+        encoding="utf-8", timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == API_EXAMPLE_OUTPUT
+    assert list(tmp_path.iterdir()) == []  # no session database, no file left behind
+
+
 # -- scripts/test.sh: Chromium for the browser tests -------------------------------------------------
 
 

@@ -38,7 +38,8 @@ from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.errors import ConfigError, EngineError, RequestError
 from qwenrun.events import Event, Final, TextDelta, ToolCall, ToolResult
 from qwenrun.frontends.openai import create_app
-from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.sampling import SamplingSpec
+from qwenrun.spec.agent_file import AgentSpec
 
 pytestmark = pytest.mark.engine
 

@@ -21,7 +21,8 @@ from qwenrun.engines.scripted import literal_regex
 from qwenrun.engines.vllm.engine import VLLMEngine
 from qwenrun.engines.vllm.inputs import engine_kwargs, sampling_kwargs, template_messages
 from qwenrun.errors import ConfigError, EngineError, RequestError
-from qwenrun.spec.agent_file import AgentSpec, SamplingSpec
+from qwenrun.sampling import SamplingSpec
+from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.toolcalls.hermes import parse
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"city": "广州"}}\n</tool_call>'

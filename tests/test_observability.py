@@ -23,7 +23,6 @@ from weather import get_current_weather
 
 from qwenrun.agent import Agent
 from qwenrun.agent.observability import (
-    SESSION_ID,
     JsonFormatter,
     Metrics,
     SessionFilter,
@@ -32,6 +31,7 @@ from qwenrun.agent.observability import (
 )
 from qwenrun.cli import common as cli
 from qwenrun.cli import main as cli_main
+from qwenrun.context import SESSION_ID
 from qwenrun.engines.scripted import ModelRequest, ScriptedEngine, tool_call_text
 from qwenrun.errors import EngineError
 from qwenrun.frontends.openai import create_app

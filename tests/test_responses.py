@@ -731,10 +731,10 @@ def test_builder_items_and_events_for_every_piece() -> None:
     step = {"type": "tool_call", "name": "get_current_weather", "arguments": {"city": "深圳"}}
     pieces: list[Any] = [
         Reasoning("\n想一想"), TextDelta(" 我查一下。"), Reasoning("再想"),
-        chat.Step({**step, "id": "call_a"}), chat.Step({**step, "id": "call_b"}),
-        chat.Step({"type": "tool_result", "id": "call_b", "name": "x", "content": "Error: boom", "is_error": True}),
-        chat.Step({"type": "repair", "reason": "malformed"}),
-        chat.Step({"type": "tool_result", "id": "call_a", "name": "x", "content": "晴", "is_error": False}),
+        chat.StepPart({**step, "id": "call_a"}), chat.StepPart({**step, "id": "call_b"}),
+        chat.StepPart({"type": "tool_result", "id": "call_b", "name": "x", "content": "Error: boom", "is_error": True}),
+        chat.StepPart({"type": "repair", "reason": "malformed"}),
+        chat.StepPart({"type": "tool_result", "id": "call_a", "name": "x", "content": "晴", "is_error": False}),
         TextDelta("\n\n"), TextDelta("晴。"), chat.Finish("stop", 10, 4),
     ]  # fmt: skip
     events = builder.start() + [event for piece in pieces for event in builder.feed(piece)]

@@ -2,8 +2,9 @@
 the tools of the agent file's plugins (:mod:`~qwenrun.agent.plugins`), telemetry
 (:mod:`~qwenrun.agent.observability`) and replaying recorded sessions (:mod:`~qwenrun.agent.replay`).
 
-``from qwenrun.agent import Agent, Session`` is the public face (also ``from qwenrun import Agent``);
-the loop is imported on first use, so that importing a helper module of this package stays cheap.
+The package exports ``Agent`` and ``Session`` for the rest of qwenrun (programs import them from
+``qwenrun``: docs/api.md); the loop is imported on first use, so that importing a helper module of
+this package stays cheap.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from qwenrun.events import Final, ToolResult, Usage
 
 __all__ = [
-    "SESSION_ID",
     "JsonFormatter",
     "Metrics",
     "SessionFilter",

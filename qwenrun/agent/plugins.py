@@ -32,7 +32,7 @@ try:  # the backport follows the newest metadata semantics on every Python
 except ImportError:  # pragma: no cover - Python >= 3.11's stdlib has the same API
     from importlib.metadata import EntryPoint, entry_points  # type: ignore[assignment]
 
-__all__ = ["GROUP", "ToolEntry", "check_tools", "doctor", "installed_tools", "load_tools"]
+__all__ = ["check_tools", "doctor", "installed_tools", "load_tools"]
 
 GROUP = "qwenrun.tools"
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from qwenrun.events import Final, ToolCall
 from qwenrun.sessions.store import StoredSession
 from qwenrun.tools import Tool
 
-__all__ = ["Diff", "RecordedTurn", "TurnDiff", "compare", "format_call", "recorded_turns", "replay"]
+__all__ = ["compare", "format_call", "recorded_turns", "replay"]
 
 
 def format_call(name: str, arguments: Mapping[str, Any] | str) -> str:

@@ -37,7 +37,7 @@ from qwenrun.events import to_dict as event_dict
 from qwenrun.spec.team import TeamSpec
 from qwenrun.tools import Tool
 
-__all__ = ["TRANSFER_BACK", "Team", "TeamTurn"]
+__all__ = ["Team"]
 
 TRANSFER_BACK = "transfer_back"
 GRACE_S = 5.0  # the tool's own time limit is the delegation's plus this: the clearer error comes first

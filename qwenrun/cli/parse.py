@@ -22,7 +22,7 @@ from qwenrun.cli.common import errors
 from qwenrun.errors import ConfigError
 from qwenrun.toolcalls import AUTO, PARSERS, prompt_opens_thinking, resolve_format
 
-__all__ = ["chat_template_of", "parse", "read_tools", "template_opens_thinking"]
+__all__ = ["chat_template_of", "parse", "template_opens_thinking"]
 
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 

@@ -12,12 +12,10 @@ builds the manifests as Python dicts, :func:`write_manifests` writes them as YAM
 
 from __future__ import annotations
 
-from qwenrun.deploy.files import dump_yaml, render_all, write_manifests
+from qwenrun.deploy.files import render_all, write_manifests
 from qwenrun.deploy.k8s import plan_k8s
 from qwenrun.deploy.options import (
     AGENT_PATH,
-    DEFAULT_ENGINE_IMAGE,
-    DEFAULT_IMAGE,
     IN_FLIGHT_METRIC,
     DeployError,
     EngineTier,
@@ -28,15 +26,12 @@ from qwenrun.deploy.options import (
 
 __all__ = [
     "AGENT_PATH",
-    "DEFAULT_ENGINE_IMAGE",
-    "DEFAULT_IMAGE",
     "IN_FLIGHT_METRIC",
     "DeployError",
     "EngineTier",
     "K8sOptions",
     "K8sPlan",
     "ModelVolume",
-    "dump_yaml",
     "plan_k8s",
     "render_all",
     "write_manifests",

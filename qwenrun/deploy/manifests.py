@@ -19,7 +19,7 @@ from qwenrun.engines.settings import OpenAIEngineSpec, VLLMEngineSpec
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.version import __version__
 
-__all__ = ["AGENT_POD_IN_FLIGHT", "Builder"]
+__all__ = ["Builder"]
 
 API_KEY_SECRET_KEY = "api-key"
 DATABASE_SECRET_KEY = "url"

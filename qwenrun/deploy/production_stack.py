@@ -25,18 +25,11 @@ from qwenrun.toolcalls.formats import AUTO, detect_format
 
 __all__ = [
     "CHART",
-    "ENGINE_KEY_ENV",
     "MAX_RELEASE",
-    "MODEL_SPEC_NAME",
-    "ROUTER_PORT",
     "agent_engine",
     "check_engine",
     "engine_values",
-    "router_url",
-    "served_name",
-    "thinks",
     "tool_call_format",
-    "vllm_args",
 ]
 
 CHART = "vllm-stack"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from qwenrun.engines.base import Engine
     from qwenrun.spec.agent_file import AgentSpec
 
-__all__ = ["ENGINES", "EngineKind", "create_engine"]
+__all__ = ["ENGINES", "create_engine"]
 
 
 @dataclass(frozen=True, slots=True)

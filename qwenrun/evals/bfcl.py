@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from qwenrun.errors import EvalError
 from qwenrun.evals.cases import Case, problem_text
 
-__all__ = ["PYTHON_HINT", "convert_function", "import_bfcl", "read_category"]
+__all__ = ["PYTHON_HINT", "convert_function", "import_bfcl"]
 
 PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
 DATA = "bfcl_eval/data"

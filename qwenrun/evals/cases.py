@@ -21,9 +21,8 @@ from qwenrun.errors import EvalError
 
 __all__ = [
     "Case",
+    "CaseTool",
     "Function",
-    "FunctionTool",
-    "Message",
     "dump_cases",
     "load_cases",
     "problem_text",
@@ -77,7 +76,7 @@ class Function(BaseModel):
         return list(self.parameters.get("required", []))
 
 
-class FunctionTool(BaseModel):
+class CaseTool(BaseModel):
     """One entry of OpenAI's ``tools``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -94,7 +93,7 @@ class Case(BaseModel):
     id: str = Field(min_length=1)
     category: str = Field("default", min_length=1, description="Scores are reported per category.")
     messages: list[Message] = Field(min_length=1)
-    tools: list[FunctionTool] = Field(default_factory=list)
+    tools: list[CaseTool] = Field(default_factory=list)
     expected: list[Expected] = Field(
         description='[{function: {argument: [acceptable values]}}]; "" = may be omitted; [] = no call.'
     )

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from qwenrun.evals.cases import Case, Function
 
-__all__ = ["CheckedCall", "Verdict", "check", "check_call", "standardize"]
+__all__ = ["CheckedCall", "check", "standardize"]
 
 CheckedCall = tuple[str, Mapping[str, Any]]
 """A call as read from the model: (function name, arguments)."""

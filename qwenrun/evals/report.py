@@ -18,7 +18,7 @@ from qwenrun.evals.checker import CheckedCall, check
 from qwenrun.evals.readers import Reading, reading
 from qwenrun.evals.runner import Outcome
 
-__all__ = ["CaseResult", "CategoryScore", "Judged", "Report", "TextReader", "judge", "summarize"]
+__all__ = ["CaseResult", "Report", "judge", "summarize"]
 
 QWENRUN = "qwenrun"
 

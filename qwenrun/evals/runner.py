@@ -30,14 +30,14 @@ from qwenrun.agent import Agent
 from qwenrun.agent.observability import Telemetry
 from qwenrun.engines.base import Delta, Engine, Health, Request
 from qwenrun.errors import MissingExtraError, QwenrunError, ToolError
-from qwenrun.evals.cases import Case, FunctionTool
+from qwenrun.evals.cases import Case, CaseTool
 from qwenrun.evals.checker import CheckedCall
 from qwenrun.events import Final, Repair, ToolCall, ToolResult, Usage
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.tools import Tool
 
-__all__ = ["Outcome", "Recorder", "Via", "run_cases"]
+__all__ = ["Outcome", "Via", "run_cases"]
 
 Via = Literal["agent", "server"]
 _case_key: contextvars.ContextVar[str] = contextvars.ContextVar("qwenrun_eval_case", default="")
@@ -105,7 +105,7 @@ async def _not_run(**arguments: Any) -> str:
     raise ToolError("qwenrun eval declares this tool but does not run it")
 
 
-def _declared(tool: FunctionTool) -> Tool:
+def _declared(tool: CaseTool) -> Tool:
     """A tool the agent shows the model with the case's own schema, but never runs."""
     function = tool.function
     return Tool(function.name, function.description, dict(function.parameters), _not_run, _AnyArguments,

@@ -39,7 +39,7 @@ from qwenrun.events import (
 from qwenrun.frontends.base import Launch, run_agent
 from qwenrun.spec.output import answer_schema
 
-__all__ = ["EventPrinter", "console_approver", "printable", "repl", "run", "run_once"]
+__all__ = ["EventPrinter", "printable", "repl", "run", "run_once"]
 
 PROMPT = ">>> "
 COMMANDS = {

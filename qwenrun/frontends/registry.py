@@ -19,7 +19,7 @@ from qwenrun.spec.base import Settings
 if TYPE_CHECKING:
     from qwenrun.frontends.base import Launch
 
-__all__ = ["FRONTENDS", "FrontendKind", "launch"]
+__all__ = ["FRONTENDS", "launch"]
 
 Run = Callable[["Launch"], None]
 

@@ -13,7 +13,7 @@ from pydantic import Discriminator, Field, PositiveFloat, PositiveInt, Tag, mode
 from qwenrun.spec.base import Settings
 
 __all__ = [
-    "A2AFrontend", "ChainlitFrontend", "CliFrontend", "Frontend", "McpFrontend", "OpenAIFrontend", "Starter",
+    "A2AFrontend", "ChainlitFrontend", "CliFrontend", "Frontend", "McpFrontend", "OpenAIFrontend",
 ]  # fmt: skip
 
 

@@ -48,7 +48,7 @@ from qwenrun.version import __version__
 if TYPE_CHECKING:
     from mcp import ClientSession, types
 
-__all__ = ["McpConnection", "State", "describe"]
+__all__ = ["McpConnection"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

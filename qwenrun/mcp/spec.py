@@ -20,8 +20,6 @@ from qwenrun.spec.base import Settings
 __all__ = [
     "TOOL_NAME",
     "TOOL_PREFIX",
-    "McpHttpServer",
-    "McpServer",
     "McpStdioServer",
     "McpToolsSpec",
     "approval_for",

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from qwenrun.spec.agent_file import AgentSpec
 
-__all__ = ["McpToolset", "ServerReport", "build_tools", "result_text", "survey"]
+__all__ = ["McpToolset", "result_text", "survey"]
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,11 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from qwenrun.errors import StoreError
-from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession, WriteObserver
 from qwenrun.sessions.writer import (
     SCHEMA_VERSION,
     Op,
     QueuedStore,
-    WriteObserver,
     chain_response,
     check_version,
     memory_key,

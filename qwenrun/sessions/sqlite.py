@@ -22,12 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession
+from qwenrun.sessions.store import Fact, Record, SessionInfo, StoredResponse, StoredSession, WriteObserver
 from qwenrun.sessions.writer import (
     SCHEMA_VERSION,
     Op,
     QueuedStore,
-    WriteObserver,
     chain_response,
     check_version,
     delta_rows,

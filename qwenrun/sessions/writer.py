@@ -31,8 +31,6 @@ from qwenrun.sessions.store import RecordKind, SessionInfo, StoredResponse, Writ
 __all__ = [
     "SCHEMA_VERSION",
     "QueuedStore",
-    "WriteObserver",
-    "assemble",
     "chain_response",
     "check_version",
     "delta_rows",

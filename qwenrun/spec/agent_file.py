@@ -54,16 +54,8 @@ from qwenrun.spec.team import MEMBER_NAME, TeamSpec, check_graph, load_file, too
 from qwenrun.toolsets.spec import ToolsetBase, ToolsetSpec
 
 __all__ = [
-    "CURRENT_VERSION",
-    "AgentSettings",
     "AgentSpec",
-    "MemberSpec",
-    "ModelSpec",
-    "PermissionsSpec",
-    "SamplingSpec",
-    "SessionsSpec",
     "ToolChoiceRule",
-    "ToolEntrySpec",
     "ToolSpec",
 ]
 

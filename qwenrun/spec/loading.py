@@ -21,7 +21,6 @@ from pydantic import BaseModel, Tag, ValidationError
 from qwenrun.errors import ConfigError
 
 __all__ = [
-    "UPGRADES",
     "apply_overrides",
     "describe_yaml_error",
     "format_validation_error",

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from qwenrun.errors import ConfigError
 
-__all__ = ["OutputSchema", "answer_schema", "output_schema"]
+__all__ = ["OutputSchema", "answer_schema"]
 
 KEY = "agent.output_schema"
 

@@ -24,7 +24,7 @@ from pydantic import Field, PositiveInt
 from qwenrun.errors import ConfigError
 from qwenrun.spec.base import Settings
 
-__all__ = ["LOADING", "MEMBER_NAME", "TeamSpec", "check_graph", "load_file", "tool_names"]
+__all__ = ["MEMBER_NAME", "TeamSpec", "check_graph", "load_file", "tool_names"]
 
 T = TypeVar("T")
 

@@ -10,8 +10,8 @@ parser class; :func:`detect_format` picks the format from a model's chat templat
 
 from __future__ import annotations
 
-from qwenrun.toolcalls.base import CallEvent, IdFactory, ParseResult, ToolCallParser, new_call_id
-from qwenrun.toolcalls.forcing import FORCED_PREFILL, ForcedCall, forced_call, thinking_prefill
+from qwenrun.toolcalls.base import ParseResult
+from qwenrun.toolcalls.forcing import FORCED_PREFILL, forced_call, thinking_prefill
 from qwenrun.toolcalls.formats import AUTO, PARSERS, HermesParser, detect_format, new_parser, resolve_format
 from qwenrun.toolcalls.output import OutputEvent, OutputParser, ParsedOutput, parse_output
 from qwenrun.toolcalls.qwen3_coder import Qwen3CoderParser
@@ -26,10 +26,7 @@ __all__ = [
     "AUTO",
     "FORCED_PREFILL",
     "PARSERS",
-    "CallEvent",
-    "ForcedCall",
     "HermesParser",
-    "IdFactory",
     "OutputEvent",
     "OutputParser",
     "ParseResult",
@@ -37,10 +34,8 @@ __all__ = [
     "Qwen3CoderParser",
     "ThinkingParser",
     "ThinkingResult",
-    "ToolCallParser",
     "detect_format",
     "forced_call",
-    "new_call_id",
     "new_parser",
     "parse_output",
     "prompt_opens_thinking",

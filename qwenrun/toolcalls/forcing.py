@@ -25,7 +25,7 @@ from qwenrun.toolcalls import hermes
 from qwenrun.toolcalls.thinking import END_THINK, THINK, prompt_opens_thinking
 from qwenrun.toolcalls.values import param_type
 
-__all__ = ["FORCED_PREFILL", "ForcedCall", "forced_call", "qwen_xml_structural_tag", "thinking_prefill"]
+__all__ = ["FORCED_PREFILL", "forced_call", "thinking_prefill"]
 
 FORCED_PREFILL = hermes.FORCED_PREFILL  # "<tool_call>\n", the same in both formats
 _XML_END = "</function>\n</tool_call>"

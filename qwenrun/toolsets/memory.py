@@ -22,7 +22,7 @@ from qwenrun.errors import ToolError
 from qwenrun.sessions.store import Fact, MemoryStore
 from qwenrun.toolsets.spec import MemoryToolset
 
-__all__ = ["KEY", "Memory"]
+__all__ = ["Memory"]
 
 KEY = r"^[\w.:\- ]{1,100}$"
 """A fact's key: 1 to 100 letters, digits, ``_ . : -`` or spaces."""

@@ -34,7 +34,7 @@ from qwenrun.errors import ToolError
 from qwenrun.toolsets.process import Finished, clean_env, run_process
 from qwenrun.toolsets.spec import PythonToolset
 
-__all__ = ["LAUNCHER", "MAX_SESSIONS", "PythonRunner"]
+__all__ = ["PythonRunner"]
 
 MAX_SESSIONS = 256
 """With ``scratch: session``: the scratch folders of this many most recent sessions are kept."""

@@ -35,7 +35,7 @@ from qwenrun.toolsets.paths import Roots
 from qwenrun.toolsets.process import clean_env, run_process
 from qwenrun.toolsets.spec import ShellToolset
 
-__all__ = ["METACHARACTERS", "Shell"]
+__all__ = ["Shell"]
 
 METACHARACTERS = frozenset(";&|<>$`\n\r")
 """Refused in a command line unless ``shell: true``: what chains, pipes, redirects or substitutes."""

@@ -26,7 +26,6 @@ __all__ = [
     "MemoryToolset",
     "PythonToolset",
     "ShellToolset",
-    "ThinkToolset",
     "TodoToolset",
     "ToolsetBase",
     "ToolsetSpec",

@@ -22,7 +22,7 @@ from qwenrun.errors import ToolError
 from qwenrun.sessions.store import MemoryStore
 from qwenrun.toolsets.spec import TodoToolset
 
-__all__ = ["MAX_SESSIONS", "TodoItem", "TodoLists"]
+__all__ = ["TodoLists"]
 
 MAX_SESSIONS = 1024
 _MARKS = {"pending": "[ ]", "in_progress": "[~]", "done": "[x]"}

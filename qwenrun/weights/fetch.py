@@ -37,7 +37,7 @@ from qwenrun.weights.convert import (
     write_marker,
 )
 
-__all__ = ["RECIPES", "Part", "Recipe", "cache_dir", "cached_path", "download_gguf", "fetch", "recipe"]
+__all__ = ["RECIPES", "Part", "Recipe", "cache_dir", "cached_path", "download_gguf", "fetch"]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from qwenrun.frontends.a2a.app import create_app, serve
 from qwenrun.frontends.base import Launch
 
-__all__ = ["create_app", "run", "serve"]
+__all__ = ["create_app", "run"]
 
 
 def run(launch: Launch) -> None:

@@ -45,7 +45,7 @@ from qwenrun.frontends.settings import A2AFrontend
 from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import secret_from_env
 
-__all__ = ["create_app", "frontend_of", "serve"]
+__all__ = ["create_app", "serve"]
 
 log = logging.getLogger("qwenrun.frontends.a2a")
 

@@ -26,7 +26,7 @@ from qwenrun.agent import Agent
 from qwenrun.tools import Tool
 from qwenrun.version import __version__
 
-__all__ = ["BEARER", "agent_card"]
+__all__ = ["agent_card"]
 
 BEARER = "bearer"  # the name of the card's security scheme
 

@@ -49,7 +49,7 @@ from qwenrun.events import Event, Final, Reasoning, Repair, TextDelta, ToolCall,
 from qwenrun.frontends.settings import A2AFrontend
 from qwenrun.sessions.store import valid_session_id
 
-__all__ = ["ANSWER", "CheckingHandler", "TurnExecutor", "approval_answer", "prompt_of"]
+__all__ = ["CheckingHandler", "TurnExecutor"]
 
 log = logging.getLogger("qwenrun.frontends.a2a")
 

@@ -49,9 +49,7 @@ from qwenrun.spec.agent_file import AgentSpec
 from qwenrun.spec.loading import secret_from_env
 
 __all__ = [
-    "ChatApp",
     "build_app",
-    "chat_approver",
     "check_password",
     "import_chainlit",
     "reload_agent",

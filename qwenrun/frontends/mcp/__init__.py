@@ -16,7 +16,7 @@ from qwenrun.errors import ConfigError, MissingExtraError
 from qwenrun.frontends.base import Launch
 from qwenrun.frontends.settings import McpFrontend
 
-__all__ = ["run", "stdio_command"]
+__all__ = ["run"]
 
 
 def run(launch: Launch) -> None:

@@ -55,7 +55,7 @@ from qwenrun.version import __version__
 if TYPE_CHECKING:
     from qwenrun.tools import Tool
 
-__all__ = ["SESSION_META", "AgentServer", "input_schema"]
+__all__ = ["SESSION_META", "AgentServer"]
 
 log = logging.getLogger(__name__)
 

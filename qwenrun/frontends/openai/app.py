@@ -28,6 +28,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenrun.agent import Agent
+from qwenrun.agent.observability import Metrics
 from qwenrun.engines.base import wait_until_dead
 from qwenrun.errors import ConfigError, EngineError, OutputError, RequestError
 from qwenrun.frontends.openai import chat, completions, responses
@@ -41,7 +42,7 @@ from qwenrun.frontends.openai.http import (
     unknown_model,
     unless_disconnected,
 )
-from qwenrun.frontends.openai.metrics import Metrics, MetricsMiddleware, bind_metrics
+from qwenrun.frontends.openai.metrics import MetricsMiddleware, bind_metrics
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
 from qwenrun.frontends.settings import OpenAIFrontend
 from qwenrun.spec.agent_file import AgentSpec

@@ -4,7 +4,7 @@ Both modes produce the same small stream of :class:`Piece` objects, each a part 
 answer (``n`` > 1 in pass-through mode: ``choice``) in the words of :mod:`qwenrun.events`
 (:class:`~qwenrun.events.TextDelta`, :class:`~qwenrun.events.Reasoning`, a call's
 :class:`~qwenrun.events.CallDelta` pieces then the :class:`~qwenrun.events.ParsedCall` itself) or of
-the server (:class:`Logprobs`, an agent :class:`Step`, then one :class:`Finish` per choice);
+the server (:class:`Logprobs`, an agent :class:`StepPart`, then one :class:`Finish` per choice);
 :mod:`qwenrun.frontends.openai.completions` folds them into a ``chat.completion`` object or turns
 them into ``chat.completion.chunk`` objects, so a streamed answer and a non-streamed one agree.
 Reasoning is returned as ``reasoning`` and ``reasoning_content`` (on the message, on the deltas),
@@ -71,8 +71,8 @@ SESSION_HEADER = "X-Qwenrun-Session"  # agent mode: continue this stored session
 APPROVAL_HEADER = "X-Qwenrun-Approval"  # agent mode: approve | reject the calls of `approval: ask` tools
 
 __all__ = [
-    "APPROVAL_HEADER", "Finish", "Logprobs", "Part", "Piece", "Pieces", "Reply", "Step", "agent_turn",
-    "approver_for", "closing", "passthrough", "passthrough_choices",
+    "APPROVAL_HEADER", "Finish", "Logprobs", "Part", "Piece", "Pieces", "Reply", "StepPart", "agent_turn",
+    "passthrough", "passthrough_choices",
 ]  # fmt: skip
 
 
@@ -84,7 +84,7 @@ class Logprobs:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class StepPart:
     """A server-side tool step of the agent (agent mode): a ``to_dict`` of the event."""
 
     data: dict[str, Any]
@@ -99,7 +99,7 @@ class Finish:
 
 # Answer text, reasoning (both modes); a call (pass-through mode) as its CallDelta pieces, numbered
 # by ``index`` among the answer's calls, then the complete ParsedCall; log probabilities; the end.
-Part = TextDelta | Reasoning | CallDelta | ParsedCall | Logprobs | Step | Finish
+Part = TextDelta | Reasoning | CallDelta | ParsedCall | Logprobs | StepPart | Finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +418,7 @@ def agent_turn(
                     isinstance(event, Notice) and event.code == "handoff"  # a team's; steps name their agent
                 ):
                     gap = gap or think_trim.started
-                    yield Piece(Step(to_dict(event)))
+                    yield Piece(StepPart(to_dict(event)))
                 elif isinstance(event, Final):
                     if event.stop_reason == "max_iterations" and (text := trim(event.text)):
                         yield Piece(TextDelta(text))  # the loop's note; it was not streamed as text

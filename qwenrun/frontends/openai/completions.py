@@ -10,7 +10,7 @@ from typing import Any
 
 from qwenrun.engines.base import TokenLogprob
 from qwenrun.events import CallDelta, ParsedCall, Reasoning, TextDelta
-from qwenrun.frontends.openai.chat import Finish, Logprobs, Piece, Reply, Step
+from qwenrun.frontends.openai.chat import Finish, Logprobs, Piece, Reply, StepPart
 
 __all__ = ["chunks", "completion"]
 
@@ -46,7 +46,7 @@ def completion(reply: Reply, pieces: list[Piece]) -> dict[str, Any]:
         text = "".join(part.text for part in mine if isinstance(part, TextDelta))
         reasoning = "".join(part.text for part in mine if isinstance(part, Reasoning))
         calls = [_tool_call(part) for part in mine if isinstance(part, ParsedCall)]
-        steps = [part.data for part in mine if isinstance(part, Step)]
+        steps = [part.data for part in mine if isinstance(part, StepPart)]
         scored = [token for part in mine if isinstance(part, Logprobs) for token in part.tokens]
         finish = next(part for part in mine if isinstance(part, Finish))
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
@@ -116,7 +116,7 @@ async def chunks(reply: Reply, pieces: AsyncIterator[Piece]) -> AsyncGenerator[d
             continue  # its CallDelta pieces came before it
         elif isinstance(part, Logprobs):
             yield _chunk(reply, {}, choice=index, logprobs=_logprobs(part.tokens))
-        elif isinstance(part, Step):
+        elif isinstance(part, StepPart):
             yield _chunk(reply, {}, choice=index, qwenrun_step=part.data)
         else:
             finishes.append(part)

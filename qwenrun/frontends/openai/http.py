@@ -17,9 +17,10 @@ from typing import Any, Literal, TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from qwenrun.agent.observability import Metrics
 from qwenrun.events import ParsedCall
 from qwenrun.frontends.openai import chat
-from qwenrun.frontends.openai.metrics import MODE_KEY, Metrics
+from qwenrun.frontends.openai.metrics import MODE_KEY
 from qwenrun.frontends.openai.schemas import APIError
 
 __all__ = [
@@ -109,7 +110,7 @@ async def observe(metrics: Metrics, mode: str, pieces: chat.Pieces) -> chat.Piec
             part = piece.part
             if isinstance(part, ParsedCall):
                 metrics.count_tool_call(mode, part.name)
-            elif isinstance(part, chat.Step) and part.data.get("type") == "tool_call":
+            elif isinstance(part, chat.StepPart) and part.data.get("type") == "tool_call":
                 metrics.count_tool_call(mode, str(part.data.get("name")))
             elif isinstance(part, chat.Finish):  # n choices share one prompt
                 prompt = part.prompt_tokens if piece.choice == 0 else 0

@@ -15,12 +15,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenrun.agent import Agent
-from qwenrun.agent.observability import LATENCY_BUCKETS, MAX_TOOL_LABELS, Metrics, Telemetry
+from qwenrun.agent.observability import Metrics, Telemetry
 
-__all__ = [
-    "LATENCY_BUCKETS", "MAX_TOOL_LABELS", "MODE_KEY", "STATUS_KEY", "Metrics", "MetricsMiddleware",
-    "bind_metrics",
-]  # fmt: skip
+__all__ = ["MODE_KEY", "MetricsMiddleware", "bind_metrics"]
 
 MODE_KEY = "qwenrun_mode"
 STATUS_KEY = "qwenrun_status"

@@ -31,7 +31,7 @@ from qwenrun.events import CallDelta, ParsedCall, Reasoning, TextDelta
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.items import new_id
 
-__all__ = ["ResponseBuilder", "usage"]
+__all__ = ["ResponseBuilder"]
 
 SseEvent = dict[str, Any]  # one server-sent event of the Responses API
 
@@ -87,7 +87,7 @@ class ResponseBuilder:
             return self._call_delta(part)
         if isinstance(part, ParsedCall):
             return self._function_call(part)
-        if isinstance(part, chat.Step):
+        if isinstance(part, chat.StepPart):
             return self._step(part.data)
         if isinstance(part, chat.Logprobs):  # the Responses API returns no token log probabilities
             return []

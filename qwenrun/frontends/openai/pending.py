@@ -87,12 +87,13 @@ class ParkedTurn:
                     raise item
                 if isinstance(item, _Asked):
                     call = item.request.call
-                    yield chat.Piece(chat.Step({"type": "approval_request", "id": item.id, "call_id": call.id,
-                                                "name": call.name, "arguments": call.arguments}))  # fmt: skip
+                    asked = {"type": "approval_request", "id": item.id, "call_id": call.id, "name": call.name,
+                             "arguments": call.arguments}  # fmt: skip
+                    yield chat.Piece(chat.StepPart(asked))
                     ended = True  # parked, not ended: the next response goes on
                     yield chat.Piece(chat.Finish("stop", 0, 0))
                     return
-                step = item.part.data if isinstance(item.part, chat.Step) else {}
+                step = item.part.data if isinstance(item.part, chat.StepPart) else {}
                 if step.get("type") == "tool_call":
                     self.open[str(step.get("id"))] = item
                 elif step.get("type") == "tool_result":

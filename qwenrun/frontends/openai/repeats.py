@@ -28,7 +28,7 @@ from qwenrun.events import CallDelta, ParsedCall
 from qwenrun.toolcalls import OutputEvent
 from qwenrun.toolcalls.repeats import Seen
 
-__all__ = ["RepeatedCalls", "answered_calls", "answered_seen"]
+__all__ = ["RepeatedCalls", "answered_seen"]
 
 
 class RepeatedCalls:

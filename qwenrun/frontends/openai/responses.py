@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from qwenrun.agent import Agent
+from qwenrun.agent.observability import Metrics
 from qwenrun.errors import EngineError, OutputError, RequestError
 from qwenrun.frontends.openai import chat
 from qwenrun.frontends.openai.http import (
@@ -51,7 +52,6 @@ from qwenrun.frontends.openai.items import (
     normalize,
     to_messages,
 )
-from qwenrun.frontends.openai.metrics import Metrics
 from qwenrun.frontends.openai.output import ResponseBuilder
 from qwenrun.frontends.openai.pending import Parked, ParkedTurn
 from qwenrun.frontends.openai.schemas import APIError, ChatCompletionRequest, invalid_request
@@ -60,7 +60,7 @@ from qwenrun.sampling import KNOBS, knob_values
 from qwenrun.sessions.store import ResponseStore, StoredResponse
 from qwenrun.spec.output import answer_schema
 
-__all__ = ["MemoryResponses", "Responses", "register"]
+__all__ = ["register"]
 
 log = logging.getLogger("qwenrun.frontends.openai")
 PRUNE_EVERY_S = 60.0

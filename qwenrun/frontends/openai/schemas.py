@@ -29,13 +29,7 @@ from qwenrun.spec.output import OutputSchema
 
 __all__ = [
     "APIError",
-    "AssistantMessage",
     "ChatCompletionRequest",
-    "Message",
-    "NamedToolChoice",
-    "SystemMessage",
-    "ToolDefinition",
-    "ToolMessage",
     "UserMessage",
     "invalid_request",
     "text_of",
