@@ -35,7 +35,7 @@ at ``--gc-at`` under each policy of qwenrun's process, alternated (``four_way_ho
     python benchmarks/four_way.py --model .cache/tiny-qwen2 --quick                        # CPU smoke
     python benchmarks/four_way.py --model .cache/tiny-qwen2 --quick --engine fake --sides b,c,d
     python benchmarks/four_way.py --model /tmp/qwen7b-dummy --load-format dummy --dtype bfloat16 \\
-        --max-model-len 8192 --gpu-memory-utilization 0.44 --max-num-seqs 256 --no-enforce-eager \\
+        --max-model-len 16384 --gpu-memory-utilization 0.44 --max-num-seqs 256 --no-enforce-eager \\
         --sessions 1,16,64 --repeat 3 --json out.json --table out.md                        # 1 GPU
 """
 
@@ -76,7 +76,7 @@ SIDES = {"a": "vllm serve + client loop", "b": "qwenrun pass-through + client lo
 SERVER_OF = {"a": "vllm", "b": "qwenrun", "c": "qwenrun", "d": "qwenrun"}
 ENGINE_COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
                    "vllm:prompt_tokens", "vllm:generation_tokens")  # fmt: skip
-MEDIAN_KEYS = ("wall_s", "sessions_per_s", "turn_p50_s", "turn_p99_s", "turn_max_s", "prompt_tokens_per_turn",
+MEDIAN_KEYS = ("wall_s", "sessions_per_s", "turns_per_s", "turn_p50_s", "turn_p99_s", "turn_max_s", "prompt_tokens_per_turn",
                "completion_tokens_per_turn", "cpu_ms_per_turn", "cpu_ms_per_turn_client", "cpu_ms_per_turn_server",
                "engine_cpu_ms_per_turn", "gc_ms_client", "gc_ms_server", "loop_lag_p99_ms", "loop_lag_max_ms")  # fmt: skip
 
@@ -395,6 +395,8 @@ class Bench:
               f"server {row['cpu_ms_per_turn_server']:.1f} engine {row['engine_cpu_ms_per_turn']:.1f} | gc ms client "
               f"{row['gc_ms_client']} server {row['gc_ms_server']} | tok/turn {row['prompt_tokens_per_turn']:.0f}+"
               f"{row['completion_tokens_per_turn']:.1f} | bad {row['bad_turns']} errors {row['errors']}", flush=True)  # fmt: skip
+        if row["first_error"]:  # a ratio against this run compares other work: say why at once
+            print(f"[bench]   first error of {row['errors']}: {row['first_error'][:300]}", flush=True)
         return row
 
     def _clients(self, base: str, n: int) -> list[Any]:
@@ -445,7 +447,7 @@ class Bench:
         lag = host if host is not None else probe.report()
         return {
             "side": side, "workload": w.name, "n": n, "wall_s": round(wall, 3), "sessions_per_s": round(n / wall, 4),
-            "turns_done": len(turns), "turns_expected": n * w.turns, "bad_turns": bad, "errors": len(errors),
+            "turns_per_s": round(len(turns) / wall, 4), "turns_done": len(turns), "turns_expected": n * w.turns, "bad_turns": bad, "errors": len(errors),
             "first_error": errors[0] if errors else None,
             "turn_p50_s": round(_median(latencies), 4), "turn_p99_s": round(servers.quantile(latencies, 0.99), 4),
             "turn_max_s": round(max(latencies), 4),
@@ -557,8 +559,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if base is None:
             continue
         row["vs"] = base["key"]
-        for k in ("sessions_per_s", "turn_p50_s", "turn_p99_s", "cpu_ms_per_turn"):
+        for k in ("sessions_per_s", "turns_per_s", "turn_p50_s", "turn_p99_s", "cpu_ms_per_turn"):
             row[f"ratio_{k}"] = round(row[k] / base[k], 3) if base[k] else None
+        # A side that lost turns (errors) or cut answers short (bad) did other work than its base.
+        row["unequal"] = any(r["bad_turns"] or r["errors"] for r in (row, base))
         pairs = {
             r["rep"]: r
             for r in runs
@@ -572,7 +576,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _ratio(row: dict[str, Any], key: str) -> str:
     value = row.get(f"ratio_{key}")
-    return "" if value is None or row.get("vs") == row["key"] else f" ({value:.3f})"
+    if value is None or row.get("vs") == row["key"]:
+        return ""
+    return f" ({value:.3f}{UNEQUAL if row.get('unequal') else ''})"
+
+
+UNEQUAL = "†"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -580,19 +589,22 @@ def markdown(report: dict[str, Any]) -> str:
     lines = []
     main = [r for r in report.get("summary", []) if r["variant"] is None]
     variants = [r for r in report.get("summary", []) if r["variant"] is not None]
-    header = ("| workload | N | side | sessions/s (vs a) | turn p50 s (vs a) | turn p99 s (vs a) | CPU ms/turn client + "
+    header = ("| workload | N | side | sessions/s (vs a) | turns/s (vs a) | turn p50 s (vs a) | turn p99 s (vs a) | CPU ms/turn client + "
               "server (vs a) | client / server | engine core ms/turn | GC ms/run client / server | tokens/turn prompt + "
               "completion | repeats | bad / errors |")  # fmt: skip
-    lines += [header, "|" + "---|" * 13]
+    lines += [header, "|" + "---|" * 14]
     for r in sorted(main, key=lambda r: (r["workload"], r["n"], r["key"])):
         lines.append(
             f"| {r['workload']} | {r['n']} | ({r['key']}) {SIDES[r['side']]} | {r['sessions_per_s']:.3f}{_ratio(r, 'sessions_per_s')} | "
-            f"{r['turn_p50_s']:.3f}{_ratio(r, 'turn_p50_s')} | {r['turn_p99_s']:.3f}{_ratio(r, 'turn_p99_s')} | "
+            f"{r.get('turns_per_s', 0.0):.2f}{_ratio(r, 'turns_per_s')} | {r['turn_p50_s']:.3f}{_ratio(r, 'turn_p50_s')} | {r['turn_p99_s']:.3f}{_ratio(r, 'turn_p99_s')} | "
             f"{r['cpu_ms_per_turn']:.1f}{_ratio(r, 'cpu_ms_per_turn')} | {r['cpu_ms_per_turn_client']:.1f} / "
             f"{r['cpu_ms_per_turn_server']:.1f} | {r['engine_cpu_ms_per_turn']:.1f} | {r['gc_ms_client']:.0f} / "
             f"{r['gc_ms_server']:.0f} | {r['prompt_tokens_per_turn']:.0f} + {r['completion_tokens_per_turn']:.1f} | "
             f"{r['repeats']} | {r['bad_turns']} / {r['errors']} |"
         )  # fmt: skip
+    if any(r.get("unequal") for r in main):
+        lines += ["", f"{UNEQUAL} not the same work as (a): one of the two lost turns (errors, e.g. a prompt over "
+                      "max_model_len) or gave short answers (bad turns); see `first_error` in the JSON."]  # fmt: skip
     if variants:
         lines += ["", "| workload | N | side | GC policy | sessions/s (vs first) | turn p50 s | turn p99 s | CPU ms/turn | "
                       "GC ms/run server | repeats |", "|" + "---|" * 10]  # fmt: skip

@@ -10,7 +10,8 @@
 #     qwenrun agent mode / in-process (benchmarks/four_way.py), one part per 10-minute call (DEADLINE_S),
 #     RUNS="single:1,16,64,256x3 multi:1x3" GC_VARIANTS=freeze,nofreeze,threshold=10000:20:50 (part 1),
 #     RUNS="multi:16x2 multi:64x3" (part 2), RUNS="multi:256x1" LAYOUT=one GPU_UTIL=0.85 (part 3); TAG names
-#     the part's files. LAYOUT=both: both servers on GPU 0 at once, GPU_UTIL each; one: one at a time.
+#     the part's files; MAX_MODEL_LEN (16384: at 8192 the 6th turn's prompt, ~8.1 k tokens, plus its 128-token
+#     answer did not always fit). LAYOUT=both: both servers on GPU 0 at once, GPU_UTIL each; one: one at a time.
 # Writes logs and JSON under $OUT (or /tmp).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -42,7 +43,7 @@ case "${1:-agent}" in
       while read -r pg; do kill -9 -- "-$pg" 2>/dev/null; done < /tmp/four_way.pids; sleep 3
     fi
     CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 python3 benchmarks/four_way.py --model $M --dtype bfloat16 \
-      --load-format dummy --max-model-len 8192 --max-num-seqs 256 --no-enforce-eager \
+      --load-format dummy --max-model-len ${MAX_MODEL_LEN:-16384} --max-num-seqs 256 --no-enforce-eager \
       --gpu-memory-utilization ${GPU_UTIL:-0.44} --layout ${LAYOUT:-both} --runs "${RUNS:-single:1,16x3 multi:1,16x3}" \
       --warmup ${WARMUP:-8} --gc-variants "${GC_VARIANTS:-}" --gc-at ${GC_AT:-single:256} --gc-sides ${GC_SIDES:-c,d} \
       --gc-repeat ${GC_REPEAT:-2} --deadline-s ${DEADLINE_S:-530} ${FW_ARGS:-} --cache-root /tmp/vllm-caches \
