@@ -217,7 +217,9 @@ def test_a_broken_member_file_is_named_from_the_file_loaded(tmp_path: Path) -> N
     (tmp_path / "bad.yaml").write_text("model: {path: m}\nsampling: {temperature: hot}\n")
     with pytest.raises(ConfigError) as caught:
         AgentSpec.from_file(team)
-    assert str(caught.value).startswith(f"{team}: agents.b.file: {tmp_path / 'bad.yaml'}: sampling.temperature")
+    assert str(caught.value).startswith(
+        f"{team}: agents.b.file: {tmp_path / 'bad.yaml'}: sampling.temperature"
+    )
 
 
 def test_member_files_and_sampling_overrides(tmp_path: Path) -> None:
@@ -241,7 +243,9 @@ def test_the_servers_agent_mode_names_the_agent_of_each_step() -> None:
     def script(request: ModelRequest) -> str:
         if speaker(request) == "HELPER":
             return "The answer is 42."
-        return tool_call_text("ask_helper", {"task": "answer?"}) if last_tool(request) is None else "It is 42."
+        return (
+            tool_call_text("ask_helper", {"task": "answer?"}) if last_tool(request) is None else "It is 42."
+        )
 
     spec = team_spec()
     agent = Agent(spec, ScriptedEngine(script), tools=[])
@@ -252,3 +256,62 @@ def test_the_servers_agent_mode_names_the_agent_of_each_step() -> None:
     assert message["content"] == "It is 42."
     steps = [(step["type"], step["name"], step["agent"]) for step in message["qwenrun_steps"]]
     assert steps == [("tool_call", "ask_helper", "boss"), ("tool_result", "ask_helper", "boss")]
+
+
+async def test_replay_compares_the_delegated_calls_too(tmp_path: Path) -> None:
+    """A recorded delegation replays as the same calls, the sub-agent's included (``[files] ...``),
+    and a sub-agent that calls differently is a difference, not a silent match."""
+    from qwenrun.agent.replay import recorded_turns, replay
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hi")
+    spec = AgentSpec.from_dict(
+        {
+            "model": {"path": "scripted"},
+            "agent": {"name": "boss", "system_prompt": "BOSS", "delegate_to": ["files"]},
+            "agents": {
+                "files": {
+                    "agent": {"system_prompt": "FILES"},
+                    "tools": [{"toolset": "filesystem", "roots": [str(tmp_path / "docs")]}],
+                }
+            },
+        },
+        source=str(tmp_path / "team.yaml"),
+    )
+
+    def script(path: str) -> Any:
+        def answer(request: ModelRequest) -> str:
+            done = last_tool(request) is not None
+            if speaker(request) == "FILES":
+                return "a.txt" if done else tool_call_text("list_directory", {"path": path})
+            return f"Done: {last_tool(request)}" if done else tool_call_text("ask_files", {"task": "list"})
+
+        return answer
+
+    docs = str(tmp_path / "docs")
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    session = Agent(spec, ScriptedEngine(script(docs)), store=store).session()
+    await session.ask("what is there?")
+    store.flush()
+    turns = recorded_turns(store.get(session.id))  # type: ignore[arg-type]
+    delegated = f'[files] list_directory({{"path": "{docs}"}})'
+    assert [turn.calls for turn in turns] == [['ask_files({"task": "list"})', delegated]]
+    same = await replay(Agent(spec, ScriptedEngine(script(docs))), turns)
+    assert [turn.same for turn in same.turns] == [True]
+    other = await replay(Agent(spec, ScriptedEngine(script(docs + "/."))), turns)
+    assert other.turns[0].lines == [
+        ("=", 'ask_files({"task": "list"})'),
+        ("-", delegated),
+        ("+", f'[files] list_directory({{"path": "{docs}/."}})'),
+    ]
+
+
+def test_validate_counts_a_teams_tools_and_loads_its_members_tools(tmp_path: Path) -> None:
+    out = CliRunner().invoke(cli, ["validate", "agents/team.yaml"])
+    assert out.exit_code == 0, out.output
+    assert "(coordinator, 2 tools, a team of 3: coordinator, weather, files, frontend cli)" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: m}\nagent: {delegate_to: [x]}\nagents:\n  x: {tools: [no_such_tool]}\n")
+    out = CliRunner().invoke(cli, ["validate", str(bad)])
+    assert out.exit_code != 0
+    assert f"{bad}: agents.x: tools[0].name: unknown tool 'no_such_tool'" in out.output

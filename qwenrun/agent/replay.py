@@ -4,8 +4,10 @@ A regression harness for prompt, model and tool changes: :func:`recorded_turns` 
 user message and the tool calls the model made (name and arguments, in order) from a
 :class:`~qwenrun.sessions.store.StoredSession`; :func:`replay` runs the same user messages, in order, in a
 fresh session of the given agent and :func:`compare` lines the two call lists up turn by turn
-(``difflib``: calls kept, removed, added). With ``recorded_tools`` the tools answer a call that
-was recorded with its recorded result (others run for real), so tool output does not drift.
+(``difflib``: calls kept, removed, added). A team's delegated calls (a sub-agent's, between an
+``ask_<name>`` call and its result) are compared too, as ``[name] call(...)``. With
+``recorded_tools`` the tools answer a call that was recorded with its recorded result (others run
+for real), so tool output does not drift.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qwenrun.agent import Agent
-from qwenrun.events import Final, ToolCall
+from qwenrun.events import Final, ToolCall, ToolResult
 from qwenrun.sessions.store import StoredSession
 from qwenrun.tools import Tool
 
@@ -53,6 +55,11 @@ def recorded_turns(stored: StoredSession) -> list[RecordedTurn]:
     names: dict[str, str] = {}  # tool call id -> formatted call
     for record in stored.records:
         message = record.data
+        if record.kind == "event" and message.get("type") == "tool_call" and turns:
+            # A delegation's call (a team's sub-agent, recorded as an event: docs/teams.md).
+            call = format_call(str(message.get("name")), message.get("arguments") or {})
+            turns[-1].calls.append(f"[{message.get('agent')}] {call}")
+            continue
         if record.kind != "message":
             continue
         role = message.get("role")
@@ -131,18 +138,41 @@ def _use_recorded_results(agent: Agent, turn: RecordedTurn) -> None:
         tool.recorded = {call: deque(results) for call, results in turn.results.items()}
 
 
+def _delegation_tools(agent: Agent) -> set[str]:
+    """The ``ask_<name>`` tools of ``agent``'s team and of the teams of its members' files."""
+    names: set[str] = set()
+    teams, seen = [agent.team], set()
+    while teams:
+        team = teams.pop()
+        if team is None or id(team) in seen:
+            continue
+        seen.add(id(team))
+        for name, member in team.members.items():
+            names.add(f"ask_{name}")
+            teams.append(member.team)
+    return names
+
+
 async def replay(agent: Agent, turns: Sequence[RecordedTurn], *, recorded_tools: bool = False) -> Diff:
     """Run the recorded user messages in a fresh (unrecorded) session of ``agent``; compare."""
     session = agent.session(record=False)
+    delegations = _delegation_tools(agent)
     diffs = []
     for turn in turns:
         if recorded_tools:
             _use_recorded_results(agent, turn)
         calls: list[str] = []
         answer = ""
+        asking: dict[str, str] = {}  # the delegations in progress: call id -> the agent that asked
         async for event in session.stream(turn.prompt):
             if isinstance(event, ToolCall):
-                calls.append(format_call(event.name, event.arguments))
+                call = format_call(event.name, event.arguments)
+                delegated = bool(asking) and event.agent != next(iter(asking.values()))
+                calls.append(f"[{event.agent}] {call}" if delegated else call)
+                if event.name in delegations:
+                    asking[event.id] = event.agent
+            elif isinstance(event, ToolResult):
+                asking.pop(event.id, None)
             elif isinstance(event, Final):
                 answer = event.text
         diffs.append(compare(turn, calls, answer))

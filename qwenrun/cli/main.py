@@ -92,17 +92,30 @@ def _quiet_exit() -> None:
 def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Check agent files (syntax, types, tools, template) without starting anything."""
     from qwenrun.agent.plugins import load_tools
+    from qwenrun.spec.team import tool_names
+
+    def count_tools(spec: AgentSpec) -> int:
+        """The agent's tools but its MCP servers' (and its team members', each loaded: an unknown
+        tool of a sub-agent is found here, not when it is first asked)."""
+        for member in spec.members.values():
+            count_tools(member)
+        team_tools = tool_names(spec.agent.delegate_to, spec.agent.handoffs)
+        return len(load_tools(spec, strict=True)) + len(team_tools)
 
     problems = []
     for path in files:
         try:
             spec = load_spec(path, overrides)
-            tools = len(load_tools(spec, strict=True))
+            tools = count_tools(spec)
         except QwenrunError as exc:
             problems.append(str(exc))
             continue
         servers = f", {len(spec.mcp_servers)} MCP servers" if spec.mcp_servers else ""
-        click.echo(f"{path}: ok ({spec.agent.name}, {tools} tools{servers}, frontend {spec.frontend.kind})")
+        names = [spec.agent.name, *spec.members]
+        team = f", a team of {len(names)}: {', '.join(names)}" if spec.members else ""
+        click.echo(
+            f"{path}: ok ({spec.agent.name}, {tools} tools{servers}{team}, frontend {spec.frontend.kind})"
+        )
     if problems:
         raise ConfigProblem("\n".join(problems))
 
