@@ -172,6 +172,57 @@ async def test_handoff_keeps_the_conversation_until_transfer_back() -> None:
     assert isinstance(third[-1], Final) and (third[-1].agent, third[-1].text) == ("boss", "boss is back")
 
 
+async def test_a_resumed_session_goes_on_with_the_agent_that_holds_it(tmp_path: Path) -> None:
+    """The holder of a handed-over conversation is read from the stored history: another Agent on
+    the same store (a restart, a second replica) answers the next turn with the helper, and after
+    ``transfer_back`` with the boss again."""
+
+    def script(request: ModelRequest) -> str:
+        who, result, user = speaker(request), last_tool(request), str(request.messages[-1].get("content"))
+        if who == "HELPER":
+            if result is not None:
+                return "helper here" if "transferred to helper" in result else "?"
+            return tool_call_text("transfer_back", {}) if "bye" in user else f"helper: {user}"
+        if result is not None:
+            return "boss is back"
+        return tool_call_text("transfer_to_helper", {}) if user == "hello" else f"boss: {user}"
+
+    db = str(tmp_path / "s.db")
+    store = SQLiteStore(db)
+    first = Agent(team_spec(), ScriptedEngine(script), tools=[], store=store).session()
+    assert (await first.ask("hello")).text == "helper here"
+    store.flush()
+    replica = Agent(team_spec(), ScriptedEngine(script), tools=[], store=SQLiteStore(db))
+    resumed = replica.session(first.id)
+    answer = await resumed.ask("more")
+    assert (answer.agent, answer.text) == ("helper", "helper: more")
+    assert (await resumed.ask("bye")).agent == "boss"
+    replica.store.flush()  # type: ignore[union-attr]
+    again = Agent(team_spec(), ScriptedEngine(script), tools=[], store=SQLiteStore(db)).session(first.id)
+    answer = await again.ask("still there?")
+    assert (answer.agent, answer.text) == ("boss", "boss: still there?")
+
+
+def test_held_by_reads_only_successful_handoffs() -> None:
+    from qwenrun.agent.team import held_by
+
+    def result(name: str, content: str) -> dict[str, Any]:
+        return {"role": "tool", "name": name, "content": content}
+
+    history = [
+        {"role": "user", "content": "hi"},
+        result("transfer_to_a", "The conversation is transferred to a."),
+        result("transfer_to_b", "error: the team's 4 handoffs are spent"),  # a failed handoff
+        result("transfer_to_b", "The conversation is transferred to b."),
+        result("transfer_to_zed", "The conversation is transferred to zed."),  # not a member (any more)
+    ]
+    assert held_by(history, {"a", "b"}) == ["a", "b"]
+    assert held_by(
+        [*history, result("transfer_back", "The conversation is transferred back.")], {"a", "b"}
+    ) == ["a"]
+    assert held_by([], {"a"}) == []
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

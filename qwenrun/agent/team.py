@@ -8,7 +8,8 @@ working together (the spec and its checks: :mod:`qwenrun.spec.team`; the guide: 
   but its :class:`~qwenrun.events.Final`: its answer is the tool's result).
 * **handoff**: ``transfer_to_<name>`` (``agent.handoffs``) hands the conversation over: the other
   agent answers this turn and the next ones, on the same history, until it calls ``transfer_back``.
-  A :class:`~qwenrun.events.Notice` (``code: handoff``) marks each change.
+  A :class:`~qwenrun.events.Notice` (``code: handoff``) marks each change; who holds the
+  conversation is read from its history (:func:`held_by`), so a resumed session keeps it.
 
 Limits of one user turn that hold whatever the models do (``team:``): delegations inside
 delegations (``max_depth``), model calls of all the agents together (``max_model_calls``; once spent,
@@ -40,7 +41,26 @@ from qwenrun.tools import Tool
 __all__ = ["Team"]
 
 TRANSFER_BACK = "transfer_back"
+TRANSFERRED = "The conversation is transferred to {name}."  # what a handoff's tools answer; the
+TRANSFERRED_BACK = "The conversation is transferred back."  # history says who holds it (held_by)
 GRACE_S = 5.0  # the tool's own time limit is the delegation's plus this: the clearer error comes first
+
+
+def held_by(messages: list[dict[str, Any]], members: set[str]) -> list[str]:
+    """The handoffs in force after ``messages``, oldest first (``[]``: the file's own agent holds the
+    conversation), read from the successful results of the handoff tools in the history."""
+    held: list[str] = []
+    for message in messages:
+        if message.get("role") != "tool":
+            continue
+        name, content = str(message.get("name") or ""), message.get("content")
+        if name == TRANSFER_BACK and content == TRANSFERRED_BACK:
+            held = held[:-1]
+        elif name.startswith("transfer_to_"):
+            to = name.removeprefix("transfer_to_")
+            if to in members and content == TRANSFERRED.format(name=to):
+                held = [*held, to]
+    return held
 
 
 @dataclass(slots=True)
@@ -147,7 +167,7 @@ class Team:
         async def transfer() -> str:
             """Hand the conversation over."""
             self._count_handoff(f"transfer to {name}")
-            return f"The conversation is transferred to {name}."
+            return TRANSFERRED.format(name=name)
 
         about = member.spec.agent.description or f"the {name} agent"
         description = f"Hand the conversation over to {name} ({about}); it answers the user from now on."
@@ -159,7 +179,7 @@ class Team:
             """Hand the conversation back to the agent that handed it to you, when the user's
             request is not yours to answer."""
             self._count_handoff("transfer back")
-            return "The conversation is transferred back."
+            return TRANSFERRED_BACK
 
         return Tool.from_function(transfer_back, origin="team")
 
@@ -246,7 +266,9 @@ class Team:
             continued = False
             total = Usage()
             while True:
-                held = self._handed.get(session) or []
+                held = self._handed.get(session)
+                if held is None:  # a session resumed from the store (another replica's, a restart)
+                    held = self._handed[session] = held_by(session.messages, set(self.members))
                 runner = self._holder(session, held[-1]) if held else session
                 name = self.names[id(runner.agent)]
                 handoff: str | None = None
