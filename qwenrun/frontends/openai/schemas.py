@@ -2,7 +2,7 @@
 
 Every request body is validated here before anything reaches the agent or the engine. Fields it
 does not know at all (``user``, ``metadata``, ...) are ignored, as vLLM does; what a mode cannot
-honour (``n > 1``, ``logprobs`` or ``response_format`` in agent mode) is refused in
+honour (``n > 1`` or ``logprobs`` in agent mode) is refused in
 :mod:`qwenrun.frontends.openai.chat` with a message naming the field. :class:`APIError` carries an HTTP status
 and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 """
