@@ -50,10 +50,14 @@ def held_by(messages: list[dict[str, Any]], members: set[str]) -> list[str]:
     """The handoffs in force after ``messages``, oldest first (``[]``: the file's own agent holds the
     conversation), read from the successful results of the handoff tools in the history."""
     held: list[str] = []
+    called: dict[str, str] = {}  # tool call id -> the tool's name (a tool message may not say it)
     for message in messages:
+        for call in message.get("tool_calls") or ():
+            called[str(call.get("id"))] = str(call.get("function", {}).get("name"))
         if message.get("role") != "tool":
             continue
-        name, content = str(message.get("name") or ""), message.get("content")
+        name = str(message.get("name") or called.get(str(message.get("tool_call_id")), ""))
+        content = message.get("content")
         if name == TRANSFER_BACK and content == TRANSFERRED_BACK:
             held = held[:-1]
         elif name.startswith("transfer_to_"):
@@ -267,8 +271,11 @@ class Team:
             total = Usage()
             while True:
                 held = self._handed.get(session)
-                if held is None:  # a session resumed from the store (another replica's, a restart)
-                    held = self._handed[session] = held_by(session.messages, set(self.members))
+                if held is None:  # a session resumed from the store (another replica's, a restart);
+                    # a history the client sent (agent_history: client) is not trusted to name one
+                    resumed = session.stored and session.store is not None
+                    held = held_by(session.messages, set(self.members)) if resumed else []
+                    self._handed[session] = held
                 runner = self._holder(session, held[-1]) if held else session
                 name = self.names[id(runner.agent)]
                 handoff: str | None = None
