@@ -73,6 +73,7 @@ def test_plot_on_the_committed_results(tmp_path: Path) -> None:
         "startup.py",
         "demo_turns.py",
         "four_way.py",
+        "responses_store.py",
     ],
 )
 def test_engine_benchmarks_parse_their_arguments(script: str) -> None:
