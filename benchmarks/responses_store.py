@@ -41,10 +41,11 @@ SIDES = ("vllm", "sqlite", "postgres")
 QUESTION = "广州今天的天气怎么样？请简单地回答，谢谢。"
 
 
-def qwenrun_yaml(args: argparse.Namespace, port: int, store: str, where: str) -> str:
-    """qwenrun's server (pass-through: ``model`` is the served name) with its responses kept in
-    ``store`` (SQLite file ``where``, or the PostgreSQL URL ``where``)."""
-    engine = servers.EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.chains)
+def qwenrun_yaml(
+    args: argparse.Namespace, engine: servers.EngineConfig, port: int, store: str, where: str
+) -> str:
+    """qwenrun's server (pass-through: ``model`` is the served name) on ``engine``, with its
+    responses kept in ``store`` (SQLite file ``where``, or the PostgreSQL URL ``where``)."""
     base = servers.qwenrun_yaml(args.model, port, args.max_output_tokens, engine)
     key = "path" if store == "sqlite" else "url"
     return base + f"sessions:\n  store: {store}\n  {key}: {json.dumps(where)}\n"
@@ -77,7 +78,7 @@ async def chain_worker(client: httpx.AsyncClient, args: argparse.Namespace, left
 
 
 async def load(base: str, args: argparse.Namespace, responses: int) -> dict[str, Any]:
-    left, latencies, errors = [responses], [], []  # type: ignore[var-annotated]
+    left, latencies, errors = [responses], list[float](), list[str]()  # left: shared by the workers
     limits = httpx.Limits(max_connections=args.chains, max_keepalive_connections=args.chains)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         started = time.perf_counter()
@@ -107,7 +108,7 @@ async def run_side(side: str, args: argparse.Namespace, workdir: Path, pg_url: s
     else:
         where = str(workdir / f"responses-{port}.db") if side == "sqlite" else str(pg_url)
         config = workdir / f"responses-{side}-{port}.yaml"
-        config.write_text(qwenrun_yaml(args, port, side, where))
+        config.write_text(qwenrun_yaml(args, engine, port, side, where))
         command = [sys.executable, "-m", "qwenrun.cli", "up", str(config)]
         server = await servers.start(f"qwenrun-{side}", args.model, args.max_output_tokens, workdir,
                                      args.start_timeout_s, engine, command=command, port=port)  # fmt: skip
